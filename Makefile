@@ -1,0 +1,29 @@
+# Two commands: `make demo` (the main job) and `make test` (the whole suite). Both set up what is missing first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The tested torch. A CPU build of this release sets up in seconds; override with e.g. TORCH="torch>=2.4".
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.normlab-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/normlab demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/normlab bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
