@@ -1,0 +1,73 @@
+"""Kernels: pure functions on tensors that compute statistics, normalize and backpropagate.
+
+``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
+Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
+portable one otherwise. ``NORMLAB_BACKEND=portable`` (or :func:`use_backend`) forces a backend, for tests and
+benchmarks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from torch import Tensor
+
+from . import portable
+from .portable import ACTIVATIONS, acc_dtype
+
+try:  # the fast CPU backend is optional: without numba everything still works, more slowly
+    from . import cpu as _cpu
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    _cpu = None
+
+_forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force ``"portable"`` or ``"cpu"`` inside the block (``None``: automatic choice)."""
+    global _forced
+    if name not in (None, "portable", "cpu"):
+        raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu' or None")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def backend_for(x: Tensor):
+    """The module implementing the kernel contract for ``x``."""
+    if _forced == "portable" or _cpu is None:
+        return portable
+    if _forced == "cpu" or (x.device.type == "cpu" and _cpu.supports(x)):
+        return _cpu
+    return portable
+
+
+def bn_stats(x, *a, **k):
+    return backend_for(x).bn_stats(x, *a, **k)
+
+
+def bn_train_forward(x, *a, **k):
+    return backend_for(x).bn_train_forward(x, *a, **k)
+
+
+def bn_eval_forward(x, *a, **k):
+    return backend_for(x).bn_eval_forward(x, *a, **k)
+
+
+def bn_backward(dy, x, *a, **k):
+    return backend_for(x).bn_backward(dy, x, *a, **k)
+
+
+def gn_forward(x, *a, **k):
+    return backend_for(x).gn_forward(x, *a, **k)
+
+
+def gn_backward(dy, x, *a, **k):
+    return backend_for(x).gn_backward(dy, x, *a, **k)
+
+
+__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
+           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward"]
