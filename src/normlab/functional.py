@@ -1,0 +1,324 @@
+"""Functional normalization with ``torch.nn.functional``'s signatures and closed-form backward passes.
+
+``batch_norm``, ``layer_norm``, ``group_norm`` and ``instance_norm`` take the same arguments as their
+``torch.nn.functional`` namesakes (``batch_norm`` adds a keyword-only ``act`` for a fused activation). Each is
+a ``torch.autograd.Function`` whose backward is the analytic one from :mod:`normlab.kernels`, saving only the
+input, the per-channel (or per-group) mean and inverse standard deviation, and the affine parameters.
+
+Double backward: when the backward itself is differentiated (``create_graph=True``), it runs the same closed
+form in differentiable torch ops, recomputing the statistics from the input so their dependence on it is seen.
+
+torch.compile: under compilation the kernels are called through the custom operators of :mod:`normlab.ops`.
+
+Conventions (as ``torch.nn``)
+-----------------------------
+* Training normalizes with the **biased** batch variance and stores the **unbiased** one, ``var * n / (n-1)``,
+  in ``running_var``: ``running = (1 - momentum) * running + momentum * batch_statistic``. ``momentum`` is the
+  weight of the new batch (Keras, Flax, cs231n and d2l's from-scratch code call ``1 - momentum``
+  "momentum": their 0.9 / 0.99 is our 0.1 / 0.01).
+* Statistics accumulate in float32 at least; the output has the input's dtype and memory format.
+* Non-finite batch statistics never reach the running statistics: a channel whose batch mean or variance is
+  NaN/Inf keeps its previous running values (and a ``RuntimeWarning`` is issued for CPU tensors in eager mode).
+* An empty batch returns an empty output and leaves the running statistics untouched.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import kernels as K
+from . import ops
+from .kernels import ACTIVATIONS, acc_dtype, portable
+
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "update_running_stats"]
+
+
+class NormShapeError(ValueError, RuntimeError):
+    """A shape mismatch. Both a ``ValueError`` and, like torch's own shape errors, a ``RuntimeError``."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks: state the invariant, show the value, give the fix
+# ----------------------------------------------------------------------------------------------------------
+def _check_eps(eps: float) -> None:
+    if not (eps > 0) or math.isinf(eps):
+        raise ValueError(f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite for a "
+                         f"constant channel), got eps={eps}; the usual value is 1e-5")
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation act={act!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def _check_channels(input: Tensor, **vectors: Tensor | None) -> None:
+    if input.dim() < 2:
+        raise NormShapeError(f"expected an input of shape (N, C, *) with at least 2 dimensions, "
+                             f"got shape {tuple(input.shape)}")
+    c = input.shape[1]
+    for name, t in vectors.items():
+        if t is not None and t.numel() != c:
+            raise NormShapeError(f"{name} should contain {c} elements (one per channel of the input of shape "
+                                 f"{tuple(input.shape)}), not {t.numel()}; check num_features")
+
+
+def _kernels():
+    """Custom operators while compiling (traceable), the kernels themselves in eager mode (no overhead)."""
+    return _CompiledKernels if torch.compiler.is_compiling() else K
+
+
+class _CompiledKernels:
+    """``normlab.ops`` behind the kernels' signatures (``needs`` tuple in, ``None`` for unneeded grads)."""
+
+    bn_train_forward = staticmethod(ops.bn_train_forward)
+    bn_eval_forward = staticmethod(ops.bn_eval_forward)
+    gn_forward = staticmethod(ops.gn_forward)
+
+    @staticmethod
+    def bn_backward(dy, x, weight, bias, mean, invstd, act, training, needs):
+        out = ops.bn_backward(dy, x, weight, bias, mean, invstd, act, training, *needs)
+        return tuple(t if need else None for t, need in zip(out, needs))
+
+    @staticmethod
+    def gn_backward(dy, x, weight, mean, invstd, groups, needs):
+        out = ops.gn_backward(dy, x, weight, mean, invstd, groups, *needs)
+        return tuple(t if need else None for t, need in zip(out, needs))
+
+
+def _like(t: Tensor | None, ref: Tensor | None) -> Tensor | None:
+    return None if t is None or ref is None else t.to(ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batch norm
+# ----------------------------------------------------------------------------------------------------------
+class _BatchNormFunction(torch.autograd.Function):
+    """y = act((x - mean) * invstd * weight + bias), statistics from the batch (training) or given (eval)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act):
+        k = _kernels()
+        if training:
+            y, mean, invstd = k.bn_train_forward(x, weight, bias, eps, act)
+        else:
+            y = k.bn_eval_forward(x, running_mean, running_var, weight, bias, eps, act)
+            acc = acc_dtype(x.dtype)
+            mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+        ctx.save_for_backward(x, weight, bias if act != "identity" else None, mean, invstd)
+        ctx.training, ctx.eps, ctx.act = training, eps, act
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        dy = _match_layout(dy, x)
+        if torch.is_grad_enabled():  # double backward: differentiable closed form, statistics from x
+            if ctx.training:
+                m, v = portable.bn_stats(x)
+                mean, invstd = m, torch.rsqrt(v + ctx.eps)
+            dx, dw, db = portable.bn_backward(dy, x, weight, bias, mean, invstd, ctx.act, ctx.training, needs)
+        else:
+            dx, dw, db = _kernels().bn_backward(dy, x, weight, bias, mean, invstd, ctx.act, ctx.training,
+                                                needs)
+        return dx, _like(dw, weight), _like(db, weight), None, None, None, None, None
+
+
+def _match_layout(dy: Tensor, x: Tensor) -> Tensor:
+    """The kernels read dy with x's strides; give it x's memory format when it arrives otherwise."""
+    if dy.stride() == x.stride():
+        return dy
+    return torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, act: str = "identity") -> Tensor:
+    r"""Batch normalization over the channel dimension 1 of ``input`` (N, C, \*), fused with ``act``.
+
+    .. math::
+        y = \mathrm{act}\Big(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta\Big)
+
+    with per-channel statistics over N and all trailing dimensions (Ioffe & Szegedy, 2015). In training the
+    statistics are the batch's (biased variance), and ``running_mean`` / ``running_var`` (when given) are
+    updated in place with weight ``momentum`` on the new batch and the unbiased variance. In evaluation the
+    running statistics are used and left unchanged.
+
+    Example::
+
+        >>> x = torch.randn(8, 3, 5, 5)
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch's
+    """
+    _check_eps(eps)
+    _check_act(act)
+    _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in evaluation mode (training=False) needs running_mean and running_var; "
+                         "pass them, or training=True to normalize with the batch's statistics")
+    n = input.numel() // input.shape[1] if input.shape[1] else 0
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    if training and n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()}: the batch variance of a single value is 0; use a larger batch, "
+                         f"eval mode, or a per-sample norm (GroupNorm, LayerNorm)")
+    y, mean, invstd = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                               float(eps), act)
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, invstd, eps, n, momentum)
+    return y
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """An empty batch: an empty output that still depends on the parameters (their gradients are zeros)."""
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2) if input.dim() >= 2 else [-1]
+    y = input * weight.reshape(shape) if weight is not None and input.dim() >= 2 else input.clone()
+    return y + bias.reshape(shape) if bias is not None and input.dim() >= 2 else y
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+                         n: int, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance ``var * n/(n-1)``.
+
+    ``var`` is recovered as ``invstd**-2 - eps`` in float64. Channels whose batch statistics are not finite
+    keep their running values (no host synchronization is needed for that; the warning is eager-CPU only).
+    """
+    with torch.no_grad():
+        var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0) * (n / max(n - 1, 1))
+        mean64 = mean.to(torch.float64)
+        finite = torch.isfinite(mean64) & torch.isfinite(var)
+        new_mean = running_mean.to(torch.float64) * (1 - momentum) + mean64 * momentum
+        new_var = running_var.to(torch.float64) * (1 - momentum) + var * momentum
+        running_mean.copy_(torch.where(finite, new_mean, running_mean.to(torch.float64)))
+        running_var.copy_(torch.where(finite, new_var, running_var.to(torch.float64)))
+        if not torch.compiler.is_compiling() and mean.device.type == "cpu" and not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            warnings.warn(f"batch statistics are not finite in channel(s) {bad[:10]}; their running statistics "
+                          f"were left unchanged (check the input and the learning rate)", RuntimeWarning,
+                          stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# group norm: the one per-sample primitive (layer norm and instance norm reduce to it)
+# ----------------------------------------------------------------------------------------------------------
+class _GroupNormFunction(torch.autograd.Function):
+    """x (N, C, S) contiguous; statistics per (sample, group) over (C/G) * S; affine per channel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        y, mean, invstd = _kernels().gn_forward(x, weight, bias, groups, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.groups, ctx.eps = groups, eps
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        dy = dy.contiguous()
+        if torch.is_grad_enabled():  # double backward: recompute the statistics differentiably
+            n, c, _ = x.shape
+            var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)).reshape(n, ctx.groups, -1), dim=2, correction=0)
+            invstd = torch.rsqrt(var + ctx.eps)
+            dx, dw, db = portable.gn_backward(dy, x, weight, mean, invstd, ctx.groups, needs)
+        else:
+            dx, dw, db = _kernels().gn_backward(dy, x, weight, mean, invstd, ctx.groups, needs)
+        return dx, _like(dw, weight), _like(db, weight), None, None
+
+
+def _group_norm_3d(x3: Tensor, weight, bias, groups: int, eps: float):
+    return _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    r"""Group normalization (Wu & He, 2018): per sample, channels split into ``num_groups`` groups.
+
+    .. math:: y_{n,c,\cdot} = \frac{x_{n,c,\cdot} - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}}\gamma_c + \beta_c,
+        \quad g = \lfloor c / (C/G) \rfloor
+
+    with the biased variance over the (C/G) * prod(\*) values of group g of sample n. G = 1 is layer norm over
+    (C, \*) with per-channel affine; G = C is instance norm.
+    """
+    _check_eps(eps)
+    _check_channels(input, weight=weight, bias=bias)
+    n, c = input.shape[:2]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise NormShapeError(f"the number of channels C={c} must be divisible by num_groups={num_groups} "
+                             f"(input of shape {tuple(input.shape)}); choose G among the divisors of {c}")
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    y, _, _ = _group_norm_3d(input.reshape(n, c, -1), weight, bias, num_groups, eps)
+    return _restore_format(y.reshape(input.shape), input)
+
+
+def _restore_format(y: Tensor, like: Tensor) -> Tensor:
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    r"""Layer normalization (Ba, Kiros & Hinton, 2016) over the trailing ``normalized_shape`` dimensions.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \odot \gamma + \beta
+
+    with statistics per leading index over the K = prod(normalized_shape) trailing values and elementwise
+    γ, β of shape ``normalized_shape``. Computed as group norm with one group on (M, K, 1).
+    """
+    _check_eps(eps)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
+        raise NormShapeError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                             f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise NormShapeError(f"{name} must have shape normalized_shape={list(shape)}, got {list(t.shape)}")
+    numel = math.prod(shape)
+    if input.numel() == 0 or numel == 0:
+        return input.clone() if weight is None else input * weight + (0 if bias is None else bias)
+    x3 = input.reshape(-1, numel, 1)
+    w = None if weight is None else weight.reshape(numel)
+    b = None if bias is None else bias.reshape(numel)
+    y, _, _ = _group_norm_3d(x3, w, b, 1, eps)
+    return y.reshape(input.shape)
+
+
+def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                  weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    r"""Instance normalization (Ulyanov et al., 2016): per sample and channel, over the spatial dimensions.
+
+    Group norm with G = C. With ``use_input_stats`` and running statistics given, they are updated with the
+    mean over the batch of the per-instance mean and unbiased variance (as ``torch.nn.functional``); without
+    ``use_input_stats`` the running statistics normalize, as batch norm in evaluation mode.
+    """
+    _check_eps(eps)
+    _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if not use_input_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    n, c = input.shape[:2]
+    s = input.numel() // (n * c) if n * c else 0
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    if s <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}: "
+                         f"instance norm of a single value is 0; use a larger input or BatchNorm")
+    y, mean, invstd = _group_norm_3d(input.reshape(n, c, -1), weight, bias, c, eps)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0)
+            update_running_stats(running_mean, running_var, mean.mean(0),
+                                 (var.mean(0) + eps).rsqrt(), eps, s, momentum)
+    return _restore_format(y.reshape(input.shape), input)

@@ -1,0 +1,163 @@
+"""Batch-norm modules: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, drop-in for ``torch.nn``'s.
+
+Same arguments, defaults, parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
+``num_batches_tracked``), state_dict keys and errors as ``torch.nn``, so a checkpoint moves in both directions
+with ``strict=True``. The module holds state and policy; the math is :func:`normlab.functional.batch_norm`.
+
+Policy (as ``torch.nn``)
+------------------------
+* training and ``track_running_stats``: normalize with the batch's statistics, count the batch in
+  ``num_batches_tracked`` and update the running statistics with weight ``momentum`` on the new batch, or, with
+  ``momentum=None``, with weight ``1 / num_batches_tracked`` (a cumulative average of all batches seen).
+* evaluation: normalize with the running statistics if the module has them, else with the batch's.
+* ``track_running_stats`` may be flipped after construction: buffers that exist are used in evaluation, and
+  are not updated in training while it is False.
+
+Momentum: ours is the weight of the new batch (default 0.1). Keras/Flax/cs231n/d2l's "momentum" is the
+weight of the old value, i.e. ``1 - momentum``: their 0.9 is our 0.1, their 0.99 our 0.01.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+
+class _NormBase(nn.Module):
+    """Parameters and running-statistics buffers shared by batch norm and instance norm."""
+
+    _version = 2
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int (the number of channels C), "
+                             f"got {num_features!r}")
+        F._check_eps(eps)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum is the weight of the new batch and must lie in [0, 1] (or be None for a "
+                             f"cumulative average), got momentum={momentum}; Keras-style 0.9 is our 0.1")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before num_batches_tracked existed (version < 2, or a bare dict) load as 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    """Batch norm over channel dimension 1; subclasses only check the input's rank."""
+
+    act = "identity"  # BatchNormAct sets a fused activation
+
+    def _momentum_for_this_batch(self) -> float:
+        """Count the batch and return the weight of the new batch in the running statistics."""
+        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise F.NormShapeError(f"{type(self).__name__}({self.num_features}) got an input with "
+                                   f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
+                                   f"dimension 1: set num_features={input.shape[1]} or permute the input")
+        empty = input.numel() == 0
+        momentum = 0.0 if empty else self._momentum_for_this_batch()
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = self.training and self.track_running_stats
+        return F.batch_norm(input,
+                            self.running_mean if (not self.training or update) else None,
+                            self.running_var if (not self.training or update) else None,
+                            self.weight, self.bias, use_batch_stats, momentum, self.eps, act=self.act)
+
+
+class BatchNorm1d(_BatchNorm):
+    r"""Batch norm over a 2-D (N, C) or 3-D (N, C, L) input: per feature/channel over N (and L).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Args: num_features (C), eps=1e-5, momentum=0.1 (weight of the new batch; None: cumulative average),
+    affine=True, track_running_stats=True, device, dtype. Example: ``BatchNorm1d(100)(torch.randn(20, 100))``.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
+                             f"BatchNorm1d takes (N, C) or (N, C, L), BatchNorm2d (N, C, H, W)")
+
+
+class BatchNorm2d(_BatchNorm):
+    r"""Batch norm over a 4-D (N, C, H, W) input: per channel over N, H, W (a conv layer's feature maps).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Args as :class:`BatchNorm1d`. Example: ``BatchNorm2d(64)(torch.randn(32, 64, 56, 56))``.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
+                             f"BatchNorm2d takes (N, C, H, W), BatchNorm1d (N, C) or (N, C, L)")
+
+
+class BatchNorm3d(_BatchNorm):
+    r"""Batch norm over a 5-D (N, C, D, H, W) input: per channel over N, D, H, W.
+
+    Args as :class:`BatchNorm1d`. Example: ``BatchNorm3d(8)(torch.randn(4, 8, 6, 10, 10))``.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
+                             f"BatchNorm3d takes (N, C, D, H, W)")

@@ -1,0 +1,54 @@
+"""``GroupNorm``, drop-in for ``torch.nn.GroupNorm``: per sample, over groups of channels."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+
+class GroupNorm(nn.Module):
+    r"""Group normalization (Wu & He, 2018) over an input (N, C, \*).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    with mean and biased variance per sample over each of ``num_groups`` groups of C / G channels (and all
+    trailing dimensions), and per-channel γ (ones), β (zeros) when ``affine``. No running statistics: training
+    and evaluation compute the same thing, and any batch size works (even 1).
+
+    Example: ``GroupNorm(4, 32)(torch.randn(2, 32, 8, 8))``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if num_groups <= 0 or num_channels % num_groups != 0:
+            raise ValueError(f"num_channels must be divisible by num_groups: got num_channels={num_channels} and "
+                             f"num_groups={num_groups}; choose num_groups among the divisors of {num_channels}")
+        F._check_eps(eps)
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise F.NormShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
+                                   f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
+                                   f"dimension 1")
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)

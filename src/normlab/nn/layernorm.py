@@ -1,0 +1,53 @@
+"""``LayerNorm``, drop-in for ``torch.nn.LayerNorm``: per sample, over the trailing dimensions."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+
+class LayerNorm(nn.Module):
+    r"""Layer normalization (Ba, Kiros & Hinton, 2016) over the last ``len(normalized_shape)`` dimensions.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \odot \gamma + \beta
+
+    with mean and biased variance per leading index, elementwise γ (ones) and β (zeros) of shape
+    ``normalized_shape`` when ``elementwise_affine`` (``bias=False`` drops β). No running statistics.
+
+    Example: ``LayerNorm(512)(torch.randn(8, 20, 512))``.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        F._check_eps(eps)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
