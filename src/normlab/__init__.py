@@ -11,6 +11,7 @@
 from . import functional, nn
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
+from .registry import create_norm, list_norms, register_norm
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", *_nn_all]
+__all__ = ["functional", "nn", *_nn_all, "create_norm", "register_norm", "list_norms"]
