@@ -1,0 +1,258 @@
+"""CPU backend: the kernel contract of :mod:`normlab.kernels.portable`, implemented with numba.
+
+Same signatures, same numerics (shifted statistics, float32-or-better accumulation, outputs in the input's
+dtype and memory format); the loops live in :mod:`normlab.kernels.cpu_numba`. What this buys, in passes over
+the activation (see BENCHMARKS.md for measurements):
+
+=====================  ==========================================  =====================================
+op                     normlab cpu                                 portable / typical eager composite
+=====================  ==========================================  =====================================
+train forward          stats + normalize: 2 reads, 1 write         4-6 reads, 3-5 writes (temporaries)
+                       (NCHW: the 2nd read of a channel hits L2)
+eval forward           1 read, 1 write (activation fused)          2-3 passes
+backward               2 reads of (x, dy), 1 write, act fused      5+ passes
+=====================  ==========================================  =====================================
+
+Threading: the loops use numba's ``prange``; we prefer numba's OpenMP layer (a parallel launch costs a few
+microseconds, against ~100+ us for the ``workqueue`` layer on small VMs), and keep numba's thread count equal to
+``torch.get_num_threads()`` so that numba and torch never ask for more threads than torch was given.
+
+:func:`supports` says which tensors this backend takes: CPU tensors of dtype float32, float64, bfloat16 (and
+float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, either contiguous (NCHW of any rank,
+(N, C), (N, C, L)) or channels_last (4-D and 5-D). Anything else goes to the portable backend.
+"""
+from __future__ import annotations
+
+import os
+from math import prod
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+if "NUMBA_THREADING_LAYER" not in os.environ:  # must happen before the first parallel launch
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+from . import cpu_numba as _k  # noqa: E402
+from .portable import ACTIVATIONS, acc_dtype  # noqa: E402
+
+_ACT_CODE = {"identity": _k.IDENTITY, "relu": _k.RELU, "silu": _k.SILU, "sigmoid": _k.SIGMOID}
+
+
+def _host_has_f16c() -> bool:
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:  # pragma: no cover - unknown platform: be safe
+        return False
+
+
+SUPPORTED_DTYPES = {torch.float32, torch.float64, torch.bfloat16}
+if _host_has_f16c():
+    SUPPORTED_DTYPES.add(torch.float16)
+
+_threads = [0]
+
+
+def _sync_threads() -> int:
+    """Keep numba's worker count equal to torch's intra-op thread count; returns it."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if n != _threads[0]:
+        numba.set_num_threads(n)
+        _threads[0] = n
+    return n
+
+
+# ------------------------------------------------------------------------------------------------------
+# layouts and zero-copy views
+# ------------------------------------------------------------------------------------------------------
+def _layout(x: Tensor) -> str | None:
+    """'ncs' (S innermost), 'rows' (C innermost) or None (not handled)."""
+    if x.is_contiguous():
+        return "rows" if x.dim() == 2 or prod(x.shape[2:]) == 1 else "ncs"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "rows"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "rows"
+    return None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether this backend handles ``x`` (device, dtype, rank, memory layout)."""
+    return (x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.dim() >= 2 and x.numel() > 0
+            and not x.is_neg() and _layout(x) is not None)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """Zero-copy numpy view; bfloat16 as int16 bits, float16 as uint16 bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _view(t: Tensor, layout: str) -> np.ndarray:
+    """(N, C, S) view for 'ncs', (M, C) view for 'rows' -- no copy."""
+    n, c = t.shape[0], t.shape[1]
+    if layout == "ncs":
+        return _np(t.view(n, c, -1))
+    if t.is_contiguous():
+        return _np(t.view(n, c))
+    return _np(t.movedim(1, -1).reshape(-1, c))  # channels_last: (N, *, C) is contiguous, reshape is a view
+
+
+def _match(dy: Tensor, x: Tensor) -> Tensor:
+    """``dy`` in ``x``'s dtype and memory layout (copies only when they differ)."""
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    if dy.stride() == x.stride() or dy.numel() <= 1:
+        return dy
+    if x.is_contiguous():
+        return dy.contiguous()
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return dy.contiguous(memory_format=fmt)
+
+
+def _param(p: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
+    if p is None:
+        return np.full(c, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    return p.detach().to(dtype).contiguous().numpy()
+
+
+def _vec(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def _chunks(x: Tensor, rows: int) -> int:
+    """Row chunks for the (M, C) loops: one per thread, fewer for small inputs."""
+    threads = _sync_threads()
+    return max(1, min(threads, rows, x.numel() // 16384))
+
+
+def _act(act: str) -> int:
+    try:
+        return _ACT_CODE[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# batch norm
+# ------------------------------------------------------------------------------------------------------
+def _bn_forward(x, y, weight, bias, eps, act, mode, mean_in=None, invstd_in=None):
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    _sync_threads()
+    layout = _layout(x)
+    w = _param(weight, c, acc, 1.0)
+    b = _param(bias, c, acc, 0.0)
+    if mode == _k.MODE_EVAL:
+        mean, second = mean_in, invstd_in
+    else:
+        mean = torch.empty(c, dtype=acc)
+        second = torch.empty(c, dtype=acc)
+    xa = _view(x, layout)
+    ya = xa if y is None else _view(y, layout)
+    args = (xa, ya, w, b, float(eps), _act(act), mode, _np(mean), _np(second))
+    if layout == "ncs":
+        _k.bn_fwd_ncs(*args)
+    else:
+        _k.bn_fwd_rows(*args, _chunks(x, xa.shape[0]))
+    return mean, second
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased var) of ``x`` (N, C, *) in ``acc_dtype``: one read."""
+    return _bn_forward(x, None, None, None, 0.0, "identity", _k.MODE_STATS)
+
+
+def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                     act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write."""
+    y = torch.empty_like(x)
+    mean, invstd = _bn_forward(x, y, weight, bias, eps, act, _k.MODE_TRAIN)
+    return y, mean, invstd
+
+
+def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
+    """Evaluation forward with the running statistics: 1 read, 1 write."""
+    acc = acc_dtype(x.dtype)
+    invstd = torch.rsqrt(running_var.detach().to(acc) + eps).contiguous()
+    mean = running_mean.detach().to(acc).contiguous()
+    y = torch.empty_like(x)
+    _bn_forward(x, y, weight, bias, eps, act, _k.MODE_EVAL, mean, invstd)
+    return y
+
+
+def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                invstd: Tensor, act: str, training: bool,
+                needs: tuple[bool, bool, bool] = (True, True, True)
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form backward (see :func:`normlab.kernels.portable.bn_backward`): 2 reads of (x, dy), 1 write."""
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    _sync_threads()
+    layout = _layout(x)
+    dy = _match(dy, x)
+    need_dx = bool(needs[0])
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty(c, dtype=acc)
+    db = torch.empty(c, dtype=acc)
+    xa = _view(x, layout)
+    args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), _vec(mean, acc),
+            _vec(invstd, acc), _act(act), bool(training), need_dx,
+            _view(dx, layout) if need_dx else xa, _np(dw), _np(db))
+    if layout == "ncs":
+        _k.bn_bwd_ncs(*args)
+    else:
+        _k.bn_bwd_rows(*args, _chunks(x, xa.shape[0]))
+    return dx, (dw if needs[1] else None), (db if needs[2] else None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# group norm (layer norm: G = 1; instance norm: G = C)
+# ------------------------------------------------------------------------------------------------------
+def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward on ``x`` (N, C, S): ``(y, mean, invstd)``, statistics (N, G): 1 DRAM read (per-group blocks
+    stay in cache between the statistics and normalize loops), 1 write."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n, c, _ = x.shape
+    acc = acc_dtype(x.dtype)
+    _sync_threads()
+    y = torch.empty_like(x)
+    mean = torch.empty(n, groups, dtype=acc)
+    invstd = torch.empty(n, groups, dtype=acc)
+    _k.gn_fwd(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
+              float(eps), _np(mean), _np(invstd))
+    return y, mean, invstd
+
+
+def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, groups: int,
+                needs: tuple[bool, bool, bool] = (True, True, True)
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form backward of :func:`gn_forward`: ``(dx, dweight, dbias)``."""
+    x = x.contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    n, c, _ = x.shape
+    acc = acc_dtype(x.dtype)
+    _sync_threads()
+    need_dx = bool(needs[0])
+    dx = torch.empty_like(x) if need_dx else None
+    dw_part = np.empty((n, c))
+    db_part = np.empty((n, c))
+    xa = _np(x)
+    _k.gn_bwd(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
+              need_dx, _np(dx) if need_dx else xa, dw_part, db_part)
+    dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
+    db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
+    return dx, dw, db
+
+
+__all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_eval_forward", "bn_backward",
+           "gn_forward", "gn_backward"]

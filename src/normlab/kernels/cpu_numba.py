@@ -1,0 +1,462 @@
+"""numba building blocks for the CPU kernels: element conversion, activations, and the loops themselves.
+
+Element types. The loops read any of four storage types and compute in the *compute dtype* (float64 for
+float64 storage, float32 otherwise); sums always accumulate in float64, which costs nothing on a
+memory-bound pass and keeps shifted sums exact enough for a float32 mean near 1e6.
+
+* float32 / float64: used as is.
+* bfloat16 is passed as ``int16`` (torch's bits): widening is a 16-bit shift into a float32's high half;
+  narrowing rounds to nearest even, NaN stays NaN.
+* float16 is passed as ``uint16`` and converted with LLVM's ``half`` type (one instruction with F16C).
+
+Each loop is compiled once per storage type (``cache=True`` keeps the machine code on disk). Layouts:
+
+* ``ncs``: (N, C, S) with S contiguous -- NCHW of any rank. One task per channel: the statistics pass and the
+  normalize pass run back to back on the same channel, so the second read usually comes from the core's L2.
+* ``rows``: (M, C) with C contiguous -- (N, C) inputs and channels_last (N, H, W, C) / (N, D, H, W, C). Rows are
+  split into one chunk per thread; per-chunk partial sums are merged, then a second parallel pass normalizes.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+_OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+IDENTITY, RELU, SILU, SIGMOID = 0, 1, 2, 3
+MODE_TRAIN, MODE_STATS, MODE_EVAL = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# element conversion
+# ------------------------------------------------------------------------------------------------------
+@intrinsic
+def _bf16_to_f32(typingctx, u):
+    def codegen(context, builder, signature, args):
+        wide = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+    return types.float32(u), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        out = builder.select(is_nan, ir.Constant(i32, 0x7FC0 << 16), rounded)
+        return builder.trunc(builder.lshr(out, ir.Constant(i32, 16)), ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def _f16_to_f32(typingctx, u):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(u), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, f):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+def up(v):
+    """Storage element -> compute dtype (stub; the numba overload below is the implementation)."""
+
+
+def down(v, out):
+    """Compute-dtype value -> the storage type of array ``out``."""
+
+
+def like(v, proto):
+    """Cast ``v`` to the type of scalar ``proto``."""
+
+
+@overload(up, inline="always")
+def _up_impl(v):
+    if v == types.int16:
+        return lambda v: _bf16_to_f32(v)
+    if v == types.uint16:
+        return lambda v: _f16_to_f32(v)
+    if isinstance(v, types.Float):
+        return lambda v: v
+
+
+@overload(down, inline="always")
+def _down_impl(v, out):
+    dt = out.dtype
+    if dt == types.int16:
+        return lambda v, out: _f32_to_bf16(np.float32(v))
+    if dt == types.uint16:
+        return lambda v, out: _f32_to_f16(np.float32(v))
+    if dt == types.float32:
+        return lambda v, out: np.float32(v)
+    if dt == types.float64:
+        return lambda v, out: np.float64(v)
+
+
+@overload(like, inline="always")
+def _like_impl(v, proto):
+    if proto == types.float32:
+        return lambda v, proto: np.float32(v)
+    return lambda v, proto: np.float64(v)
+
+
+# ------------------------------------------------------------------------------------------------------
+# activations (code: 0 identity, 1 relu, 2 silu, 3 sigmoid), in the type of z
+# ------------------------------------------------------------------------------------------------------
+def _exp(z):
+    """exp in z's precision (stub)."""
+
+
+@overload(_exp, inline="always")
+def _exp_impl(z):
+    if z == types.float32:
+        return lambda z: _exp32(z)
+    return lambda z: np.exp(z)
+
+
+@njit(inline="always")
+def _exp32(z):
+    """float32 exp that vectorizes (no SVML needed): 2**k * p(r), r = z - k ln2, |r| <= ln2/2, ~1 ulp."""
+    one = like(1.0, z)
+    zc = min(max(z, like(-87.0, z)), like(88.0, z))
+    k = np.floor(zc * like(1.4426950408889634, z) + like(0.5, z))
+    r = zc - k * like(0.693145751953125, z) - k * like(1.428606820309417e-06, z)
+    p = like(1.0 / 5040, z)
+    p = p * r + like(1.0 / 720, z)
+    p = p * r + like(1.0 / 120, z)
+    p = p * r + like(1.0 / 24, z)
+    p = p * r + like(1.0 / 6, z)
+    p = p * r + like(0.5, z)
+    p = p * r + one
+    p = p * r + one
+    return p * _pow2(k, z)
+
+
+@njit(inline="always")
+def _pow2(k, z):
+    # 2**k for integral k in [-127, 128]: two halves so each exponent stays in range
+    h = np.floor(k * like(0.5, z))
+    return _exp2i(h, z) * _exp2i(k - h, z)
+
+
+def _exp2i(h, z):
+    """2**h for an integral h in a float's normal exponent range (stub)."""
+
+
+@intrinsic
+def _f32_from_bits(typingctx, u):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _f64_from_bits(typingctx, u):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@overload(_exp2i, inline="always")
+def _exp2i_impl(h, z):
+    if z == types.float32:
+        return lambda h, z: _f32_from_bits(np.int32((np.int32(h) + np.int32(127)) << np.int32(23)))
+    return lambda h, z: _f64_from_bits(np.int64((np.int64(h) + np.int64(1023)) << np.int64(52)))
+
+
+@njit(inline="always")
+def _sigmoid(z):
+    one = like(1.0, z)
+    return one / (one + _exp(-z))
+
+
+@njit(inline="always")
+def act_fwd(z, act):
+    if act == RELU:
+        return like(0.0, z) if z < 0 else z
+    if act == SILU:
+        return z * _sigmoid(z)
+    if act == SIGMOID:
+        return _sigmoid(z)
+    return z
+
+
+@njit(inline="always")
+def act_grad(g, z, act):
+    """dL/dz from dL/dy = g and the pre-activation z."""
+    if act == RELU:
+        return g if z > 0 else like(0.0, z)
+    if act == SILU:
+        s = _sigmoid(z)
+        one = like(1.0, z)
+        return g * s * (one + z * (one - s))
+    if act == SIGMOID:
+        s = _sigmoid(z)
+        return g * s * (like(1.0, z) - s)
+    return g
+
+
+# ------------------------------------------------------------------------------------------------------
+# batch norm, (N, C, S) layout: one task per channel
+# ------------------------------------------------------------------------------------------------------
+@njit(parallel=True, **_OPTS)
+def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
+    """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only;
+    EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= invstd)."""
+    nb, nc, ns = x.shape
+    cnt = nb * ns
+    for c in prange(nc):
+        shift = up(x[0, c, 0])
+        if mode == MODE_EVAL:
+            m_s = like(0.0, shift)
+            ref = like(mean[c], shift)
+            a = like(var_or_invstd[c] * w[c], shift)
+            bb = like(b[c], shift)
+        else:
+            s1 = 0.0
+            s2 = 0.0
+            sh = np.float64(shift)
+            for n in range(nb):
+                for s in range(ns):
+                    d = np.float64(up(x[n, c, s])) - sh
+                    s1 += d
+                    s2 += d * d
+            m64 = s1 / cnt
+            v64 = max(s2 / cnt - m64 * m64, 0.0)
+            mean[c] = sh + m64
+            if mode == MODE_STATS:
+                var_or_invstd[c] = v64
+                continue
+            inv = 1.0 / np.sqrt(np.float64(like(v64, w[c]) + like(eps, w[c])))
+            var_or_invstd[c] = inv
+            ref = shift
+            m_s = like(m64, shift)
+            a = like(inv * w[c], shift)
+            bb = like(b[c], shift)
+        for n in range(nb):
+            for s in range(ns):
+                z = ((up(x[n, c, s]) - ref) - m_s) * a + bb
+                y[n, c, s] = down(act_fwd(z, act), y)
+
+
+@njit(parallel=True, **_OPTS)
+def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
+    """Closed-form backward, (N, C, S) layout. Writes dw, db (always) and dx (if need_dx)."""
+    nb, nc, ns = x.shape
+    cnt = nb * ns
+    for c in prange(nc):
+        mu = like(mean[c], up(x[0, c, 0]))
+        inv = like(invstd[c], mu)
+        wc = like(w[c], mu)
+        bc = like(b[c], mu)
+        scale = like(invstd[c] * w[c], mu)
+        s_g = 0.0
+        s_gx = 0.0
+        for n in range(nb):
+            for s in range(ns):
+                xh = (up(x[n, c, s]) - mu) * inv
+                g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
+                s_g += g
+                s_gx += g * xh
+        db[c] = s_g
+        dw[c] = s_gx
+        if not need_dx:
+            continue
+        k_g = scale
+        k_x = like(0.0, mu)
+        k_0 = like(0.0, mu)
+        if training:
+            k_x = like(-np.float64(scale) * s_gx / cnt, mu)
+            k_0 = like(-np.float64(scale) * s_g / cnt, mu)
+        for n in range(nb):
+            for s in range(ns):
+                xh = (up(x[n, c, s]) - mu) * inv
+                g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
+                dx[n, c, s] = down(g * k_g + xh * k_x + k_0, dx)
+
+
+# ------------------------------------------------------------------------------------------------------
+# batch norm, (M, C) layout (channels innermost): row chunks + merge
+# ------------------------------------------------------------------------------------------------------
+@njit(parallel=True, **_OPTS)
+def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
+    m_rows, nc = x.shape
+    step = (m_rows + nchunks - 1) // nchunks
+    shift = np.empty(nc, dtype=w.dtype)
+    a = np.empty(nc, dtype=w.dtype)
+    ref = np.empty(nc, dtype=w.dtype)
+    bb = np.empty(nc, dtype=w.dtype)
+    if mode == MODE_EVAL:
+        for c in range(nc):
+            ref[c] = like(mean[c], w[0])
+            a[c] = like(var_or_invstd[c] * w[c], w[0])
+            bb[c] = b[c]
+    else:
+        for c in range(nc):
+            shift[c] = up(x[0, c])
+        s1 = np.zeros((nchunks, nc))
+        s2 = np.zeros((nchunks, nc))
+        for t in prange(nchunks):
+            lo = t * step
+            hi = min(lo + step, m_rows)
+            for r in range(lo, hi):
+                for c in range(nc):
+                    d = np.float64(up(x[r, c])) - np.float64(shift[c])
+                    s1[t, c] += d
+                    s2[t, c] += d * d
+        for c in range(nc):
+            t1 = 0.0
+            t2 = 0.0
+            for t in range(nchunks):
+                t1 += s1[t, c]
+                t2 += s2[t, c]
+            m64 = t1 / m_rows
+            v64 = max(t2 / m_rows - m64 * m64, 0.0)
+            mean[c] = np.float64(shift[c]) + m64
+            if mode == MODE_STATS:
+                var_or_invstd[c] = v64
+            else:
+                inv = 1.0 / np.sqrt(np.float64(like(v64, w[0]) + like(eps, w[0])))
+                var_or_invstd[c] = inv
+                a[c] = like(inv * w[c], w[0])
+                ref[c] = shift[c]
+                # fold the small remainder of the mean into the bias: ((x - shift) - m) * a + b
+                bb[c] = like(np.float64(b[c]) - np.float64(like(m64, w[0])) * np.float64(a[c]), w[0])
+        if mode == MODE_STATS:
+            return
+    for t in prange(nchunks):
+        lo = t * step
+        hi = min(lo + step, m_rows)
+        for r in range(lo, hi):
+            for c in range(nc):
+                z = (up(x[r, c]) - ref[c]) * a[c] + bb[c]
+                y[r, c] = down(act_fwd(z, act), y)
+
+
+@njit(parallel=True, **_OPTS)
+def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
+    m_rows, nc = x.shape
+    step = (m_rows + nchunks - 1) // nchunks
+    mu = np.empty(nc, dtype=w.dtype)
+    inv = np.empty(nc, dtype=w.dtype)
+    for c in range(nc):
+        mu[c] = like(mean[c], w[0])
+        inv[c] = like(invstd[c], w[0])
+    sg = np.zeros((nchunks, nc))
+    sgx = np.zeros((nchunks, nc))
+    for t in prange(nchunks):
+        lo = t * step
+        hi = min(lo + step, m_rows)
+        for r in range(lo, hi):
+            for c in range(nc):
+                xh = (up(x[r, c]) - mu[c]) * inv[c]
+                g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
+                sg[t, c] += g
+                sgx[t, c] += g * xh
+    k_g = np.empty(nc, dtype=w.dtype)
+    k_x = np.zeros(nc, dtype=w.dtype)
+    k_0 = np.zeros(nc, dtype=w.dtype)
+    for c in range(nc):
+        t1 = 0.0
+        t2 = 0.0
+        for t in range(nchunks):
+            t1 += sg[t, c]
+            t2 += sgx[t, c]
+        db[c] = t1
+        dw[c] = t2
+        scale = np.float64(like(invstd[c] * w[c], w[0]))
+        k_g[c] = scale
+        if training:
+            k_x[c] = -scale * t2 / m_rows
+            k_0[c] = -scale * t1 / m_rows
+    if not need_dx:
+        return
+    for t in prange(nchunks):
+        lo = t * step
+        hi = min(lo + step, m_rows)
+        for r in range(lo, hi):
+            for c in range(nc):
+                xh = (up(x[r, c]) - mu[c]) * inv[c]
+                g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
+                dx[r, c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dx)
+
+
+# ------------------------------------------------------------------------------------------------------
+# group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
+# ------------------------------------------------------------------------------------------------------
+@njit(parallel=True, **_OPTS)
+def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
+    nb, nc, ns = x.shape
+    cg = nc // groups
+    cnt = cg * ns
+    for task in prange(nb * groups):
+        n = task // groups
+        g = task - n * groups
+        c0 = g * cg
+        shift = up(x[n, c0, 0])
+        sh = np.float64(shift)
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(c0, c0 + cg):
+            for s in range(ns):
+                d = np.float64(up(x[n, c, s])) - sh
+                s1 += d
+                s2 += d * d
+        m64 = s1 / cnt
+        v64 = max(s2 / cnt - m64 * m64, 0.0)
+        inv = 1.0 / np.sqrt(np.float64(like(v64, w[0]) + like(eps, w[0])))
+        mean[n, g] = sh + m64
+        invstd[n, g] = inv
+        m_s = like(m64, shift)
+        for c in range(c0, c0 + cg):
+            a = like(inv * w[c], shift)
+            bc = like(b[c], shift)
+            for s in range(ns):
+                y[n, c, s] = down(((up(x[n, c, s]) - shift) - m_s) * a + bc, y)
+
+
+@njit(parallel=True, **_OPTS)
+def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
+    """dw_part, db_part: (N, C) float64 per-sample partial sums (the caller sums over N)."""
+    nb, nc, ns = x.shape
+    cg = nc // groups
+    cnt = cg * ns
+    for task in prange(nb * groups):
+        n = task // groups
+        g = task - n * groups
+        c0 = g * cg
+        mu = like(mean[n, g], up(x[n, c0, 0]))
+        inv = like(invstd[n, g], mu)
+        s_g = 0.0
+        s_gx = 0.0
+        for c in range(c0, c0 + cg):
+            wc = like(w[c], mu)
+            p_d = 0.0
+            p_dx = 0.0
+            for s in range(ns):
+                xh = (up(x[n, c, s]) - mu) * inv
+                d = up(dy[n, c, s])
+                p_d += d
+                p_dx += d * xh
+            db_part[n, c] = p_d
+            dw_part[n, c] = p_dx
+            s_g += p_d * wc
+            s_gx += p_dx * wc
+        if not need_dx:
+            continue
+        k_x = like(-np.float64(inv) * s_gx / cnt, mu)
+        k_0 = like(-np.float64(inv) * s_g / cnt, mu)
+        for c in range(c0, c0 + cg):
+            k_g = like(np.float64(inv) * w[c], mu)
+            for s in range(ns):
+                xh = (up(x[n, c, s]) - mu) * inv
+                dx[n, c, s] = down(up(dy[n, c, s]) * k_g + xh * k_x + k_0, dx)
