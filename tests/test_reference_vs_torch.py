@@ -104,7 +104,9 @@ def test_batch_norm_large_mean_vs_torch(offset, scale):
     r = np.random.default_rng(2)
     x = offset + r.normal(size=(32, 3, 4)) * scale
     y, _, _ = batch_norm_forward(x)
-    assert_close(y, F.batch_norm(t(x), None, None, training=True).numpy(), 1e-9)
+    # torch's float64 CPU kernel loses a few digits here (about 1e-12 at 1e4, 1e-9 at 1e6, relative); the
+    # reference is exact to rounding (see test_reference.py::test_large_mean_small_spread)
+    assert_close(y, F.batch_norm(t(x), None, None, training=True).numpy(), 1e-7)
 
 
 @pytest.mark.parametrize("shape,ns", [((4, 5), (5,)), ((2, 3, 4), (3, 4)), ((2, 3, 2, 2), (3, 2, 2))])

@@ -43,6 +43,12 @@ Example::
 
 (batch mean 2, biased variance 1, unbiased 2: running_mean = 0.9 * 0 + 0.1 * 2, running_var = 0.9 + 0.2.)
 
+Edge cases: training with ``n == 1`` raises ``ValueError`` (torch's message); an empty batch (``N == 0``)
+returns an empty output, zero parameter gradients and the running statistics unchanged, including
+``num_batches_tracked`` (``torch.nn.BatchNorm*d`` leaves mean and var alone but still counts the batch). The
+reference does not guard against non-finite inputs: NaN in, NaN out, also in the running statistics; that
+policy belongs to the layers.
+
 Batch norm is the row primitive of :mod:`.rownorm` applied to the channel-major view
 ``x.moveaxis(1, 0).reshape(C, n)``; it is written out here on the original layout so the per-channel
 reductions and the computation graph stay visible.
