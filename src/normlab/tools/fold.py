@@ -1,0 +1,228 @@
+"""Fold batch norms into the preceding convolution or linear layer, for inference.
+
+In evaluation a BatchNorm is the per-channel affine map ``y = z * s + t`` with
+``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``. When z is the output of a
+convolution (or linear layer) ``z = W * x + b`` used by nothing else, the pair is one convolution::
+
+    W'[o] = W[o] * s[o]        b'[o] = b[o] * s[o] + t[o]        (b = 0 when the conv has no bias)
+
+Grouped and depthwise convolutions fold the same way (output channels are dimension 0 of W). For transposed
+convolutions W has shape (in, out / groups, k...), and output channel ``g * out/groups + j`` lives at
+``W[g * in/groups : (g+1) * in/groups, j]``. The arithmetic is done in float64 and cast back to W's dtype.
+
+Discovery: ``torch.fx`` symbolic tracing (norm modules are kept as leaves), so any model whose forward traces
+works, whatever its module nesting; when tracing fails (data-dependent control flow), consecutive
+(conv, norm) children of every ``nn.Sequential`` are folded instead. Norms that stay are listed in the report
+with the reason. Handles torch.nn and normlab BatchNorm (and BatchRenorm / GhostBatchNorm, whose evaluation is
+BatchNorm's) and FrozenBatchNorm; a BatchNorm with a fused activation leaves the activation in its place.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import _common as C
+
+__all__ = ["fold_bn", "fold_into", "FoldReport"]
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What :func:`fold_bn` did. ``folded``: (producer, norm) module names; ``skipped``: (norm, reason)."""
+    method: str = "fx"
+    folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    max_abs_diff: float | None = None
+    max_abs_output: float | None = None
+    trace_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the equivalence check (if any) passed."""
+        if self.max_abs_diff is None:
+            return True
+        return self.max_abs_diff <= 1e-4 * max(1.0, self.max_abs_output or 0.0)
+
+    def __str__(self) -> str:
+        lines = [f"fold_bn ({self.method}): {len(self.folded)} folded, {len(self.skipped)} left in place"]
+        lines += [f"  folded  {norm} -> {prod}" for prod, norm in self.folded]
+        lines += [f"  kept    {norm}: {why}" for norm, why in self.skipped]
+        if self.max_abs_diff is not None:
+            lines.append(f"  check: max |folded - original| = {self.max_abs_diff:.3g} "
+                         f"(max |output| {self.max_abs_output:.3g}) {'ok' if self.ok else 'MISMATCH'}")
+        if self.trace_error:
+            lines.append(f"  fx tracing failed ({self.trace_error}); used the Sequential walk")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def fold_into(producer: nn.Module, bn: nn.Module) -> None:
+    """Fold the evaluation-mode ``bn`` into ``producer`` (Conv, ConvTranspose or Linear) in place."""
+    s, t = C.scale_shift(bn)
+    w = producer.weight
+    w64 = w.detach().to(torch.float64)
+    if isinstance(producer, C.CONV_TRANSPOSE_TYPES):
+        g = producer.groups
+        cin, cout_g = w.shape[0], w.shape[1]
+        k = list(w.shape[2:])
+        w64 = (w64.reshape(g, cin // g, cout_g, *k) * s.reshape(g, 1, cout_g, *[1] * len(k))).reshape(w.shape)
+    else:
+        w64 = w64 * s.reshape(-1, *[1] * (w.dim() - 1))
+    b64 = t if producer.bias is None else producer.bias.detach().to(torch.float64) * s + t
+    producer.weight.copy_(w64.to(w.dtype))
+    if producer.bias is None:
+        producer.bias = nn.Parameter(b64.to(dtype=w.dtype, device=w.device))
+    else:
+        producer.bias.copy_(b64.to(producer.bias.dtype))
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _replacement(bn: nn.Module) -> nn.Module | None:
+    act = getattr(bn, "act", "identity")
+    return None if act == "identity" else C.activation_module(act)
+
+
+class _NormLeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return C.is_norm(m) or super().is_leaf_module(m, qualname)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _fold_fx(model: nn.Module, report: FoldReport, sample_input) -> nn.Module:
+    tracer = _NormLeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Folded")
+    shapes = {}
+    if sample_input is not None:
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+            ShapeProp(gm).propagate(*_as_args(sample_input))
+            shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes
+                      if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")}
+        except Exception:  # shape propagation is only a refinement
+            shapes = {}
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not C.is_norm(modules[node.target]):
+            continue
+        bn = modules[node.target]
+        why = _why_not(node, bn, modules, calls, shapes)
+        if why:
+            report.skipped.append((node.target, why))
+            continue
+        prev = node.args[0]
+        fold_into(modules[prev.target], bn)
+        report.folded.append((prev.target, node.target))
+        rep = _replacement(bn)
+        if rep is None:
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+        else:
+            _set_submodule(gm, node.target, rep)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _why_not(node, bn, modules, calls, shapes) -> str | None:
+    if not C.is_foldable_norm(bn):
+        return f"{type(bn).__name__} has no running statistics (track_running_stats=False)" \
+            if C.is_batchnorm(bn) else f"{type(bn).__name__} is not an affine map in evaluation"
+    if len(node.args) != 1 or node.kwargs:
+        return "called with extra arguments"
+    prev = node.args[0]
+    if not isinstance(prev, fx.Node) or prev.op != "call_module" or \
+            not isinstance(modules.get(prev.target), C.PRODUCER_TYPES):
+        what = prev.op if isinstance(prev, fx.Node) else type(prev).__name__
+        target = getattr(prev, "target", "")
+        return f"its input does not come from a conv/linear layer (from {what} {target})".rstrip()
+    producer = modules[prev.target]
+    if len(prev.users) != 1:
+        return f"the output of {prev.target} is also used elsewhere"
+    if calls.get(prev.target, 0) != 1:
+        return f"{prev.target} is called more than once (shared weights)"
+    if _out_channels(producer) != bn.num_features:
+        return f"{prev.target} has {_out_channels(producer)} outputs, the norm {bn.num_features} channels"
+    if isinstance(producer, nn.Linear) and prev.name in shapes and len(shapes[prev.name]) != 2:
+        return f"{prev.target} output has shape {tuple(shapes[prev.name])}: features are not dimension 1"
+    return None
+
+
+def _fold_sequential(model: nn.Module, report: FoldReport) -> nn.Module:
+    done = set()
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (pname, prod), (bname, bn) in zip(children, children[1:]):
+            full = f"{name}.{bname}" if name else bname
+            if not C.is_norm(bn):
+                continue
+            done.add(id(bn))
+            if isinstance(prod, C.PRODUCER_TYPES) and C.is_foldable_norm(bn) and \
+                    _out_channels(prod) == bn.num_features:
+                fold_into(prod, bn)
+                report.folded.append((f"{name}.{pname}" if name else pname, full))
+                setattr(seq, bname, _replacement(bn) or nn.Identity())
+            else:
+                report.skipped.append((full, "not directly after a conv/linear in a Sequential"
+                                       if C.is_foldable_norm(bn) else "no running statistics"))
+    for name, m in model.named_modules():
+        if C.is_norm(m) and id(m) not in done:
+            report.skipped.append((name, "not inside a Sequential (and the model could not be traced)"))
+    return model
+
+
+def _as_args(sample_input):
+    return tuple(sample_input) if isinstance(sample_input, (tuple, list)) else (sample_input,)
+
+
+def fold_bn(model: nn.Module, sample_input=None, *, check: bool = True) -> nn.Module:
+    """A new evaluation-mode model with every foldable batch norm folded into the layer before it.
+
+    ``model`` is left untouched (it is deep-copied). The result carries ``.fold_report`` (:class:`FoldReport`):
+    folded pairs, norms left in place with the reason, and, when ``sample_input`` (a tensor or a tuple of
+    arguments) is given and ``check``, the largest absolute difference between the two models' outputs in
+    evaluation mode (a warning is issued when it is not small). Example::
+
+        >>> fast = fold_bn(model, torch.randn(1, 1, 28, 28))
+        >>> print(fast.fold_report)
+    """
+    work = copy.deepcopy(model).eval()
+    report = FoldReport()
+    try:
+        folded = _fold_fx(work, report, sample_input)
+    except Exception as e:  # tracing failed: data-dependent control flow, unsupported ops, ...
+        report = FoldReport(method="sequential", trace_error=f"{type(e).__name__}: {e}"[:200])
+        folded = _fold_sequential(copy.deepcopy(model).eval(), report)
+    folded.eval()
+    if sample_input is not None and check:
+        reference = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            want = reference(*_as_args(sample_input))
+            got = folded(*_as_args(sample_input))
+        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor):
+            report.max_abs_diff = float((want.double() - got.double()).abs().max()) if want.numel() else 0.0
+            report.max_abs_output = float(want.double().abs().max()) if want.numel() else 0.0
+            if not report.ok:
+                warnings.warn(f"fold_bn: the folded model differs from the original by up to "
+                              f"{report.max_abs_diff:.3g}", RuntimeWarning, stacklevel=2)
+    folded.fold_report = report
+    return folded
