@@ -7,9 +7,10 @@ from .switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .ghostbatchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .frozenbatchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .syncbatchnorm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
            "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-           "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+           "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm"]
