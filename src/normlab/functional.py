@@ -37,8 +37,8 @@ from .kernels import ACTIVATIONS, acc_dtype, portable
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "update_running_stats"]
 
 
-class NormShapeError(ValueError, RuntimeError):
-    """A shape mismatch. Both a ``ValueError`` and, like torch's own shape errors, a ``RuntimeError``."""
+class NormError(ValueError, RuntimeError):
+    """A bad shape or missing argument: a ``ValueError``, and a ``RuntimeError`` as torch raises there."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,12 +57,12 @@ def _check_act(act: str) -> None:
 
 def _check_channels(input: Tensor, **vectors: Tensor | None) -> None:
     if input.dim() < 2:
-        raise NormShapeError(f"expected an input of shape (N, C, *) with at least 2 dimensions, "
+        raise NormError(f"expected an input of shape (N, C, *) with at least 2 dimensions, "
                              f"got shape {tuple(input.shape)}")
     c = input.shape[1]
     for name, t in vectors.items():
         if t is not None and t.numel() != c:
-            raise NormShapeError(f"{name} should contain {c} elements (one per channel of the input of shape "
+            raise NormError(f"{name} should contain {c} elements (one per channel of the input of shape "
                                  f"{tuple(input.shape)}), not {t.numel()}; check num_features")
 
 
@@ -159,7 +159,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     _check_act(act)
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("batch_norm in evaluation mode (training=False) needs running_mean and running_var; "
+        raise NormError("batch_norm in evaluation mode (training=False) needs running_mean and running_var; "
                          "pass them, or training=True to normalize with the batch's statistics")
     n = input.numel() // input.shape[1] if input.shape[1] else 0
     if input.numel() == 0:
@@ -251,7 +251,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     _check_channels(input, weight=weight, bias=bias)
     n, c = input.shape[:2]
     if num_groups <= 0 or c % num_groups != 0:
-        raise NormShapeError(f"the number of channels C={c} must be divisible by num_groups={num_groups} "
+        raise NormError(f"the number of channels C={c} must be divisible by num_groups={num_groups} "
                              f"(input of shape {tuple(input.shape)}); choose G among the divisors of {c}")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
@@ -280,11 +280,11 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
-        raise NormShapeError(f"Given normalized_shape={list(shape)}, expected input with shape "
+        raise NormError(f"Given normalized_shape={list(shape)}, expected input with shape "
                              f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != shape:
-            raise NormShapeError(f"{name} must have shape normalized_shape={list(shape)}, got {list(t.shape)}")
+            raise NormError(f"{name} must have shape normalized_shape={list(shape)}, got {list(t.shape)}")
     numel = math.prod(shape)
     if input.numel() == 0 or numel == 0:
         return input.clone() if weight is None else input * weight + (0 if bias is None else bias)

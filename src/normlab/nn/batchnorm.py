@@ -30,7 +30,7 @@ class _NormBase(nn.Module):
     _version = 2
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int (the number of channels C), "
@@ -47,7 +47,10 @@ class _NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -72,14 +75,15 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__))
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -109,7 +113,7 @@ class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if input.dim() >= 2 and input.shape[1] != self.num_features:
-            raise F.NormShapeError(f"{type(self).__name__}({self.num_features}) got an input with "
+            raise F.NormError(f"{type(self).__name__}({self.num_features}) got an input with "
                                    f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
                                    f"dimension 1: set num_features={input.shape[1]} or permute the input")
         empty = input.numel() == 0
@@ -128,7 +132,8 @@ class BatchNorm1d(_BatchNorm):
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
     Args: num_features (C), eps=1e-5, momentum=0.1 (weight of the new batch; None: cumulative average),
-    affine=True, track_running_stats=True, device, dtype. Example: ``BatchNorm1d(100)(torch.randn(20, 100))``.
+    affine=True, track_running_stats=True, device, dtype, and keyword-only bias=True
+    (False: no β). Example: ``BatchNorm1d(100)(torch.randn(20, 100))``.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:

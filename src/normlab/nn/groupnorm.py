@@ -13,14 +13,14 @@ class GroupNorm(nn.Module):
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
     with mean and biased variance per sample over each of ``num_groups`` groups of C / G channels (and all
-    trailing dimensions), and per-channel γ (ones), β (zeros) when ``affine``. No running statistics: training
+    trailing dimensions), and per-channel γ (ones), β (zeros) when ``affine`` (keyword-only ``bias=False`` drops β). No running statistics: training
     and evaluation compute the same thing, and any batch size works (even 1).
 
     Example: ``GroupNorm(4, 32)(torch.randn(2, 32, 8, 8))``.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         if num_groups <= 0 or num_channels % num_groups != 0:
             raise ValueError(f"num_channels must be divisible by num_groups: got num_channels={num_channels} and "
@@ -32,7 +32,10 @@ class GroupNorm(nn.Module):
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -41,14 +44,16 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise F.NormShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
+            raise F.NormError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
                                    f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
                                    f"dimension 1")
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
+            **self.__dict__, use_bias=self.bias is not None)

@@ -1,0 +1,431 @@
+"""normlab's drop-in layers against torch.nn on fresh random inputs: outputs, gradients, buffers, state_dicts.
+
+Tolerances (absolute, on unit-scale data): float32 outputs 1e-5, float32 gradients 1e-4 for parameter sums over
+many elements (1e-5 for inputs), float64 1e-10, bfloat16 / float16 outputs one unit in the last place of the
+type at magnitude ~4 (3e-2 / 4e-3).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import zlib
+
+import pytest
+import torch
+
+import normlab
+
+TOL = {torch.float32: dict(out=1e-5, dx=1e-5, dp=1e-4), torch.float64: dict(out=1e-10, dx=1e-10, dp=1e-9)}
+
+# (class name, constructor args, kwargs, input shape)
+LAYERS = [
+    ("BatchNorm1d", (6,), {}, (16, 6)),
+    ("BatchNorm1d", (6,), {}, (8, 6, 5)),
+    ("BatchNorm2d", (6,), {}, (8, 6, 5, 7)),
+    ("BatchNorm3d", (6,), {}, (4, 6, 3, 4, 5)),
+    ("BatchNorm2d", (6,), {"affine": False}, (8, 6, 5, 7)),
+    ("BatchNorm2d", (6,), {"momentum": None}, (8, 6, 5, 7)),
+    ("BatchNorm2d", (6,), {"momentum": 0.0}, (8, 6, 5, 7)),
+    ("BatchNorm2d", (6,), {"momentum": 1.0}, (8, 6, 5, 7)),
+    ("BatchNorm2d", (6,), {"track_running_stats": False}, (8, 6, 5, 7)),
+    ("BatchNorm1d", (6,), {"bias": False}, (16, 6)),
+    ("LayerNorm", (7,), {}, (4, 6, 5, 7)),
+    ("LayerNorm", ((6, 5, 7),), {}, (4, 6, 5, 7)),
+    ("LayerNorm", (7,), {"bias": False}, (4, 6, 7)),
+    ("LayerNorm", (7,), {"elementwise_affine": False}, (4, 6, 7)),
+    ("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
+    ("GroupNorm", (1, 6), {}, (4, 6, 5)),
+    ("GroupNorm", (6, 6), {"affine": False}, (4, 6, 5, 3, 2)),
+    ("GroupNorm", (2, 6), {"bias": False}, (4, 6, 5)),
+    ("InstanceNorm1d", (6,), {}, (4, 6, 9)),
+    ("InstanceNorm2d", (6,), {"affine": True}, (4, 6, 5, 7)),
+    ("InstanceNorm2d", (6,), {"affine": True, "track_running_stats": True}, (4, 6, 5, 7)),
+    ("InstanceNorm3d", (6,), {"track_running_stats": True}, (2, 6, 3, 4, 5)),
+]
+
+
+def pair(name, args, kwargs, dtype=torch.float32):
+    """The torch.nn module and normlab's, with identical (randomized) parameters and buffers."""
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def grads(module, x, y, dy):
+    params = [p for p in module.parameters()]
+    return torch.autograd.grad(y, [x] + params, dy)
+
+
+def assert_close(a, b, tol, what):
+    assert a.shape == b.shape, what
+    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.1g}"
+
+
+def assert_same_state(ref, ours, tol):
+    sr, so = ref.state_dict(), ours.state_dict()
+    assert list(sr) == list(so)
+    for k in sr:
+        assert sr[k].dtype == so[k].dtype and sr[k].shape == so[k].shape, k
+        assert_close(sr[k], so[k], tol, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=[f"{l[0]}-{i}" for i, l in enumerate(LAYERS)])
+def test_train_steps_then_eval_match_torch(name, args, kwargs, shape, dtype):
+    torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape, dtype)).encode()))
+    ref, ours = pair(name, args, kwargs, dtype)
+    tol = TOL[dtype]
+    for step in range(3):
+        x = (torch.randn(shape, dtype=dtype) * 2 + step).requires_grad_()
+        yr, yo = ref(x), ours(x)
+        assert yo.dtype == yr.dtype
+        assert_close(yo, yr, tol["out"], f"step {step} output")
+        dy = torch.randn_like(yr)
+        gr, go = grads(ref, x, yr, dy), grads(ours, x, yo, dy)
+        assert_close(go[0], gr[0], tol["dx"], f"step {step} input grad")
+        for i, (a, b) in enumerate(zip(go[1:], gr[1:])):
+            assert_close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), f"step {step} param grad {i}")
+        assert_same_state(ref, ours, tol["out"] * 10)
+    ref.eval(), ours.eval()
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    yr, yo = ref(x), ours(x)
+    assert_close(yo, yr, tol["out"], "eval output")
+    dy = torch.randn_like(yr)
+    for a, b in zip(grads(ours, x, yo, dy), grads(ref, x, yr, dy)):
+        assert_close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "eval grad")
+    assert_same_state(ref, ours, tol["out"] * 10)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d"])
+def test_track_running_stats_flipped_after_construction(name):
+    torch.manual_seed(0)
+    for initial in (True, False):
+        kwargs = {"track_running_stats": initial}
+        if name == "InstanceNorm2d":
+            kwargs["affine"] = True
+        ref, ours = pair(name, (4,), kwargs)
+        ref.track_running_stats = ours.track_running_stats = not initial
+        for training in (True, False, True):
+            ref.train(training), ours.train(training)
+            x = torch.randn(3, 4, 5, 5)
+            try:
+                expect = ref(x)
+            except RuntimeError as err:  # torch refuses (no buffers to evaluate with): so must we
+                with pytest.raises(RuntimeError, match="running_mean and running_var"):
+                    ours(x)
+                continue
+            assert_close(ours(x), expect, 1e-5, f"initial={initial} training={training}")
+            assert_same_state(ref, ours, 1e-6)
+
+
+def test_momentum_none_is_cumulative_average():
+    torch.manual_seed(0)
+    bn = normlab.BatchNorm1d(3, momentum=None)
+    batches = [torch.randn(10, 3) * (i + 1) + i for i in range(4)]
+    for b in batches:
+        bn(b)
+    assert bn.num_batches_tracked.item() == 4
+    expect_mean = torch.stack([b.mean(0) for b in batches]).mean(0)
+    expect_var = torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0)
+    assert_close(bn.running_mean, expect_mean, 1e-5, "cumulative mean")
+    assert_close(bn.running_var, expect_var, 1e-4, "cumulative var")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# state dicts, copies, pickling
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,args,kwargs,shape", [l for l in LAYERS if l[2] in ({}, {"bias": False})])
+def test_state_dict_round_trips_both_ways(name, args, kwargs, shape):
+    ref, ours = pair(name, args, kwargs)
+    ref.train(), ours.train()
+    ref(torch.randn(shape)), ours(torch.randn(shape))
+    back = getattr(torch.nn, name)(*args, **kwargs)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert_same_state(ours, back, 0.0)
+    again = getattr(normlab, name)(*args, **kwargs)
+    again.load_state_dict(ref.state_dict(), strict=True)
+    assert_same_state(ref, again, 0.0)
+
+
+def test_state_dict_without_num_batches_tracked_loads_as_zero():
+    ref = torch.nn.BatchNorm2d(4)
+    sd = {k: v for k, v in ref.state_dict().items() if k != "num_batches_tracked"}
+    ours = normlab.BatchNorm2d(4)
+    ours.num_batches_tracked.fill_(7)
+    ours.load_state_dict(sd, strict=True)
+    assert ours.num_batches_tracked.item() == 0 and ours.num_batches_tracked.dtype == torch.long
+
+
+def test_deepcopy_and_pickle():
+    bn = normlab.BatchNorm2d(4, momentum=None)
+    bn(torch.randn(3, 4, 2, 2))
+    for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        assert_same_state(bn, clone, 0.0)
+        x = torch.randn(3, 4, 2, 2)
+        assert torch.equal(clone.eval()(x), copy.deepcopy(bn).eval()(x))
+    buf = io.BytesIO()
+    torch.save(normlab.GroupNorm(2, 4), buf)
+    buf.seek(0)
+    assert isinstance(torch.load(buf, weights_only=False), normlab.GroupNorm)
+
+
+def test_repr_matches_torch():
+    for name, args, kwargs, _ in LAYERS:
+        assert repr(getattr(normlab, name)(*args, **kwargs)) == repr(getattr(torch.nn, name)(*args, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memory formats, non-contiguous inputs, reduced precision
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,args", [("BatchNorm2d", (6,)), ("GroupNorm", (3, 6)), ("InstanceNorm2d", (6,))])
+def test_channels_last_and_non_contiguous(name, args):
+    torch.manual_seed(1)
+    ref, ours = pair(name, args, {})
+    x = torch.randn(4, 6, 5, 7)
+    cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = ours(cl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, ref(x), 1e-5, "channels_last output")
+    dy = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, cl, dy)
+    xr = x.clone().requires_grad_()
+    gr, = torch.autograd.grad(ref(xr), xr, dy)
+    assert_close(gx, gr, 1e-5, "channels_last input grad")
+    nc = torch.randn(6, 4, 7, 5).permute(1, 0, 3, 2)[:, :, ::1, :]  # a permuted, non-contiguous view
+    assert not nc.is_contiguous()
+    assert_close(ours(nc), ref(nc), 1e-5, "non-contiguous")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (6,), (8, 6, 5, 5)), ("BatchNorm1d", (6,), (32, 6)),
+                                             ("GroupNorm", (3, 6), (4, 6, 5, 5)), ("LayerNorm", (5,), (4, 6, 5))])
+def test_reduced_precision_inputs_with_float32_parameters(name, args, shape, dtype, tol):
+    """fp16/bf16 activations, float32 parameters and statistics (mixed precision): compared with float64."""
+    torch.manual_seed(2)
+    ref, ours = pair(name, args, {}, torch.float64)
+    ours.float()
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    y = ours(x.to(dtype))
+    assert y.dtype == dtype
+    assert_close(y, ref(x.to(dtype).double()), tol, f"{dtype} output")
+    if hasattr(ours, "running_var"):
+        assert ours.running_var.dtype == torch.float32
+        assert_close(ours.running_var, ref.running_var, 1e-5, "running_var")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# numerics where torch is wrong
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [0.0, 3.0, -2.5, 1e7, 123456.789])
+@pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (3,), (8, 3, 4, 4)), ("BatchNorm1d", (3,), (64, 3)),
+                                             ("GroupNorm", (1, 3), (2, 3, 4, 4)), ("LayerNorm", (4,), (2, 3, 4)),
+                                             ("InstanceNorm2d", (3,), (2, 3, 4, 4))])
+def test_constant_input_gives_exactly_beta_and_finite_grads(name, args, shape, value):
+    layer = getattr(normlab, name)(*args, **({"affine": True} if "Instance" in name else {}))
+    with torch.no_grad():
+        layer.bias.copy_(torch.linspace(-1, 1, layer.bias.numel()).reshape(layer.bias.shape))
+        layer.weight.fill_(2.0)
+    x = torch.full(shape, value, requires_grad=True)
+    y = layer(x)
+    beta = layer.bias.detach()
+    expect = beta.reshape([1, -1] + [1] * (len(shape) - 2)) if "Layer" not in name else beta
+    assert torch.equal(y, expect.expand_as(y)), f"constant {value}: output is not exactly beta"
+    y.backward(torch.randn_like(y))
+    assert all(torch.isfinite(t).all() for t in (x.grad, layer.weight.grad, layer.bias.grad))
+
+
+@pytest.mark.parametrize("center,spread", [(1e4, 1.0), (1e6, 0.1)])
+@pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (3,), (16, 3, 8, 8)), ("BatchNorm1d", (3,), (256, 3)),
+                                             ("GroupNorm", (3, 3), (4, 3, 8, 8)), ("LayerNorm", (64,), (8, 64))])
+def test_large_mean_small_spread_float32_close_to_float64(name, args, shape, center, spread):
+    """Against the float64 answer *on the same float32 values*: only the normalization's own error counts.
+
+    1e6 + N(0, 0.1) in float32 is quantized to steps of 1/16; that rounding of x is in both answers. What is
+    bounded (1e-3) is the normalization's own error, which torch's float32 kernels exceed (5e-4 at 1e4,
+    about 0.3 at 1e6) and the shifted statistics do not.
+    """
+    torch.manual_seed(3)
+    layer = getattr(normlab, name)(*args)
+    x32 = (center + spread * torch.randn(shape, dtype=torch.float64)).float()
+    y = layer(x32).double()
+    dims = (0,) + tuple(range(2, len(shape))) if "Batch" in name else None
+    x = x32.double()
+    if "Batch" in name:
+        mu, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    elif "Group" in name:
+        g = x.reshape(shape[0], args[0], -1)
+        mu = g.mean(2, keepdim=True)
+        var = g.var(2, unbiased=False, keepdim=True)
+        y, x = y.reshape(g.shape), g
+    else:
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expect = (x - mu) / torch.sqrt(var + layer.eps)
+    err = (y - expect).abs().max().item()
+    assert err < 1e-3, f"error {err} vs float64"
+
+
+def test_nonfinite_batch_never_poisons_running_stats():
+    bn = normlab.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2))
+    before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 0, 0, 0] = float("nan")
+    x[2, 2, 1, 1] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[0, 2\]"):
+        bn(x)
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert bn.running_mean[0] == before_mean[0] and bn.running_var[2] == before_var[2]
+    assert bn.running_mean[1] != before_mean[1], "finite channels still update"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# errors: same type as torch (or a subclass), messages that name the values
+# ------------------------------------------------------------------------------------------------------------
+def test_errors():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        normlab.BatchNorm2d(3)(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        normlab.BatchNorm1d(3)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="4 channels"):
+        normlab.BatchNorm2d(3)(torch.randn(2, 4, 4, 4))
+    with pytest.raises(RuntimeError, match="should contain 3 elements"):
+        normlab.functional.batch_norm(torch.randn(2, 3), torch.zeros(4), torch.ones(4), training=True)
+    for bad in (0.0, -1e-5):
+        with pytest.raises(ValueError, match=f"eps={bad}"):
+            normlab.BatchNorm2d(3, eps=bad)
+    with pytest.raises(ValueError, match="num_channels=6 and num_groups=4"):
+        normlab.GroupNorm(4, 6)
+    with pytest.raises(RuntimeError, match="C=6 must be divisible by num_groups=4"):
+        normlab.functional.group_norm(torch.randn(2, 6, 3), 4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        normlab.BatchNorm1d(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+        normlab.InstanceNorm1d(3)(torch.randn(2, 3, 1))
+    with pytest.raises(RuntimeError, match=r"normalized_shape=\[5\]"):
+        normlab.LayerNorm(5)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="act='tanh'"):
+        normlab.functional.batch_norm(torch.randn(4, 3), None, None, training=True, act="tanh")
+    # a batch of one is fine in evaluation and for per-sample norms
+    normlab.BatchNorm1d(3).eval()(torch.randn(1, 3))
+    normlab.GroupNorm(1, 3)(torch.randn(1, 3, 2))
+
+
+@pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (3,), (0, 3, 4, 4)), ("BatchNorm1d", (3,), (0, 3)),
+                                             ("GroupNorm", (1, 3), (0, 3, 4)), ("LayerNorm", (4,), (0, 4)),
+                                             ("InstanceNorm1d", (3,), (0, 3, 5))])
+def test_empty_batch(name, args, shape):
+    layer = getattr(normlab, name)(*args)
+    state = copy.deepcopy(layer.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed on an empty batch"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# autograd: float64 gradcheck, double backward, fused activations
+# ------------------------------------------------------------------------------------------------------------
+def _inputs(*shapes):
+    g = torch.Generator().manual_seed(5)
+    return tuple(torch.randn(s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes)
+
+
+FUNCTIONS = {
+    "bn-train": (lambda x, w, b: normlab.functional.batch_norm(x, None, None, w, b, True), (4, 3, 3, 2), 3),
+    "bn-eval": (lambda x, w, b: normlab.functional.batch_norm(
+        x, torch.arange(3.0, dtype=torch.float64), torch.linspace(0.5, 2, 3, dtype=torch.float64), w, b, False),
+        (4, 3, 3), 3),
+    "bn-1d": (lambda x, w, b: normlab.functional.batch_norm(x, None, None, w, b, True), (6, 3), 3),
+    "gn": (lambda x, w, b: normlab.functional.group_norm(x, 3, w, b), (3, 6, 2, 2), 6),
+    "ln": (lambda x, w, b: normlab.functional.layer_norm(x, (5,), w, b), (3, 4, 5), 5),
+    "in": (lambda x, w, b: normlab.functional.instance_norm(x, weight=w, bias=b), (3, 2, 5), 2),
+}
+
+
+@pytest.mark.parametrize("key", list(FUNCTIONS))
+def test_gradcheck_and_double_backward(key):
+    fn, shape, c = FUNCTIONS[key]
+    x, w, b = _inputs(shape, (c,), (c,))
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "sigmoid"])
+def test_fused_activation_gradcheck(act):
+    x, w, b = _inputs((5, 3, 4), (3,), (3,))
+    for training in (True, False):
+        fn = (lambda x, w, b: normlab.functional.batch_norm(
+            x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), w, b, training, act=act))
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        ref = getattr(torch.nn.functional, act)(torch.nn.functional.batch_norm(
+            x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), w, b, training))
+        assert_close(fn(x, w, b), ref, 1e-12, f"{act} training={training}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a whole model: conv, residual, linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm
+# ------------------------------------------------------------------------------------------------------------
+def build_model(nn):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.gn = nn.GroupNorm(4, 8)
+
+        def forward(self, x):
+            return torch.relu(x + self.gn(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), torch.nn.ReLU(), Block(),
+        nn.InstanceNorm2d(8, affine=True), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(32, 16), nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+        nn.LayerNorm(16), torch.nn.Linear(16, 4))
+
+
+def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
+    torch.manual_seed(0)
+    ref = build_model(torch.nn)
+    ours = build_model(normlab)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    for step in range(12):
+        x, target = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+        losses = []
+        for model, opt in ((ref, opt_r), (ours, opt_o)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-5, f"step {step}: {losses}"
+    assert_same_state(ref, ours, 1e-4)
+    ref.eval(), ours.eval()
+    x = torch.randn(8, 3, 8, 8)
+    assert_close(ours(x), ref(x), 1e-4, "eval after training")
+
+
+def test_torch_compile_fullgraph_train_and_eval():
+    torch.manual_seed(0)
+    eager = build_model(normlab)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    ye, yc = eager(x), compiled(x)
+    assert_close(yc, ye, 1e-5, "compiled train output")
+    ye.sum().backward(), yc.sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        assert_close(q.grad, p.grad, 1e-4, f"compiled grad {name}")
+    assert_same_state(eager, compiled_model, 1e-6)
+    eager.eval(), compiled_model.eval()
+    assert_close(compiled(x), eager(x), 1e-5, "compiled eval output")
