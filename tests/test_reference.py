@@ -531,3 +531,14 @@ def test_reference_never_imports_torch():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""] if node.level == 0 else []
             assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{path.name} imports torch"
+
+
+@pytest.mark.parametrize("name", ["rownorm", "running", "batchnorm", "layernorm", "groupnorm", "instancenorm",
+                                  "gradcheck"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"normlab.reference.{name}")
+    result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and (result.attempted > 0 or name == "_checks")
