@@ -16,8 +16,8 @@ touched), watching every norm with hooks, and returns a :class:`DoctorReport`. C
 * ``bn-at-output`` (warning): a batch norm produces the model's output (logits constrained to a fixed
   scale/shift per batch; put the norm before the last linear layer or drop it).
 * ``train-eval-mismatch`` (warning): on the sample, the model's output in training mode and in evaluation
-  mode differ by more than ``tolerance`` (relative); the per-layer shift ``|mu_batch - running_mean| /
-  sqrt(running_var)`` is listed for the worst layers. Often stale running statistics: try
+  mode differ by more than ``tolerance`` (relative L2); for the worst layers the shift
+  ``|mu_batch - running_mean| / sqrt(running_var)`` and the ratio ``var_batch / running_var`` are listed. Often stale running statistics: try
   ``recompute_bn_stats``.
 * ``no-running-stats`` (info): a batch norm without running statistics uses batch statistics in evaluation.
 """
@@ -212,8 +212,7 @@ def _record_norm_input(name, producers, seen):
         if prod is not None and prod[2] is not x:
             prod = None
         seen[name] = {"producer": prod, "n": x.shape[0],
-                      "per_channel": x.numel() // max(x.shape[1], 1), "training": module.training,
-                      "x": x.detach()}
+                      "per_channel": x.numel() // max(x.shape[1], 1), "training": module.training}
     return hook
 
 
@@ -254,14 +253,17 @@ def _train_eval_check(model, norms, sample_input, tolerance, report):
         if x is None or m.running_mean is None:
             continue
         dims = [0] + list(range(2, x.dim()))
-        mu = x.double().mean(dims)
-        z = (mu - m.running_mean.double()).abs() / torch.sqrt(m.running_var.double() + m.eps)
-        shifts.append((float(z.max()), n))
+        var_b, mu = torch.var_mean(x.double(), dim=dims)
+        rv = m.running_var.double()
+        z = (mu - m.running_mean.double()).abs() / torch.sqrt(rv + m.eps)
+        ratio = (var_b + m.eps) / (rv + m.eps)
+        shifts.append((float(z.max()), float(ratio.max()), float(ratio.min()), n))
     shifts.sort(reverse=True)
-    worst = ", ".join(f"{n} ({z:.2f} sd)" for z, n in shifts[:3])
+    worst = ", ".join(f"{n} (mean off by {z:.2f} sd, batch/running variance {lo:.2g}..{hi:.2g})"
+                      for z, hi, lo, n in shifts[:3])
     report.add("warning", "train-eval-mismatch", "",
                f"on the sample, training-mode and eval-mode outputs differ by {report.output_rel_diff:.1%} "
-               f"(relative L2); largest batch-mean shifts from the running means: {worst or 'n/a'}",
+               f"(relative L2); layers whose batch statistics are furthest from the running ones: {worst or 'n/a'}",
                "stale or unrepresentative running statistics: recompute_bn_stats(model, train_batches); or the "
                "sample is from another distribution (adapt_bn)")
 

@@ -104,15 +104,7 @@ def _fold_fx(model: nn.Module, report: FoldReport, sample_input) -> nn.Module:
     tracer = _NormLeafTracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Folded")
-    shapes = {}
-    if sample_input is not None:
-        try:
-            from torch.fx.passes.shape_prop import ShapeProp
-            ShapeProp(gm).propagate(*_as_args(sample_input))
-            shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes
-                      if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")}
-        except Exception:  # shape propagation is only a refinement
-            shapes = {}
+    shapes = _linear_output_ranks(gm, sample_input)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -141,6 +133,29 @@ def _fold_fx(model: nn.Module, report: FoldReport, sample_input) -> nn.Module:
     return gm
 
 
+@torch.no_grad()
+def _linear_output_ranks(gm: fx.GraphModule, sample_input) -> dict[str, int]:
+    """Rank of the output of every Linear that feeds a norm, from one run on the sample (empty without one)."""
+    modules = dict(gm.named_modules())
+    targets = {n.args[0].target for n in gm.graph.nodes
+               if n.op == "call_module" and C.is_norm(modules[n.target]) and n.args
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "call_module"
+               and isinstance(modules.get(n.args[0].target), nn.Linear)}
+    ranks: dict[str, int] = {}
+    if sample_input is None or not targets:
+        return ranks
+    handles = [modules[t].register_forward_hook(lambda m, a, out, t=t: ranks.__setitem__(t, out.dim()))
+               for t in targets]
+    try:
+        gm(*_as_args(sample_input))
+    except Exception:  # the ranks are only a refinement
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
 def _why_not(node, bn, modules, calls, shapes) -> str | None:
     if not C.is_foldable_norm(bn):
         return f"{type(bn).__name__} has no running statistics (track_running_stats=False)" \
@@ -160,8 +175,8 @@ def _why_not(node, bn, modules, calls, shapes) -> str | None:
         return f"{prev.target} is called more than once (shared weights)"
     if _out_channels(producer) != bn.num_features:
         return f"{prev.target} has {_out_channels(producer)} outputs, the norm {bn.num_features} channels"
-    if isinstance(producer, nn.Linear) and prev.name in shapes and len(shapes[prev.name]) != 2:
-        return f"{prev.target} output has shape {tuple(shapes[prev.name])}: features are not dimension 1"
+    if isinstance(producer, nn.Linear) and shapes.get(prev.target, 2) != 2:
+        return f"{prev.target} output has {shapes[prev.target]} dimensions: its features are not dimension 1"
     return None
 
 
