@@ -1,0 +1,212 @@
+"""The numba CPU backend against the portable backend (the contract) and against float64.
+
+Tolerances (absolute, on outputs of unit scale; gradients are compared relative to their largest entry):
+float64 1e-10, float32 1e-4, bfloat16 / float16: one rounding of the output (2**-7 / 2**-10 relative) plus
+float32 noise, i.e. 2e-2 / 4e-3. No timing assertions here: see ``normlab bench``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab.kernels import cpu, portable
+
+pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+ACTS = ["identity", "relu", "silu", "sigmoid"]
+# (shape, memory format)
+LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((4, 5, 11), None),
+           ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None)]
+
+
+def _make(shape, fmt, dtype, scale=2.0, loc=0.5, gen=None):
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc).to(dtype)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def _close(a, b, tol, rel=False):
+    a, b = a.double(), b.double()
+    scale = max(1.0, b.abs().max().item()) if rel else 1.0
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+def _skip_unsupported(dtype):
+    if dtype not in cpu.SUPPORTED_DTYPES:
+        pytest.skip(f"{dtype} not handled by the numba backend on this CPU")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
+def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(hash((shape, str(fmt), str(dtype))) % 2**31)
+    x = _make(shape, fmt, dtype, gen=gen)
+    assert cpu.supports(x)
+    c = shape[1]
+    w = torch.randn(c, generator=gen) + 1
+    b = torch.randn(c, generator=gen)
+    tol = TOL[dtype]
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    for act in ACTS:
+        y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
+        y_p, mean_p, invstd_p = portable.bn_train_forward(x, w, b, 1e-5, act)
+        y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+        assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
+        _close(y, y_p, tol)
+        _close(y, y64, tol)
+        _close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
+        _close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
+
+        # eval forward with running statistics
+        rv = torch.rand(c, generator=gen) + 0.5
+        rm = torch.randn(c, generator=gen)
+        ye = cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5, act)
+        assert ye.stride() == x.stride()
+        _close(ye, portable.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), tol * 4)
+        _close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4)
+
+        # backward, training and eval, with every subset of needed gradients that matters
+        dy = _make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
+        for training in (True, False):
+            got = cpu.bn_backward(dy, x, w, b, mean, invstd, act, training)
+            ref = portable.bn_backward(dy, x, w, b, mean, invstd, act, training)
+            ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
+            assert got[0].stride() == x.stride() and got[0].dtype == dtype
+            for g, r, r64 in zip(got, ref, ref64):
+                _close(g, r, tol * 4, rel=True)
+                _close(g, r64, tol * 4, rel=True)
+        dx, dw, db = cpu.bn_backward(dy, x, w, b, mean, invstd, act, True, (False, True, False))
+        assert dx is None and db is None and dw is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_no_affine_and_stats(dtype):
+    x = _make((6, 4, 5), None, dtype)
+    y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
+    y_p, _, _ = portable.bn_train_forward(x, None, None, 1e-5)
+    _close(y, y_p, TOL[dtype])
+    m, v = cpu.bn_stats(x)
+    m_p, v_p = portable.bn_stats(x)
+    _close(m, m_p, 1e-6, rel=True)
+    _close(v, v_p, 1e-5, rel=True)
+    dx, dw, db = cpu.bn_backward(torch.ones_like(x), x, None, None, mean, invstd, "identity", True)
+    _close(dx, torch.zeros_like(dx), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", [((3, 6, 10), 3), ((4, 5, 7), 1), ((2, 4, 9), 4), ((8, 16, 1), 1)])
+def test_group_norm_matches_portable_and_float64(shape, groups, dtype):
+    _skip_unsupported(dtype)
+    x = _make(shape, None, dtype)
+    c = shape[1]
+    w, b = torch.randn(c) + 1, torch.randn(c)
+    tol = TOL[dtype]
+    y, mean, invstd = cpu.gn_forward(x, w, b, groups, 1e-5)
+    y_p, mean_p, invstd_p = portable.gn_forward(x, w, b, groups, 1e-5)
+    y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), groups, 1e-5)
+    assert y.dtype == dtype and mean.shape == (shape[0], groups) and mean.dtype == mean_p.dtype
+    _close(y, y_p, tol)
+    _close(y, y64, tol)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    dy = _make(shape, None, dtype, scale=1.0, loc=0.0)
+    got = cpu.gn_backward(dy, x, w, mean, invstd, groups)
+    ref = portable.gn_backward(dy, x, w, mean, invstd, groups)
+    ref64 = portable.gn_backward(dy.double(), x.double(), w.double(), mean64, invstd64, groups)
+    for g, r, r64 in zip(got, ref, ref64):
+        _close(g, r, tol * 4, rel=True)
+        _close(g, r64, tol * 4, rel=True)
+    got = cpu.gn_backward(dy, x, None, mean, invstd, groups, (True, False, False))
+    _close(got[0], portable.gn_backward(dy, x, None, mean, invstd, groups)[0], tol * 4, rel=True)
+    assert got[1] is None and got[2] is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# edge cases
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_constant_channel_gives_exactly_bias(fmt, dtype):
+    x = torch.full((4, 3, 5, 5), 7.3, dtype=dtype)
+    x[:, 1] = -2.0
+    x[:, 2] = torch.randn(4, 5, 5).to(dtype)
+    x = x.contiguous(memory_format=fmt) if fmt else x
+    w, b = torch.tensor([2.0, 3.0, 1.0]), torch.tensor([0.25, -1.5, 0.0])
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
+    assert torch.equal(y[:, 0], torch.full_like(y[:, 0], 0.25))
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], -1.5))
+    dx, dw, db = cpu.bn_backward(torch.randn_like(x), x, w, b, mean, invstd, "identity", True)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("loc,spread,tol", [(1e4, 1.0, 1e-3), (1e6, 0.1, 2e-2)])
+def test_large_mean_small_spread_float32(fmt, loc, spread, tol):
+    gen = torch.Generator().manual_seed(1)
+    x64 = loc + spread * torch.randn(8, 4, 6, 6, generator=gen, dtype=torch.float64)
+    x = x64.float()
+    x = x.contiguous(memory_format=fmt) if fmt else x
+    w, b = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
+    # float64 reference on the *same* float32 values
+    y64, _, invstd64 = portable.bn_train_forward(x.double(), w.double(), b.double(), 1e-5)
+    _close(y, y64, tol)
+    _close(invstd, invstd64, 1e-5, rel=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 3), (1, 2, 1), (1, 5, 1, 2)])
+def test_tiny_batches(shape):
+    x = torch.randn(shape)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, "relu")
+    _close(y, portable.bn_train_forward(x, w, b, 1e-5, "relu")[0], 1e-5)
+    dy = torch.randn(shape)
+    for g, r in zip(cpu.bn_backward(dy, x, w, b, mean, invstd, "relu", True),
+                    portable.bn_backward(dy, x, w, b, mean, invstd, "relu", True)):
+        _close(g, r, 1e-4, rel=True)
+
+
+def test_channels_last_output_and_mixed_dy_layout():
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8), torch.randn(8)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, "silu")
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    dy = torch.randn(4, 8, 5, 5)  # NCHW gradient for a channels_last input
+    got = cpu.bn_backward(dy, x, w, b, mean, invstd, "silu", True)
+    ref = portable.bn_backward(dy, x, w, b, mean, invstd, "silu", True)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, r in zip(got, ref):
+        _close(g, r, 1e-4, rel=True)
+
+
+def test_supports():
+    assert cpu.supports(torch.randn(2, 3, 4, 4))
+    assert cpu.supports(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert not cpu.supports(torch.randn(2, 3, 4, 4).transpose(2, 3))       # odd strides
+    assert not cpu.supports(torch.randn(4, 3)[::2])                       # non-contiguous rows
+    assert not cpu.supports(torch.randn(0, 3))                            # empty
+    assert not cpu.supports(torch.randn(5))                               # rank 1
+    assert not cpu.supports(torch.randint(0, 3, (2, 3)))                  # integers
+    assert not cpu.supports(torch.randn(2, 3, dtype=torch.complex64))
+    assert cpu.supports(torch.randn(2, 3, requires_grad=True))
+
+
+def test_dispatcher_prefers_cpu_backend():
+    from normlab import kernels
+    x = torch.randn(4, 3, 5, 5)
+    assert kernels.backend_for(x) is cpu
+    with kernels.use_backend("portable"):
+        assert kernels.backend_for(x) is portable
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    from normlab.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    import json
+    data = json.loads(out.read_text())
+    assert data["results"] and "copy_gbps" in data["machine"]
+    assert "normlab" in capsys.readouterr().out
