@@ -19,6 +19,7 @@ touched), watching every norm with hooks, and returns a :class:`DoctorReport`. C
   mode differ by more than ``tolerance`` (relative L2); for the worst layers the shift
   ``|mu_batch - running_mean| / sqrt(running_var)`` and the ratio ``var_batch / running_var`` are listed. Often stale running statistics: try
   ``recompute_bn_stats``.
+* ``forward-failed`` (error): the forward on the sample raised (the message is kept).
 * ``no-running-stats`` (info): a batch norm without running statistics uses batch statistics in evaluation.
 """
 from __future__ import annotations
@@ -123,8 +124,11 @@ def doctor(model: nn.Module, sample_input, *, min_batch: int = 8, tolerance: flo
             handles.append(m.register_forward_pre_hook(_record_norm_input(name, producers, seen)))
             handles.append(m.register_forward_hook(_record_norm_output(name, norm_outputs)))
     snapshot = copy.deepcopy(work)  # for the train/eval comparison, before this forward touches the buffers
+    out = None
     try:
         out = work(*_as_args(sample_input))
+    except (ValueError, RuntimeError) as e:  # still report what the hooks saw before the failure
+        report.add("error", "forward-failed", "", f"the model's forward on the sample raised: {e}"[:400])
     finally:
         for h in handles:
             h.remove()
