@@ -1,0 +1,90 @@
+"""normlab.lab.distributed: one 2-process launch checks DDP + SyncBatchNorm training against one process.
+
+With the ``sync`` policy, a global batch split by ``shard_batch`` (uneven: 7 = 4 + 3) and the loss scaled by
+``train_step``, a few SGD steps on 2 processes land on the same parameters and buffers as on one process.
+The ``average`` policy's buffer averaging is checked against the mean of the per-rank buffers.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.kernels import use_backend
+from normlab.lab import distributed as D
+
+GLOBAL_BATCH, STEPS = 7, 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), normlab.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(STEPS, GLOBAL_BATCH, 2, 5, 5, generator=g), torch.randint(0, 3, (STEPS, GLOBAL_BATCH),
+                                                                                 generator=g)
+
+
+def _train(policy, rank=0, world=1):
+    model = D.prepare_model(_model(), policy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    xs, ys = _data()
+    for x, y in zip(xs, ys):
+        mine = D.shard_batch(torch.arange(GLOBAL_BATCH), rank, world)
+        D.train_step(model, optimizer, x[mine], y[mine], GLOBAL_BATCH)
+    return D.unwrap(model)
+
+
+def _worker(rank, world, outdir):
+    with use_backend("portable"):
+        synced = _train("sync", rank, world)
+        kinds = sorted({type(m).__name__ for m in synced.modules() if "Norm" in type(m).__name__})
+        local = _train("average", rank, world)
+        before = [b.clone() for b in D.bn_buffers(local)]
+        D.average_bn_buffers(local)
+        torch.save({"sync": D.eval_copy(synced).state_dict(), "kinds": kinds, "local_before": before,
+                    "local_after": [b.clone() for b in D.bn_buffers(local)]},
+                   os.path.join(outdir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("lab"))
+    D.launch(_worker, 2, outdir, backend="gloo", timeout_s=60, threads=1)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def test_sync_policy_trains_like_one_process(results):
+    with use_backend("portable"):
+        single = _train("sync").state_dict()
+    assert results[0]["kinds"] == ["SyncBatchNorm"]
+    for r in range(2):
+        state = results[r]["sync"]
+        assert state.keys() == single.keys()
+        for key, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+            else:
+                assert torch.equal(state[key], value), key
+
+
+def test_average_policy_averages_running_statistics(results):
+    for a, b, after0, after1 in zip(results[0]["local_before"], results[1]["local_before"],
+                                    results[0]["local_after"], results[1]["local_after"]):
+        assert not torch.equal(a, b)  # the ranks saw different shards
+        torch.testing.assert_close(after0, (a + b) / 2)
+        assert torch.equal(after0, after1)
+
+
+def test_single_process_prepare_is_identity():
+    model = _model()
+    assert D.prepare_model(model, "sync") is model
+    with pytest.raises(ValueError, match="policy"):
+        D.prepare_model(model, "global")
+    assert D.shard_batch(torch.arange(7), 1, 3).tolist() == [1, 4]
