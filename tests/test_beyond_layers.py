@@ -319,3 +319,40 @@ def test_copy_pickle_half(name):
     if name != "FrozenBatchNorm2d":
         z = m(torch.full((4, 3, 2, 2), 7.0))  # constant input: exactly beta, finite
         assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("name", ["SwitchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d"])
+def test_channels_last_and_non_contiguous(name):
+    m = getattr(normlab, name)(3, **({"virtual_batch_size": 2} if "Ghost" in name else {}))
+    x = torch.randn(6, 3, 4, 5)
+    m2 = copy.deepcopy(m)
+    y_ref = copy.deepcopy(m)(x)
+    y = m(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref)
+    y2 = m2(x.transpose(2, 3).contiguous().transpose(2, 3))
+    torch.testing.assert_close(y2, y_ref)
+
+
+def test_switchnorm_gradcheck_and_double_backward():
+    torch.manual_seed(5)
+    sn = normlab.SwitchNorm2d(2, dtype=torch.float64)
+    _randomize(sn, torch.Generator().manual_seed(5))
+    x = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = (sn.weight, sn.bias, sn.mean_weight, sn.var_weight)
+
+    def f(x, w, b, mw, vw):
+        out = torch.func.functional_call(sn, {"weight": w, "bias": b, "mean_weight": mw, "var_weight": vw}, (x,))
+        return out
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_batchrenorm_nonfinite_batch_leaves_running_stats():
+    brn = normlab.BatchRenorm1d(2, warmup_steps=0)
+    x = torch.randn(8, 2)
+    x[0, 1] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        brn(x)
+    assert torch.isfinite(brn.running_mean).all() and brn.running_mean[1] == 0 and brn.running_var[1] == 1

@@ -54,10 +54,7 @@ class _GhostBatchNorm(_BatchNorm):
             outs.append(F.batch_norm(chunk, self.running_mean if update else None,
                                      self.running_var if update else None, self.weight, self.bias, True,
                                      momentum, self.eps, act=self.act))
-        y = torch.cat(outs)
-        if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+        return F._restore_format(torch.cat(outs), input)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

@@ -101,7 +101,7 @@ class _SwitchNorm(_NormBase):
             y = y + self.bias.to(acc).reshape(1, c, 1)
         if self.training and self.track_running_stats and self.running_mean is not None:
             self._update_running(mu_bn.detach().reshape(c), var_bn.detach().reshape(c), n * s)
-        return y.reshape(input.shape).to(input.dtype)
+        return F._restore_format(y.reshape(input.shape).to(input.dtype), input)
 
     def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
         self.num_batches_tracked.add_(1)
