@@ -159,3 +159,19 @@ def test_fold_lenet_float32_without_sample():
     x = torch.randn(8, 1, 28, 28)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     assert model.training is False  # we put it in eval ourselves above; fold_bn does not
+
+
+class _BNReLU(normlab.BatchNorm2d):
+    act = "relu"  # a fused activation, as normlab's BatchNormAct
+
+
+def test_fold_keeps_fused_activation_and_speedup_helper():
+    from normlab.tools import fold_speedup
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), _BNReLU(4), nn.Conv2d(4, 3, 1)).double()
+    _random_stats(model, torch.Generator().manual_seed(3))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    folded = fold_bn(model, x)
+    assert isinstance(folded.get_submodule("1"), nn.ReLU)
+    assert folded.fold_report.max_abs_diff < 1e-10
+    out = fold_speedup(model, x, repeats=3, warmup=1)
+    assert out["folded"] == 1 and out["speedup"] > 0 and out["max_abs_diff"] < 1e-10
