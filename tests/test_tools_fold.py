@@ -175,3 +175,23 @@ def test_fold_keeps_fused_activation_and_speedup_helper():
     assert folded.fold_report.max_abs_diff < 1e-10
     out = fold_speedup(model, x, repeats=3, warmup=1)
     assert out["folded"] == 1 and out["speedup"] > 0 and out["max_abs_diff"] < 1e-10
+
+
+class _WithNormlabLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = normlab.BatchNorm2d(4)
+        self.gn = normlab.GroupNorm(2, 4)
+        self.ln = normlab.LayerNorm([4, 4, 4])
+
+    def forward(self, x):
+        return self.ln(self.gn(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_fold_traces_models_with_other_normlab_layers():
+    model = _WithNormlabLayers().double()
+    _random_stats(model, torch.Generator().manual_seed(4))
+    folded = fold_bn(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    rep = folded.fold_report
+    assert rep.method == "fx" and rep.folded == [("conv", "bn")] and rep.max_abs_diff < 1e-10

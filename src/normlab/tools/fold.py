@@ -92,7 +92,8 @@ def _replacement(bn: nn.Module) -> nn.Module | None:
 
 class _NormLeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return C.is_norm(m) or super().is_leaf_module(m, qualname)
+        # normlab's own layers are leaves too: their argument checks cannot run on symbolic shapes
+        return C.is_norm(m) or type(m).__module__.startswith("normlab.nn") or super().is_leaf_module(m, qualname)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
