@@ -1,5 +1,6 @@
 """freeze_bn / unfreeze_bn, convert, doctor."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -52,6 +53,12 @@ def test_freeze_twice_unfreeze_once_and_deepcopy():
     assert torch.equal(clone[1].running_mean, rm)
     unfreeze_bn(model)
     assert model[1].weight.requires_grad and not model[1].bias.requires_grad  # restores what it was
+    assert len(clone[1]._forward_pre_hooks) == 1  # the copy stays frozen
+    for other in (clone, pickle.loads(pickle.dumps(clone))):
+        unfreeze_bn(other)
+        other.train()
+        other(torch.randn(4, 3, 8, 8))
+        assert not torch.equal(other[1].running_mean, rm)
 
 
 # ------------------------------------------------------------------------------------------------------------

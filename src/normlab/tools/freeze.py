@@ -2,7 +2,8 @@
 
 ``freeze_bn(model)`` puts every BatchNorm-family module into evaluation behaviour *persistently*: a forward
 pre-hook sets ``module.training = False`` before each call, so a later ``model.train()`` (which flips the flag
-back) does not make it use or update batch statistics. ``weight``/``bias`` get ``requires_grad=False``.
+back) does not make it use or update batch statistics. ``weight``/``bias`` (all the module's own parameters,
+SwitchNorm's mixture logits included) get ``requires_grad=False``.
 ``unfreeze_bn(model)`` removes the hooks, restores ``requires_grad`` and puts the modules back in ``model``'s
 current mode.
 Typical use: fine-tuning with small batches. To bake the freeze into the architecture (and the checkpoint),
@@ -35,8 +36,8 @@ def freeze_bn(model: nn.Module, affine: bool = True) -> nn.Module:
         if is_frozen(m):
             continue
         grads = {n: p.requires_grad for n, p in m.named_parameters(recurse=False)}
-        handle = m.register_forward_pre_hook(_force_eval)
-        object.__setattr__(m, _ATTR, (handle, grads, m.training))
+        m.register_forward_pre_hook(_force_eval)
+        object.__setattr__(m, _ATTR, grads)
         if affine:
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
@@ -49,8 +50,10 @@ def unfreeze_bn(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if not is_frozen(m):
             continue
-        handle, grads, training = getattr(m, _ATTR)
-        handle.remove()
+        grads = getattr(m, _ATTR)
+        # remove by identity rather than through a handle: handles of a deep-copied model point to the original
+        for key in [k for k, hook in m._forward_pre_hooks.items() if hook is _force_eval]:
+            del m._forward_pre_hooks[key]
         for n, p in m.named_parameters(recurse=False):
             p.requires_grad_(grads.get(n, True))
         m.training = model.training
