@@ -249,3 +249,25 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     compress = path.suffix == ".gz" if compress is None else compress
     path.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
     return hashlib.sha256(raw).hexdigest()
+
+
+def write_synthetic(directory: str | os.PathLike, n_train: int = 300, n_test: int = 100, seed: int = 0,
+                    compress: bool = True) -> dict[str, str]:
+    """Write a tiny, learnable Fashion-MNIST look-alike (four IDX files) for smoke tests; returns name -> sha256.
+
+    Class ``k`` is noise plus a bright 6x6 square whose position depends on ``k``, so a few SGD steps learn it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sums = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            r, c = 2 + 8 * (int(k) // 4), 2 + 6 * (int(k) % 4)
+            images[i, r:r + 6, c:c + 6] = 230
+        suffix = ".gz" if compress else ""
+        sums[f"{prefix}-images-idx3-ubyte"] = write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        sums[f"{prefix}-labels-idx1-ubyte"] = write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return sums
