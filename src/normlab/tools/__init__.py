@@ -16,5 +16,5 @@ from .fold import FoldReport, fold_bn, fold_into, fold_speedup, time_inference
 from .freeze import freeze_bn, is_frozen, unfreeze_bn
 from .stats import ChannelMoments, adapt_bn, recompute_bn_stats
 
-__all__ = ["fold_bn", "fold_into", "FoldReport", "fold_speedup", "time_inference", "recompute_bn_stats", "adapt_bn", "ChannelMoments", "freeze_bn",
-           "unfreeze_bn", "is_frozen", "convert", "doctor", "DoctorReport", "Finding"]
+__all__ = ["fold_bn", "fold_into", "FoldReport", "fold_speedup", "time_inference", "recompute_bn_stats", "adapt_bn",
+           "ChannelMoments", "freeze_bn", "unfreeze_bn", "is_frozen", "convert", "doctor", "DoctorReport", "Finding"]

@@ -17,8 +17,8 @@ touched), watching every norm with hooks, and returns a :class:`DoctorReport`. C
   scale/shift per batch; put the norm before the last linear layer or drop it).
 * ``train-eval-mismatch`` (warning): on the sample, the model's output in training mode and in evaluation
   mode differ by more than ``tolerance`` (relative L2); for the worst layers the shift
-  ``|mu_batch - running_mean| / sqrt(running_var)`` and the ratio ``var_batch / running_var`` are listed. Often stale running statistics: try
-  ``recompute_bn_stats``.
+  ``|mu_batch - running_mean| / sqrt(running_var)`` and the ratio ``var_batch / running_var`` are listed.
+  Often stale running statistics: try ``recompute_bn_stats``.
 * ``forward-failed`` (error): the forward on the sample raised (the message is kept).
 * ``no-running-stats`` (info): a batch norm without running statistics uses batch statistics in evaluation.
 """
