@@ -17,8 +17,9 @@ catastrophic cancellation for inputs with a large mean.
 
 Running statistics belong to the BN component and follow ``torch.nn.BatchNorm``: ``momentum`` is the weight of the
 new batch (``None``: cumulative average; Keras/Flax's momentum 0.9 or 0.99 is our 0.1 or 0.01), ``running_var``
-stores the unbiased batch variance, non-finite batch statistics leave them untouched. In evaluation the BN component uses them (with ``track_running_stats=False``
-it uses the batch's statistics), while the IN and LN components are always computed from the sample.
+stores the unbiased batch variance, non-finite batch statistics leave them untouched. In evaluation the BN
+component uses them (without running statistics, the batch's), while the IN and LN components are always
+computed from the sample.
 
 ``SwitchNorm1d`` accepts (N, C, L) and (N, C); on (N, C) the IN component is degenerate (mu_in = x, var_in = 0),
 so its logits should be left to learn to switch it off, or use ``create_norm("batchnorm", ...)`` instead.
