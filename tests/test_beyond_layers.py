@@ -356,3 +356,29 @@ def test_batchrenorm_nonfinite_batch_leaves_running_stats():
     with pytest.warns(RuntimeWarning):
         brn(x)
     assert torch.isfinite(brn.running_mean).all() and brn.running_mean[1] == 0 and brn.running_var[1] == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_switchnorm_one_value_per_channel_drops_instance_component(training):
+    """(N, C) input: softmax over (ln, bn) only; reference and module agree, the IN logits get no gradient."""
+    gen = torch.Generator().manual_seed(11)
+    m = _randomize(normlab.SwitchNorm1d(4, dtype=torch.float64), gen).train(training)
+    rm0, rv0 = m.running_mean.clone(), m.running_var.clone()
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    m(x).backward(dy)
+    yr, cache = ref_sn.forward(x.detach().numpy(), m.mean_weight.detach().numpy(), m.var_weight.detach().numpy(),
+                               m.weight.detach().numpy(), m.bias.detach().numpy(), m.eps, training, rm0.numpy(),
+                               rv0.numpy())
+    g = ref_sn.backward(dy.numpy(), cache)
+    close(m(x.detach()) if not training else yr, yr)
+    close(x.grad, g["x"])
+    close(m.mean_weight.grad, g["mean_weight"])
+    close(m.var_weight.grad, g["var_weight"])
+    assert m.mean_weight.grad[0] == 0 and m.var_weight.grad[0] == 0
+    # with the (ln, bn) logits one-hot on bn, an (N, C) SwitchNorm is BatchNorm1d
+    sn = normlab.SwitchNorm1d(4, dtype=torch.float64)
+    with torch.no_grad():
+        sn.mean_weight.copy_(torch.tensor([0.0, -40.0, 40.0]))
+        sn.var_weight.copy_(torch.tensor([0.0, -40.0, 40.0]))
+    close(sn(x.detach()), torch.nn.BatchNorm1d(4, dtype=torch.float64)(x.detach()))

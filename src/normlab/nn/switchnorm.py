@@ -21,8 +21,10 @@ stores the unbiased batch variance, non-finite batch statistics leave them untou
 component uses them (without running statistics, the batch's), while the IN and LN components are always
 computed from the sample.
 
-``SwitchNorm1d`` accepts (N, C, L) and (N, C); on (N, C) the IN component is degenerate (mu_in = x, var_in = 0),
-so its logits should be left to learn to switch it off, or use ``create_norm("batchnorm", ...)`` instead.
+``SwitchNorm1d`` accepts (N, C, L) and (N, C). With a single value per (sample, channel), S = 1 (an (N, C) input,
+or 1x1 feature maps), instance statistics do not exist (mu_in = x, var_in = 0): the IN component is dropped and
+the mixture is the softmax of the (ln, bn) logits only, as the paper's SwitchNorm1d does; the IN logits then get
+no gradient.
 Gradients flow through torch autograd; :mod:`normlab.reference.switchnorm` has the closed form.
 """
 from __future__ import annotations
@@ -34,6 +36,13 @@ from .. import functional as F
 from .batchnorm import _NormBase
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d"]
+
+
+def _mixture(logits: Tensor, spatial: int) -> Tensor:
+    """Softmax of the (in, ln, bn) logits; with one value per (sample, channel) the IN weight is 0."""
+    if spatial > 1:
+        return torch.softmax(logits, 0)
+    return torch.cat([torch.zeros_like(logits[:1]), torch.softmax(logits[1:], 0)])
 
 
 class _SwitchNorm(_NormBase):
@@ -92,7 +101,7 @@ class _SwitchNorm(_NormBase):
         else:
             mu_bn = self.running_mean.to(acc).reshape(1, c)
             var_bn = self.running_var.to(acc).reshape(1, c)
-        p, q = torch.softmax(self.mean_weight.to(acc), 0), torch.softmax(self.var_weight.to(acc), 0)
+        p, q = _mixture(self.mean_weight.to(acc), s), _mixture(self.var_weight.to(acc), s)
         mu = p[0] * mu_in + p[1] * mu_ln + p[2] * mu_bn
         var = q[0] * var_in + q[1] * var_ln + q[2] * var_bn
         y = (x3 - mu.unsqueeze(2)) * torch.rsqrt(var.clamp_min(0) + self.eps).unsqueeze(2)

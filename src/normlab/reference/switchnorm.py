@@ -16,6 +16,9 @@ With p = softmax(mean_weight) and q = softmax(var_weight), logits in the order (
     mu  = p0 mu_in + p1 mu_ln + p2 mu_bn          var = q0 var_in + q1 var_ln + q2 var_bn      (both (N, C))
     y   = (x - mu) / sqrt(var + eps) * weight + bias
 
+With S = 1 (one value per sample and channel) the IN component is dropped: p and q are softmaxes of the
+(ln, bn) logits, with a weight of 0 (and no gradient) for in.
+
 In evaluation (``training=False``) mu_bn, var_bn are the running statistics (constants). In training the
 running statistics are updated as in BatchNorm: running = (1 - momentum) running + momentum * batch, with the
 *unbiased* batch variance var_bn * m / (m - 1), m = N * S.
@@ -29,6 +32,14 @@ def _softmax(z):
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(z - z.max())
     return e / e.sum()
+
+
+def _mixture(logits, spatial):
+    """softmax over (in, ln, bn); with S = 1 instance statistics do not exist: softmax over (ln, bn), IN weight 0."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if spatial > 1:
+        return _softmax(logits)
+    return np.concatenate([[0.0], _softmax(logits[1:])])
 
 
 def forward(x, mean_weight, var_weight, weight=None, bias=None, eps=1e-5, training=True,
@@ -49,7 +60,7 @@ def forward(x, mean_weight, var_weight, weight=None, bias=None, eps=1e-5, traini
     else:
         mu_bn = np.asarray(running_mean, dtype=np.float64)
         var_bn = np.asarray(running_var, dtype=np.float64)
-    p, q = _softmax(mean_weight), _softmax(var_weight)
+    p, q = _mixture(mean_weight, s), _mixture(var_weight, s)
     mu = p[0] * mu_in + p[1] * mu_ln[:, None] + p[2] * mu_bn[None, :]
     var = q[0] * var_in + q[1] * var_ln[:, None] + q[2] * var_bn[None, :]
     inv = 1.0 / np.sqrt(var + eps)
@@ -107,6 +118,8 @@ def backward(dout, cache):
              np.broadcast_to(cache["var_bn"][None, :], (n, c))]
     grads["mean_weight"] = _softmax_backward(p, np.array([(dmu * m).sum() for m in mus]))
     grads["var_weight"] = _softmax_backward(q, np.array([(dvar * v).sum() for v in vars_]))
+    if s == 1:  # softmax over (ln, bn) only: p[0] = 0 makes the formula give 0 for the IN logit, as it should
+        grads["mean_weight"][0] = grads["var_weight"][0] = 0.0
     dx = g * inv[:, :, None]
     # instance statistics: over s, per (n, c)
     dx = dx + (p[0] * dmu)[:, :, None] / s + (q[0] * dvar)[:, :, None] * 2 * (x3 - cache["mu_in"][:, :, None]) / s
