@@ -63,7 +63,6 @@ from torch import Tensor, nn
 from .. import kernels as K
 from .. import functional as F
 from ..kernels import ACTIVATIONS, acc_dtype
-from ..kernels.portable import activate_grad
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
@@ -116,8 +115,9 @@ def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
         z = torch.zeros(c, dtype=acc, device=x.device)
         return 0, z, z, z
     xa = x.detach().to(acc)
-    shift = xa.select(0, 0).reshape(c, -1)[:, 0]
-    var, mean_s = torch.var_mean(xa - shift.reshape(_bshape(x)), dim=_reduce_dims(x), correction=0)
+    shift = xa.select(0, 0).reshape(c, -1)[:, 0].clone()
+    # one subtraction pass, then the (fast, dispatched) statistics kernel on data centred near 0
+    mean_s, var = K.bn_stats(xa - shift.reshape(_bshape(x)))
     return n, shift, mean_s, var.clamp_min(0) * n
 
 
@@ -178,25 +178,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        # The local per-channel sums come from the kernel's *evaluation* backward, run with mean = shift and the
+        # folded bias b' (so z, hence g = dL/dz, is exact):
+        #   dx_eval = w * invstd * g,  db = sum g,  dw' = sum g * xhat'  with xhat' = (x - shift) * invstd
+        # and xhat = xhat' - residual * invstd gives dw = dw' - residual * invstd * db. After the all_reduce,
+        #   dx = dx_eval - w * invstd * (sum_all g / n + xhat * sum_all g xhat / n)
+        #      = dx_eval - ((x - shift) * A + B),  A = w invstd^2 sum_all(g xhat) / n,
+        #                                          B = w invstd (sum_all g - residual invstd sum_all(g xhat)) / n
         x, weight, bias, shift, residual, invstd = ctx.saved_tensors
         acc = acc_dtype(x.dtype)
         b = _bshape(x)
-        dims = _reduce_dims(x)
         c = x.shape[1]
+        w = None if weight is None else weight.detach().to(acc)
+        scale = invstd if w is None else invstd * w
         if x.numel() == 0:
-            g = xhat = None
+            dx_eval = None
             sum_g = torch.zeros(c, dtype=acc, device=x.device)
             sum_gx = torch.zeros(c, dtype=acc, device=x.device)
         else:
-            xhat = ((x.to(acc) - shift.reshape(b)) - residual.reshape(b)) * invstd.reshape(b)
-            g = dy.to(acc)
-            if ctx.act != "identity":
-                z = xhat if weight is None else xhat * weight.to(acc).reshape(b)
-                if bias is not None:
-                    z = z + bias.to(acc).reshape(b)
-                g = activate_grad(g, z, ctx.act)
-            sum_g = g.sum(dims)
-            sum_gx = (g * xhat).sum(dims)
+            folded = -residual * scale if bias is None else bias.detach().to(acc) - residual * scale
+            dy = dy if dy.stride() == x.stride() else torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+            dx_eval, dw_shifted, sum_g = K.bn_backward(dy, x, weight, folded, shift, invstd, ctx.act, False,
+                                                       (True, True, True))
+            sum_g = sum_g.to(acc)
+            sum_gx = dw_shifted.to(acc) - residual * invstd * sum_g
         dx = None
         if ctx.needs_input_grad[0]:
             total = torch.cat([sum_g, sum_gx])
@@ -207,9 +212,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dx = torch.zeros_like(x)
             else:
                 n = ctx.n
-                scale = invstd if weight is None else invstd * weight.to(acc)
-                dx = ((g - (total[:c] / n).reshape(b) - xhat * (total[c:] / n).reshape(b))
-                      * scale.reshape(b)).to(x.dtype)
+                a = scale * invstd * total[c:] / n
+                bb = scale * (total[:c] - residual * invstd * total[c:]) / n
+                correction = (x.to(acc) - shift.reshape(b)).mul_(a.reshape(b)).add_(bb.reshape(b))
+                dx = (dx_eval.to(acc) - correction).to(x.dtype)
         dw = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = sum_g.to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None, None, None, None, None
