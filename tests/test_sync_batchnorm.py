@@ -356,12 +356,16 @@ def test_convert_and_revert_round_trip():
 
 
 def test_convert_keeps_fused_activation_and_revert_by_input_rank():
-    bn = normlab.BatchNorm1d(3)
-    bn.act = "relu"
-    sync = SyncBatchNorm.convert_sync_batchnorm(bn)
-    assert isinstance(sync, SyncBatchNorm) and sync.act == "relu"
-    x = torch.randn(4, 3)
-    assert (sync(x) >= 0).all()
+    from normlab.nn.batchnorm_act import BatchNormAct2d
+    bn = BatchNormAct2d(3, act="silu", momentum=0.2)
+    model = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(bn))
+    sync = model[0]
+    assert isinstance(sync, SyncBatchNorm) and sync.act == "silu" and sync.weight is bn.weight
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(sync(x), bn(x))
+    back = SyncBatchNorm.revert_sync_batchnorm(model)[0]
+    assert type(back) is BatchNormAct2d and back.act == "silu" and back.momentum == 0.2
+    assert torch.equal(back.running_mean, sync.running_mean)
     fresh = SyncBatchNorm(3)
     with pytest.raises(ValueError, match="dim="):
         SyncBatchNorm.revert_sync_batchnorm(fresh)

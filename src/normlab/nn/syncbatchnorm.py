@@ -44,6 +44,7 @@ Policy
   default the process group's own timeout, set with ``init_process_group(timeout=...)``), then raises a
   ``RuntimeError`` that names the layer, the collective and the world size instead of hanging.
 * Every rank must call forward (and backward) the same number of times, even with 0 local samples.
+* Double backward (``create_graph=True`` through this layer) is not supported, as in ``torch.nn.SyncBatchNorm``.
 
 Example::
 
@@ -100,10 +101,6 @@ def _sync_active(group) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 def _bshape(x: Tensor) -> list[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
 
 
 def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
@@ -369,7 +366,7 @@ class SyncBatchNorm(_BatchNorm):
 
         ``dim`` defaults to the dimensionality recorded at conversion (from the original class) or at the first
         forward (from the input rank: (N, C) and (N, C, L) give 1, (N, C, H, W) 2, (N, C, D, H, W) 3). A fused
-        activation gives ``normlab.BatchNormAct{dim}d`` when that class exists.
+        activation gives ``normlab.BatchNormAct{dim}d``.
         """
         if isinstance(module, SyncBatchNorm):
             d = dim if dim is not None else module._input_dim
@@ -378,20 +375,14 @@ class SyncBatchNorm(_BatchNorm):
                                  f"2d or 3d: it was never converted from one nor run on an input; pass "
                                  f"revert_sync_batchnorm(model, dim=1|2|3)")
             ref = module.weight if module.weight is not None else module.running_mean
-            kw = dict(device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-            args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            kw = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
+                      track_running_stats=module.track_running_stats,
+                      device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
             if module.act != "identity":
-                from . import batchnorm as _bn_module
-                act_cls = getattr(_bn_module, f"BatchNormAct{d}d", None)
-                if act_cls is None:
-                    import normlab.nn as _nn
-                    act_cls = getattr(_nn, f"BatchNormAct{d}d", None)
-                if act_cls is None:
-                    raise ValueError(f"SyncBatchNorm with act={module.act!r} needs normlab.BatchNormAct{d}d to "
-                                     f"revert to, which is not available")
-                out = act_cls(*args, act=module.act, **kw)
+                from . import batchnorm_act
+                out = getattr(batchnorm_act, f"BatchNormAct{d}d")(module.num_features, act=module.act, **kw)
             else:
-                out = _DIM_TO_CLASS[d](*args, **kw)
+                out = _DIM_TO_CLASS[d](module.num_features, **kw)
             _copy_state(module, out)
             return out
         for name, child in module.named_children():
