@@ -217,8 +217,8 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
 
     ``cfg`` is a ``normlab.lab.train.TrainConfig``; ``cfg.batch_size`` is the global batch. Rank 0 writes
     ``config.json`` (plus ``nproc`` and ``bn_policy``) and ``metrics.jsonl`` (as ``normlab train``; examples_per_s
-    counts the examples of all ranks) to ``cfg.out`` and, with ``cfg.checkpoint``, ``model.pt`` (the single-process
-    model's state_dict, loadable into ``build_model(...)``). Checkpoint resumption is not supported with
+    counts the examples of all ranks), ``curves.png`` (with ``cfg.plots``) and, with ``cfg.checkpoint``,
+    ``model.pt`` (the single-process model's state_dict, loadable into ``build_model(...)``). Checkpoint resumption is not supported with
     ``--nproc``. Returns ``{"config", "metrics", "out", "nproc", "policy"}``.
     """
     if policy not in POLICIES:
@@ -238,8 +238,12 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
         metrics = _read_jsonl(out / "metrics.jsonl")
         for m in metrics:
             log(_epoch_line(m, cfg.epochs))
-    return {"config": cfg, "metrics": _read_jsonl(out / "metrics.jsonl"), "out": str(out), "nproc": world,
-            "policy": policy}
+    metrics = _read_jsonl(out / "metrics.jsonl")
+    if cfg.plots and metrics and (not under_torchrun() or rank_and_world()[0] == 0):
+        from .plots import plot_run
+        plot_run(metrics, out / "curves.png",
+                 title=f"{cfg.model} / {cfg.norm} / lr {cfg.lr} / {world} proc, BN {policy}")
+    return {"config": cfg, "metrics": metrics, "out": str(out), "nproc": world, "policy": policy}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
