@@ -43,6 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--download", action="store_true", help="fetch missing data from the official mirror")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (normlab.lab.distributed); --batch-size is global")
+    p.add_argument("--bn-policy", default="sync", choices=["sync", "local", "average"],
+                   help="with --nproc > 1: BN statistics over the global batch (sync), per rank (local), or per "
+                        "rank with running statistics averaged before evaluation (average)")
     _data_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -81,7 +86,11 @@ def cmd_train(args) -> int:
                       test_subset=args.test_subset, out=out, threads=args.threads, progress=not args.no_progress,
                       resume=not args.fresh)
     try:
-        result = train(cfg)
+        if args.nproc > 1 or _under_torchrun():
+            from .distributed import train_distributed
+            result = train_distributed(cfg, args.nproc, args.bn_policy)
+        else:
+            result = train(cfg)
     except (DataError, TrainingError, ValueError) as err:
         print(f"normlab train: error: {err}", file=sys.stderr)
         return 1
@@ -89,11 +98,16 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted; run the same command again to resume from the last checkpoint in {out}",
               file=sys.stderr)
         return 130
-    if result["metrics"]:
+    if result.get("metrics"):
         last = result["metrics"][-1]
         print(f"done: epoch {last['epoch']}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; "
-              f"run directory {out} (config.json, metrics.jsonl, checkpoint.safetensors, curves.png)")
+              f"run directory {out} (config.json, metrics.jsonl, checkpoint, curves.png)")
     return 0
+
+
+def _under_torchrun() -> bool:
+    import os
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
 
 
 def _context(args):

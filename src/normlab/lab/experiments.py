@@ -82,7 +82,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _write(exp_dir: Path, name: str, title: str, settings: str, table: str, notes: str, pngs: list[str],
            results: dict, ctx: Context, started: float) -> dict:
     form = "quick form (`--quick`)" if ctx.quick else "full form"
-    text = (f"## {title}\n\n*{form}; {settings}; norm layers from `{ctx.impl}`; wall time {time.perf_counter() - started:.0f} s.*\n\n"
+    wall = time.perf_counter() - started
+    text = (f"## {title}\n\n*{form}; {settings}; norm layers from `{ctx.impl}`; wall time {wall:.0f} s.*\n\n"
             f"{table}\n\n{notes}\n")
     (exp_dir / "table.md").write_text(text)
     summary = {"name": name, "title": title, "quick": ctx.quick, "settings": settings,

@@ -80,6 +80,9 @@ def write_report(runs: str | Path = "runs", docs: str | Path = "docs") -> Path:
         "Accuracies are on the Fashion-MNIST test set (or the stated subset of it); `test acc` uses the "
         "running statistics (`model.eval()`), `batch stats` normalizes each test batch with its own statistics.",
     ]
+    header += ["", "Reproduce: `normlab experiment NAME [--quick] [--seeds K] [--impl normlab|torch|scratch]` for NAME "
+               "in " + ", ".join(f"`{n}`" for n in EXPERIMENTS) + ", then `normlab report`. "
+               "`normlab demo` is the quick d2l experiment."]
     if quick:
         header += ["", "**Quick forms** (`--quick`: a subset of the data, fewer epochs and seeds, because the full "
                    "forms are too slow for the session's shared 2-core CPU): " + ", ".join(quick) +
