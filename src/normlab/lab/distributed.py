@@ -347,16 +347,15 @@ def _bench_sync_worker(rank: int, world: int, shapes: list[tuple[int, ...]], rep
         c = shape[1]
         layers = {"BatchNorm (local)": normlab.BatchNorm2d(c) if len(shape) == 4 else normlab.BatchNorm1d(c),
                   "SyncBatchNorm": SyncBatchNorm(c)}
-        times = {}
-        for name, layer in layers.items():
-            samples = []
-            for i in range(repeats + 3):
+        samples: dict[str, list[float]] = {name: [] for name in layers}
+        for i in range(repeats + 3):  # interleaved, so that a change in machine load hits both alike
+            for name, layer in layers.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 layer(x).backward(dy)
-                samples.append(time.perf_counter() - t0)
+                samples[name].append(time.perf_counter() - t0)
                 x.grad = None
-            times[name] = sorted(samples[3:])[len(samples[3:]) // 2]
+        times = {name: sorted(s[3:])[len(s[3:]) // 2] for name, s in samples.items()}
         rows.append({"shape": list(shape), **{f"{k} ms": v * 1e3 for k, v in times.items()},
                      "ratio": times["SyncBatchNorm"] / times["BatchNorm (local)"]})
     if rank == 0:
