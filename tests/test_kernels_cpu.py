@@ -6,6 +6,8 @@ float32 noise, i.e. 2e-2 / 4e-3. No timing assertions here: see ``normlab bench`
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+LOW = (torch.bfloat16, torch.float16)  # compared relative to the largest |value|: one rounding of the output
 ACTS = ["identity", "relu", "silu", "sigmoid"]
 # (shape, memory format)
 LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((4, 5, 11), None),
@@ -42,13 +45,13 @@ def _skip_unsupported(dtype):
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
 def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
     _skip_unsupported(dtype)
-    gen = torch.Generator().manual_seed(hash((shape, str(fmt), str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
     x = _make(shape, fmt, dtype, gen=gen)
     assert cpu.supports(x)
     c = shape[1]
     w = torch.randn(c, generator=gen) + 1
     b = torch.randn(c, generator=gen)
-    tol = TOL[dtype]
+    tol, low = TOL[dtype], dtype in LOW
     x64, w64, b64 = x.double(), w.double(), b.double()
     for act in ACTS:
         y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
@@ -56,8 +59,8 @@ def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
         y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
         assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
         assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
-        _close(y, y_p, tol)
-        _close(y, y64, tol)
+        _close(y, y_p, tol, rel=low)
+        _close(y, y64, tol, rel=low)
         _close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
         _close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
 
@@ -66,8 +69,9 @@ def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
         rm = torch.randn(c, generator=gen)
         ye = cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5, act)
         assert ye.stride() == x.stride()
-        _close(ye, portable.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), tol * 4)
-        _close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4)
+        _close(ye, portable.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), tol * 4, rel=low)
+        _close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4,
+               rel=low)
 
         # backward, training and eval, with every subset of needed gradients that matters
         dy = _make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
@@ -85,10 +89,10 @@ def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_no_affine_and_stats(dtype):
-    x = _make((6, 4, 5), None, dtype)
+    x = _make((6, 4, 5), None, dtype, gen=torch.Generator().manual_seed(3))
     y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
     y_p, _, _ = portable.bn_train_forward(x, None, None, 1e-5)
-    _close(y, y_p, TOL[dtype])
+    _close(y, y_p, TOL[dtype], rel=dtype in LOW)
     m, v = cpu.bn_stats(x)
     m_p, v_p = portable.bn_stats(x)
     _close(m, m_p, 1e-6, rel=True)
@@ -101,18 +105,19 @@ def test_no_affine_and_stats(dtype):
 @pytest.mark.parametrize("shape,groups", [((3, 6, 10), 3), ((4, 5, 7), 1), ((2, 4, 9), 4), ((8, 16, 1), 1)])
 def test_group_norm_matches_portable_and_float64(shape, groups, dtype):
     _skip_unsupported(dtype)
-    x = _make(shape, None, dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, groups, dtype)).encode()))
+    x = _make(shape, None, dtype, gen=gen)
     c = shape[1]
-    w, b = torch.randn(c) + 1, torch.randn(c)
-    tol = TOL[dtype]
+    w, b = torch.randn(c, generator=gen) + 1, torch.randn(c, generator=gen)
+    tol, low = TOL[dtype], dtype in LOW
     y, mean, invstd = cpu.gn_forward(x, w, b, groups, 1e-5)
     y_p, mean_p, invstd_p = portable.gn_forward(x, w, b, groups, 1e-5)
     y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), groups, 1e-5)
     assert y.dtype == dtype and mean.shape == (shape[0], groups) and mean.dtype == mean_p.dtype
-    _close(y, y_p, tol)
-    _close(y, y64, tol)
+    _close(y, y_p, tol, rel=low)
+    _close(y, y64, tol, rel=low)
     _close(invstd, invstd64, 1e-5, rel=True)
-    dy = _make(shape, None, dtype, scale=1.0, loc=0.0)
+    dy = _make(shape, None, dtype, scale=1.0, loc=0.0, gen=gen)
     got = cpu.gn_backward(dy, x, w, mean, invstd, groups)
     ref = portable.gn_backward(dy, x, w, mean, invstd, groups)
     ref64 = portable.gn_backward(dy.double(), x.double(), w.double(), mean64, invstd64, groups)

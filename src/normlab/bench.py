@@ -1,0 +1,511 @@
+"""``normlab bench``: normlab's batch norm against torch.nn, torch.compile and a from-scratch version.
+
+Everything runs in one process, one after the other, on the same tensors:
+
+* ``normlab``  -- :class:`normlab.BatchNorm2d` (etc.), numba kernels on CPU;
+* ``torch``    -- :class:`torch.nn.BatchNorm2d` eager;
+* ``compile``  -- ``torch.compile`` of the composite formula (mean, biased var, rsqrt, affine, buffer update);
+* ``scratch``  -- the d2l-style from-scratch layer: autograd through ``mean``, ``var`` and ``sqrt``.
+
+Modes: training forward (autograd recording, as in a training step), forward + backward, eval forward.
+Each number is the median of many repeats after warm-up (``--budget`` seconds per measurement). Bandwidth is
+the minimum traffic of a pass (forward 2 reads + 1 write, backward 4 reads + 1 write, eval 1 read + 1 write)
+divided by the time, as a fraction of the copy bandwidth measured first (``dst.copy_(src)``, read + write).
+Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_hooks``.
+
+Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
+LeNet-BN training step (d2l's network) in examples per second. ``--json PATH`` writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
+                  "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
+QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
+IMPLS = ["normlab", "torch", "compile", "scratch"]
+MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
+# minimum passes over the activation, in units of its size: stats + normalize; 2x (x, dy) + dx; read + write
+MIN_PASSES = {"train_fwd": 3, "train_fwd_bwd": 3 + 5, "eval_fwd": 2, "bwd": 5}
+
+
+# ------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------
+STAT = {"name": "median"}  # or "min" (--stat): the statistic every table and ratio uses
+
+
+def timeit(fn, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: int = 2) -> float:
+    """Seconds per call of ``fn()`` after ``warmup`` calls, repeated to fill about ``budget`` seconds: the median
+    (default) or the minimum (``--stat min``, the better estimate of the cost on a host shared with other jobs)."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, int(budget / max(one, 1e-7))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) if STAT["name"] == "min" else statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, budget: float) -> float:
+    """GB/s of ``dst.copy_(src)`` counting read + write, on tensors larger than most L3 caches."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), budget, min_reps=5, max_reps=50)
+    return 2 * nbytes / t / 1e9
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while running ``fn``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------------------------------
+# the contenders
+# ------------------------------------------------------------------------------------------------------
+class CompositeBatchNorm(nn.Module):
+    """Batch norm written as the formula in torch ops (what torch.compile gets to fuse)."""
+
+    def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        if self.training:
+            dims = [0] + list(range(2, x.dim()))
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            n = x.numel() // x.shape[1]
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * (n / max(n - 1, 1)), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (x - mean.reshape(shape)) * scale.reshape(shape) + self.bias.reshape(shape)
+
+
+class ScratchBatchNorm(nn.Module):
+    """The d2l from-scratch layer (autograd through mean/var/sqrt); d2l's momentum 0.9 = torch's 0.1."""
+
+    def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.9):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.gamma = nn.Parameter(torch.ones(c))
+        self.beta = nn.Parameter(torch.zeros(c))
+        self.register_buffer("moving_mean", torch.zeros(c))
+        self.register_buffer("moving_var", torch.ones(c))
+
+    def forward(self, x):
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        if not torch.is_grad_enabled() or not self.training:
+            x_hat = (x - self.moving_mean.reshape(shape)) / torch.sqrt(self.moving_var.reshape(shape) + self.eps)
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dim=dims, keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+            x_hat = (x - mean) / torch.sqrt(var + self.eps)
+            self.moving_mean.data = self.momentum * self.moving_mean + (1 - self.momentum) * mean.reshape(-1)
+            self.moving_var.data = self.momentum * self.moving_var + (1 - self.momentum) * var.reshape(-1)
+        return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)
+
+
+def make_layer(impl: str, c: int, rank: int) -> nn.Module:
+    import normlab
+    d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[rank]
+    if impl == "normlab":
+        return getattr(normlab, f"BatchNorm{d}")(c)
+    if impl == "torch":
+        return getattr(nn, f"BatchNorm{d}")(c)
+    if impl == "compile":
+        return torch.compile(CompositeBatchNorm(c))
+    if impl == "scratch":
+        return ScratchBatchNorm(c)
+    raise ValueError(impl)
+
+
+# ------------------------------------------------------------------------------------------------------
+# measurements
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    section: str
+    case: str
+    mode: str
+    mbytes: float
+    ms: dict = field(default_factory=dict)          # impl -> milliseconds
+    saved_mb: dict = field(default_factory=dict)    # impl -> MB saved for backward
+    gbps: float | None = None                       # normlab's minimum traffic / time
+    frac_copy: float | None = None
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
+    cl = text.endswith("cl")
+    shape = tuple(int(v) for v in text.removesuffix("cl").split("x"))
+    if len(shape) < 2 or (cl and len(shape) not in (4, 5)):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: want e.g. 32x64x56x56 or 32x64x56x56cl")
+    return shape, cl
+
+
+def _input(shape, cl):
+    x = torch.randn(shape)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return x
+
+
+def _clear_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def modes_for(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """The three timed callables for one layer and input."""
+    xg = x.detach().clone().requires_grad_()
+    params = list(layer.parameters())
+
+    def train_fwd():
+        layer.train()
+        return layer(x)
+
+    def train_fwd_bwd():
+        layer.train()
+        _clear_grads(xg, *params)
+        layer(xg).backward(dy)
+
+    def eval_fwd():
+        layer.eval()
+        with torch.no_grad():
+            return layer(x)
+
+    return {"train_fwd": train_fwd, "train_fwd_bwd": train_fwd_bwd, "eval_fwd": eval_fwd}, \
+        (lambda: layer.train()(xg))
+
+
+def bench_layers(shapes, impls, budget, log) -> list[Row]:
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl)
+        dy = torch.randn_like(x)
+        mb = x.numel() * x.element_size() / 1e6
+        by_mode = {m: Row("layers", text, m, mb) for m in MODES}
+        for impl in impls:
+            torch.manual_seed(0)
+            layer = make_layer(impl, shape[1], len(shape))
+            fns, fwd_for_saved = modes_for(layer, x, dy)
+            for mode, fn in fns.items():
+                try:
+                    t = timeit(fn, budget)
+                except Exception as err:  # e.g. torch.compile without a working C++ toolchain
+                    log(f"  {impl} {mode}: failed ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+                    continue
+                by_mode[mode].ms[impl] = t * 1e3
+                log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.3f} ms")
+            try:
+                by_mode["train_fwd_bwd"].saved_mb[impl] = saved_bytes(fwd_for_saved) / 1e6
+            except Exception:
+                pass
+        for mode, row in by_mode.items():
+            if "normlab" in row.ms:
+                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            rows.append(row)
+    return rows
+
+
+def bench_fused(shapes, budget, log) -> list[Row]:
+    import normlab
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl)
+        dy = torch.randn_like(x)
+        mb = x.numel() * x.element_size() / 1e6
+        d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+        for act, torch_act in (("relu", nn.ReLU), ("sigmoid", nn.Sigmoid)):
+            contenders = {
+                "normlab": getattr(normlab, f"BatchNormAct{d}")(shape[1], act=act),
+                "torch": nn.Sequential(getattr(nn, f"BatchNorm{d}")(shape[1]), torch_act()),
+                "normlab_unfused": nn.Sequential(getattr(normlab, f"BatchNorm{d}")(shape[1]), torch_act()),
+            }
+            by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
+            for name, layer in contenders.items():
+                fns, fwd_for_saved = modes_for(layer, x, dy)
+                for mode, fn in fns.items():
+                    by_mode[mode].ms[name] = timeit(fn, budget) * 1e3
+                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {by_mode[mode].ms[name]:9.3f} ms")
+                by_mode["train_fwd_bwd"].saved_mb[name] = saved_bytes(fwd_for_saved) / 1e6
+            for mode, row in by_mode.items():
+                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+                rows.append(row)
+    return rows
+
+
+def bench_groupnorm(quick, budget, log) -> list[Row]:
+    import torch.nn.functional as TF
+
+    import normlab.functional as NF
+    cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else [
+        ("gn", (32, 64, 56, 56), 32), ("gn", (256, 64, 28, 28), 8), ("in", (32, 64, 56, 56), 64),
+        ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None)]
+    rows = []
+    for kind, shape, groups in cases:
+        x = torch.randn(shape)
+        dy = torch.randn_like(x)
+        mb = x.numel() * 4 / 1e6
+        c = shape[-1] if kind == "ln" else shape[1]
+        w = torch.randn(c, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        xg = x.clone().requires_grad_()
+        if kind == "ln":
+            ours = lambda t: NF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
+            theirs = lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
+        else:
+            ours = lambda t, g=groups: NF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
+            theirs = lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
+        case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+        for mode in ("train_fwd", "train_fwd_bwd"):
+            row = Row("groupnorm", case, mode, mb)
+            for name, f in (("normlab", ours), ("torch", theirs)):
+                if mode == "train_fwd":
+                    fn = (lambda f=f: f(x))
+                else:
+                    def fn(f=f):
+                        _clear_grads(xg, w, b)
+                        f(xg).backward(dy)
+                row.ms[name] = timeit(fn, budget) * 1e3
+                log(f"  {case:>24} {mode:<14} {name:<8} {row.ms[name]:9.3f} ms")
+            passes = 2 if mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
+            row.gbps = passes * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            rows.append(row)
+    return rows
+
+
+def lenet(kind: str) -> nn.Module:
+    """d2l's LeNet with batch norm (sigmoid activations) for 28x28 inputs."""
+    import normlab
+    if kind == "torch":
+        bn2, bn1 = (lambda c: [nn.BatchNorm2d(c), nn.Sigmoid()]), (lambda c: [nn.BatchNorm1d(c), nn.Sigmoid()])
+    elif kind == "normlab":
+        bn2, bn1 = (lambda c: [normlab.BatchNorm2d(c), nn.Sigmoid()]), (lambda c: [normlab.BatchNorm1d(c), nn.Sigmoid()])
+    else:  # normlab_fused
+        bn2 = lambda c: [normlab.BatchNormAct2d(c, act="sigmoid")]  # noqa: E731
+        bn1 = lambda c: [normlab.BatchNormAct1d(c, act="sigmoid")]  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), *bn2(6), nn.AvgPool2d(2, 2),
+        nn.Conv2d(6, 16, kernel_size=5), *bn2(16), nn.AvgPool2d(2, 2), nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), *bn1(120), nn.Linear(120, 84), *bn1(84), nn.Linear(84, 10))
+
+
+def bench_lenet(batch, budget, log) -> list[Row]:
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    row = Row("lenet", f"LeNet-BN step, batch {batch}", "train_step", x.numel() * 4 / 1e6)
+    for kind in ("normlab", "torch", "normlab_fused"):
+        torch.manual_seed(0)
+        model = lenet(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        row.ms[kind] = timeit(step, budget * 2, warmup=3) * 1e3
+        log(f"  {row.case} {kind:<14} {row.ms[kind]:9.3f} ms  ({batch / row.ms[kind] * 1e3:,.0f} examples/s)")
+    return [row]
+
+
+# ------------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------------
+def _ratio(row: Row, other: str, ours: str = "normlab") -> float | None:
+    if ours in row.ms and other in row.ms:
+        return row.ms[other] / row.ms[ours]
+    return None
+
+
+def _geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def render(rows: list[Row], copy_gbps: float) -> str:
+    out = []
+    sections = {}
+    for r in rows:
+        sections.setdefault(r.section, []).append(r)
+    for name, rs in sections.items():
+        impls = [k for k in ["normlab", "torch", "compile", "scratch", "normlab_unfused", "normlab_fused"]
+                 if any(k in r.ms for r in rs)]
+        others = [k for k in impls if k != "normlab"]
+        head = (f"{'case':<24} {'mode':<14} {'MB':>7} " + " ".join(f"{k + ' ms':>14}" for k in impls)
+                + " " + " ".join(f"{'x vs ' + k:>12}" for k in others) + f" {'GB/s':>7} {'%copy':>6}")
+        out += [f"== {name} ==", head, "-" * len(head)]
+        for r in rs:
+            frac = None if r.gbps is None else r.gbps / copy_gbps
+            out.append(f"{r.case:<24} {r.mode:<14} {r.mbytes:7.1f} "
+                       + " ".join(f"{_fmt(r.ms.get(k), '.3f'):>14}" for k in impls) + " "
+                       + " ".join(f"{_fmt(_ratio(r, k)):>12}" for k in others)
+                       + f" {_fmt(r.gbps, '.1f'):>7} {_fmt(frac, '.0%'):>6}")
+        saved = [r for r in rs if r.saved_mb]
+        if saved:
+            out.append("saved for backward (MB): " + "; ".join(
+                f"{r.case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.saved_mb.items()) for r in saved))
+        out.append("")
+    return "\n".join(out)
+
+
+def summarize(rows: list[Row], copy_gbps: float) -> dict:
+    lay = [r for r in rows if r.section == "layers"]
+
+    def gm(mode, other):
+        return _geomean([_ratio(r, other) for r in lay if r.mode == mode])
+
+    def worst(mode, other):
+        vals = [(_ratio(r, other), r.case) for r in lay if r.mode == mode and _ratio(r, other)]
+        return min(vals) if vals else None
+
+    big = [r.gbps / copy_gbps for r in lay if r.mbytes >= 25 and r.gbps]
+    fused = [r for r in rows if r.section == "fused_relu" and r.mode == "train_fwd_bwd"]
+    gn = [r for r in rows if r.section == "groupnorm"]
+    le = [r for r in rows if r.section == "lenet"]
+    return {
+        "train_fwd_bwd_geomean_vs_torch": gm("train_fwd_bwd", "torch"),
+        "train_fwd_bwd_worst_vs_torch": worst("train_fwd_bwd", "torch"),
+        "train_fwd_geomean_vs_torch": gm("train_fwd", "torch"),
+        "eval_geomean_vs_torch": gm("eval_fwd", "torch"),
+        "eval_worst_vs_torch": worst("eval_fwd", "torch"),
+        "train_fwd_bwd_geomean_vs_compile": gm("train_fwd_bwd", "compile"),
+        "train_fwd_geomean_vs_compile": gm("train_fwd", "compile"),
+        "eval_geomean_vs_compile": gm("eval_fwd", "compile"),
+        "train_fwd_bwd_geomean_vs_scratch": gm("train_fwd_bwd", "scratch"),
+        "fused_relu_fwd_bwd_geomean_vs_torch": _geomean([_ratio(r, "torch") for r in fused]),
+        "min_frac_copy_on_25MB_plus": min(big) if big else None,
+        "median_frac_copy_on_25MB_plus": statistics.median(big) if big else None,
+        "groupnorm_worst_vs_torch": min((_ratio(r, "torch") for r in gn), default=None),
+        "lenet_step_vs_torch": _ratio(le[0], "torch") if le else None,
+        "lenet_fused_step_vs_torch": _ratio(le[0], "torch", "normlab_fused") if le else None,
+    }
+
+
+def machine_info(copy_gbps: float) -> dict:
+    import numba
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from normlab import kernels
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "numba": numba.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "copy_gbps": copy_gbps, "stat": STAT["name"],
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "backend": kernels.backend_for(torch.empty(2, 2)).__name__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark normlab's batch norm against torch (CPU)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, short budget, no torch.compile (seconds)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated shapes such as 32x64x56x56,32x64x56x56cl,256x512 (cl: channels_last)")
+    p.add_argument("--sections", default="layers,fused,groupnorm,lenet",
+                   help="which of layers,fused,groupnorm,lenet to run")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch contender")
+    p.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 0.6)")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="statistic of the repeats (median; min on a busy host)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    STAT["name"] = args.stat
+    budget = args.budget or (0.02 if quick else 0.6)
+    shapes = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
+    for s in shapes:
+        parse_shape(s)
+    sections = set(args.sections.split(","))
+    impls = [i for i in IMPLS if not ((i == "compile" and (args.no_compile or quick))
+                                       or (i == "scratch" and args.no_scratch))]
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    log("measuring copy bandwidth ...")
+    copy_gbps = copy_bandwidth((16 if quick else 512) * 2**20, budget * 2)
+    machine = machine_info(copy_gbps)
+    log(f"{machine['cpu']}, {machine['torch_threads']} threads, copy {copy_gbps:.1f} GB/s (read + write)")
+    rows: list[Row] = []
+    if "layers" in sections:
+        log("batch norm layers:")
+        rows += bench_layers(shapes, impls, budget, log)
+    if "fused" in sections:
+        log("fused batch norm + activation:")
+        fused_shapes = QUICK_SHAPES[:1] if quick else ["256x6x28x28", "32x64x56x56", "256x64x28x28",
+                                                        "32x64x56x56cl", "256x512"]
+        rows += bench_fused(fused_shapes, budget, log)
+    if "groupnorm" in sections:
+        log("group / instance / layer norm:")
+        rows += bench_groupnorm(quick, budget, log)
+    if "lenet" in sections:
+        log("LeNet-BN training step:")
+        rows += bench_lenet(16 if quick else 256, budget, log)
+
+    summary = summarize(rows, copy_gbps)
+    print(f"normlab bench -- {machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, "
+          f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's")
+    print(render(rows, copy_gbps))
+    print("summary:")
+    for k, v in summary.items():
+        print(f"  {k:<38} {v if not isinstance(v, float) else round(v, 3)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
+                       "machine": machine, "summary": summary, "results": [asdict(r) for r in rows]}, f,
+                      indent=1)
+    return 0
