@@ -80,7 +80,7 @@ def test_scratch_bn_batch_of_one_raises():
 
 
 @pytest.mark.parametrize("model,norm", [("lenet", "bn"), ("mlp", "bn"), ("lenet", "gn"), ("lenet-relu", "ln"),
-                                        ("lenet-relu", "in"), ("rnn", "ln")])
+                                        ("lenet-relu", "in"), ("mlp", "ln")])
 def test_normlab_layers_train_like_torch_nn(model, norm):
     pytest.importorskip("normlab.nn")
     torch.manual_seed(0)
