@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 80
@@ -32,6 +33,7 @@ def plot_run(metrics: Sequence[dict], path: str | Path, title: str = "") -> str:
     ax.plot(epochs, [m["test_acc"] for m in metrics], "-.", label="test acc")
     ax.plot(epochs, [m["test_acc_batch_stats"] for m in metrics], ":", label="test acc (batch stats)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -51,6 +53,7 @@ def plot_curves_grid(groups: dict[str, list[list[dict]]], path: str | Path, titl
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
         ax.set_title(f"{name} ({len(runs)} seeds)", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
