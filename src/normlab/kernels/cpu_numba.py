@@ -287,6 +287,25 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
 # ------------------------------------------------------------------------------------------------------
 # batch norm, (M, C) layout (channels innermost): row chunks + merge
 # ------------------------------------------------------------------------------------------------------
+@njit(**_OPTS)
+def _row_sums(x, shift, lo, hi, s1, s2):
+    """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi (accumulated in locals)."""
+    nc = x.shape[1]
+    a1 = np.zeros(nc)
+    a2 = np.zeros(nc)
+    sh = np.empty(nc)
+    for c in range(nc):
+        sh[c] = shift[c]
+    for r in range(lo, hi):
+        for c in range(nc):
+            d = np.float64(up(x[r, c])) - sh[c]
+            a1[c] += d
+            a2[c] += d * d
+    for c in range(nc):
+        s1[c] += a1[c]
+        s2[c] += a2[c]
+
+
 @njit(parallel=True, **_OPTS)
 def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     m_rows, nc = x.shape
@@ -306,13 +325,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         s1 = np.zeros((nchunks, nc))
         s2 = np.zeros((nchunks, nc))
         for t in prange(nchunks):
-            lo = t * step
-            hi = min(lo + step, m_rows)
-            for r in range(lo, hi):
-                for c in range(nc):
-                    d = np.float64(up(x[r, c])) - np.float64(shift[c])
-                    s1[t, c] += d
-                    s2[t, c] += d * d
+            _row_sums(x, shift, t * step, min(t * step + step, m_rows), s1[t], s2[t])
         for c in range(nc):
             t1 = 0.0
             t2 = 0.0
