@@ -105,3 +105,13 @@ def test_normlab_layers_train_like_torch_nn(model, norm):
     ref.eval(), ours.eval()
     x = torch.rand(8, 1, 28, 28, generator=g)
     torch.testing.assert_close(ref(x), ours(x), rtol=1e-4, atol=1e-5)
+
+
+def test_registry_norms_plug_in():
+    normlab = pytest.importorskip("normlab")
+    if not hasattr(normlab, "create_norm"):
+        pytest.skip("normlab.create_norm not available")
+    net = build_model("lenet", "batchrenorm", impl="torch")  # registry names always use normlab's layers
+    assert type(net[1]).__module__.startswith("normlab") and net(torch.rand(4, 1, 28, 28)).shape == (4, 10)
+    with pytest.raises(ValueError, match="foo"):
+        build_model("lenet", "foo")

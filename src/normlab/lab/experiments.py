@@ -206,6 +206,11 @@ def exp_batch_size(ctx: Context) -> dict:
     sizes = [2, 8, 32, 128] if ctx.quick else [2, 4, 8, 16, 32, 64, 128]
     budget = 4000 if ctx.quick else 60_000
     norms = ["bn", "gn", "ln", "in", "none"]
+    try:  # the registry's small-batch remedies, where normlab provides them
+        from normlab import create_norm  # noqa: F401
+        norms[1:1] = ["batchrenorm", "switchnorm"]
+    except ImportError:
+        pass
     acc = {n: {b: [] for b in sizes} for n in norms}
     for norm in norms:
         for b in sizes:
@@ -224,7 +229,8 @@ def exp_batch_size(ctx: Context) -> dict:
             b1[model] = "trains (conv-only BN normalizes each image by its own statistics)"
         except TrainingError as err:
             b1[model] = f"`{err}`"
-    names = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm", "in": "InstanceNorm", "none": "none"}
+    names = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm", "in": "InstanceNorm", "none": "none",
+             "batchrenorm": "Batch Renorm (normlab)", "switchnorm": "Switchable Norm (normlab)"}
     rows = [[names[n]] + [mean_std(acc[n][b]) for b in sizes] for n in norms]
     table = _table(["norm \\ batch size"] + [str(b) for b in sizes], rows)
     png = plots.plot_lines({names[n]: (sizes, [np.mean(acc[n][b]) for b in sizes], [np.std(acc[n][b]) for b in sizes])
@@ -235,8 +241,10 @@ def exp_batch_size(ctx: Context) -> dict:
              f"(BN after conv layers only) {b1['lenet-relu']}.\n\n"
              "Published: Wu & He, Group Normalization (2018), ResNet-50 on ImageNet: at batch size 2 per GPU, GN's "
              "error is 10.6 points lower than BN's, while at 32 they are close. BN's test accuracy uses running "
-             "statistics gathered from tiny, noisy batches; GN, LN and IN do not depend on the batch.")
-    return _write(exp_dir, "batch-size", "3. Batch size: BN vs GN vs LN vs IN vs none",
+             "statistics gathered from tiny, noisy batches; GN, LN and IN do not depend on the batch. Ioffe (2017) "
+             "proposes Batch Renormalization for small or non-i.i.d. batches; Luo et al. (2019) Switchable "
+             "Normalization learns a mix of BN, IN and LN statistics.")
+    return _write(exp_dir, "batch-size", "3. Batch size: BN vs GN vs LN vs IN vs none (and BRN, SN)",
                   f"lenet-relu, fixed budget of {budget:,} examples, {len(ctx.seed_list(3, 1))} seed(s)",
                   table, notes, [png], {n: {str(b): v for b, v in d.items()} for n, d in acc.items()}, ctx, started)
 

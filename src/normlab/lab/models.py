@@ -16,8 +16,8 @@ Models (``MODELS``):
 * ``rnn``: the 28 image rows are 28 time steps of an Elman RNN (hidden 128, tanh); norm ``ln`` (LayerNorm of the
   pre-activation), ``bn`` (a separate BatchNorm per time step, Cooijmans et al. 2017) or ``none``.
 
-Norms (``--norm``): ``none``, ``bn`` (batch), ``gn`` (group), ``ln`` (layer), ``in`` (instance); with
-``impl="normlab"`` any other name of ``normlab.create_norm``'s registry (``switchnorm``, ``batchrenorm`` ...).
+Norms (``--norm``): ``none``, ``bn`` (batch), ``gn`` (group), ``ln`` (layer), ``in`` (instance), and any other
+name of ``normlab.create_norm``'s registry (``switchnorm``, ``batchrenorm`` ...; always normlab's layers).
 For conv features ``ln`` normalizes over (C, H, W) (GroupNorm with one group) and ``in`` over (H, W) per channel;
 for fc features ``in`` has one value per channel and sample, which cannot be normalized, so fc layers get no norm
 under ``in``. ``gn`` uses the largest divisor of C that is at most min(8, C / 2) as the group count.
@@ -83,13 +83,16 @@ def make_norm(norm: str, channels: int, *, conv: bool, impl: str = "normlab",
         return layers.GroupNorm(1, channels) if conv else layers.LayerNorm(channels)
     if norm == "in":
         return layers.InstanceNorm2d(channels, affine=True) if conv else nn.Identity()
-    if impl == "normlab":
-        import normlab
-        create = getattr(normlab, "create_norm", None)
-        if create is not None:
-            return create(norm, channels)
-    raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}"
-                     + (" or a name of normlab.create_norm's registry" if impl == "normlab" else ""))
+    try:  # the rest of normlab's registry (switchnorm, batchrenorm ...): normlab layers whatever ``impl`` says
+        from normlab import create_norm
+    except ImportError:
+        create_norm = None
+    if create_norm is not None:
+        try:
+            return create_norm(norm, channels, dim=2 if conv else 1)
+        except KeyError:
+            pass
+    raise ValueError(f"unknown norm {norm!r}; choose from {NORMS} or a name of normlab.create_norm's registry")
 
 
 class _Factory:
