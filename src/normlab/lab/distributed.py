@@ -395,7 +395,7 @@ def _bench_lenet_worker(rank: int, world: int, global_batch: int, steps: int, po
                                                  "best_examples_per_s": global_batch / min(chunks)}))
 
 
-def benchmark_sync(shapes: list[tuple[int, ...]] | None = None, *, nproc: int = 2, repeats: int = 30,
+def benchmark_sync(shapes: list[tuple[int, ...]] | None = None, *, nproc: int = 2, repeats: int = 40,
                    lenet_batch: int = 256, lenet_steps: int = 30) -> dict:
     """SyncBatchNorm vs local BatchNorm (fwd + bwd, median over ``repeats``, ``nproc`` gloo processes, each with
     the given local shape), and LeNet-BN training throughput on 1 process vs ``nproc`` processes (``sync`` and
