@@ -10,7 +10,9 @@ Everything runs in one process, one after the other, on the same tensors:
 Modes: training forward (autograd recording, as in a training step), forward + backward, eval forward.
 Each number is the median of many repeats after warm-up (``--budget`` seconds per measurement). Bandwidth is
 the minimum traffic of a pass (forward 2 reads + 1 write, backward 4 reads + 1 write, eval 1 read + 1 write)
-divided by the time, as a fraction of the copy bandwidth measured first (``dst.copy_(src)``, read + write).
+divided by the time, as a fraction of the copy bandwidth (``dst.copy_(src)``, read + write) of a tensor of
+the same size -- so a tensor that fits in the last-level cache is compared with an in-cache copy. The copy
+bandwidth of a 512 MiB tensor (DRAM) is measured first and reported in the header.
 Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
@@ -165,7 +167,7 @@ class Row:
     ms: dict = field(default_factory=dict)          # impl -> milliseconds
     saved_mb: dict = field(default_factory=dict)    # impl -> MB saved for backward
     gbps: float | None = None                       # normlab's minimum traffic / time
-    frac_copy: float | None = None
+    copy_gbps: float | None = None                  # dst.copy_(x) for a tensor of this size (same cache level)
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
@@ -218,7 +220,9 @@ def bench_layers(shapes, impls, budget, log) -> list[Row]:
         x = _input(shape, cl)
         dy = torch.randn_like(x)
         mb = x.numel() * x.element_size() / 1e6
-        by_mode = {m: Row("layers", text, m, mb) for m in MODES}
+        dst = torch.empty_like(x)
+        same_size_copy = 2 * mb / 1e3 / timeit(lambda: dst.copy_(x), budget)
+        by_mode = {m: Row("layers", text, m, mb, copy_gbps=same_size_copy) for m in MODES}
         for impl in impls:
             torch.manual_seed(0)
             layer = make_layer(impl, shape[1], len(shape))
@@ -250,6 +254,8 @@ def bench_fused(shapes, budget, log) -> list[Row]:
         x = _input(shape, cl)
         dy = torch.randn_like(x)
         mb = x.numel() * x.element_size() / 1e6
+        dst = torch.empty_like(x)
+        same_size_copy = 2 * mb / 1e3 / timeit(lambda: dst.copy_(x), budget)
         d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
         for act, torch_act in (("relu", nn.ReLU), ("sigmoid", nn.Sigmoid)):
             contenders = {
@@ -257,7 +263,7 @@ def bench_fused(shapes, budget, log) -> list[Row]:
                 "torch": nn.Sequential(getattr(nn, f"BatchNorm{d}")(shape[1]), torch_act()),
                 "normlab_unfused": nn.Sequential(getattr(normlab, f"BatchNorm{d}")(shape[1]), torch_act()),
             }
-            by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
+            by_mode = {m: Row(f"fused_{act}", text, m, mb, copy_gbps=same_size_copy) for m in MODES}
             for name, layer in contenders.items():
                 fns, fwd_for_saved = modes_for(layer, x, dy)
                 for mode, fn in fns.items():
@@ -282,6 +288,8 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
         x = torch.randn(shape)
         dy = torch.randn_like(x)
         mb = x.numel() * 4 / 1e6
+        dst = torch.empty_like(x)
+        same_size_copy = 2 * mb / 1e3 / timeit(lambda: dst.copy_(x), budget)
         c = shape[-1] if kind == "ln" else shape[1]
         w = torch.randn(c, requires_grad=True)
         b = torch.randn(c, requires_grad=True)
@@ -294,7 +302,7 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
             theirs = lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
         case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
         for mode in ("train_fwd", "train_fwd_bwd"):
-            row = Row("groupnorm", case, mode, mb)
+            row = Row("groupnorm", case, mode, mb, copy_gbps=same_size_copy)
             for name, f in (("normlab", ours), ("torch", theirs)):
                 if mode == "train_fwd":
                     fn = (lambda f=f: f(x))
@@ -377,7 +385,7 @@ def render(rows: list[Row], copy_gbps: float) -> str:
                 + " " + " ".join(f"{'x vs ' + k:>12}" for k in others) + f" {'GB/s':>7} {'%copy':>6}")
         out += [f"== {name} ==", head, "-" * len(head)]
         for r in rs:
-            frac = None if r.gbps is None else r.gbps / copy_gbps
+            frac = None if r.gbps is None else r.gbps / (r.copy_gbps or copy_gbps)
             out.append(f"{r.case:<24} {r.mode:<14} {r.mbytes:7.1f} "
                        + " ".join(f"{_fmt(r.ms.get(k), '.3f'):>14}" for k in impls) + " "
                        + " ".join(f"{_fmt(_ratio(r, k)):>12}" for k in others)
@@ -400,7 +408,7 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
         vals = [(_ratio(r, other), r.case) for r in lay if r.mode == mode and _ratio(r, other)]
         return min(vals) if vals else None
 
-    big = [r.gbps / copy_gbps for r in lay if r.mbytes >= 25 and r.gbps]
+    big = [r.gbps / (r.copy_gbps or copy_gbps) for r in lay if r.mbytes >= 25 and r.gbps]
     fused = [r for r in rows if r.section == "fused_relu" and r.mode == "train_fwd_bwd"]
     gn = [r for r in rows if r.section == "groupnorm"]
     le = [r for r in rows if r.section == "lenet"]

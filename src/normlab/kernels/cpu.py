@@ -64,7 +64,7 @@ _threads = [0]
 
 # Below this many elements a pass takes tens of microseconds: one thread does it, with no parallel launch and no
 # wait for a second thread that the OS may have preempted (torch's elementwise ops use a similar grain, 32768).
-SERIAL_BELOW = 1 << 17
+SERIAL_BELOW = 1 << 18
 
 
 def _sync_threads(numel: int | None = None) -> int:

@@ -286,7 +286,20 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
 
 # ------------------------------------------------------------------------------------------------------
 # batch norm, (M, C) layout (channels innermost): row chunks + merge
+#
+# Scratch arrays come from the serial helpers below: inside a ``parallel=True`` function numba turns
+# ``np.zeros`` into a parallel loop of its own, and every parallel launch costs a thread wake-up.
 # ------------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _zeros2(m, n):
+    return np.zeros((m, n))
+
+
+@njit(cache=True)
+def _scratch(n, like_arr):
+    return np.zeros(n, dtype=like_arr.dtype)
+
+
 @njit(**_OPTS)
 def _row_sums(x, shift, lo, hi, s1, s2):
     """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi (accumulated in locals)."""
@@ -310,10 +323,10 @@ def _row_sums(x, shift, lo, hi, s1, s2):
 def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
-    shift = np.empty(nc, dtype=w.dtype)
-    a = np.empty(nc, dtype=w.dtype)
-    ref = np.empty(nc, dtype=w.dtype)
-    bb = np.empty(nc, dtype=w.dtype)
+    shift = _scratch(nc, w)
+    a = _scratch(nc, w)
+    ref = _scratch(nc, w)
+    bb = _scratch(nc, w)
     if mode == MODE_EVAL:
         for c in range(nc):
             ref[c] = like(mean[c], w[0])
@@ -322,8 +335,8 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     else:
         for c in range(nc):
             shift[c] = up(x[0, c])
-        s1 = np.zeros((nchunks, nc))
-        s2 = np.zeros((nchunks, nc))
+        s1 = _zeros2(nchunks, nc)
+        s2 = _zeros2(nchunks, nc)
         for t in prange(nchunks):
             _row_sums(x, shift, t * step, min(t * step + step, m_rows), s1[t], s2[t])
         for c in range(nc):
@@ -359,13 +372,13 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
 def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
-    mu = np.empty(nc, dtype=w.dtype)
-    inv = np.empty(nc, dtype=w.dtype)
+    mu = _scratch(nc, w)
+    inv = _scratch(nc, w)
     for c in range(nc):
         mu[c] = like(mean[c], w[0])
         inv[c] = like(invstd[c], w[0])
-    sg = np.zeros((nchunks, nc))
-    sgx = np.zeros((nchunks, nc))
+    sg = _zeros2(nchunks, nc)
+    sgx = _zeros2(nchunks, nc)
     for t in prange(nchunks):
         lo = t * step
         hi = min(lo + step, m_rows)
@@ -375,9 +388,9 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
                 g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
                 sg[t, c] += g
                 sgx[t, c] += g * xh
-    k_g = np.empty(nc, dtype=w.dtype)
-    k_x = np.zeros(nc, dtype=w.dtype)
-    k_0 = np.zeros(nc, dtype=w.dtype)
+    k_g = _scratch(nc, w)
+    k_x = _scratch(nc, w)
+    k_0 = _scratch(nc, w)
     for c in range(nc):
         t1 = 0.0
         t2 = 0.0
