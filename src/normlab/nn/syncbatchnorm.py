@@ -211,8 +211,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 n = ctx.n
                 a = scale * invstd * total[c:] / n
                 bb = scale * (total[:c] - residual * invstd * total[c:]) / n
-                correction = (x.to(acc) - shift.reshape(b)).mul_(a.reshape(b)).add_(bb.reshape(b))
-                dx = (dx_eval.to(acc) - correction).to(x.dtype)
+                centred = x.to(acc) - shift.reshape(b)                       # exact for nearby values
+                correction = torch.addcmul(bb.reshape(b), centred, a.reshape(b), out=centred)
+                dx = (dx_eval.sub_(correction) if dx_eval.dtype == acc else dx_eval.to(acc) - correction)
+                dx = dx.to(x.dtype)
         dw = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = sum_g.to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None, None, None, None, None
