@@ -3,7 +3,8 @@
 Pieces, each usable on its own:
 
 * :func:`launch` starts N processes on this machine (``torch.multiprocessing.spawn``) joined in a gloo group on
-  127.0.0.1 (NCCL when CUDA is there); :func:`init_from_env` joins the group ``torchrun`` prepared instead.
+  127.0.0.1 (NCCL when CUDA is there, one GPU per process); :func:`init_from_env` joins the group ``torchrun``
+  prepared instead.
 * :func:`prepare_model` applies a **BN statistics policy** and wraps the model in ``DistributedDataParallel``.
 * :func:`shard_batch` gives each rank its part of a global batch; :func:`make_sampler` is the
   ``DistributedSampler`` equivalent for code that uses a ``DataLoader``.
@@ -22,13 +23,19 @@ BN statistics policies (``POLICIES``)
              turn it off to save a broadcast per step).
 ``average``  as ``local`` during training, then the running statistics are all-reduced (averaged over ranks)
              before every evaluation / save (:func:`average_bn_buffers`): one collective per epoch, and
-             evaluation uses the average of the ranks' estimates rather than rank 0's alone.
+             evaluation uses the average of the ranks' estimates rather than rank 0's alone (every rank then
+             continues from the averaged buffers).
 
 Batch convention: ``cfg.batch_size`` is the **global** batch. Every rank walks the same permutation of the
 epoch (``train.epoch_permutation``), cuts the same global batches, and keeps every N-th example of each
 (:func:`shard_batch`); each rank's loss is its sum over its examples divided by the global batch size (times N,
 since DDP averages gradients), so the gradient is the global batch's mean-loss gradient even when the shards are
 uneven (the last batch of an epoch).
+
+Command line: ``normlab train --nproc N --bn-policy {sync,local,average}`` calls
+``train_distributed(cfg, N, policy)`` instead of ``train(cfg)`` when ``N > 1`` or :func:`under_torchrun` (then
+``torchrun --nproc-per-node N -m normlab.cli train ...`` works as well). Differences from ``train``: the batch is
+global, the run always starts fresh (no resume), and the model is saved as ``model.pt`` (a plain state_dict).
 
 Failure: the process group is created with a timeout (``timeout_s``, default 300 s); a collective that cannot
 complete because a peer died raises instead of hanging, and :func:`launch` re-raises the failing worker's error.
