@@ -7,6 +7,7 @@ The ``average`` policy's buffer averaging is checked against the mean of the per
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,13 +52,24 @@ def _worker(rank, world, outdir):
         torch.save({"sync": D.eval_copy(synced).state_dict(), "kinds": kinds, "local_before": before,
                     "local_after": [b.clone() for b in D.bn_buffers(local)]},
                    os.path.join(outdir, f"rank{rank}.pt"))
+        # the --nproc driver itself, on a few Fashion-MNIST images (uneven last batch: 70 = 32 + 32 + 6)
+        D._train_worker(rank, world, _tiny_config(os.path.join(outdir, "run")), "sync", None)
+
+
+def _tiny_config(out):
+    from normlab.lab.train import TrainConfig
+    return TrainConfig(model="lenet", norm="bn", epochs=1, batch_size=32, lr=0.5, train_subset=70, test_subset=40,
+                       verify_data=False, out=out, plots=False, progress=False, eval_batch_size=40)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("lab"))
+    os.makedirs(os.path.join(outdir, "run"))
     D.launch(_worker, 2, outdir, backend="gloo", timeout_s=60, threads=1)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    results = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    results[0]["run"] = os.path.join(outdir, "run")
+    return results
 
 
 def test_sync_policy_trains_like_one_process(results):
@@ -88,3 +100,15 @@ def test_single_process_prepare_is_identity():
     with pytest.raises(ValueError, match="policy"):
         D.prepare_model(model, "global")
     assert D.shard_batch(torch.arange(7), 1, 3).tolist() == [1, 4]
+
+
+def test_nproc_driver_matches_one_process(results, tmp_path):
+    two = D._read_jsonl(Path(results[0]["run"]) / "metrics.jsonl")
+    with use_backend("portable"):
+        one = D.train_distributed(_tiny_config(str(tmp_path)), 1, "sync", log=lambda line: None)["metrics"]
+    assert len(one) == len(two) == 1 and two[0]["nproc"] == 2 and two[0]["step"] == one[0]["step"] == 3
+    for key in ("train_loss", "train_acc", "test_acc", "test_loss"):
+        assert abs(one[0][key] - two[0][key]) < 1e-4, key
+    a, b = torch.load(tmp_path / "model.pt"), torch.load(Path(results[0]["run"]) / "model.pt")
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
