@@ -13,11 +13,11 @@ eval forward           1 read, 1 write (activation fused)          2-3 passes
 backward               2 reads of (x, dy), 1 write, act fused      5+ passes
 =====================  ==========================================  =====================================
 
-Threading: the loops use numba's ``prange``; we prefer numba's OpenMP layer (a parallel launch costs a few
-microseconds, against ~100+ us for the ``workqueue`` layer on small VMs, and with ``workqueue`` threads alive
-torch's own OpenMP ops were measured 20x slower on a busy 2-core host), keep numba's thread count equal to
-``torch.get_num_threads()`` so that numba and torch never ask for more threads than torch was given, and
-schedule dynamically (chunk size 1).
+Threading: the loops use numba's ``prange`` on numba's ``workqueue`` layer (its OpenMP layer is a second
+libgomp beside torch's and slowed torch's own ops in a training step), with numba's thread count equal to
+``torch.get_num_threads()`` so numba and torch never ask for more threads than torch was given, dynamic
+scheduling (chunk size 1), one thread below :data:`SERIAL_BELOW` elements, and a lock so that two Python threads
+never launch parallel kernels at once (``workqueue`` does not allow concurrent launches).
 
 :func:`supports` says which tensors this backend takes: CPU tensors of dtype float32, float64, bfloat16 (and
 float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, either contiguous (NCHW of any rank,
@@ -26,6 +26,7 @@ float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, eith
 from __future__ import annotations
 
 import os
+import threading
 from math import prod
 
 import numba
@@ -34,11 +35,12 @@ import torch
 from torch import Tensor
 
 if "NUMBA_THREADING_LAYER" not in os.environ:  # must happen before the first parallel launch
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-# numba's OpenMP runtime is a second libgomp next to torch's (torch imports first and has read its settings
-# already, so this line changes numba's workers only): idle workers sleep instead of spinning, so they do not
-# steal the cores torch's threads run on between our kernels. Measured on a busy 2-core host: 20x fewer
-# multi-millisecond stalls. Set OMP_WAIT_POLICY yourself to override.
+    # workqueue first: numba's OpenMP layer loads a second libgomp next to torch's, and with it a whole LeNet-BN
+    # training step ran 2-6x slower (torch's own convolutions slowed down), even at one torch thread; with
+    # workqueue the same step runs at torch's speed. See BENCHMARKS.md, "Threads".
+    numba.config.THREADING_LAYER_PRIORITY = ["workqueue", "tbb", "omp"]
+# Only if numba ends up on OpenMP (NUMBA_THREADING_LAYER=omp): its idle workers sleep instead of spinning on the
+# cores torch's threads need. torch has read its own OpenMP settings already; set the variable yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import cpu_numba as _k  # noqa: E402
@@ -59,26 +61,30 @@ SUPPORTED_DTYPES = {torch.float32, torch.float64, torch.bfloat16}
 if _host_has_f16c():
     SUPPORTED_DTYPES.add(torch.float16)
 
-_threads = [0]
-
-
 # Below this many elements a pass takes tens of microseconds: one thread does it, with no parallel launch and no
 # wait for a second thread that the OS may have preempted (torch's elementwise ops use a similar grain, 32768).
 SERIAL_BELOW = 1 << 18
 
+_state = threading.local()  # numba's thread count and chunk size are per calling thread
+_LAUNCH = threading.Lock()  # workqueue runs one parallel launch at a time per process
+
 
 def _sync_threads(numel: int | None = None) -> int:
-    """Keep numba's worker count equal to torch's intra-op thread count (1 for small inputs); returns it."""
+    """Keep numba's worker count equal to torch's intra-op thread count (1 for small inputs); returns it.
+
+    numba's own getters are not free (microseconds each), so the last values set are remembered here.
+    """
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numel is not None and numel < SERIAL_BELOW:
         n = 1
-    if n != _threads[0] or numba.get_num_threads() != n:
+    if getattr(_state, "threads", 0) != n:
         numba.set_num_threads(n)
-        _threads[0] = n
-    if numba.get_parallel_chunksize() != 1:
+        _state.threads = n
+    if not getattr(_state, "chunked", False):
         # dynamic scheduling, one iteration (channel / row chunk / group) at a time: a thread that the OS
         # preempts no longer holds up the whole launch (static halves measured up to 30x slower on a busy host)
         numba.set_parallel_chunksize(1)
+        _state.chunked = True
     return n
 
 
@@ -175,10 +181,12 @@ def _bn_forward(x, y, weight, bias, eps, act, mode, mean_in=None, invstd_in=None
     xa = _view(x, layout)
     ya = xa if y is None else _view(y, layout)
     args = (xa, ya, w, b, float(eps), _act(act), mode, _np(mean), _np(second))
-    if layout == "ncs":
-        _k.bn_fwd_ncs(*args)
-    else:
-        _k.bn_fwd_rows(*args, _chunks(x, xa.shape[0]))
+    chunks = _chunks(x, xa.shape[0])
+    with _LAUNCH:
+        if layout == "ncs":
+            _k.bn_fwd_ncs(*args)
+        else:
+            _k.bn_fwd_rows(*args, chunks)
     return mean, second
 
 
@@ -224,10 +232,12 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), _vec(mean, acc),
             _vec(invstd, acc), _act(act), bool(training), need_dx,
             _view(dx, layout) if need_dx else xa, _np(dw), _np(db))
-    if layout == "ncs":
-        _k.bn_bwd_ncs(*args)
-    else:
-        _k.bn_bwd_rows(*args, _chunks(x, xa.shape[0]))
+    chunks = _chunks(x, xa.shape[0])
+    with _LAUNCH:
+        if layout == "ncs":
+            _k.bn_bwd_ncs(*args)
+        else:
+            _k.bn_bwd_rows(*args, chunks)
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
@@ -246,8 +256,9 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     y = torch.empty_like(x)
     mean = torch.empty(n, groups, dtype=acc)
     invstd = torch.empty(n, groups, dtype=acc)
-    _k.gn_fwd(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
-              float(eps), _np(mean), _np(invstd))
+    with _LAUNCH:
+        _k.gn_fwd(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
+                  float(eps), _np(mean), _np(invstd))
     return y, mean, invstd
 
 
@@ -265,8 +276,9 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     dw_part = np.empty((n, c))
     db_part = np.empty((n, c))
     xa = _np(x)
-    _k.gn_bwd(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
-              need_dx, _np(dx) if need_dx else xa, dw_part, db_part)
+    with _LAUNCH:
+        _k.gn_bwd(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
+                  need_dx, _np(dx) if need_dx else xa, dw_part, db_part)
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
     return dx, dw, db

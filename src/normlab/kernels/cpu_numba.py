@@ -248,6 +248,52 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
                 y[n, c, s] = down(act_fwd(z, act), y)
 
 
+@njit(inline="always")
+def _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, act):
+    s_g = 0.0
+    s_gx = 0.0
+    for n in range(x.shape[0]):
+        for s in range(x.shape[2]):
+            xh = (up(x[n, c, s]) - mu) * inv
+            g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
+            s_g += g
+            s_gx += g * xh
+    return s_g, s_gx
+
+
+@njit(**_OPTS)
+def _chan_grad_sums(dy, x, c, mu, inv, wc, bc, act):
+    """(sum g, sum g * xhat) over channel c, g = dL/dz; one loop per activation."""
+    if act == RELU:
+        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, RELU)
+    if act == SILU:
+        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, SILU)
+    if act == SIGMOID:
+        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, SIGMOID)
+    return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, IDENTITY)
+
+
+@njit(inline="always")
+def _chan_dx_loop(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
+    for n in range(x.shape[0]):
+        for s in range(x.shape[2]):
+            xh = (up(x[n, c, s]) - mu) * inv
+            g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
+            dx[n, c, s] = down(g * k_g + xh * k_x + k_0, dx)
+
+
+@njit(**_OPTS)
+def _chan_dx(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
+    if act == RELU:
+        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, RELU, k_g, k_x, k_0, dx)
+    elif act == SILU:
+        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, SILU, k_g, k_x, k_0, dx)
+    elif act == SIGMOID:
+        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, SIGMOID, k_g, k_x, k_0, dx)
+    else:
+        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, IDENTITY, k_g, k_x, k_0, dx)
+
+
 @njit(parallel=True, **_OPTS)
 def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
     """Closed-form backward, (N, C, S) layout. Writes dw, db (always) and dx (if need_dx)."""
@@ -259,14 +305,7 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
         wc = like(w[c], mu)
         bc = like(b[c], mu)
         scale = like(invstd[c] * w[c], mu)
-        s_g = 0.0
-        s_gx = 0.0
-        for n in range(nb):
-            for s in range(ns):
-                xh = (up(x[n, c, s]) - mu) * inv
-                g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
-                s_g += g
-                s_gx += g * xh
+        s_g, s_gx = _chan_grad_sums(dy, x, c, mu, inv, wc, bc, act)
         db[c] = s_g
         dw[c] = s_gx
         if not need_dx:
@@ -277,11 +316,7 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
         if training:
             k_x = like(-np.float64(scale) * s_gx / cnt, mu)
             k_0 = like(-np.float64(scale) * s_g / cnt, mu)
-        for n in range(nb):
-            for s in range(ns):
-                xh = (up(x[n, c, s]) - mu) * inv
-                g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
-                dx[n, c, s] = down(g * k_g + xh * k_x + k_0, dx)
+        _chan_dx(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -368,6 +403,57 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
                 y[r, c] = down(act_fwd(z, act), y)
 
 
+@njit(inline="always")
+def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, a1, a2):
+    for r in range(lo, hi):
+        for c in range(x.shape[1]):
+            xh = (up(x[r, c]) - mu[c]) * inv[c]
+            g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
+            a1[c] += g
+            a2[c] += g * xh
+
+
+@njit(**_OPTS)
+def _row_grad_sums(dy, x, mu, inv, w, b, act, lo, hi, s1, s2):
+    """Per-channel sums of g = dL/dz and g * xhat over rows lo..hi; one loop per activation (constant act)."""
+    nc = x.shape[1]
+    a1 = np.zeros(nc)
+    a2 = np.zeros(nc)
+    if act == RELU:
+        _grad_sums_loop(dy, x, mu, inv, w, b, RELU, lo, hi, a1, a2)
+    elif act == SILU:
+        _grad_sums_loop(dy, x, mu, inv, w, b, SILU, lo, hi, a1, a2)
+    elif act == SIGMOID:
+        _grad_sums_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, a1, a2)
+    else:
+        _grad_sums_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, a1, a2)
+    for c in range(nc):
+        s1[c] += a1[c]
+        s2[c] += a2[c]
+
+
+@njit(inline="always")
+def _dx_loop(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
+    for r in range(lo, hi):
+        for c in range(x.shape[1]):
+            xh = (up(x[r, c]) - mu[c]) * inv[c]
+            g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
+            dx[r, c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dx)
+
+
+@njit(**_OPTS)
+def _row_dx(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
+    """dx over rows lo..hi; one loop per activation."""
+    if act == RELU:
+        _dx_loop(dy, x, mu, inv, w, b, RELU, lo, hi, k_g, k_x, k_0, dx)
+    elif act == SILU:
+        _dx_loop(dy, x, mu, inv, w, b, SILU, lo, hi, k_g, k_x, k_0, dx)
+    elif act == SIGMOID:
+        _dx_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, k_g, k_x, k_0, dx)
+    else:
+        _dx_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, k_g, k_x, k_0, dx)
+
+
 @njit(parallel=True, **_OPTS)
 def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
     m_rows, nc = x.shape
@@ -380,14 +466,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     sg = _zeros2(nchunks, nc)
     sgx = _zeros2(nchunks, nc)
     for t in prange(nchunks):
-        lo = t * step
-        hi = min(lo + step, m_rows)
-        for r in range(lo, hi):
-            for c in range(nc):
-                xh = (up(x[r, c]) - mu[c]) * inv[c]
-                g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
-                sg[t, c] += g
-                sgx[t, c] += g * xh
+        _row_grad_sums(dy, x, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), sg[t], sgx[t])
     k_g = _scratch(nc, w)
     k_x = _scratch(nc, w)
     k_0 = _scratch(nc, w)
@@ -407,13 +486,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     if not need_dx:
         return
     for t in prange(nchunks):
-        lo = t * step
-        hi = min(lo + step, m_rows)
-        for r in range(lo, hi):
-            for c in range(nc):
-                xh = (up(x[r, c]) - mu[c]) * inv[c]
-                g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
-                dx[r, c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dx)
+        _row_dx(dy, x, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), k_g, k_x, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------
