@@ -374,6 +374,13 @@ def test_convert_keeps_fused_activation_and_revert_by_input_rank():
     assert type(SyncBatchNorm.revert_sync_batchnorm(SyncBatchNorm(3), dim=1)) is normlab.BatchNorm1d
 
 
+def test_convert_from_torch_syncbatchnorm_needs_dim_to_revert():
+    theirs = nn.SyncBatchNorm(4, momentum=0.3)
+    ours = SyncBatchNorm.convert_sync_batchnorm(theirs)
+    assert isinstance(ours, SyncBatchNorm) and ours.momentum == 0.3 and ours.weight is theirs.weight
+    assert type(SyncBatchNorm.revert_sync_batchnorm(ours, dim=2)) is normlab.BatchNorm2d
+
+
 def test_state_dict_moves_to_and_from_torch_syncbatchnorm():
     ours = SyncBatchNorm(4)
     theirs = nn.SyncBatchNorm(4)

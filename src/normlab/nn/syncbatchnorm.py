@@ -280,9 +280,10 @@ def _input_dim_of(module: nn.Module) -> int | None:
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
+    """torch.nn / normlab BatchNorm{1,2,3}d (Act subclasses included) and torch.nn.SyncBatchNorm."""
     return (isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchNorm))
             and not isinstance(module, SyncBatchNorm)
-            and _input_dim_of(module) is not None)
+            and (_input_dim_of(module) is not None or isinstance(module, nn.SyncBatchNorm)))
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -337,7 +338,8 @@ class SyncBatchNorm(_BatchNorm):
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every ``torch.nn`` / normlab ``BatchNorm{1,2,3}d`` (and ``BatchNormAct``) in ``module``.
+        """Replace every ``torch.nn`` / normlab ``BatchNorm{1,2,3}d`` (and ``BatchNormAct``, and
+        ``torch.nn.SyncBatchNorm``) in ``module``.
 
         Parameters are shared (the same ``nn.Parameter`` objects, so ``requires_grad`` and optimizer state
         carry over), buffers are copied, the training flag is kept, and a fused activation (``act``) is kept.
