@@ -72,7 +72,7 @@ def _run_case(name, make, rank=None, dtype=torch.float32):
             x, dy = x[lo:lo + sizes[rank]], dy[lo:lo + sizes[rank]]
         x, dy = x.to(dtype), dy.to(dtype)
         x = x.clone().requires_grad_(True)
-        mod.zero_grad(set_to_none=False) if mod.weight is not None and mod.weight.grad is not None else None
+        mod.zero_grad()
         y = mod(x)
         y.backward(dy)
         outs.append({"y": y.detach(), "dx": x.grad, "dw": mod.weight.grad.clone(), "db": mod.bias.grad.clone()})
