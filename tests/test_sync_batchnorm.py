@@ -46,7 +46,8 @@ def _case_data(name, step):
     sizes, trailing, c, _, _, _, offset = CASES[name]
     g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
     total = sum(sizes)
-    x = torch.randn((total, c) + trailing, generator=g) * (1 + torch.arange(c).reshape([1, c] + [1] * len(trailing)))
+    spread = 1 + torch.arange(c).reshape([1, c] + [1] * len(trailing))
+    x = torch.randn((total, c) + trailing, generator=g) * spread
     x = x + offset
     dy = torch.randn((total, c) + trailing, generator=g)
     return x, dy
@@ -225,7 +226,8 @@ def test_matches_single_process_on_concatenated_batch(spawned, name):
     for r in range(WORLD):
         state = spawned[r][name][1]
         assert state.keys() == ref_state.keys()
-        torch.testing.assert_close(state["running_mean"], ref_state["running_mean"], rtol=1e-6, atol=1e-6 * (1 + abs(CASES[name][6])))
+        torch.testing.assert_close(state["running_mean"], ref_state["running_mean"], rtol=1e-6,
+                                   atol=1e-6 * (1 + abs(CASES[name][6])))
         torch.testing.assert_close(state["running_var"], ref_state["running_var"], rtol=1e-5, atol=1e-6)
         assert int(state["num_batches_tracked"]) == int(ref_state["num_batches_tracked"]) == CASES[name][5]
         # identical on all ranks, bit for bit

@@ -225,8 +225,8 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
     ``cfg`` is a ``normlab.lab.train.TrainConfig``; ``cfg.batch_size`` is the global batch. Rank 0 writes
     ``config.json`` (plus ``nproc`` and ``bn_policy``) and ``metrics.jsonl`` (as ``normlab train``; examples_per_s
     counts the examples of all ranks), ``curves.png`` (with ``cfg.plots``) and, with ``cfg.checkpoint``,
-    ``model.pt`` (the single-process model's state_dict, loadable into ``build_model(...)``). Checkpoint resumption is not supported with
-    ``--nproc``. Returns ``{"config", "metrics", "out", "nproc", "policy"}``.
+    ``model.pt`` (the single-process model's state_dict, loadable into ``build_model(...)``). Checkpoint
+    resumption is not supported with ``--nproc``. Returns ``{"config", "metrics", "out", "nproc", "policy"}``.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown BN policy {policy!r}; choose from {POLICIES}")
