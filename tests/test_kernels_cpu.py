@@ -215,3 +215,24 @@ def test_bench_quick_smoke(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["results"] and "copy_gbps" in data["machine"]
     assert "normlab" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_parallel_path_large_input(fmt):
+    """Inputs above SERIAL_BELOW run the multi-threaded kernels (the others above run the serial twins)."""
+    torch.manual_seed(5)
+    x = _make((8, 16, 48, 48), fmt, torch.float32)
+    assert x.numel() >= cpu.SERIAL_BELOW
+    w, b = torch.randn(16), torch.randn(16)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, "relu")
+    _close(y, portable.bn_train_forward(x, w, b, 1e-5, "relu")[0], 1e-4)
+    dy = torch.randn_like(x)
+    for g, r in zip(cpu.bn_backward(dy, x, w, b, mean, invstd, "relu", True),
+                    portable.bn_backward(dy, x, w, b, mean, invstd, "relu", True)):
+        _close(g, r, 1e-4, rel=True)
+    x3 = x.contiguous().view(8, 16, -1)
+    y, m, i = cpu.gn_forward(x3, w, b, 4, 1e-5)
+    _close(y, portable.gn_forward(x3, w, b, 4, 1e-5)[0], 1e-4)
+    for g, r in zip(cpu.gn_backward(dy.view(8, 16, -1), x3, w, m, i, 4),
+                    portable.gn_backward(dy.view(8, 16, -1), x3, w, m, i, 4)):
+        _close(g, r, 1e-4, rel=True)

@@ -150,6 +150,11 @@ def _vec(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
+def _pick(kernel):
+    """The parallel kernel, or its single-threaded twin when this call runs on one thread."""
+    return kernel.serial if _state.threads == 1 else kernel
+
+
 def _chunks(x: Tensor, rows: int) -> int:
     """Row chunks for the (M, C) loops: a few per thread (dynamic scheduling), fewer for small inputs."""
     threads = _sync_threads(x.numel())
@@ -184,9 +189,9 @@ def _bn_forward(x, y, weight, bias, eps, act, mode, mean_in=None, invstd_in=None
     chunks = _chunks(x, xa.shape[0])
     with _LAUNCH:
         if layout == "ncs":
-            _k.bn_fwd_ncs(*args)
+            _pick(_k.bn_fwd_ncs)(*args)
         else:
-            _k.bn_fwd_rows(*args, chunks)
+            _pick(_k.bn_fwd_rows)(*args, chunks)
     return mean, second
 
 
@@ -235,9 +240,9 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     chunks = _chunks(x, xa.shape[0])
     with _LAUNCH:
         if layout == "ncs":
-            _k.bn_bwd_ncs(*args)
+            _pick(_k.bn_bwd_ncs)(*args)
         else:
-            _k.bn_bwd_rows(*args, chunks)
+            _pick(_k.bn_bwd_rows)(*args, chunks)
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
@@ -257,7 +262,7 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     mean = torch.empty(n, groups, dtype=acc)
     invstd = torch.empty(n, groups, dtype=acc)
     with _LAUNCH:
-        _k.gn_fwd(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
+        _pick(_k.gn_fwd)(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
                   float(eps), _np(mean), _np(invstd))
     return y, mean, invstd
 
@@ -277,7 +282,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     db_part = np.empty((n, c))
     xa = _np(x)
     with _LAUNCH:
-        _k.gn_bwd(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
+        _pick(_k.gn_bwd)(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
                   need_dx, _np(dx) if need_dx else xa, dw_part, db_part)
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None

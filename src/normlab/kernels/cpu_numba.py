@@ -26,6 +26,21 @@ from numba.extending import intrinsic, overload
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 IDENTITY, RELU, SILU, SIGMOID = 0, 1, 2, 3
+
+
+def _kernel(fn):
+    """Compile ``fn`` twice: parallel (``prange`` over threads) and, as ``.serial``, single-threaded with no
+    threading-layer launch at all (``prange`` is then ``range``) for small inputs, where a launch costs more
+    than the work. The serial copy gets its own name so the two on-disk caches never collide."""
+    import types as pytypes
+    par = njit(parallel=True, **_OPTS)(fn)
+    twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__module__ = fn.__module__
+    twin.__doc__ = fn.__doc__
+    par.serial = njit(**_OPTS)(twin)
+    return par
 MODE_TRAIN, MODE_STATS, MODE_EVAL = 0, 1, 2
 
 
@@ -208,7 +223,7 @@ def act_grad(g, z, act):
 # ------------------------------------------------------------------------------------------------------
 # batch norm, (N, C, S) layout: one task per channel
 # ------------------------------------------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
+@_kernel
 def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
     """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only;
     EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= invstd)."""
@@ -294,7 +309,7 @@ def _chan_dx(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
         _chan_dx_loop(dy, x, c, mu, inv, wc, bc, IDENTITY, k_g, k_x, k_0, dx)
 
 
-@njit(parallel=True, **_OPTS)
+@_kernel
 def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
     """Closed-form backward, (N, C, S) layout. Writes dw, db (always) and dx (if need_dx)."""
     nb, nc, ns = x.shape
@@ -354,7 +369,7 @@ def _row_sums(x, shift, lo, hi, s1, s2):
         s2[c] += a2[c]
 
 
-@njit(parallel=True, **_OPTS)
+@_kernel
 def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
@@ -454,7 +469,7 @@ def _row_dx(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
         _dx_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, k_g, k_x, k_0, dx)
 
 
-@njit(parallel=True, **_OPTS)
+@_kernel
 def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
@@ -492,7 +507,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
+@_kernel
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups
@@ -505,17 +520,29 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         sh = np.float64(shift)
         s1 = 0.0
         s2 = 0.0
-        for c in range(c0, c0 + cg):
-            for s in range(ns):
-                d = np.float64(up(x[n, c, s])) - sh
+        if ns == 1:  # layer norm (M, K, 1): one flat loop, so it vectorizes
+            for c in range(c0, c0 + cg):
+                d = np.float64(up(x[n, c, 0])) - sh
                 s1 += d
                 s2 += d * d
+        else:
+            for c in range(c0, c0 + cg):
+                for s in range(ns):
+                    d = np.float64(up(x[n, c, s])) - sh
+                    s1 += d
+                    s2 += d * d
         m64 = s1 / cnt
         v64 = max(s2 / cnt - m64 * m64, 0.0)
         inv = 1.0 / np.sqrt(np.float64(like(v64, w[0]) + like(eps, w[0])))
         mean[n, g] = sh + m64
         invstd[n, g] = inv
         m_s = like(m64, shift)
+        if ns == 1:
+            inv_c = like(inv, shift)
+            for c in range(c0, c0 + cg):
+                y[n, c, 0] = down(((up(x[n, c, 0]) - shift) - m_s) * inv_c * like(w[c], shift)
+                                  + like(b[c], shift), y)
+            continue
         for c in range(c0, c0 + cg):
             a = like(inv * w[c], shift)
             bc = like(b[c], shift)
@@ -523,7 +550,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
                 y[n, c, s] = down(((up(x[n, c, s]) - shift) - m_s) * a + bc, y)
 
 
-@njit(parallel=True, **_OPTS)
+@_kernel
 def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     """dw_part, db_part: (N, C) float64 per-sample partial sums (the caller sums over N)."""
     nb, nc, ns = x.shape
@@ -537,6 +564,21 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
         inv = like(invstd[n, g], mu)
         s_g = 0.0
         s_gx = 0.0
+        if ns == 1:  # layer norm: flat loops
+            for c in range(c0, c0 + cg):
+                xh = (up(x[n, c, 0]) - mu) * inv
+                d = up(dy[n, c, 0])
+                db_part[n, c] = d
+                dw_part[n, c] = d * xh
+                s_g += d * w[c]
+                s_gx += d * xh * w[c]
+            if need_dx:
+                k_x = like(-np.float64(inv) * s_gx / cnt, mu)
+                k_0 = like(-np.float64(inv) * s_g / cnt, mu)
+                for c in range(c0, c0 + cg):
+                    xh = (up(x[n, c, 0]) - mu) * inv
+                    dx[n, c, 0] = down(up(dy[n, c, 0]) * inv * like(w[c], mu) + xh * k_x + k_0, dx)
+            continue
         for c in range(c0, c0 + cg):
             wc = like(w[c], mu)
             p_d = 0.0
