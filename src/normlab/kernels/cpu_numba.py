@@ -512,6 +512,8 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups
     cnt = cg * ns
+    x2 = x.reshape(nb, nc * ns)  # for S == 1 (layer norm): unit stride the compiler can see
+    y2 = y.reshape(nb, nc * ns)
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
@@ -522,7 +524,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         s2 = 0.0
         if ns == 1:  # layer norm (M, K, 1): one flat loop, so it vectorizes
             for c in range(c0, c0 + cg):
-                d = np.float64(up(x[n, c, 0])) - sh
+                d = np.float64(up(x2[n, c])) - sh
                 s1 += d
                 s2 += d * d
         else:
@@ -540,8 +542,8 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         if ns == 1:
             inv_c = like(inv, shift)
             for c in range(c0, c0 + cg):
-                y[n, c, 0] = down(((up(x[n, c, 0]) - shift) - m_s) * inv_c * like(w[c], shift)
-                                  + like(b[c], shift), y)
+                y2[n, c] = down(((up(x2[n, c]) - shift) - m_s) * inv_c * like(w[c], shift)
+                                + like(b[c], shift), y2)
             continue
         for c in range(c0, c0 + cg):
             a = like(inv * w[c], shift)
@@ -556,6 +558,9 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     nb, nc, ns = x.shape
     cg = nc // groups
     cnt = cg * ns
+    x2 = x.reshape(nb, nc * ns)
+    dy2 = dy.reshape(nb, nc * ns)
+    dx2 = dx.reshape(dx.shape[0], dx.shape[1] * dx.shape[2])
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
@@ -566,8 +571,8 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
         s_gx = 0.0
         if ns == 1:  # layer norm: flat loops
             for c in range(c0, c0 + cg):
-                xh = (up(x[n, c, 0]) - mu) * inv
-                d = up(dy[n, c, 0])
+                xh = (up(x2[n, c]) - mu) * inv
+                d = up(dy2[n, c])
                 db_part[n, c] = d
                 dw_part[n, c] = d * xh
                 s_g += d * w[c]
@@ -576,8 +581,8 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
                 k_x = like(-np.float64(inv) * s_gx / cnt, mu)
                 k_0 = like(-np.float64(inv) * s_g / cnt, mu)
                 for c in range(c0, c0 + cg):
-                    xh = (up(x[n, c, 0]) - mu) * inv
-                    dx[n, c, 0] = down(up(dy[n, c, 0]) * inv * like(w[c], mu) + xh * k_x + k_0, dx)
+                    xh = (up(x2[n, c]) - mu) * inv
+                    dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
             continue
         for c in range(c0, c0 + cg):
             wc = like(w[c], mu)
