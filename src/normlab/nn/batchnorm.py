@@ -78,8 +78,15 @@ class _NormBase(nn.Module):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
+    # accepted input ranks and their layout, set by the 1d/2d/3d subclasses of every family
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+
     def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
+        if input.dim() not in self._ranks:
+            ranks = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {ranks} input (got {input.dim()}D input of shape {tuple(input.shape)}); "
+                             f"{type(self).__name__} takes {self._layout}")
 
     def extra_repr(self) -> str:
         return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
@@ -136,10 +143,7 @@ class BatchNorm1d(_BatchNorm):
     (False: no β). Example: ``BatchNorm1d(100)(torch.randn(20, 100))``.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchNorm1d takes (N, C) or (N, C, L), BatchNorm2d (N, C, H, W)")
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
@@ -150,10 +154,7 @@ class BatchNorm2d(_BatchNorm):
     Args as :class:`BatchNorm1d`. Example: ``BatchNorm2d(64)(torch.randn(32, 64, 56, 56))``.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchNorm2d takes (N, C, H, W), BatchNorm1d (N, C) or (N, C, L)")
+    _ranks, _layout = (4,), "(N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNorm):
@@ -162,7 +163,4 @@ class BatchNorm3d(_BatchNorm):
     Args as :class:`BatchNorm1d`. Example: ``BatchNorm3d(8)(torch.randn(4, 8, 6, 10, 10))``.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchNorm3d takes (N, C, D, H, W)")
+    _ranks, _layout = (5,), "(N, C, D, H, W)"

@@ -83,10 +83,7 @@ class _BatchRenorm(_BatchNorm):
 class BatchRenorm1d(_BatchRenorm):
     """Batch Renormalization on (N, C) or (N, C, L) inputs. See the module docstring."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchRenorm1d takes (N, C) or (N, C, L)")
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
 
 
 class BatchRenorm2d(_BatchRenorm):
@@ -98,16 +95,10 @@ class BatchRenorm2d(_BatchRenorm):
         >>> y = brn(torch.randn(4, 16, 8, 8))      # small batches: the correction pulls toward running stats
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchRenorm2d takes (N, C, H, W)")
+    _ranks, _layout = (4,), "(N, C, H, W)"
 
 
 class BatchRenorm3d(_BatchRenorm):
     """Batch Renormalization on (N, C, D, H, W) inputs. See the module docstring."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"BatchRenorm3d takes (N, C, D, H, W)")
+    _ranks, _layout = (5,), "(N, C, D, H, W)"

@@ -63,10 +63,7 @@ class _GhostBatchNorm(_BatchNorm):
 class GhostBatchNorm1d(_GhostBatchNorm):
     """Ghost BatchNorm on (N, C) or (N, C, L) inputs. See the module docstring."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"GhostBatchNorm1d takes (N, C) or (N, C, L)")
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
 
 
 class GhostBatchNorm2d(_GhostBatchNorm):
@@ -78,16 +75,10 @@ class GhostBatchNorm2d(_GhostBatchNorm):
         >>> y = gbn(torch.randn(256, 16, 8, 8))     # 8 virtual batches, 8 running-statistics steps
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"GhostBatchNorm2d takes (N, C, H, W)")
+    _ranks, _layout = (4,), "(N, C, H, W)"
 
 
 class GhostBatchNorm3d(_GhostBatchNorm):
     """Ghost BatchNorm on (N, C, D, H, W) inputs. See the module docstring."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input of shape {tuple(input.shape)}); "
-                             f"GhostBatchNorm3d takes (N, C, D, H, W)")
+    _ranks, _layout = (5,), "(N, C, D, H, W)"

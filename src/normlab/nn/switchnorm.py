@@ -49,7 +49,6 @@ class _SwitchNorm(_NormBase):
     """Parameters and buffers as ``BatchNorm`` (same state_dict keys) plus the logits ``mean_weight``,
     ``var_weight`` of shape (3,), order (in, ln, bn)."""
 
-    _ranks: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None) -> None:
@@ -66,10 +65,7 @@ class _SwitchNorm(_NormBase):
                 self.var_weight.fill_(1)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._ranks:
-            shapes = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"{type(self).__name__} expects a {shapes} input (N, C, ...), got a "
-                             f"{input.dim()}D input of shape {tuple(input.shape)}")
+        super()._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got an input with {input.shape[1]} "
                              f"channels (shape {tuple(input.shape)}); num_features must equal the channel "
@@ -125,7 +121,7 @@ class _SwitchNorm(_NormBase):
 
 class SwitchNorm1d(_SwitchNorm):
     """Switchable Normalization on (N, C) or (N, C, L) inputs. See the module docstring."""
-    _ranks = (2, 3)
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
 
 
 class SwitchNorm2d(_SwitchNorm):
@@ -137,9 +133,9 @@ class SwitchNorm2d(_SwitchNorm):
         >>> y = sn(torch.randn(8, 16, 32, 32))
         >>> sn.mixture()      # softmax weights of (in, ln, bn) for the mean and the variance
     """
-    _ranks = (4,)
+    _ranks, _layout = (4,), "(N, C, H, W)"
 
 
 class SwitchNorm3d(_SwitchNorm):
     """Switchable Normalization on (N, C, D, H, W) inputs. See the module docstring."""
-    _ranks = (5,)
+    _ranks, _layout = (5,), "(N, C, D, H, W)"
