@@ -1,0 +1,90 @@
+"""The tools experiments (domain shift / AdaBN, precise BN, fold) end to end on a tiny synthetic dataset."""
+import json
+
+import pytest
+import torch
+
+from normlab.lab.data import load_fashion_mnist, write_synthetic
+from normlab.lab.experiments import Context
+from normlab.lab.experiments_tools import SHIFTS, exp_domain_shift, exp_fold, exp_precise_bn, shift_images
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fmnist")
+    write_synthetic(directory, n_train=300, n_test=80)
+    return load_fashion_mnist(directory, verify=False)
+
+
+@pytest.fixture
+def ctx(tiny_data, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Context(quick=True, seeds=1, out=str(tmp_path / "runs"), impl="torch", log=lambda s: None,
+                  _data=tiny_data)
+    torch.set_num_threads(threads)
+
+
+def _check_outputs(result, name):
+    assert result["quick"] and result["name"] == name
+    directory = result["dir"]
+    assert directory.endswith(f"{name}-quick")
+    summary = json.loads(open(f"{directory}/results.json").read())
+    assert summary["plots"], "at least one plot"
+    for png in summary["plots"]:
+        with open(f"{directory}/{png}", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = open(f"{directory}/table.md").read()
+    assert text.startswith("## ") and "|---|" in text
+    return summary
+
+
+def _acc(cell: str) -> float:
+    return float(cell.split(" ")[0])
+
+
+def test_shifts_stay_in_pixel_range():
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(shift_images("inverted (1 - x)", x), 1 - x)
+    for name in SHIFTS:
+        y = shift_images(name, x)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+
+
+def test_domain_shift_quick(ctx):
+    result = exp_domain_shift(ctx)
+    _check_outputs(result, "domain-shift")
+    acc = result["results"]["accuracy"]
+    assert set(acc) == set(SHIFTS)
+    for per in acc.values():
+        for values in per.values():
+            assert len(values) == 1 and 0.0 <= values[0] <= 1.0
+    assert result["results"]["eval_half"] == 40
+    flagged = result["results"]["doctor_flagged_total"]
+    assert 0 <= flagged["source"] <= len(SHIFTS) and 0 <= flagged["adabn"] <= len(SHIFTS)
+    assert "| inverted (1 - x) |" in result["table_md"] and "Li et al. 2016" in result["table_md"]
+
+
+def test_precise_bn_quick(ctx):
+    result = exp_precise_bn(ctx)
+    _check_outputs(result, "precise-bn")
+    acc = result["results"]
+    assert set(acc) == {"0.1", "0.01", "None (cumulative)"}
+    for per in acc.values():
+        assert {"EMA", "k = 1", "k = 10", "batch stats"} <= set(per) and any(k.startswith("all (") for k in per)
+        assert all(0.0 <= v[0] <= 1.0 for v in per.values())
+    assert "Wu & Johnson 2021" in result["table_md"]
+
+
+def test_fold_quick(ctx):
+    result = exp_fold(ctx)
+    _check_outputs(result, "fold")
+    lenet, relu = result["results"]["lenet"], result["results"]["lenet-relu"]
+    assert len(lenet["folded"]) == 4 and not lenet["kept"]
+    assert lenet["max_abs_diff_test"] < 1e-4 and relu["max_abs_diff_test"] < 1e-4
+    assert abs(lenet["acc_before"] - lenet["acc_after"]) <= 1 / 80 + 1e-9
+    assert not relu["folded"] and len(relu["kept"]) == 2  # BN after max-pool: nothing to fold into
+    for r in (lenet, relu):
+        for b in ("b256", "b1"):
+            assert r[b]["original_ms"] > 0 and r[b]["folded_ms"] > 0
+    assert "folded into `" in result["table_md"] and "kept: " in result["table_md"]
