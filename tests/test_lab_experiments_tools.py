@@ -73,6 +73,10 @@ def test_precise_bn_quick(ctx):
     for per in acc.values():
         assert {"EMA", "k = 1", "k = 10", "batch stats"} <= set(per) and any(k.startswith("all (") for k in per)
         assert all(0.0 <= v[0] <= 1.0 for v in per.values())
+    # the momentum only touches the running buffers: same seed, same weights, same precise statistics
+    precise = {name: next(v for k, v in per.items() if k.startswith("all (")) for name, per in acc.items()}
+    assert len({v[0] for v in precise.values()}) == 1
+    assert len({per["batch stats"][0] for per in acc.values()}) == 1
     assert "Wu & Johnson 2021" in result["table_md"]
 
 
@@ -87,4 +91,4 @@ def test_fold_quick(ctx):
     for r in (lenet, relu):
         for b in ("b256", "b1"):
             assert r[b]["original_ms"] > 0 and r[b]["folded_ms"] > 0
-    assert "folded into `" in result["table_md"] and "kept: " in result["table_md"]
+    assert "(BatchNorm2d) | folded into `0` (Conv2d)" in result["table_md"] and "kept: " in result["table_md"]
