@@ -92,3 +92,18 @@ def test_fold_quick(ctx):
         for b in ("b256", "b1"):
             assert r[b]["original_ms"] > 0 and r[b]["folded_ms"] > 0
     assert "(BatchNorm2d) | folded into `0` (Conv2d)" in result["table_md"] and "kept: " in result["table_md"]
+
+
+def test_full_forms_run(tiny_data, tmp_path):
+    """The full forms (one flag away) run too: on the tiny data they only train a few more epochs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctx = Context(quick=False, seeds=1, out=str(tmp_path / "runs"), impl="torch", log=lambda s: None,
+                      _data=tiny_data)
+        for exp, name in ((exp_domain_shift, "domain-shift"), (exp_precise_bn, "precise-bn"), (exp_fold, "fold")):
+            result = exp(ctx)
+            assert not result["quick"] and result["dir"].endswith(name)
+            assert (tmp_path / "runs" / name / "table.md").exists()
+    finally:
+        torch.set_num_threads(threads)
