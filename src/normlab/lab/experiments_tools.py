@@ -61,7 +61,7 @@ def _bars(groups: list[str], series: dict[str, tuple[list[float], list[float] | 
         ax.bar(x + (i - (len(series) - 1) / 2) * width, np.asarray(means, float), width, label=label,
                yerr=None if stds is None else np.asarray(stds, float), capsize=2, color=f"C{i}")
     ax.set_xticks(x)
-    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_xticklabels([g.replace(" (", "\n(") for g in groups], fontsize=7)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
@@ -282,7 +282,7 @@ def exp_fold(ctx: Context) -> dict:
     for ax, b in zip(axes, (256, 1)):
         _bars(names, {"with BN": ([timing[n][b]["original_ms"] for n in names], None),
                       "folded": ([timing[n][b]["folded_ms"] for n in names], None)},
-              exp_dir / "fold.png", ylabel="ms per forward (median)", title=f"batch {b}", ax=ax)
+              exp_dir / "fold.png", ylabel="ms per forward", title=f"batch {b}", ax=ax)
     fig.suptitle("fold_bn: eval-mode inference time on CPU", fontsize=10)
     png = plots._save(fig, exp_dir / "fold.png")
     threads = torch.get_num_threads()
