@@ -219,18 +219,27 @@ def exp_precise_bn(ctx: Context) -> dict:
 
 
 # ============================================================================================ fold
-def _paired_times(original, folded, x: torch.Tensor, repeats: int, rounds: int = 5) -> dict:
+_TIMING_ROUNDS = 10
+
+
+def _paired_times(original, folded, x: torch.Tensor, repeats: int, rounds: int = _TIMING_ROUNDS) -> dict:
     """Inference ms of both models, timed in alternating rounds (``time_inference``, median of each round).
 
     On a shared machine the load drifts; alternating keeps both models under the same conditions, and the
-    fastest round's median estimates the undisturbed time.
+    fastest round's median estimates the undisturbed time. One thread: a busy second core would otherwise
+    stall every multi-threaded op on its slowest thread, which swamps what folding saves.
     """
     from normlab.tools import time_inference
     per = max(repeats // rounds, 3)
     t_orig, t_fold = [], []
-    for _ in range(rounds):
-        t_orig.append(time_inference(original, x, repeats=per, warmup=2))
-        t_fold.append(time_inference(folded, x, repeats=per, warmup=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            t_orig.append(time_inference(original, x, repeats=per, warmup=2))
+            t_fold.append(time_inference(folded, x, repeats=per, warmup=2))
+    finally:
+        torch.set_num_threads(threads)
     o, f = min(t_orig), min(t_fold)
     return {"original_ms": o, "folded_ms": f, "speedup": o / f if f > 0 else float("nan"),
             "rounds_original_ms": t_orig, "rounds_folded_ms": t_fold}
@@ -246,7 +255,7 @@ def exp_fold(ctx: Context) -> dict:
                 else dict(epochs=5)),
                ("lenet-relu", _LENET_RELU, dict(train_subset=5000, test_subset=2000, epochs=1) if ctx.quick
                 else dict(epochs=3))]
-    repeats = {256: 25, 1: 100} if ctx.quick else {256: 100, 1: 500}
+    repeats = {256: 30, 1: 200} if ctx.quick else {256: 100, 1: 500}
     rows, layer_rows, results = [], [], {}
     timing = {}
     for model_name, kw, size in configs:
@@ -283,11 +292,11 @@ def exp_fold(ctx: Context) -> dict:
         _bars(names, {"with BN": ([timing[n][b]["original_ms"] for n in names], None),
                       "folded": ([timing[n][b]["folded_ms"] for n in names], None)},
               exp_dir / "fold.png", ylabel="ms per forward", title=f"batch {b}", ax=ax)
-    fig.suptitle("fold_bn: eval-mode inference time on CPU", fontsize=10)
+    fig.suptitle("fold_bn: eval-mode inference time, one CPU thread", fontsize=10)
     png = plots._save(fig, exp_dir / "fold.png")
-    threads = torch.get_num_threads()
-    notes = (f"Times (`time_inference`): eval-mode forwards, {threads} CPU thread(s), the two models timed in 5 "
-             f"alternating rounds of {repeats[256] // 5} (batch 256) or {repeats[1] // 5} (batch 1) forwards; "
+    notes = (f"Times (`time_inference`): eval-mode forwards on one CPU thread, the two models timed in "
+             f"{_TIMING_ROUNDS} alternating rounds of {repeats[256] // _TIMING_ROUNDS} (batch 256) or "
+             f"{repeats[1] // _TIMING_ROUNDS} (batch 1) forwards; "
              "each cell is the fastest round's median, since the machine may be shared (all rounds are in "
              "results.json): read the speedups as rough. "
              "Folding is exact up to float32 rounding (the arithmetic is done in float64), so accuracy is "
