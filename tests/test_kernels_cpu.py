@@ -236,3 +236,62 @@ def test_parallel_path_large_input(fmt):
     for g, r in zip(cpu.gn_backward(dy.view(8, 16, -1), x3, w, m, i, 4),
                     portable.gn_backward(dy.view(8, 16, -1), x3, w, m, i, 4)):
         _close(g, r, 1e-4, rel=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# layer norm: the dedicated row kernel (group norm with G = 1 on (M, K, 1))
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 5), (300, 64), (3, 2048 + 37), (600, 512)])
+def test_layer_norm_rows_match_portable_and_float64(m, k, dtype):
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((m, k, dtype)).encode()))
+    x = _make((m, k, 1), None, dtype, gen=gen)
+    w, b = torch.randn(k, generator=gen) + 1, torch.randn(k, generator=gen)
+    tol, low = TOL[dtype], dtype in LOW
+    y, mean, invstd = cpu.gn_forward(x, w, b, 1, 1e-5)
+    y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), 1, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and mean.shape == (m, 1) and invstd.shape == (m, 1)
+    assert mean.dtype == invstd.dtype == portable.acc_dtype(dtype)
+    _close(y, y64, tol, rel=low)
+    _close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
+    _close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
+    dy = _make((m, k, 1), None, dtype, scale=1.0, loc=0.0, gen=gen)
+    ref64 = portable.gn_backward(dy.double(), x.double(), w.double(), mean64, invstd64, 1)
+    got = cpu.gn_backward(dy, x, w, mean, invstd, 1)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == portable.acc_dtype(dtype)
+    for g, r64 in zip(got, ref64):
+        _close(g, r64, tol * 4, rel=True)
+    for needs in [(True, False, False), (False, True, True), (False, False, True)]:
+        sub = cpu.gn_backward(dy, x, None, mean, invstd, 1, needs)
+        ref = portable.gn_backward(dy, x, None, mean, invstd, 1, needs)
+        for g, r, need in zip(sub, ref, needs):
+            assert (g is None) == (not need)
+            if need:
+                _close(g, r, tol * 4, rel=True)
+
+
+def test_layer_norm_rows_large_mean_and_constant_rows():
+    gen = torch.Generator().manual_seed(7)
+    x64 = 1e4 + torch.randn(64, 1000, 1, generator=gen, dtype=torch.float64)
+    x = x64.float()
+    x[3] = 7.25  # constant row: exactly bias
+    w, b = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    y, mean, invstd = cpu.gn_forward(x, w, b, 1, 1e-5)
+    y64, _, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), 1, 1e-5)
+    _close(y, y64, 1e-3)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    assert torch.equal(y[3, :, 0], b)
+    assert mean[3, 0].item() == 7.25
+
+
+def test_layer_norm_rows_parallel_path():
+    torch.manual_seed(11)
+    x = torch.randn(1024, 384, 1) * 3 + 1
+    assert x.numel() >= cpu.SERIAL_BELOW
+    w, b = torch.randn(384), torch.randn(384)
+    y, mean, invstd = cpu.gn_forward(x, w, b, 1, 1e-5)
+    _close(y, portable.gn_forward(x, w, b, 1, 1e-5)[0], 1e-4)
+    dy = torch.randn_like(x)
+    for g, r in zip(cpu.gn_backward(dy, x, w, mean, invstd, 1), portable.gn_backward(dy, x, w, mean, invstd, 1)):
+        _close(g, r, 1e-4, rel=True)

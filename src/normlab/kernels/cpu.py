@@ -255,7 +255,9 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     stay in cache between the statistics and normalize loops), 1 write."""
     if not x.is_contiguous():
         x = x.contiguous()
-    n, c, _ = x.shape
+    n, c, s = x.shape
+    if groups == 1 and s == 1:
+        return _ln_forward(x, weight, bias, eps)
     acc = acc_dtype(x.dtype)
     _sync_threads(x.numel())
     y = torch.empty_like(x)
@@ -273,7 +275,9 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     """Closed-form backward of :func:`gn_forward`: ``(dx, dweight, dbias)``."""
     x = x.contiguous()
     dy = dy.to(x.dtype).contiguous()
-    n, c, _ = x.shape
+    n, c, s = x.shape
+    if groups == 1 and s == 1:
+        return _ln_backward(dy, x, weight, mean, invstd, needs)
     acc = acc_dtype(x.dtype)
     _sync_threads(x.numel())
     need_dx = bool(needs[0])
@@ -287,6 +291,49 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
     return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------------
+# layer norm: (M, K, 1) with one group, i.e. rows of K contiguous values with a per-k affine
+# ------------------------------------------------------------------------------------------------------
+_LN_ROWS_PER_CHUNK = 256  # bounds the rows summed into one compute-dtype partial of dweight/dbias
+
+
+def _ln_chunks(m: int, numel: int) -> int:
+    threads = _sync_threads(numel)
+    return max(1, min(m, max(4 * threads, -(-m // _LN_ROWS_PER_CHUNK))))
+
+
+def _ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    m, k = x.shape[0], x.shape[1]
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    mean = torch.empty(m, 1, dtype=acc)
+    invstd = torch.empty(m, 1, dtype=acc)
+    xa = _np(x).reshape(m, k)
+    chunks = _ln_chunks(m, x.numel())
+    with _LAUNCH:
+        _pick(_k.ln_fwd)(xa, _np(y).reshape(m, k), _param(weight, k, acc, 1.0), _param(bias, k, acc, 0.0),
+                         float(eps), _np(mean).reshape(m), _np(invstd).reshape(m), chunks)
+    return y, mean, invstd
+
+
+def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+                 needs: tuple[bool, bool, bool]):
+    m, k = x.shape[0], x.shape[1]
+    acc = acc_dtype(x.dtype)
+    need_dx = bool(needs[0])
+    need_wb = bool(needs[1] or needs[2])
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty(k, dtype=acc)
+    db = torch.empty(k, dtype=acc)
+    xa = _np(x).reshape(m, k)
+    chunks = _ln_chunks(m, x.numel())
+    with _LAUNCH:
+        _pick(_k.ln_bwd)(_np(dy).reshape(m, k), xa, _param(weight, k, acc, 1.0), _vec(mean, acc).reshape(m),
+                         _vec(invstd, acc).reshape(m), need_dx, need_wb, _np(dx).reshape(m, k) if need_dx else xa,
+                         _np(dw), _np(db), chunks)
+    return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
 __all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_eval_forward", "bn_backward",

@@ -606,3 +606,138 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
             for s in range(ns):
                 xh = (up(x[n, c, s]) - mu) * inv
                 dx[n, c, s] = down(up(dy[n, c, s]) * k_g + xh * k_x + k_0, dx)
+
+
+# ------------------------------------------------------------------------------------------------------
+# layer norm: (M, K) rows of K contiguous values, statistics per row, affine per k (group norm, G = 1, S = 1)
+#
+# One row is at most a few hundred KiB, so its passes after the first come from L1/L2. Sums accumulate in the
+# compute dtype (float32 lanes for float32/bfloat16/float16 storage: float64 halves the vector width) within
+# blocks of _BLOCK elements, merged in float64; the statistics are two-pass on data shifted by the row's first
+# value, so a constant row gives exactly ``bias`` and 1e4 + N(0, 1) in float32 keeps float32 accuracy.
+# ------------------------------------------------------------------------------------------------------
+_BLOCK = 2048
+
+
+@njit(inline="always")
+def _ln_block_sum(xb, shift):
+    a = like(0.0, shift)
+    for i in range(xb.size):
+        a += up(xb[i]) - shift
+    return a
+
+
+@njit(inline="always")
+def _ln_block_sum2(xb, shift, m_s):
+    a1 = like(0.0, shift)
+    a2 = like(0.0, shift)
+    for i in range(xb.size):
+        e = (up(xb[i]) - shift) - m_s
+        a1 += e
+        a2 += e * e
+    return a1, a2
+
+
+@njit(inline="always")
+def _ln_row_fwd(xr, yr, w, b, eps, k):
+    """Normalizes one row; returns (mean, invstd) in float64. Blocks are slices (loops from 0 with a known
+    length: the form LLVM vectorizes)."""
+    shift = up(xr[0])
+    t1 = 0.0
+    for lo in range(0, k, _BLOCK):
+        t1 += np.float64(_ln_block_sum(xr[lo:lo + _BLOCK], shift))
+    m_s = like(t1 / k, shift)
+    t1 = 0.0
+    t2 = 0.0
+    for lo in range(0, k, _BLOCK):
+        a1, a2 = _ln_block_sum2(xr[lo:lo + _BLOCK], shift, m_s)
+        t1 += np.float64(a1)
+        t2 += np.float64(a2)
+    r64 = t1 / k
+    v64 = max(t2 / k - r64 * r64, 0.0)
+    inv = 1.0 / np.sqrt(np.float64(like(v64, shift) + like(eps, shift)))
+    inv_c = like(inv, shift)
+    for i in range(k):
+        yr[i] = down(((up(xr[i]) - shift) - m_s) * inv_c * w[i] + b[i], yr)
+    return np.float64(shift) + np.float64(m_s) + r64, inv
+
+
+@_kernel
+def ln_fwd(x, y, w, b, eps, mean, invstd, nchunks):
+    """x, y: (M, K); w, b: (K,) in the compute dtype; mean, invstd: (M,) in the compute dtype."""
+    m_rows, k = x.shape
+    step = (m_rows + nchunks - 1) // nchunks
+    for t in prange(nchunks):
+        for r in range(t * step, min(t * step + step, m_rows)):
+            mu, inv = _ln_row_fwd(x[r], y[r], w, b, eps, k)
+            mean[r] = mu
+            invstd[r] = inv
+
+
+@njit(inline="always")
+def _ln_block_grad(dyb, xb, wb, mu, inv, need_wb, dwb, dbb):
+    """(sum g, sum g * xhat) over one block, g = dy * w; adds dy * xhat and dy to the dweight/dbias partials."""
+    a1 = like(0.0, mu)
+    a2 = like(0.0, mu)
+    if need_wb:
+        for i in range(xb.size):
+            xh = (up(xb[i]) - mu) * inv
+            d = up(dyb[i])
+            g = d * wb[i]
+            a1 += g
+            a2 += g * xh
+            dwb[i] += d * xh
+            dbb[i] += d
+    else:
+        for i in range(xb.size):
+            xh = (up(xb[i]) - mu) * inv
+            g = up(dyb[i]) * wb[i]
+            a1 += g
+            a2 += g * xh
+    return a1, a2
+
+
+@njit(inline="always")
+def _ln_row_bwd(dyr, xr, w, mu, inv, k, need_dx, need_wb, dxr, dwp, dbp):
+    sg = 0.0
+    sgx = 0.0
+    for lo in range(0, k, _BLOCK):
+        hi = lo + _BLOCK
+        a1, a2 = _ln_block_grad(dyr[lo:hi], xr[lo:hi], w[lo:hi], mu, inv, need_wb, dwp[lo:hi], dbp[lo:hi])
+        sg += np.float64(a1)
+        sgx += np.float64(a2)
+    if need_dx:
+        k_x = like(-np.float64(inv) * sgx / k, mu)
+        k_0 = like(-np.float64(inv) * sg / k, mu)
+        for i in range(k):
+            xh = (up(xr[i]) - mu) * inv
+            dxr[i] = down(up(dyr[i]) * (inv * w[i]) + xh * k_x + k_0, dxr)
+
+
+@_kernel
+def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
+    """dy, x, dx: (M, K); w, dw, db: (K,) in the compute dtype; per-chunk partial sums of dw/db in the compute
+    dtype, merged in float64."""
+    m_rows, k = x.shape
+    step = (m_rows + nchunks - 1) // nchunks
+    dwp = _scratch2(nchunks, k, w)
+    dbp = _scratch2(nchunks, k, w)
+    for t in prange(nchunks):
+        for r in range(t * step, min(t * step + step, m_rows)):
+            mu = like(mean[r], w[0])
+            inv = like(invstd[r], w[0])
+            _ln_row_bwd(dy[r], x[r], w, mu, inv, k, need_dx, need_wb, dx[r], dwp[t], dbp[t])
+    if need_wb:
+        for i in range(k):
+            s1 = 0.0
+            s2 = 0.0
+            for t in range(nchunks):
+                s1 += dwp[t, i]
+                s2 += dbp[t, i]
+            dw[i] = s1
+            db[i] = s2
+
+
+@njit(cache=True)
+def _scratch2(m, n, like_arr):
+    return np.zeros((m, n), dtype=like_arr.dtype)
