@@ -104,28 +104,65 @@ def _layout(x: Tensor) -> str | None:
 
 def supports(x: Tensor) -> bool:
     """Whether this backend handles ``x`` (device, dtype, rank, memory layout)."""
-    return (x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.dim() >= 2 and x.numel() > 0
-            and not x.is_neg() and _layout(x) is not None)
+    return (x.is_cpu and x.dtype in SUPPORTED_DTYPES and x.dim() >= 2 and x.numel() > 0 and not x.is_neg()
+            and _layout(x) is not None)
+
+
+# Per-call overhead matters for small layers ((256, 120) runs in ~10 us), and every torch -> numpy view costs
+# 1.5-2.5 us, every torch allocation ~2 us: outputs are allocated with numpy and wrapped with torch.from_numpy,
+# inputs are viewed once and reshaped on the numpy side, constant weight/bias arrays are cached.
+_NP_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
+               torch.float16: np.uint16}
+_NP_ACC = {torch.float32: np.float32, torch.float64: np.float64}
+_CONST: dict = {}  # (length, acc dtype, fill) -> numpy array, never written by the kernels
 
 
 def _np(t: Tensor) -> np.ndarray:
     """Zero-copy numpy view; bfloat16 as int16 bits, float16 as uint16 bits."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
+    if t.requires_grad:
+        t = t.detach()
+    dt = t.dtype
+    if dt is torch.float32 or dt is torch.float64:
+        return t.numpy()
+    if dt is torch.bfloat16:
         return t.view(torch.int16).numpy()
-    if t.dtype == torch.float16:
+    if dt is torch.float16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+def _rows_shape(x: Tensor) -> tuple[int, int]:
+    c = x.shape[1]
+    return x.numel() // c, c
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """(N, C, S) view for 'ncs', (M, C) view for 'rows' -- no copy."""
     n, c = t.shape[0], t.shape[1]
     if layout == "ncs":
-        return _np(t.view(n, c, -1))
+        return _np(t).reshape(n, c, -1)
     if t.is_contiguous():
-        return _np(t.view(n, c))
-    return _np(t.movedim(1, -1).reshape(-1, c))  # channels_last: (N, *, C) is contiguous, reshape is a view
+        return _np(t).reshape(n, c)
+    return _np(t.movedim(1, -1)).reshape(-1, c)  # channels_last: (N, *, C) is contiguous, reshape is a view
+
+
+def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
+    """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``)."""
+    if not x.is_contiguous():  # channels_last
+        y = torch.empty_like(x)
+        return y, _view(y, layout)
+    a = np.empty(x.shape, _NP_STORAGE[x.dtype])
+    y = torch.from_numpy(a)
+    if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
+        y = y.view(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    return y, a.reshape(n, c, -1) if layout == "ncs" else a.reshape(n, c)
+
+
+def _empty(shape, acc: torch.dtype) -> tuple[Tensor, np.ndarray]:
+    """A new ``acc`` tensor (float32/float64) and its numpy view."""
+    a = np.empty(shape, _NP_ACC[acc])
+    return torch.from_numpy(a), a
 
 
 def _match(dy: Tensor, x: Tensor) -> Tensor:
@@ -140,25 +177,54 @@ def _match(dy: Tensor, x: Tensor) -> Tensor:
     return dy.contiguous(memory_format=fmt)
 
 
+_VIEWS: dict = {}  # id(parameter) -> (parameter, data_ptr, numpy view); holds at most _VIEWS_MAX parameters
+_VIEWS_MAX = 256
+
+
 def _param(p: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
+    """weight/bias as a numpy vector in ``dtype`` (a view when it already is one; cached ones/zeros for None)."""
     if p is None:
-        return np.full(c, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
-    return p.detach().to(dtype).contiguous().numpy()
+        key = (c, dtype, fill)
+        a = _CONST.get(key)
+        if a is None:
+            a = _CONST[key] = np.full(c, fill, dtype=_NP_ACC[dtype])
+        return a
+    if p.dtype is not dtype or not p.is_contiguous():
+        return _np(p.detach().to(dtype).contiguous())
+    if not p.is_leaf:
+        return _np(p)
+    # leaf tensors (module parameters) are the same objects call after call, updated in place: their numpy view
+    # stays valid as long as the tensor keeps its storage (``p.data = ...`` changes data_ptr and misses)
+    hit = _VIEWS.get(id(p))
+    if hit is not None and hit[0] is p and hit[1] == p.data_ptr():
+        return hit[2]
+    a = _np(p)
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    _VIEWS[id(p)] = (p, p.data_ptr(), a)
+    return a
 
 
-def _vec(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    return t.detach().to(dtype).contiguous().numpy()
+def _vec(t: Tensor, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
+    """A statistics vector in ``dtype`` (no cache: these are fresh tensors)."""
+    if t.dtype is not dtype or not t.is_contiguous():
+        t = t.detach().to(dtype).contiguous()
+    return _np(t)
 
 
-def _pick(kernel):
-    """The parallel kernel, or its single-threaded twin when this call runs on one thread."""
-    return kernel.serial if _state.threads == 1 else kernel
-
-
-def _chunks(x: Tensor, rows: int) -> int:
+def _nchunks(threads: int, rows: int, numel: int) -> int:
     """Row chunks for the (M, C) loops: a few per thread (dynamic scheduling), fewer for small inputs."""
-    threads = _sync_threads(x.numel())
-    return max(1, min(4 * threads, rows, x.numel() // 16384))
+    return max(1, min(4 * threads, rows, numel // 16384))
+
+
+def _run(kernel, threads: int, *args) -> None:
+    """Calls the serial twin directly (no lock needed: nothing is launched), the parallel kernel under the
+    launch lock."""
+    if threads == 1:
+        kernel.serial(*args)
+    else:
+        with _LAUNCH:
+            kernel(*args)
 
 
 def _act(act: str) -> int:
@@ -171,52 +237,54 @@ def _act(act: str) -> int:
 # ------------------------------------------------------------------------------------------------------
 # batch norm
 # ------------------------------------------------------------------------------------------------------
-def _bn_forward(x, y, weight, bias, eps, act, mode, mean_in=None, invstd_in=None):
-    acc = acc_dtype(x.dtype)
+def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, want_y=True):
+    """Returns (y, mean, second); y is None when not wanted (statistics only)."""
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
-    _sync_threads(x.numel())
+    numel = x.numel()
+    threads = _sync_threads(numel)
     layout = _layout(x)
     w = _param(weight, c, acc, 1.0)
     b = _param(bias, c, acc, 0.0)
     if mode == _k.MODE_EVAL:
-        mean, second = mean_in, invstd_in
+        mean = second = None
+        ma, sa = mean_in, invstd_in
     else:
-        mean = torch.empty(c, dtype=acc)
-        second = torch.empty(c, dtype=acc)
+        mean, ma = _empty(c, acc)
+        second, sa = _empty(c, acc)
     xa = _view(x, layout)
-    ya = xa if y is None else _view(y, layout)
-    args = (xa, ya, w, b, float(eps), _act(act), mode, _np(mean), _np(second))
-    chunks = _chunks(x, xa.shape[0])
-    with _LAUNCH:
-        if layout == "ncs":
-            _pick(_k.bn_fwd_ncs)(*args)
-        else:
-            _pick(_k.bn_fwd_rows)(*args, chunks)
-    return mean, second
+    if want_y:
+        y, ya = _empty_like(x, layout)
+    else:
+        y, ya = None, xa
+    code = _act(act)
+    if layout == "ncs":
+        _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa)
+    else:
+        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
+             _nchunks(threads, xa.shape[0], numel))
+    return y, mean, second
 
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *) in ``acc_dtype``: one read."""
-    return _bn_forward(x, None, None, None, 0.0, "identity", _k.MODE_STATS)
+    _, mean, var = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
+    return mean, var
 
 
 def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                      act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
     """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write."""
-    y = torch.empty_like(x)
-    mean, invstd = _bn_forward(x, y, weight, bias, eps, act, _k.MODE_TRAIN)
-    return y, mean, invstd
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)
 
 
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
     """Evaluation forward with the running statistics: 1 read, 1 write."""
-    acc = acc_dtype(x.dtype)
-    invstd = torch.rsqrt(running_var.detach().to(acc) + eps).contiguous()
-    mean = running_mean.detach().to(acc).contiguous()
-    y = torch.empty_like(x)
-    _bn_forward(x, y, weight, bias, eps, act, _k.MODE_EVAL, mean, invstd)
-    return y
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    mean = _vec(running_mean, running_mean.shape[0], acc, 0.0)
+    invstd = 1.0 / np.sqrt(_vec(running_var, running_var.shape[0], acc, 1.0) + np.asarray(eps, mean.dtype))
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, mean, invstd.astype(mean.dtype, copy=False))[0]
 
 
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
@@ -224,25 +292,26 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
                 needs: tuple[bool, bool, bool] = (True, True, True)
                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Closed-form backward (see :func:`normlab.kernels.portable.bn_backward`): 2 reads of (x, dy), 1 write."""
-    acc = acc_dtype(x.dtype)
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
-    _sync_threads(x.numel())
+    numel = x.numel()
+    threads = _sync_threads(numel)
     layout = _layout(x)
     dy = _match(dy, x)
     need_dx = bool(needs[0])
-    dx = torch.empty_like(x) if need_dx else None
-    dw = torch.empty(c, dtype=acc)
-    db = torch.empty(c, dtype=acc)
     xa = _view(x, layout)
-    args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), _vec(mean, acc),
-            _vec(invstd, acc), _act(act), bool(training), need_dx,
-            _view(dx, layout) if need_dx else xa, _np(dw), _np(db))
-    chunks = _chunks(x, xa.shape[0])
-    with _LAUNCH:
-        if layout == "ncs":
-            _pick(_k.bn_bwd_ncs)(*args)
-        else:
-            _pick(_k.bn_bwd_rows)(*args, chunks)
+    if need_dx:
+        dx, dxa = _empty_like(x, layout)
+    else:
+        dx, dxa = None, xa
+    dw, dwa = _empty(c, acc)
+    db, dba = _empty(c, acc)
+    args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), _vec(mean, c, acc, 0.0),
+            _vec(invstd, c, acc, 1.0), _act(act), bool(training), need_dx, dxa, dwa, dba)
+    if layout == "ncs":
+        _run(_k.bn_bwd_ncs, threads, *args)
+    else:
+        _run(_k.bn_bwd_rows, threads, *args, _nchunks(threads, xa.shape[0], numel))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
@@ -258,14 +327,13 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     n, c, s = x.shape
     if groups == 1 and s == 1:
         return _ln_forward(x, weight, bias, eps)
-    acc = acc_dtype(x.dtype)
-    _sync_threads(x.numel())
-    y = torch.empty_like(x)
-    mean = torch.empty(n, groups, dtype=acc)
-    invstd = torch.empty(n, groups, dtype=acc)
-    with _LAUNCH:
-        _pick(_k.gn_fwd)(_np(x), _np(y), _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), int(groups),
-                  float(eps), _np(mean), _np(invstd))
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    threads = _sync_threads(x.numel())
+    y, ya = _empty_like(x, "ncs")
+    mean, ma = _empty((n, groups), acc)
+    invstd, ia = _empty((n, groups), acc)
+    _run(_k.gn_fwd, threads, _view(x, "ncs"), ya, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0),
+         int(groups), float(eps), ma, ia)
     return y, mean, invstd
 
 
@@ -278,16 +346,19 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     n, c, s = x.shape
     if groups == 1 and s == 1:
         return _ln_backward(dy, x, weight, mean, invstd, needs)
-    acc = acc_dtype(x.dtype)
-    _sync_threads(x.numel())
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    threads = _sync_threads(x.numel())
     need_dx = bool(needs[0])
-    dx = torch.empty_like(x) if need_dx else None
+    xa = _view(x, "ncs")
+    if need_dx:
+        dx, dxa = _empty_like(x, "ncs")
+    else:
+        dx, dxa = None, xa
     dw_part = np.empty((n, c))
     db_part = np.empty((n, c))
-    xa = _np(x)
-    with _LAUNCH:
-        _pick(_k.gn_bwd)(_np(dy), xa, _param(weight, c, acc, 1.0), _vec(mean, acc), _vec(invstd, acc), int(groups),
-                  need_dx, _np(dx) if need_dx else xa, dw_part, db_part)
+    _run(_k.gn_bwd, threads, _view(dy, "ncs"), xa, _param(weight, c, acc, 1.0),
+         _vec(mean, n * groups, acc, 0.0).reshape(n, groups), _vec(invstd, n * groups, acc, 1.0).reshape(n, groups),
+         int(groups), need_dx, dxa, dw_part, db_part)
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
     return dx, dw, db
@@ -299,40 +370,38 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
 _LN_ROWS_PER_CHUNK = 256  # bounds the rows summed into one compute-dtype partial of dweight/dbias
 
 
-def _ln_chunks(m: int, numel: int) -> int:
-    threads = _sync_threads(numel)
+def _ln_chunks(threads: int, m: int) -> int:
     return max(1, min(m, max(4 * threads, -(-m // _LN_ROWS_PER_CHUNK))))
 
 
 def _ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     m, k = x.shape[0], x.shape[1]
-    acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x)
-    mean = torch.empty(m, 1, dtype=acc)
-    invstd = torch.empty(m, 1, dtype=acc)
-    xa = _np(x).reshape(m, k)
-    chunks = _ln_chunks(m, x.numel())
-    with _LAUNCH:
-        _pick(_k.ln_fwd)(xa, _np(y).reshape(m, k), _param(weight, k, acc, 1.0), _param(bias, k, acc, 0.0),
-                         float(eps), _np(mean).reshape(m), _np(invstd).reshape(m), chunks)
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    threads = _sync_threads(x.numel())
+    y, ya = _empty_like(x, "rows")
+    mean, ma = _empty((m, 1), acc)
+    invstd, ia = _empty((m, 1), acc)
+    _run(_k.ln_fwd, threads, _view(x, "rows"), ya, _param(weight, k, acc, 1.0), _param(bias, k, acc, 0.0),
+         float(eps), ma.reshape(m), ia.reshape(m), _ln_chunks(threads, m))
     return y, mean, invstd
 
 
 def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
                  needs: tuple[bool, bool, bool]):
     m, k = x.shape[0], x.shape[1]
-    acc = acc_dtype(x.dtype)
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    threads = _sync_threads(x.numel())
     need_dx = bool(needs[0])
     need_wb = bool(needs[1] or needs[2])
-    dx = torch.empty_like(x) if need_dx else None
-    dw = torch.empty(k, dtype=acc)
-    db = torch.empty(k, dtype=acc)
-    xa = _np(x).reshape(m, k)
-    chunks = _ln_chunks(m, x.numel())
-    with _LAUNCH:
-        _pick(_k.ln_bwd)(_np(dy).reshape(m, k), xa, _param(weight, k, acc, 1.0), _vec(mean, acc).reshape(m),
-                         _vec(invstd, acc).reshape(m), need_dx, need_wb, _np(dx).reshape(m, k) if need_dx else xa,
-                         _np(dw), _np(db), chunks)
+    xa = _view(x, "rows")
+    if need_dx:
+        dx, dxa = _empty_like(x, "rows")
+    else:
+        dx, dxa = None, xa
+    dw, dwa = _empty(k, acc)
+    db, dba = _empty(k, acc)
+    _run(_k.ln_bwd, threads, _view(dy, "rows"), xa, _param(weight, k, acc, 1.0), _vec(mean, m, acc, 0.0).reshape(m),
+         _vec(invstd, m, acc, 1.0).reshape(m), need_dx, need_wb, dxa, dwa, dba, _ln_chunks(threads, m))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
