@@ -295,3 +295,21 @@ def test_layer_norm_rows_parallel_path():
     dy = torch.randn_like(x)
     for g, r in zip(cpu.gn_backward(dy, x, w, mean, invstd, 1), portable.gn_backward(dy, x, w, mean, invstd, 1)):
         _close(g, r, 1e-4, rel=True)
+
+
+def test_parameter_views_follow_in_place_updates_and_reassignment():
+    """The cached numpy views of leaf parameters must see in-place updates and notice ``p.data = ...``."""
+    x = torch.randn(16, 5)
+    w = torch.nn.Parameter(torch.ones(5))
+    b = torch.nn.Parameter(torch.zeros(5))
+    for _ in range(2):
+        y, _, _ = cpu.bn_train_forward(x, w, b, 1e-5)
+        _close(y, portable.bn_train_forward(x, w, b, 1e-5)[0], 1e-5)
+        with torch.no_grad():
+            w.mul_(2.0)
+            b.add_(0.5)
+    w.data = torch.full((5,), -3.0)
+    y, _, _ = cpu.bn_train_forward(x, w, b, 1e-5)
+    _close(y, portable.bn_train_forward(x, w, b, 1e-5)[0], 1e-5)
+    y, _, _ = cpu.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)
+    _close(y, portable.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)[0], 1e-5)

@@ -65,6 +65,36 @@ def timeit(fn, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: in
     return min(times) if STAT["name"] == "min" else statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: int = 2,
+                       log=None) -> dict:
+    """Seconds per call of each ``fns[name]()``, measured in alternating rounds (one call of each contender per
+    round) so that a change of load on a shared host hits every contender alike; ``budget`` seconds per
+    contender. A contender that raises during warm-up is reported through ``log`` and left out."""
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            t0 = time.perf_counter()
+            fn()
+            live[name] = (fn, time.perf_counter() - t0)
+        except Exception as err:  # e.g. torch.compile without a working C++ toolchain
+            if log is not None:
+                log(f"  {name}: failed ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+    if not live:
+        return {}
+    slowest = max(one for _, one in live.values())
+    reps = max(min_reps, min(max_reps, int(budget / max(slowest, 1e-7))))
+    times: dict = {name: [] for name in live}
+    for _ in range(reps):
+        for name, (fn, _) in live.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    pick = min if STAT["name"] == "min" else statistics.median
+    return {name: pick(ts) for name, ts in times.items()}
+
+
 def copy_bandwidth(nbytes: int, budget: float) -> float:
     """GB/s of ``dst.copy_(src)`` counting read + write, on tensors larger than most L3 caches."""
     src = torch.ones(nbytes // 4)
@@ -223,18 +253,18 @@ def bench_layers(shapes, impls, budget, log) -> list[Row]:
         dst = torch.empty_like(x)
         same_size_copy = 2 * mb / 1e3 / timeit(lambda: dst.copy_(x), budget)
         by_mode = {m: Row("layers", text, m, mb, copy_gbps=same_size_copy) for m in MODES}
+        per_impl = {}
         for impl in impls:
             torch.manual_seed(0)
             layer = make_layer(impl, shape[1], len(shape))
-            fns, fwd_for_saved = modes_for(layer, x, dy)
-            for mode, fn in fns.items():
-                try:
-                    t = timeit(fn, budget)
-                except Exception as err:  # e.g. torch.compile without a working C++ toolchain
-                    log(f"  {impl} {mode}: failed ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
-                    continue
+            per_impl[impl] = modes_for(layer, x, dy)
+        for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
+            got = timeit_interleaved({impl: fns[mode] for impl, (fns, _) in per_impl.items()}, budget,
+                                     log=lambda msg, mode=mode: log(f"{msg} [{mode}]"))
+            for impl, t in got.items():
                 by_mode[mode].ms[impl] = t * 1e3
                 log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.3f} ms")
+        for impl, (_, fwd_for_saved) in per_impl.items():
             try:
                 by_mode["train_fwd_bwd"].saved_mb[impl] = saved_bytes(fwd_for_saved) / 1e6
             except Exception:
@@ -264,11 +294,13 @@ def bench_fused(shapes, budget, log) -> list[Row]:
                 "normlab_unfused": nn.Sequential(getattr(normlab, f"BatchNorm{d}")(shape[1]), torch_act()),
             }
             by_mode = {m: Row(f"fused_{act}", text, m, mb, copy_gbps=same_size_copy) for m in MODES}
-            for name, layer in contenders.items():
-                fns, fwd_for_saved = modes_for(layer, x, dy)
-                for mode, fn in fns.items():
-                    by_mode[mode].ms[name] = timeit(fn, budget) * 1e3
-                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {by_mode[mode].ms[name]:9.3f} ms")
+            per = {name: modes_for(layer, x, dy) for name, layer in contenders.items()}
+            for mode in MODES:
+                got = timeit_interleaved({name: fns[mode] for name, (fns, _) in per.items()}, budget, log=log)
+                for name, t in got.items():
+                    by_mode[mode].ms[name] = t * 1e3
+                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {t * 1e3:9.3f} ms")
+            for name, (_, fwd_for_saved) in per.items():
                 by_mode["train_fwd_bwd"].saved_mb[name] = saved_bytes(fwd_for_saved) / 1e6
             for mode, row in by_mode.items():
                 row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
@@ -303,14 +335,17 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
         case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
         for mode in ("train_fwd", "train_fwd_bwd"):
             row = Row("groupnorm", case, mode, mb, copy_gbps=same_size_copy)
+            fns = {}
             for name, f in (("normlab", ours), ("torch", theirs)):
                 if mode == "train_fwd":
-                    fn = (lambda f=f: f(x))
+                    fns[name] = (lambda f=f: f(x))
                 else:
                     def fn(f=f):
                         _clear_grads(xg, w, b)
                         f(xg).backward(dy)
-                row.ms[name] = timeit(fn, budget) * 1e3
+                    fns[name] = fn
+            for name, t in timeit_interleaved(fns, budget, log=log).items():
+                row.ms[name] = t * 1e3
                 log(f"  {case:>24} {mode:<14} {name:<8} {row.ms[name]:9.3f} ms")
             passes = 2 if mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
             row.gbps = passes * mb / 1e3 / (row.ms["normlab"] / 1e3)
