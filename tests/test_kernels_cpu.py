@@ -313,3 +313,18 @@ def test_parameter_views_follow_in_place_updates_and_reassignment():
     _close(y, portable.bn_train_forward(x, w, b, 1e-5)[0], 1e-5)
     y, _, _ = cpu.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)
     _close(y, portable.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)[0], 1e-5)
+
+
+@pytest.mark.parametrize("first", [0.0, 3.0, -50.0, 1e3])
+def test_layer_norm_rows_outlier_first_value(first):
+    """The statistics shift by each row's first value; far from the mean, a second pass takes over."""
+    gen = torch.Generator().manual_seed(9)
+    x = (5e3 + torch.randn(32, 700, 1, generator=gen, dtype=torch.float64))
+    x[:, 0] = 5e3 + first
+    x = x.float()
+    w, b = torch.randn(700, generator=gen), torch.randn(700, generator=gen)
+    y, mean, invstd = cpu.gn_forward(x, w, b, 1, 1e-5)
+    y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), 1, 1e-5)
+    _close(y, y64, 1e-3)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    _close(mean, mean64, 1e-6, rel=True)

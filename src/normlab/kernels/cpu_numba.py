@@ -613,18 +613,23 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
 #
 # One row is at most a few hundred KiB, so its passes after the first come from L1/L2. Sums accumulate in the
 # compute dtype (float32 lanes for float32/bfloat16/float16 storage: float64 halves the vector width) within
-# blocks of _BLOCK elements, merged in float64; the statistics are two-pass on data shifted by the row's first
-# value, so a constant row gives exactly ``bias`` and 1e4 + N(0, 1) in float32 keeps float32 accuracy.
+# blocks of _BLOCK elements, merged in float64; the statistics are sums of data shifted by the row's first value
+# (a second pass around the mean where that value is an outlier), so a constant row gives exactly ``bias`` and
+# 1e4 + N(0, 1) in float32 keeps float32 accuracy.
 # ------------------------------------------------------------------------------------------------------
 _BLOCK = 2048
 
 
 @njit(inline="always")
 def _ln_block_sum(xb, shift):
-    a = like(0.0, shift)
+    """(sum d, sum d * d) over one block, d = x - shift."""
+    a1 = like(0.0, shift)
+    a2 = like(0.0, shift)
     for i in range(xb.size):
-        a += up(xb[i]) - shift
-    return a
+        d = up(xb[i]) - shift
+        a1 += d
+        a2 += d * d
+    return a1, a2
 
 
 @njit(inline="always")
@@ -640,26 +645,38 @@ def _ln_block_sum2(xb, shift, m_s):
 
 @njit(inline="always")
 def _ln_row_fwd(xr, yr, w, b, eps, k):
-    """Normalizes one row; returns (mean, invstd) in float64. Blocks are slices (loops from 0 with a known
-    length: the form LLVM vectorizes)."""
+    """Normalizes one row; returns (mean, invstd) in float64. Statistics: one pass of shifted sums, and a second
+    pass around the mean only where the shift (the row's first value) lies far from it. Blocks are slices (loops
+    from 0 with a known length: the form LLVM vectorizes)."""
     shift = up(xr[0])
-    t1 = 0.0
-    for lo in range(0, k, _BLOCK):
-        t1 += np.float64(_ln_block_sum(xr[lo:lo + _BLOCK], shift))
-    m_s = like(t1 / k, shift)
     t1 = 0.0
     t2 = 0.0
     for lo in range(0, k, _BLOCK):
-        a1, a2 = _ln_block_sum2(xr[lo:lo + _BLOCK], shift, m_s)
+        a1, a2 = _ln_block_sum(xr[lo:lo + _BLOCK], shift)
         t1 += np.float64(a1)
         t2 += np.float64(a2)
-    r64 = t1 / k
-    v64 = max(t2 / k - r64 * r64, 0.0)
+    m64 = t1 / k
+    q64 = t2 / k
+    m_s = like(m64, shift)
+    mean = np.float64(shift) + m64
+    v64 = max(q64 - m64 * m64, 0.0)
+    if m64 * m64 > 0.75 * q64:
+        # the first value lies far out (> sqrt(3) standard deviations from the mean): var = q - m^2 would lose
+        # more than 2 bits, so sum again around the mean (the row is in L1/L2)
+        t1 = 0.0
+        t2 = 0.0
+        for lo in range(0, k, _BLOCK):
+            a1, a2 = _ln_block_sum2(xr[lo:lo + _BLOCK], shift, m_s)
+            t1 += np.float64(a1)
+            t2 += np.float64(a2)
+        r64 = t1 / k
+        v64 = max(t2 / k - r64 * r64, 0.0)
+        mean = np.float64(shift) + np.float64(m_s) + r64
     inv = 1.0 / np.sqrt(np.float64(like(v64, shift) + like(eps, shift)))
     inv_c = like(inv, shift)
     for i in range(k):
         yr[i] = down(((up(xr[i]) - shift) - m_s) * inv_c * w[i] + b[i], yr)
-    return np.float64(shift) + np.float64(m_s) + r64, inv
+    return mean, inv
 
 
 @_kernel
