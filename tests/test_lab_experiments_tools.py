@@ -107,3 +107,9 @@ def test_full_forms_run(tiny_data, tmp_path):
             assert (tmp_path / "runs" / name / "table.md").exists()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cli_lists_every_registered_experiment():
+    from normlab.lab.cli import EXPERIMENT_NAMES
+    from normlab.lab.experiments import EXPERIMENTS
+    assert EXPERIMENT_NAMES == list(EXPERIMENTS)

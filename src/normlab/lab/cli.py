@@ -6,7 +6,8 @@ import sys
 
 from .models import IMPLS, MODELS, NORMS, PLACEMENTS
 
-EXPERIMENT_NAMES = ["d2l", "bn-paper", "batch-size", "placement", "lr", "train-eval", "gamma-beta", "rnn"]
+EXPERIMENT_NAMES = ["d2l", "bn-paper", "batch-size", "placement", "lr", "train-eval", "gamma-beta", "rnn",
+                    "domain-shift", "precise-bn", "fold"]  # = experiments.EXPERIMENTS (kept here: fast --help)
 
 
 def _momentum(text: str) -> float | None:

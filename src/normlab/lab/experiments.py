@@ -423,6 +423,15 @@ EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
 }
 
 
+def _register_tool_experiments() -> None:
+    """The practitioner-tool experiments live in experiments_tools.py, which imports this module."""
+    from .experiments_tools import exp_domain_shift, exp_fold, exp_precise_bn
+    EXPERIMENTS.update({"domain-shift": exp_domain_shift, "precise-bn": exp_precise_bn, "fold": exp_fold})
+
+
+_register_tool_experiments()
+
+
 def run_experiment(name: str, ctx: Context) -> dict:
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
