@@ -328,3 +328,12 @@ def test_layer_norm_rows_outlier_first_value(first):
     _close(y, y64, 1e-3)
     _close(invstd, invstd64, 1e-5, rel=True)
     _close(mean, mean64, 1e-6, rel=True)
+
+
+def test_output_strides_follow_ambiguous_size_one_layouts():
+    """(N, 1, H, W) channels_last is also contiguous: outputs keep x's exact strides, as torch.empty_like does."""
+    x = torch.randn(4, 1, 5, 5).contiguous(memory_format=torch.channels_last)
+    y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
+    assert y.stride() == x.stride()
+    dx, _, _ = cpu.bn_backward(torch.randn_like(x), x, None, None, mean, invstd, "identity", True)
+    assert dx.stride() == x.stride()

@@ -148,7 +148,8 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
 
 def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
     """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``)."""
-    if not x.is_contiguous():  # channels_last
+    if not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape):
+        # channels_last, or a size-1 dimension where the strides may say either format: torch keeps them
         y = torch.empty_like(x)
         return y, _view(y, layout)
     a = np.empty(x.shape, _NP_STORAGE[x.dtype])
@@ -196,7 +197,7 @@ def _param(p: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndar
     # leaf tensors (module parameters) are the same objects call after call, updated in place: their numpy view
     # stays valid as long as the tensor keeps its storage (``p.data = ...`` changes data_ptr and misses)
     hit = _VIEWS.get(id(p))
-    if hit is not None and hit[0] is p and hit[1] == p.data_ptr():
+    if hit is not None and hit[0] is p and hit[1] == p.data_ptr() and hit[2].shape[0] == c:
         return hit[2]
     a = _np(p)
     if len(_VIEWS) >= _VIEWS_MAX:
