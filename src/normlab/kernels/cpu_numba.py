@@ -350,23 +350,32 @@ def _scratch(n, like_arr):
     return np.zeros(n, dtype=like_arr.dtype)
 
 
+_ROW_BLOCK = 64  # rows summed in compute-dtype lanes before a float64 merge
+
+
 @njit(**_OPTS)
 def _row_sums(x, shift, lo, hi, s1, s2):
-    """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi (accumulated in locals)."""
+    """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi: per block of _ROW_BLOCK rows in the
+    compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64."""
     nc = x.shape[1]
-    a1 = np.zeros(nc)
-    a2 = np.zeros(nc)
-    sh = np.empty(nc)
+    sh = np.empty(nc, dtype=shift.dtype)
     for c in range(nc):
         sh[c] = shift[c]
-    for r in range(lo, hi):
+    b1 = np.empty(nc, dtype=shift.dtype)
+    b2 = np.empty(nc, dtype=shift.dtype)
+    for r0 in range(lo, hi, _ROW_BLOCK):
         for c in range(nc):
-            d = np.float64(up(x[r, c])) - sh[c]
-            a1[c] += d
-            a2[c] += d * d
-    for c in range(nc):
-        s1[c] += a1[c]
-        s2[c] += a2[c]
+            b1[c] = 0
+            b2[c] = 0
+        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
+            xr = x[r]
+            for c in range(nc):
+                d = up(xr[c]) - sh[c]
+                b1[c] += d
+                b2[c] += d * d
+        for c in range(nc):
+            s1[c] += np.float64(b1[c])
+            s2[c] += np.float64(b2[c])
 
 
 @_kernel
