@@ -44,7 +44,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # must happen before the first pa
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import cpu_numba as _k  # noqa: E402
-from .portable import ACTIVATIONS, acc_dtype  # noqa: E402
+from .portable import ACTIVATIONS  # noqa: E402
 
 _ACT_CODE = {"identity": _k.IDENTITY, "relu": _k.RELU, "silu": _k.SILU, "sigmoid": _k.SIGMOID}
 
