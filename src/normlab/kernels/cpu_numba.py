@@ -1,8 +1,9 @@
 """numba building blocks for the CPU kernels: element conversion, activations, and the loops themselves.
 
 Element types. The loops read any of four storage types and compute in the *compute dtype* (float64 for
-float64 storage, float32 otherwise); sums always accumulate in float64, which costs nothing on a
-memory-bound pass and keeps shifted sums exact enough for a float32 mean near 1e6.
+float64 storage, float32 otherwise). Sums run in compute-dtype lanes within blocks (at most 2048 elements,
+or 64 rows of the (M, C) layout) and are merged in float64: full vector width, and a shifted sum stays exact
+enough for a float32 mean near 1e6.
 
 * float32 / float64: used as is.
 * bfloat16 is passed as ``int16`` (torch's bits): widening is a 16-bit shift into a float32's high half;
@@ -221,58 +222,154 @@ def act_grad(g, z, act):
 
 
 # ------------------------------------------------------------------------------------------------------
-# batch norm, (N, C, S) layout: one task per channel
+# block sums: compute-dtype lanes within a block of at most _BLOCK elements, merged in float64 by the caller
+#
+# float64 accumulators halve the vector width of a float32 loop; a block's float32 sum of at most 2048 shifted
+# values loses nothing that matters (relative ~1e-6 with 8-16 vector lanes), and the float64 merge keeps a
+# channel of millions of values exact. Every inner loop runs over a 1-D slice from index 0 with a known length:
+# the form LLVM vectorizes.
 # ------------------------------------------------------------------------------------------------------
+_BLOCK = 2048
+
+
+@njit(inline="always")
+def _block_sums(xb, shift):
+    """(sum d, sum d * d) over one block, d = x - shift."""
+    a1 = like(0.0, shift)
+    a2 = like(0.0, shift)
+    for i in range(xb.size):
+        d = up(xb[i]) - shift
+        a1 += d
+        a2 += d * d
+    return a1, a2
+
+
+@njit(inline="always")
+def _block_sums_around(xb, shift, m_s):
+    """(sum e, sum e * e) over one block, e = (x - shift) - m_s."""
+    a1 = like(0.0, shift)
+    a2 = like(0.0, shift)
+    for i in range(xb.size):
+        e = (up(xb[i]) - shift) - m_s
+        a1 += e
+        a2 += e * e
+    return a1, a2
+
+
+@njit(inline="always")
+def _moments(t1, t2, cnt):
+    """(mean of d, second moment of d, biased variance) from float64 shifted sums."""
+    m64 = t1 / cnt
+    q64 = t2 / cnt
+    return m64, q64, max(q64 - m64 * m64, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# batch norm, (N, C, S) layout: one task per channel, its N rows of S contiguous values
+# ------------------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _chan_sums(x, c, shift):
+    t1 = 0.0
+    t2 = 0.0
+    ns = x.shape[2]
+    for n in range(x.shape[0]):
+        xr = x[n, c]
+        for lo in range(0, ns, _BLOCK):
+            a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift)
+            t1 += np.float64(a1)
+            t2 += np.float64(a2)
+    return t1, t2
+
+
+@njit(inline="always")
+def _chan_sums_around(x, c, shift, m_s):
+    t1 = 0.0
+    t2 = 0.0
+    ns = x.shape[2]
+    for n in range(x.shape[0]):
+        xr = x[n, c]
+        for lo in range(0, ns, _BLOCK):
+            a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_s)
+            t1 += np.float64(a1)
+            t2 += np.float64(a2)
+    return t1, t2
+
+
+@njit(inline="always")
+def _normalize_loop(x, y, c, ref, m_s, a, bb, act):
+    for n in range(x.shape[0]):
+        xr = x[n, c]
+        yr = y[n, c]
+        for i in range(xr.size):
+            yr[i] = down(act_fwd(((up(xr[i]) - ref) - m_s) * a + bb, act), yr)
+
+
+@njit(**_OPTS)
+def _chan_normalize(x, y, c, ref, m_s, a, bb, act):
+    """y[:, c] = act(((x - ref) - m_s) * a + bb); one loop per activation (a constant act vectorizes)."""
+    if act == RELU:
+        _normalize_loop(x, y, c, ref, m_s, a, bb, RELU)
+    elif act == SILU:
+        _normalize_loop(x, y, c, ref, m_s, a, bb, SILU)
+    elif act == SIGMOID:
+        _normalize_loop(x, y, c, ref, m_s, a, bb, SIGMOID)
+    else:
+        _normalize_loop(x, y, c, ref, m_s, a, bb, IDENTITY)
+
+
 @_kernel
 def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
     """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only;
-    EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= invstd)."""
+    EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= invstd).
+
+    Statistics: sums of x - shift (shift = the channel's first value) per block, merged in float64; where the
+    shift lies far from the mean (> sqrt(3) standard deviations, so q - m^2 would lose more than 2 bits) a
+    second pass sums around the mean. The channel's second read usually comes from L2."""
     nb, nc, ns = x.shape
     cnt = nb * ns
     for c in prange(nc):
         shift = up(x[0, c, 0])
         if mode == MODE_EVAL:
-            m_s = like(0.0, shift)
-            ref = like(mean[c], shift)
-            a = like(var_or_invstd[c] * w[c], shift)
-            bb = like(b[c], shift)
-        else:
-            s1 = 0.0
-            s2 = 0.0
-            sh = np.float64(shift)
-            for n in range(nb):
-                for s in range(ns):
-                    d = np.float64(up(x[n, c, s])) - sh
-                    s1 += d
-                    s2 += d * d
-            m64 = s1 / cnt
-            v64 = max(s2 / cnt - m64 * m64, 0.0)
-            mean[c] = sh + m64
-            if mode == MODE_STATS:
-                var_or_invstd[c] = v64
-                continue
-            inv = 1.0 / np.sqrt(np.float64(like(v64, w[c]) + like(eps, w[c])))
-            var_or_invstd[c] = inv
-            ref = shift
-            m_s = like(m64, shift)
-            a = like(inv * w[c], shift)
-            bb = like(b[c], shift)
-        for n in range(nb):
-            for s in range(ns):
-                z = ((up(x[n, c, s]) - ref) - m_s) * a + bb
-                y[n, c, s] = down(act_fwd(z, act), y)
+            _chan_normalize(x, y, c, like(mean[c], shift), like(0.0, shift), like(var_or_invstd[c] * w[c], shift),
+                            like(b[c], shift), act)
+            continue
+        t1, t2 = _chan_sums(x, c, shift)
+        m64, q64, v64 = _moments(t1, t2, cnt)
+        m_s = like(m64, shift)
+        mu64 = np.float64(shift) + m64
+        if m64 * m64 > 0.75 * q64:
+            t1, t2 = _chan_sums_around(x, c, shift, m_s)
+            r64, _, v64 = _moments(t1, t2, cnt)
+            mu64 = np.float64(shift) + np.float64(m_s) + r64
+        mean[c] = mu64
+        if mode == MODE_STATS:
+            var_or_invstd[c] = v64
+            continue
+        inv = 1.0 / np.sqrt(np.float64(like(v64, w[c]) + like(eps, w[c])))
+        var_or_invstd[c] = inv
+        _chan_normalize(x, y, c, shift, m_s, like(inv * w[c], shift), like(b[c], shift), act)
 
 
 @njit(inline="always")
 def _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, act):
     s_g = 0.0
     s_gx = 0.0
+    ns = x.shape[2]
     for n in range(x.shape[0]):
-        for s in range(x.shape[2]):
-            xh = (up(x[n, c, s]) - mu) * inv
-            g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
-            s_g += g
-            s_gx += g * xh
+        xr = x[n, c]
+        dyr = dy[n, c]
+        for lo in range(0, ns, _BLOCK):
+            xb = xr[lo:lo + _BLOCK]
+            db = dyr[lo:lo + _BLOCK]
+            a1 = like(0.0, mu)
+            a2 = like(0.0, mu)
+            for i in range(xb.size):
+                xh = (up(xb[i]) - mu) * inv
+                g = act_grad(up(db[i]), xh * wc + bc, act)
+                a1 += g
+                a2 += g * xh
+            s_g += np.float64(a1)
+            s_gx += np.float64(a2)
     return s_g, s_gx
 
 
@@ -291,10 +388,13 @@ def _chan_grad_sums(dy, x, c, mu, inv, wc, bc, act):
 @njit(inline="always")
 def _chan_dx_loop(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
     for n in range(x.shape[0]):
-        for s in range(x.shape[2]):
-            xh = (up(x[n, c, s]) - mu) * inv
-            g = act_grad(up(dy[n, c, s]), xh * wc + bc, act)
-            dx[n, c, s] = down(g * k_g + xh * k_x + k_0, dx)
+        xr = x[n, c]
+        dyr = dy[n, c]
+        dxr = dx[n, c]
+        for i in range(xr.size):
+            xh = (up(xr[i]) - mu) * inv
+            g = act_grad(up(dyr[i]), xh * wc + bc, act)
+            dxr[i] = down(g * k_g + xh * k_x + k_0, dxr)
 
 
 @njit(**_OPTS)
@@ -419,50 +519,77 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         if mode == MODE_STATS:
             return
     for t in prange(nchunks):
-        lo = t * step
-        hi = min(lo + step, m_rows)
-        for r in range(lo, hi):
-            for c in range(nc):
-                z = (up(x[r, c]) - ref[c]) * a[c] + bb[c]
-                y[r, c] = down(act_fwd(z, act), y)
+        _rows_normalize(x, y, t * step, min(t * step + step, m_rows), ref, a, bb, act)
 
 
 @njit(inline="always")
-def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, a1, a2):
+def _rows_normalize_loop(x, y, lo, hi, ref, a, bb, act):
     for r in range(lo, hi):
-        for c in range(x.shape[1]):
-            xh = (up(x[r, c]) - mu[c]) * inv[c]
-            g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
-            a1[c] += g
-            a2[c] += g * xh
+        xr = x[r]
+        yr = y[r]
+        for c in range(xr.size):
+            yr[c] = down(act_fwd((up(xr[c]) - ref[c]) * a[c] + bb[c], act), yr)
+
+
+@njit(**_OPTS)
+def _rows_normalize(x, y, lo, hi, ref, a, bb, act):
+    """y[r] = act((x[r] - ref) * a + bb) for rows lo..hi; one loop per activation."""
+    if act == RELU:
+        _rows_normalize_loop(x, y, lo, hi, ref, a, bb, RELU)
+    elif act == SILU:
+        _rows_normalize_loop(x, y, lo, hi, ref, a, bb, SILU)
+    elif act == SIGMOID:
+        _rows_normalize_loop(x, y, lo, hi, ref, a, bb, SIGMOID)
+    else:
+        _rows_normalize_loop(x, y, lo, hi, ref, a, bb, IDENTITY)
+
+
+@njit(inline="always")
+def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
+    nc = x.shape[1]
+    for r0 in range(lo, hi, _ROW_BLOCK):
+        for c in range(nc):
+            b1[c] = 0
+            b2[c] = 0
+        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
+            xr = x[r]
+            dyr = dy[r]
+            for c in range(nc):
+                xh = (up(xr[c]) - mu[c]) * inv[c]
+                g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
+                b1[c] += g
+                b2[c] += g * xh
+        for c in range(nc):
+            s1[c] += np.float64(b1[c])
+            s2[c] += np.float64(b2[c])
 
 
 @njit(**_OPTS)
 def _row_grad_sums(dy, x, mu, inv, w, b, act, lo, hi, s1, s2):
-    """Per-channel sums of g = dL/dz and g * xhat over rows lo..hi; one loop per activation (constant act)."""
-    nc = x.shape[1]
-    a1 = np.zeros(nc)
-    a2 = np.zeros(nc)
+    """Per-channel sums of g = dL/dz and g * xhat over rows lo..hi, in compute-dtype lanes per block of
+    _ROW_BLOCK rows merged in float64; one loop per activation (constant act)."""
+    b1 = np.empty(x.shape[1], dtype=mu.dtype)
+    b2 = np.empty(x.shape[1], dtype=mu.dtype)
     if act == RELU:
-        _grad_sums_loop(dy, x, mu, inv, w, b, RELU, lo, hi, a1, a2)
+        _grad_sums_loop(dy, x, mu, inv, w, b, RELU, lo, hi, b1, b2, s1, s2)
     elif act == SILU:
-        _grad_sums_loop(dy, x, mu, inv, w, b, SILU, lo, hi, a1, a2)
+        _grad_sums_loop(dy, x, mu, inv, w, b, SILU, lo, hi, b1, b2, s1, s2)
     elif act == SIGMOID:
-        _grad_sums_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, a1, a2)
+        _grad_sums_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, b1, b2, s1, s2)
     else:
-        _grad_sums_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, a1, a2)
-    for c in range(nc):
-        s1[c] += a1[c]
-        s2[c] += a2[c]
+        _grad_sums_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, b1, b2, s1, s2)
 
 
 @njit(inline="always")
 def _dx_loop(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
     for r in range(lo, hi):
-        for c in range(x.shape[1]):
-            xh = (up(x[r, c]) - mu[c]) * inv[c]
-            g = act_grad(up(dy[r, c]), xh * w[c] + b[c], act)
-            dx[r, c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dx)
+        xr = x[r]
+        dyr = dy[r]
+        dxr = dx[r]
+        for c in range(xr.size):
+            xh = (up(xr[c]) - mu[c]) * inv[c]
+            g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
+            dxr[c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dxr)
 
 
 @njit(**_OPTS)
@@ -626,32 +753,6 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
 # (a second pass around the mean where that value is an outlier), so a constant row gives exactly ``bias`` and
 # 1e4 + N(0, 1) in float32 keeps float32 accuracy.
 # ------------------------------------------------------------------------------------------------------
-_BLOCK = 2048
-
-
-@njit(inline="always")
-def _ln_block_sum(xb, shift):
-    """(sum d, sum d * d) over one block, d = x - shift."""
-    a1 = like(0.0, shift)
-    a2 = like(0.0, shift)
-    for i in range(xb.size):
-        d = up(xb[i]) - shift
-        a1 += d
-        a2 += d * d
-    return a1, a2
-
-
-@njit(inline="always")
-def _ln_block_sum2(xb, shift, m_s):
-    a1 = like(0.0, shift)
-    a2 = like(0.0, shift)
-    for i in range(xb.size):
-        e = (up(xb[i]) - shift) - m_s
-        a1 += e
-        a2 += e * e
-    return a1, a2
-
-
 @njit(inline="always")
 def _ln_row_fwd(xr, yr, w, b, eps, k):
     """Normalizes one row; returns (mean, invstd) in float64. Statistics: one pass of shifted sums, and a second
@@ -661,25 +762,22 @@ def _ln_row_fwd(xr, yr, w, b, eps, k):
     t1 = 0.0
     t2 = 0.0
     for lo in range(0, k, _BLOCK):
-        a1, a2 = _ln_block_sum(xr[lo:lo + _BLOCK], shift)
+        a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift)
         t1 += np.float64(a1)
         t2 += np.float64(a2)
-    m64 = t1 / k
-    q64 = t2 / k
+    m64, q64, v64 = _moments(t1, t2, k)
     m_s = like(m64, shift)
     mean = np.float64(shift) + m64
-    v64 = max(q64 - m64 * m64, 0.0)
     if m64 * m64 > 0.75 * q64:
         # the first value lies far out (> sqrt(3) standard deviations from the mean): var = q - m^2 would lose
         # more than 2 bits, so sum again around the mean (the row is in L1/L2)
         t1 = 0.0
         t2 = 0.0
         for lo in range(0, k, _BLOCK):
-            a1, a2 = _ln_block_sum2(xr[lo:lo + _BLOCK], shift, m_s)
+            a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_s)
             t1 += np.float64(a1)
             t2 += np.float64(a2)
-        r64 = t1 / k
-        v64 = max(t2 / k - r64 * r64, 0.0)
+        r64, _, v64 = _moments(t1, t2, k)
         mean = np.float64(shift) + np.float64(m_s) + r64
     inv = 1.0 / np.sqrt(np.float64(like(v64, shift) + like(eps, shift)))
     inv_c = like(inv, shift)
