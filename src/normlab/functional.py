@@ -27,7 +27,6 @@ import math
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -169,8 +168,14 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{input.size()}: the batch variance of a single value is 0; use a larger batch, "
                          f"eval mode, or a per-sample norm (GroupNorm, LayerNorm)")
-    y, mean, invstd = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                               float(eps), act)
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        y, mean, invstd = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                                   float(eps), act)
+    elif training:  # nothing to differentiate: the kernels alone, no autograd node
+        y, mean, invstd = _kernels().bn_train_forward(input, weight, bias, float(eps), act)
+    else:
+        return _kernels().bn_eval_forward(input, running_mean, running_var, weight, bias, float(eps), act)
     if training and running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, invstd, eps, n, momentum)
     return y
@@ -189,49 +194,19 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
     ``var`` is recovered as ``invstd**-2 - eps`` in float64. Channels whose batch statistics are not finite
     keep their running values (no host synchronization is needed for that; the warning is eager-CPU only).
-    Eager CPU buffers are updated through NumPy views: a dozen small torch ops would cost more than the
-    normalization of a small layer.
     """
-    with torch.no_grad():
-        if (not torch.compiler.is_compiling() and running_mean.device.type == "cpu"
-                and running_mean.dtype in _NUMPY_FLOATS and running_var.dtype in _NUMPY_FLOATS
-                and running_mean.is_contiguous() and running_var.is_contiguous()):
-            finite = _update_running_numpy(running_mean.numpy(), running_var.numpy(), mean.numpy(),
-                                           invstd.numpy(), eps, n, momentum)
-        else:
-            var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0) * (n / max(n - 1, 1))
-            mean64 = mean.to(torch.float64)
-            finite_t = torch.isfinite(mean64) & torch.isfinite(var)
-            new_mean = running_mean.to(torch.float64) * (1 - momentum) + mean64 * momentum
-            new_var = running_var.to(torch.float64) * (1 - momentum) + var * momentum
-            running_mean.copy_(torch.where(finite_t, new_mean, running_mean.to(torch.float64)))
-            running_var.copy_(torch.where(finite_t, new_var, running_var.to(torch.float64)))
-            if torch.compiler.is_compiling() or mean.device.type != "cpu":
-                return
-            finite = finite_t.numpy()
-    if not finite.all():
-        bad = (~finite).nonzero()[0].tolist()
-        warnings.warn(f"batch statistics are not finite in channel(s) {bad[:10]}; their running statistics "
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            K.portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+        return
+    # eager: the statistics carry no autograd history (non-differentiable outputs), so no no_grad block is needed
+    if mean.requires_grad or invstd.requires_grad:
+        mean, invstd = mean.detach(), invstd.detach()
+    bad = K.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+    if bad is not None and bad.device.type == "cpu" and bool(bad.any()):
+        channels = bad.nonzero().flatten().tolist()
+        warnings.warn(f"batch statistics are not finite in channel(s) {channels[:10]}; their running statistics "
                       f"were left unchanged (check the input and the learning rate)", RuntimeWarning, stacklevel=3)
-
-
-_NUMPY_FLOATS = (torch.float32, torch.float64)
-
-
-def _update_running_numpy(rm: np.ndarray, rv: np.ndarray, mean: np.ndarray, invstd: np.ndarray, eps: float, n: int,
-                          momentum: float) -> np.ndarray:
-    """The update on NumPy views of CPU buffers (in place); returns the per-channel finiteness mask."""
-    mean = mean.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        var = np.maximum(invstd.astype(np.float64) ** -2 - eps, 0.0) * (n / max(n - 1, 1))
-        finite = np.isfinite(mean) & np.isfinite(var)
-        if finite.all():
-            rm[:] = rm * (1 - momentum) + mean * momentum
-            rv[:] = rv * (1 - momentum) + var * momentum
-        else:
-            rm[finite] = rm[finite] * (1 - momentum) + mean[finite] * momentum
-            rv[finite] = rv[finite] * (1 - momentum) + var[finite] * momentum
-    return finite
 
 
 # ----------------------------------------------------------------------------------------------------------

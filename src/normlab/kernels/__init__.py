@@ -69,5 +69,12 @@ def gn_backward(dy, x, *a, **k):
     return backend_for(x).gn_backward(dy, x, *a, **k)
 
 
+def running_update(running_mean, running_var, mean, invstd, eps, n, momentum):
+    """Moving-average update of the running statistics in place; the mask of non-finite channels or None."""
+    if _forced != "portable" and _cpu is not None and _cpu.supports_running(running_mean, running_var, mean, invstd):
+        return _cpu.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+    return portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+
+
 __all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
-           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward"]
+           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update"]

@@ -406,5 +406,30 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
+# ------------------------------------------------------------------------------------------------------
+# running statistics
+# ------------------------------------------------------------------------------------------------------
+def supports_running(*buffers: Tensor) -> bool:
+    """Whether :func:`running_update` takes these tensors: CPU, float32/float64, contiguous, no autograd."""
+    for t in buffers:
+        if t.dtype not in _NP_ACC or not t.is_cpu or t.requires_grad or not t.is_contiguous():
+            return False
+    return True
+
+
+def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float, n: int,
+                   momentum: float) -> Tensor | None:
+    """:func:`normlab.kernels.portable.running_update` in one numba call (a dozen small torch ops would cost
+    more than normalizing a small layer)."""
+    c = running_mean.shape[0]
+    bad = _k.running_update(_param(running_mean, c, running_mean.dtype, 0.0),  # cached views of the buffers
+                            _param(running_var, c, running_var.dtype, 1.0), mean.numpy(), invstd.numpy(),
+                            float(eps), int(n), float(momentum))
+    if bad == 0:
+        return None
+    var = (invstd.to(torch.float64).pow(-2) - eps)
+    return ~(torch.isfinite(mean) & torch.isfinite(var))
+
+
 __all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_eval_forward", "bn_backward",
-           "gn_forward", "gn_backward"]
+           "gn_forward", "gn_backward", "supports_running", "running_update"]

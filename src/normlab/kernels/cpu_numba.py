@@ -865,3 +865,26 @@ def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
 @njit(cache=True)
 def _scratch2(m, n, like_arr):
     return np.zeros((m, n), dtype=like_arr.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# running statistics
+# ------------------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy")
+def running_update(rm, rv, mean, invstd, eps, n, momentum):
+    """In place, in float64: rm = (1 - momentum) rm + momentum mean, rv likewise with the unbiased variance
+    (invstd**-2 - eps) * n / (n - 1); channels with a non-finite mean or variance keep their values. Returns
+    how many channels did."""
+    corr = n / max(n - 1, 1)
+    keep = 1.0 - momentum
+    bad = 0
+    for c in range(rm.size):
+        mu = np.float64(mean[c])
+        iv = np.float64(invstd[c])
+        var = max(1.0 / (iv * iv) - eps, 0.0) * corr
+        if np.isfinite(mu) and np.isfinite(var):
+            rm[c] = keep * np.float64(rm[c]) + momentum * mu
+            rv[c] = keep * np.float64(rv[c]) + momentum * var
+        else:
+            bad += 1
+    return bad

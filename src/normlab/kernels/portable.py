@@ -160,6 +160,21 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
             None if not needs[2] or db is None else db)
 
 
+def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float, n: int,
+                   momentum: float) -> Tensor | None:
+    """In place: ``running = (1 - momentum) * running + momentum * batch`` for the mean and for the unbiased
+    variance ``var * n / (n - 1)``, ``var = invstd**-2 - eps``, in float64. A channel whose batch mean or
+    variance is not finite keeps its running values. Returns the per-channel mask of such channels (a tensor
+    on the statistics' device, so nothing waits for it), or None when every channel is known to be finite."""
+    var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0) * (n / max(n - 1, 1))
+    mean64 = mean.to(torch.float64)
+    finite = torch.isfinite(mean64) & torch.isfinite(var)
+    old_mean, old_var = running_mean.to(torch.float64), running_var.to(torch.float64)
+    running_mean.copy_(torch.where(finite, old_mean * (1 - momentum) + mean64 * momentum, old_mean))
+    running_var.copy_(torch.where(finite, old_var * (1 - momentum) + var * momentum, old_var))
+    return ~finite
+
+
 # ----------------------------------------------------------------------------------------------------------
 # group norm (and layer norm, instance norm through it)
 # ----------------------------------------------------------------------------------------------------------
