@@ -111,10 +111,13 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias if act != "identity" else None, mean, invstd)
         ctx.training, ctx.eps, ctx.act = training, eps, act
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
+        if dy is None:
+            return None, None, None, None, None, None, None, None
         x, weight, bias, mean, invstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         dy = _match_layout(dy, x)
@@ -221,10 +224,13 @@ class _GroupNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.groups, ctx.eps = groups, eps
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
+        if dy is None:
+            return None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         dy = dy.contiguous()
