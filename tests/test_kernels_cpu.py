@@ -330,6 +330,39 @@ def test_layer_norm_rows_outlier_first_value(first):
     _close(mean, mean64, 1e-6, rel=True)
 
 
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("first", [0.0, -50.0, 1e3])
+def test_batch_norm_outlier_first_value(fmt, first):
+    """Batch-norm statistics shift by each channel's first value; far from the mean, a second pass (NCHW) or the
+    float64 merge of 64-row blocks (rows) keeps the variance exact."""
+    gen = torch.Generator().manual_seed(4)
+    x = 5e3 + torch.randn(16, 3, 9, 9, generator=gen, dtype=torch.float64)
+    x[0, :, 0, 0] = 5e3 + first
+    x = x.float()
+    x = x.contiguous(memory_format=fmt) if fmt else x
+    w, b = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
+    y64, mean64, invstd64 = portable.bn_train_forward(x.double(), w.double(), b.double(), 1e-5)
+    _close(y, y64, 1e-3)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    _close(mean, mean64, 1e-6, rel=True)
+
+
+def test_batch_norm_spans_several_blocks():
+    """S = 75 * 61 > 2048: a channel's rows are summed in several float32 blocks, merged in float64."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 75, 61, generator=gen, dtype=torch.float64) * 3 + 2
+    w, b, dy = torch.randn(2, generator=gen), torch.randn(2, generator=gen), torch.randn(x.shape, generator=gen)
+    y, mean, invstd = cpu.bn_train_forward(x.float(), w, b, 1e-5, "silu")
+    y64, mean64, invstd64 = portable.bn_train_forward(x, w.double(), b.double(), 1e-5, "silu")
+    _close(y, y64, 1e-5)
+    _close(invstd, invstd64, 1e-6, rel=True)
+    grads = cpu.bn_backward(dy.float(), x.float(), w, b, mean, invstd, "silu", True)
+    grads64 = portable.bn_backward(dy, x, w.double(), b.double(), mean64, invstd64, "silu", True)
+    for g, r in zip(grads, grads64):
+        _close(g, r, 1e-5, rel=True)
+
+
 def test_output_strides_follow_ambiguous_size_one_layouts():
     """(N, 1, H, W) channels_last is also contiguous: outputs keep x's exact strides, as torch.empty_like does."""
     x = torch.randn(4, 1, 5, 5).contiguous(memory_format=torch.channels_last)

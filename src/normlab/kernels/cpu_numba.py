@@ -496,16 +496,32 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
             shift[c] = up(x[0, c])
         s1 = _zeros2(nchunks, nc)
         s2 = _zeros2(nchunks, nc)
-        for t in prange(nchunks):
-            _row_sums(x, shift, t * step, min(t * step + step, m_rows), s1[t], s2[t])
+        m1 = _zeros2(2, nc)  # per channel: mean and second moment of x - shift
+        for attempt in range(2):
+            for t in prange(nchunks):
+                _row_sums(x, shift, t * step, min(t * step + step, m_rows), s1[t], s2[t])
+            redo = False
+            for c in range(nc):
+                t1 = 0.0
+                t2 = 0.0
+                for t in range(nchunks):
+                    t1 += s1[t, c]
+                    t2 += s2[t, c]
+                m1[0, c] = t1 / m_rows
+                m1[1, c] = t2 / m_rows
+                redo = redo or m1[0, c] * m1[0, c] > 0.75 * m1[1, c]
+            if attempt == 1 or not redo:
+                break
+            # some channel's first value lies far from its mean (q - m^2 would lose more than 2 bits): sum again
+            # around the means of the first pass
+            for c in range(nc):
+                shift[c] = like(np.float64(shift[c]) + m1[0, c], w[0])
+                for t in range(nchunks):
+                    s1[t, c] = 0.0
+                    s2[t, c] = 0.0
         for c in range(nc):
-            t1 = 0.0
-            t2 = 0.0
-            for t in range(nchunks):
-                t1 += s1[t, c]
-                t2 += s2[t, c]
-            m64 = t1 / m_rows
-            v64 = max(t2 / m_rows - m64 * m64, 0.0)
+            m64 = m1[0, c]
+            v64 = max(m1[1, c] - m64 * m64, 0.0)
             mean[c] = np.float64(shift[c]) + m64
             if mode == MODE_STATS:
                 var_or_invstd[c] = v64
