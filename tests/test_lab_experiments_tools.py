@@ -113,3 +113,16 @@ def test_cli_lists_every_registered_experiment():
     from normlab.lab.cli import EXPERIMENT_NAMES
     from normlab.lab.experiments import EXPERIMENTS
     assert EXPERIMENT_NAMES == list(EXPERIMENTS)
+
+
+def test_bn_paper_quick(ctx):
+    """The BN paper's experiment: early and final accuracy columns, sigmoid-input percentiles, two plots."""
+    from normlab.lab.experiments import exp_bn_paper
+    result = exp_bn_paper(ctx)
+    summary = _check_outputs(result, "bn-paper")
+    assert len(summary["plots"]) == 2
+    text = open(f"{result['dir']}/table.md").read()
+    assert "test acc @ 250 steps" in text and "test acc @ 3,000 steps" in text
+    for row in ("| with BN |", "| without BN |"):
+        cells = [c.strip() for c in text.split(row)[1].split("\n")[0].split("|")]
+        assert 0.0 <= _acc(cells[0]) <= 1.0 and 0.0 <= _acc(cells[1]) <= 1.0

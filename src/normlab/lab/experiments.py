@@ -153,9 +153,9 @@ def exp_bn_paper(ctx: Context) -> dict:
     every = 250 if ctx.quick else 1000
     probe_x = ctx.data[1].subset(2000).float_images()
     probe_y = ctx.data[1].subset(2000).labels
-    curves, pct, results = {}, {}, {}
+    curves, pct, results, early = {}, {}, {}, {}
     for norm in ("bn", "none"):
-        finals = []
+        finals, firsts = [], []
         for seed in ctx.seed_list(full=3, quick=2):
             track = {"steps": [], "acc": [], "pct": []}
 
@@ -176,25 +176,27 @@ def exp_bn_paper(ctx: Context) -> dict:
             ctx.run(exp_dir, f"{norm}-s{seed}", on_step=on_step, model="bn-paper-mlp", norm=norm, batch_size=60, lr=0.5,
                         epochs=10**6, max_steps=steps, seed=seed, test_subset=2000, resume=False)
             finals.append(track["acc"][-1] if track["acc"] else float("nan"))
+            firsts.append(track["acc"][1] if len(track["acc"]) > 1 else float("nan"))  # at step `every`
             if seed == 0:
                 curves[norm], pct[norm] = track, (track["steps"], np.array(track["pct"]))
-        results[norm] = finals
+        results[norm], early[norm] = finals, firsts
     label = {"bn": "with BN", "none": "without BN"}
     png1 = plots.plot_lines({label[k]: (v["steps"], v["acc"], None) for k, v in curves.items()},
                             exp_dir / "bn_paper_test_acc.png", xlabel="training step", ylabel="test accuracy",
                             title="3x100 sigmoid MLP, batch 60 (seed 0)")
     png2 = plots.plot_percentiles({f"{label[k]}": v for k, v in pct.items()}, exp_dir / "bn_paper_sigmoid.png",
                                   "input of one last-layer sigmoid: 15/50/85th percentiles")
-    half = len(curves["bn"]["acc"]) // 4
-    rows = [[label[k], mean_std(results[k]), f"{curves[k]['acc'][max(half, 1)]:.3f} @ step "
-             f"{curves[k]['steps'][max(half, 1)]}",
+    rows = [[label[k], mean_std(early[k]), mean_std(results[k]),
              f"{np.ptp(np.array(curves[k]['pct'])[:, 1]):.2f}"] for k in ("bn", "none")]
-    table = _table(["network", f"test acc @ {steps:,} steps", "early test acc (seed 0)",
-                    "drift of the median sigmoid input (max - min)"], rows)
+    table = _table(["network", f"test acc @ {every:,} steps", f"test acc @ {steps:,} steps",
+                    "drift of the median sigmoid input, seed 0 (max - min)"], rows)
     notes = ("Paper (Ioffe & Szegedy 2015, Fig. 1; MNIST, 50,000 steps, batch 60): the BN network reaches higher "
              "test accuracy sooner, and its sigmoid inputs keep a stable distribution while those of the plain "
              "network drift over training. Ours is Fashion-MNIST (harder), lr 0.5, weights N(0, 0.1^2); the "
-             "percentiles are over 2,000 test images for unit 0 of the last hidden layer.")
+             "percentiles are over 2,000 test images for unit 0 of the last hidden layer. Read the two accuracy "
+             "columns together: BN's advantage is speed early in training; at this learning rate the plain "
+             "network catches up, and its final accuracy may match or pass BN's, while the drift column shows "
+             "the stability claim.")
     return _write(exp_dir, "bn-paper", "2. The BN paper's MNIST experiment", f"batch 60, {steps:,} steps, "
                   f"{len(ctx.seed_list())} seeds", table, notes, [png1, png2], results, ctx, started)
 
