@@ -246,6 +246,11 @@ def exp_batch_size(ctx: Context) -> dict:
              "statistics gathered from tiny, noisy batches; GN, LN and IN do not depend on the batch. Ioffe (2017) "
              "proposes Batch Renormalization for small or non-i.i.d. batches; Luo et al. (2019) Switchable "
              "Normalization learns a mix of BN, IN and LN statistics.")
+    if ctx.quick:
+        notes += ("\n\nThe quick form gives every run one pass over 4,000 examples: at batch size 2 that is 2,000 "
+                  "noisy steps, too few for any norm to converge, and a 5-layer LeNet on 28x28 images is far from "
+                  "the ImageNet ResNet-50 of the GN paper. Where the table disagrees with the published trend, run "
+                  "the full form (60,000 examples per run) before drawing a conclusion.")
     return _write(exp_dir, "batch-size", "3. Batch size: BN vs GN vs LN vs IN vs none (and BRN, SN)",
                   f"lenet-relu, fixed budget of {budget:,} examples, {len(ctx.seed_list(3, 1))} seed(s)",
                   table, notes, [png], {n: {str(b): v for b, v in d.items()} for n, d in acc.items()}, ctx, started)
