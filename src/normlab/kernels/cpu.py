@@ -283,9 +283,10 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
     """Evaluation forward with the running statistics: 1 read, 1 write."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    mean = _vec(running_mean, running_mean.shape[0], acc, 0.0)
-    invstd = 1.0 / np.sqrt(_vec(running_var, running_var.shape[0], acc, 1.0) + np.asarray(eps, mean.dtype))
-    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, mean, invstd.astype(mean.dtype, copy=False))[0]
+    c = x.shape[1]
+    # the kernel takes the variance and computes 1 / sqrt(var + eps) itself; buffers are viewed (cached), not copied
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, _param(running_mean, c, acc, 0.0),
+                       _param(running_var, c, acc, 1.0))[0]
 
 
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,

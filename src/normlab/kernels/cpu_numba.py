@@ -264,6 +264,12 @@ def _moments(t1, t2, cnt):
     return m64, q64, max(q64 - m64 * m64, 0.0)
 
 
+@njit(inline="always")
+def _invstd(var, eps, proto):
+    """1 / sqrt(var + eps) with the sum rounded to the compute dtype of ``proto`` (as the training path), in float64."""
+    return 1.0 / np.sqrt(np.float64(like(var, proto) + like(eps, proto)))
+
+
 # ------------------------------------------------------------------------------------------------------
 # batch norm, (N, C, S) layout: one task per channel, its N rows of S contiguous values
 # ------------------------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def _chan_normalize(x, y, c, ref, m_s, a, bb, act):
 @_kernel
 def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
     """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only;
-    EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= invstd).
+    EVAL: normalizes with the given ``mean`` and ``var_or_invstd`` (= the running variance).
 
     Statistics: sums of x - shift (shift = the channel's first value) per block, merged in float64; where the
     shift lies far from the mean (> sqrt(3) standard deviations, so q - m^2 would lose more than 2 bits) a
@@ -330,8 +336,8 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
     for c in prange(nc):
         shift = up(x[0, c, 0])
         if mode == MODE_EVAL:
-            _chan_normalize(x, y, c, like(mean[c], shift), like(0.0, shift), like(var_or_invstd[c] * w[c], shift),
-                            like(b[c], shift), act)
+            _chan_normalize(x, y, c, like(mean[c], shift), like(0.0, shift),
+                            like(_invstd(var_or_invstd[c], eps, w[c]) * w[c], shift), like(b[c], shift), act)
             continue
         t1, t2 = _chan_sums(x, c, shift)
         m64, q64, v64 = _moments(t1, t2, cnt)
@@ -345,7 +351,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
         if mode == MODE_STATS:
             var_or_invstd[c] = v64
             continue
-        inv = 1.0 / np.sqrt(np.float64(like(v64, w[c]) + like(eps, w[c])))
+        inv = _invstd(v64, eps, w[c])
         var_or_invstd[c] = inv
         _chan_normalize(x, y, c, shift, m_s, like(inv * w[c], shift), like(b[c], shift), act)
 
@@ -489,7 +495,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     if mode == MODE_EVAL:
         for c in range(nc):
             ref[c] = like(mean[c], w[0])
-            a[c] = like(var_or_invstd[c] * w[c], w[0])
+            a[c] = like(_invstd(var_or_invstd[c], eps, w[0]) * w[c], w[0])
             bb[c] = b[c]
     else:
         for c in range(nc):
@@ -526,7 +532,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
             if mode == MODE_STATS:
                 var_or_invstd[c] = v64
             else:
-                inv = 1.0 / np.sqrt(np.float64(like(v64, w[0]) + like(eps, w[0])))
+                inv = _invstd(v64, eps, w[0])
                 var_or_invstd[c] = inv
                 a[c] = like(inv * w[c], w[0])
                 ref[c] = shift[c]
@@ -687,7 +693,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
                     s2 += d * d
         m64 = s1 / cnt
         v64 = max(s2 / cnt - m64 * m64, 0.0)
-        inv = 1.0 / np.sqrt(np.float64(like(v64, w[0]) + like(eps, w[0])))
+        inv = _invstd(v64, eps, w[0])
         mean[n, g] = sh + m64
         invstd[n, g] = inv
         m_s = like(m64, shift)
@@ -795,7 +801,7 @@ def _ln_row_fwd(xr, yr, w, b, eps, k):
             t2 += np.float64(a2)
         r64, _, v64 = _moments(t1, t2, k)
         mean = np.float64(shift) + np.float64(m_s) + r64
-    inv = 1.0 / np.sqrt(np.float64(like(v64, shift) + like(eps, shift)))
+    inv = _invstd(v64, eps, shift)
     inv_c = like(inv, shift)
     for i in range(k):
         yr[i] = down(((up(xr[i]) - shift) - m_s) * inv_c * w[i] + b[i], yr)
