@@ -28,7 +28,7 @@ def bn_train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 @bn_train_forward.register_fake
 def _(x, weight, bias, eps, act):
     c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c, dtype=acc_dtype(x.dtype)), x.new_empty(c, dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlab::bn_eval_forward", mutates_args=())
@@ -47,14 +47,14 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[
                 invstd: Tensor, act: str, training: bool, need_dx: bool, need_dw: bool,
                 need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = K.bn_backward(dy, x, weight, bias, mean, invstd, act, training, (need_dx, need_dw, need_db))
-    return _or_empty(dx, x), _or_empty(dw, mean), _or_empty(db, mean)
+    return _or_empty(dx, x), _or_empty(dw, invstd), _or_empty(db, invstd)
 
 
 @bn_backward.register_fake
 def _(dy, x, weight, bias, mean, invstd, act, training, need_dx, need_dw, need_db):
     c = x.shape[1]
     return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            mean.new_empty(c if need_dw else 0), mean.new_empty(c if need_db else 0))
+            invstd.new_empty(c if need_dw else 0), invstd.new_empty(c if need_db else 0))
 
 
 @torch.library.custom_op("normlab::gn_forward", mutates_args=())

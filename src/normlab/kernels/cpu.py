@@ -251,7 +251,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
         mean = second = None
         ma, sa = mean_in, invstd_in
     else:
-        mean, ma = _empty(c, acc)
+        mean, ma = _empty(c, torch.float64)  # float64: the backward needs the mean beyond float32 precision
         second, sa = _empty(c, acc)
     xa = _view(x, layout)
     if want_y:
@@ -270,12 +270,13 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *) in ``acc_dtype``: one read."""
     _, mean, var = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
-    return mean, var
+    return mean.to(var.dtype), var
 
 
 def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                      act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
-    """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write."""
+    """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write; mean in
+    float64 (see :mod:`normlab.kernels.portable`)."""
     return _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)
 
 
@@ -285,8 +286,8 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
     # the kernel takes the variance and computes 1 / sqrt(var + eps) itself; buffers are viewed (cached), not copied
-    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, _param(running_mean, c, acc, 0.0),
-                       _param(running_var, c, acc, 1.0))[0]
+    mean = _param(running_mean, c, acc, 0.0).astype(np.float64)  # the kernels take every mean in float64
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, mean, _param(running_var, c, acc, 1.0))[0]
 
 
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
@@ -308,7 +309,8 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
         dx, dxa = None, xa
     dw, dwa = _empty(c, acc)
     db, dba = _empty(c, acc)
-    args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), _vec(mean, c, acc, 0.0),
+    args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0),
+            _vec(mean, c, torch.float64, 0.0),
             _vec(invstd, c, acc, 1.0), _act(act), bool(training), need_dx, dxa, dwa, dba)
     if layout == "ncs":
         _run(_k.bn_bwd_ncs, threads, *args)

@@ -357,7 +357,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
 
 
 @njit(inline="always")
-def _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, act):
+def _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, act):
     s_g = 0.0
     s_gx = 0.0
     ns = x.shape[2]
@@ -370,7 +370,7 @@ def _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, act):
             a1 = like(0.0, mu)
             a2 = like(0.0, mu)
             for i in range(xb.size):
-                xh = (up(xb[i]) - mu) * inv
+                xh = ((up(xb[i]) - x0) - mu) * inv
                 g = act_grad(up(db[i]), xh * wc + bc, act)
                 a1 += g
                 a2 += g * xh
@@ -380,39 +380,39 @@ def _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, act):
 
 
 @njit(**_OPTS)
-def _chan_grad_sums(dy, x, c, mu, inv, wc, bc, act):
+def _chan_grad_sums(dy, x, c, x0, mu, inv, wc, bc, act):
     """(sum g, sum g * xhat) over channel c, g = dL/dz; one loop per activation."""
     if act == RELU:
-        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, RELU)
+        return _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, RELU)
     if act == SILU:
-        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, SILU)
+        return _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, SILU)
     if act == SIGMOID:
-        return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, SIGMOID)
-    return _chan_grad_sums_loop(dy, x, c, mu, inv, wc, bc, IDENTITY)
+        return _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, SIGMOID)
+    return _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, IDENTITY)
 
 
 @njit(inline="always")
-def _chan_dx_loop(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
+def _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
     for n in range(x.shape[0]):
         xr = x[n, c]
         dyr = dy[n, c]
         dxr = dx[n, c]
         for i in range(xr.size):
-            xh = (up(xr[i]) - mu) * inv
+            xh = ((up(xr[i]) - x0) - mu) * inv
             g = act_grad(up(dyr[i]), xh * wc + bc, act)
             dxr[i] = down(g * k_g + xh * k_x + k_0, dxr)
 
 
 @njit(**_OPTS)
-def _chan_dx(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
+def _chan_dx(dy, x, c, x0, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
     if act == RELU:
-        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, RELU, k_g, k_x, k_0, dx)
+        _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, RELU, k_g, k_x, k_0, dx)
     elif act == SILU:
-        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, SILU, k_g, k_x, k_0, dx)
+        _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, SILU, k_g, k_x, k_0, dx)
     elif act == SIGMOID:
-        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, SIGMOID, k_g, k_x, k_0, dx)
+        _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, SIGMOID, k_g, k_x, k_0, dx)
     else:
-        _chan_dx_loop(dy, x, c, mu, inv, wc, bc, IDENTITY, k_g, k_x, k_0, dx)
+        _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, IDENTITY, k_g, k_x, k_0, dx)
 
 
 @_kernel
@@ -421,12 +421,15 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
     nb, nc, ns = x.shape
     cnt = nb * ns
     for c in prange(nc):
-        mu = like(mean[c], up(x[0, c, 0]))
+        # x - mean as (x - x0) - (mean - x0): the float64 mean's offset from the channel's first value is small,
+        # so its rounding to the compute dtype costs nothing even where the mean itself is large
+        x0 = up(x[0, c, 0])
+        mu = like(np.float64(mean[c]) - np.float64(x0), x0)
         inv = like(invstd[c], mu)
         wc = like(w[c], mu)
         bc = like(b[c], mu)
         scale = like(invstd[c] * w[c], mu)
-        s_g, s_gx = _chan_grad_sums(dy, x, c, mu, inv, wc, bc, act)
+        s_g, s_gx = _chan_grad_sums(dy, x, c, x0, mu, inv, wc, bc, act)
         db[c] = s_g
         dw[c] = s_gx
         if not need_dx:
@@ -437,7 +440,7 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
         if training:
             k_x = like(-np.float64(scale) * s_gx / cnt, mu)
             k_0 = like(-np.float64(scale) * s_g / cnt, mu)
-        _chan_dx(dy, x, c, mu, inv, wc, bc, act, k_g, k_x, k_0, dx)
+        _chan_dx(dy, x, c, x0, mu, inv, wc, bc, act, k_g, k_x, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -567,7 +570,7 @@ def _rows_normalize(x, y, lo, hi, ref, a, bb, act):
 
 
 @njit(inline="always")
-def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
+def _grad_sums_loop(dy, x, x0, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
     nc = x.shape[1]
     for r0 in range(lo, hi, _ROW_BLOCK):
         for c in range(nc):
@@ -577,7 +580,7 @@ def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
             xr = x[r]
             dyr = dy[r]
             for c in range(nc):
-                xh = (up(xr[c]) - mu[c]) * inv[c]
+                xh = ((up(xr[c]) - x0[c]) - mu[c]) * inv[c]
                 g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
                 b1[c] += g
                 b2[c] += g * xh
@@ -587,59 +590,62 @@ def _grad_sums_loop(dy, x, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
 
 
 @njit(**_OPTS)
-def _row_grad_sums(dy, x, mu, inv, w, b, act, lo, hi, s1, s2):
+def _row_grad_sums(dy, x, x0, mu, inv, w, b, act, lo, hi, s1, s2):
     """Per-channel sums of g = dL/dz and g * xhat over rows lo..hi, in compute-dtype lanes per block of
     _ROW_BLOCK rows merged in float64; one loop per activation (constant act)."""
     b1 = np.empty(x.shape[1], dtype=mu.dtype)
     b2 = np.empty(x.shape[1], dtype=mu.dtype)
     if act == RELU:
-        _grad_sums_loop(dy, x, mu, inv, w, b, RELU, lo, hi, b1, b2, s1, s2)
+        _grad_sums_loop(dy, x, x0, mu, inv, w, b, RELU, lo, hi, b1, b2, s1, s2)
     elif act == SILU:
-        _grad_sums_loop(dy, x, mu, inv, w, b, SILU, lo, hi, b1, b2, s1, s2)
+        _grad_sums_loop(dy, x, x0, mu, inv, w, b, SILU, lo, hi, b1, b2, s1, s2)
     elif act == SIGMOID:
-        _grad_sums_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, b1, b2, s1, s2)
+        _grad_sums_loop(dy, x, x0, mu, inv, w, b, SIGMOID, lo, hi, b1, b2, s1, s2)
     else:
-        _grad_sums_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, b1, b2, s1, s2)
+        _grad_sums_loop(dy, x, x0, mu, inv, w, b, IDENTITY, lo, hi, b1, b2, s1, s2)
 
 
 @njit(inline="always")
-def _dx_loop(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
+def _dx_loop(dy, x, x0, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
     for r in range(lo, hi):
         xr = x[r]
         dyr = dy[r]
         dxr = dx[r]
         for c in range(xr.size):
-            xh = (up(xr[c]) - mu[c]) * inv[c]
+            xh = ((up(xr[c]) - x0[c]) - mu[c]) * inv[c]
             g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
             dxr[c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dxr)
 
 
 @njit(**_OPTS)
-def _row_dx(dy, x, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
+def _row_dx(dy, x, x0, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
     """dx over rows lo..hi; one loop per activation."""
     if act == RELU:
-        _dx_loop(dy, x, mu, inv, w, b, RELU, lo, hi, k_g, k_x, k_0, dx)
+        _dx_loop(dy, x, x0, mu, inv, w, b, RELU, lo, hi, k_g, k_x, k_0, dx)
     elif act == SILU:
-        _dx_loop(dy, x, mu, inv, w, b, SILU, lo, hi, k_g, k_x, k_0, dx)
+        _dx_loop(dy, x, x0, mu, inv, w, b, SILU, lo, hi, k_g, k_x, k_0, dx)
     elif act == SIGMOID:
-        _dx_loop(dy, x, mu, inv, w, b, SIGMOID, lo, hi, k_g, k_x, k_0, dx)
+        _dx_loop(dy, x, x0, mu, inv, w, b, SIGMOID, lo, hi, k_g, k_x, k_0, dx)
     else:
-        _dx_loop(dy, x, mu, inv, w, b, IDENTITY, lo, hi, k_g, k_x, k_0, dx)
+        _dx_loop(dy, x, x0, mu, inv, w, b, IDENTITY, lo, hi, k_g, k_x, k_0, dx)
 
 
 @_kernel
 def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
+    x0 = _scratch(nc, w)
     mu = _scratch(nc, w)
     inv = _scratch(nc, w)
     for c in range(nc):
-        mu[c] = like(mean[c], w[0])
+        # x - mean as (x - x0) - (mean - x0), x0 = the channel's first value (exact with a large float64 mean)
+        x0[c] = up(x[0, c])
+        mu[c] = like(np.float64(mean[c]) - np.float64(x0[c]), w[0])
         inv[c] = like(invstd[c], w[0])
     sg = _zeros2(nchunks, nc)
     sgx = _zeros2(nchunks, nc)
     for t in prange(nchunks):
-        _row_grad_sums(dy, x, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), sg[t], sgx[t])
+        _row_grad_sums(dy, x, x0, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), sg[t], sgx[t])
     k_g = _scratch(nc, w)
     k_x = _scratch(nc, w)
     k_0 = _scratch(nc, w)
@@ -659,7 +665,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     if not need_dx:
         return
     for t in prange(nchunks):
-        _row_dx(dy, x, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), k_g, k_x, k_0, dx)
+        _row_dx(dy, x, x0, mu, inv, w, b, act, t * step, min(t * step + step, m_rows), k_g, k_x, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Group-norm kernels take ``x`` of shape ``(N, C, S)`` contiguous and ``groups`` G
 Numerics
 --------
 * Statistics accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs
-  (``acc_dtype``); ``mean`` and ``invstd`` come back in that dtype.
+  (``acc_dtype``); ``invstd`` (and group norm's ``mean``) come back in that dtype. The batch-norm training
+  forward returns its ``mean`` in **float64** (C values): the backward subtracts it from ``x`` relative to the
+  channel's first value, so a mean near 1e4 in float32 data costs the gradients no precision.
 * Variances are *biased* (divide by n), computed on data shifted by one sample of the channel/group, so a
   constant channel gives mean == x exactly, variance 0 and an output of exactly ``bias``, and large means with a
   small spread (1e4 + N(0, 1) in float32) lose no precision.
@@ -99,7 +101,7 @@ def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     shift, mean_s, var = _shifted_stats(x)
     invstd = torch.rsqrt(var + eps)
     y = _normalize(x, shift, invstd, weight, bias, act, mean_s)
-    return y, shift + mean_s, invstd
+    return y, shift.double() + mean_s.double(), invstd
 
 
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
@@ -138,7 +140,11 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     b = _bshape(x)
     dims = _reduce_dims(x)
     w = None if weight is None else weight.to(acc)
-    xhat = (x.to(acc) - mean.reshape(b)) * invstd.reshape(b)
+    # x - mean as (x - x0) - (mean - x0), x0 the channel's first value: exact for a large mean given in float64
+    xa = x.to(acc)
+    x0 = xa.select(0, 0).reshape(x.shape[1], -1)[:, 0]
+    rel = (mean.to(torch.float64) - x0.to(torch.float64)).to(acc)
+    xhat = ((xa - x0.reshape(b)) - rel.reshape(b)) * invstd.reshape(b)
     g = dy.to(acc)
     if act != "identity":
         z = xhat if w is None else xhat * w.reshape(b)
