@@ -58,3 +58,11 @@ def test_experiment_and_report(tiny_dir, tmp_path, capsys):
     page = (docs / "report.md").read_text()
     assert "Machine:" in page and "Quick forms" in page and "(d2l-d2l_curves.png)" in page
     assert (docs / "d2l-d2l_curves.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["experiment", "lr", "--budget", "1000"],
+                                  ["experiment", "batch-size", "--budget", "0"]])
+def test_experiment_budget_is_for_batch_size_only(argv, tmp_path, capsys):
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    assert "--budget" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -126,3 +126,23 @@ def test_bn_paper_quick(ctx):
     for row in ("| with BN |", "| without BN |"):
         cells = [c.strip() for c in text.split(row)[1].split("\n")[0].split("|")]
         assert 0.0 <= _acc(cells[0]) <= 1.0 and 0.0 <= _acc(cells[1]) <= 1.0
+
+
+def test_batch_size_with_budget(ctx):
+    """Every norm at every (quick) batch size on --budget examples, and batch size 1's verdicts."""
+    from dataclasses import replace
+
+    from normlab.lab.experiments import exp_batch_size
+    ctx = replace(ctx, budget=32)
+    result = exp_batch_size(ctx)
+    summary = _check_outputs(result, "batch-size")
+    text = open(f"{result['dir']}/table.md").read()
+    assert "budget `--budget 32`" in text and "fixed budget of 32 examples" in text
+    assert "one pass over 32 examples" in text and "16 noisy steps" in text
+    assert set(summary["results"]) == {"bn", "batchrenorm", "switchnorm", "gn", "ln", "in", "none"}
+    for per_size in summary["results"].values():
+        assert list(per_size) == ["2", "8", "32", "128"]
+        assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in per_size.values())
+    # a fully connected BN cannot normalize one example; a conv-only BN silently becomes instance norm
+    assert "lenet (BN after fc layers too) stops with `" in text
+    assert "lenet-relu (BN after conv layers only) trains" in text

@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="short form: data subset, fewer epochs/seeds")
     p.add_argument("--out", default="runs", help="results root (default runs/)")
     p.add_argument("--impl", default="normlab", choices=IMPLS, help="norm layers to use")
+    p.add_argument("--budget", type=int, default=None,
+                   help="batch-size only: training examples per run (default 60,000; 4,000 with --quick)")
     _data_args(p)
     p.set_defaults(func=cmd_experiment)
 
@@ -114,12 +116,17 @@ def _under_torchrun() -> bool:
 def _context(args):
     from .experiments import Context
     return Context(quick=getattr(args, "quick", False), seeds=getattr(args, "seeds", None), out=args.out,
-                   impl=args.impl, threads=args.threads, data_dir=args.data_dir, verify_data=not args.no_verify)
+                   impl=args.impl, threads=args.threads, data_dir=args.data_dir, verify_data=not args.no_verify,
+                   budget=getattr(args, "budget", None))
 
 
 def cmd_experiment(args) -> int:
     from .data import DataError
     from .experiments import EXPERIMENTS, run_experiment
+    if args.budget is not None and (args.name not in ("batch-size", "all") or args.budget < 1):
+        print(f"normlab experiment: error: --budget {args.budget} is a positive number of training examples per "
+              f"run of the batch-size experiment; {args.name} takes no budget", file=sys.stderr)
+        return 2
     ctx = _context(args)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     try:

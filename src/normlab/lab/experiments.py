@@ -37,6 +37,7 @@ class Context:
     threads: int | None = None
     data_dir: str | None = None
     verify_data: bool = True
+    budget: int | None = None         # batch-size: training examples per run (None: 60,000 full, 4,000 quick)
     log: Callable[[str], None] = print
     _data: tuple[Split, Split] | None = field(default=None, repr=False)
 
@@ -82,6 +83,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _write(exp_dir: Path, name: str, title: str, settings: str, table: str, notes: str, pngs: list[str],
            results: dict, ctx: Context, started: float) -> dict:
     form = "quick form (`--quick`)" if ctx.quick else "full form"
+    if ctx.budget and name == "batch-size":
+        form += f", budget `--budget {ctx.budget}`"
     wall = time.perf_counter() - started
     text = (f"## {title}\n\n*{form}; {settings}; norm layers from `{ctx.impl}`; wall time {wall:.0f} s.*\n\n"
             f"{table}\n\n{notes}\n")
@@ -206,7 +209,7 @@ def exp_batch_size(ctx: Context) -> dict:
     """BN vs GN vs LN vs IN vs none across batch sizes at a fixed budget of training examples."""
     started, exp_dir = time.perf_counter(), ctx.dir("batch-size")
     sizes = [2, 8, 32, 128] if ctx.quick else [2, 4, 8, 16, 32, 64, 128]
-    budget = 4000 if ctx.quick else 60_000
+    budget = ctx.budget or (4000 if ctx.quick else 60_000)
     norms = ["bn", "gn", "ln", "in", "none"]
     try:  # the registry's small-batch remedies, where normlab provides them
         from normlab import create_norm  # noqa: F401
@@ -246,11 +249,11 @@ def exp_batch_size(ctx: Context) -> dict:
              "statistics gathered from tiny, noisy batches; GN, LN and IN do not depend on the batch. Ioffe (2017) "
              "proposes Batch Renormalization for small or non-i.i.d. batches; Luo et al. (2019) Switchable "
              "Normalization learns a mix of BN, IN and LN statistics.")
-    if ctx.quick:
-        notes += ("\n\nThe quick form gives every run one pass over 4,000 examples: at batch size 2 that is 2,000 "
-                  "noisy steps, too few for any norm to converge, and a 5-layer LeNet on 28x28 images is far from "
-                  "the ImageNet ResNet-50 of the GN paper. Where the table disagrees with the published trend, run "
-                  "the full form (60,000 examples per run) before drawing a conclusion.")
+    if budget < 60_000:
+        notes += (f"\n\nEvery run here makes one pass over {budget:,} examples (the full form: 60,000): at batch size "
+                  f"2 that is {budget // 2:,} noisy steps, and a 5-layer LeNet on 28x28 images is far from the "
+                  "ImageNet ResNet-50 of the GN paper. Where the table disagrees with the published trend, run the "
+                  "full form before drawing a conclusion.")
     return _write(exp_dir, "batch-size", "3. Batch size: BN vs GN vs LN vs IN vs none (and BRN, SN)",
                   f"lenet-relu, fixed budget of {budget:,} examples, {len(ctx.seed_list(3, 1))} seed(s)",
                   table, notes, [png], {n: {str(b): v for b, v in d.items()} for n, d in acc.items()}, ctx, started)
