@@ -195,3 +195,40 @@ def test_fold_traces_models_with_other_normlab_layers():
     folded = fold_bn(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
     rep = folded.fold_report
     assert rep.method == "fx" and rep.folded == [("conv", "bn")] and rep.max_abs_diff < 1e-10
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_folds_through_max_pool_when_every_scale_is_nonnegative(d):
+    """conv -> max-pool -> BN: an increasing per-channel affine map commutes with the max, so it folds (exactly,
+    in float64, also with a zero scale); one negative scale keeps the norm, and the report says which channel."""
+    gen = torch.Generator().manual_seed(d)
+    pool = getattr(nn, f"MaxPool{d}d")(2, padding=1)
+    model = nn.Sequential(getattr(nn, f"Conv{d}d")(3, 4, 3, bias=False), pool, getattr(nn, f"BatchNorm{d}d")(4),
+                          nn.ReLU(), getattr(nn, f"Conv{d}d")(4, 5, 1), getattr(nn, f"AdaptiveMaxPool{d}d")(1),
+                          normlab.BatchNorm1d(5) if d == 1 else getattr(normlab, f"BatchNorm{d}d")(5)).double()
+    _random_stats(model, gen)
+    with torch.no_grad():
+        model[2].weight.copy_(torch.rand(4, generator=gen, dtype=torch.float64))
+        model[2].weight[1] = 0.0
+        model[6].weight.copy_(torch.rand(5, generator=gen, dtype=torch.float64) + 0.1)
+    x = torch.randn((2, 3) + (7,) * d, generator=gen, dtype=torch.float64)
+    folded = fold_bn(model, x)
+    assert [norm for _, norm in folded.fold_report.folded] == ["2", "6"]
+    assert not any(is_norm(m) for m in folded.modules())
+    assert any(isinstance(m, type(pool)) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+
+    with torch.no_grad():
+        model[2].weight[3] = -0.5
+    folded = fold_bn(model, x)
+    assert [norm for _, norm in folded.fold_report.folded] == ["6"]
+    (name, why), = folded.fold_report.skipped
+    assert name == "2" and "negative scale" in why and "[3]" in why
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_of_a_linear_is_not_folded():
+    seq = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.MaxPool1d(1), nn.BatchNorm1d(2)).double().eval()
+    folded = fold_bn(seq, torch.randn(3, 4, dtype=torch.float64))
+    assert not folded.fold_report.folded and "max-pool of something other than a convolution" in \
+        folded.fold_report.skipped[0][1]

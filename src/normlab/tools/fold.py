@@ -6,6 +6,10 @@ convolution (or linear layer) ``z = W * x + b`` used by nothing else, the pair i
 
     W'[o] = W[o] * s[o]        b'[o] = b[o] * s[o] + t[o]        (b = 0 when the conv has no bias)
 
+A max-pool between the two is no obstacle when every scale is >= 0: an increasing per-channel map commutes with
+the maximum, ``maxpool(z) * s + t == maxpool(z * s + t)``, so the norm folds into the convolution and the pool
+stays (a negative scale turns the maximum into a minimum: that norm stays, and the report names the channels).
+
 Grouped and depthwise convolutions fold the same way (output channels are dimension 0 of W). For transposed
 convolutions W has shape (in, out / groups, k...), and output channel ``g * out/groups + j`` lives at
 ``W[g * in/groups : (g+1) * in/groups, j]``. The arithmetic is done in float64 and cast back to W's dtype.
@@ -81,6 +85,10 @@ def fold_into(producer: nn.Module, bn: nn.Module) -> None:
         producer.bias.copy_(b64.to(producer.bias.dtype))
 
 
+MAX_POOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                  nn.AdaptiveMaxPool3d)
+
+
 def _out_channels(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
@@ -119,12 +127,12 @@ def _fold_fx(model: nn.Module, report: FoldReport, sample_input) -> nn.Module:
         if why:
             report.skipped.append((node.target, why))
             continue
-        prev = node.args[0]
+        prev = _producer(node.args[0], modules)
         fold_into(modules[prev.target], bn)
         report.folded.append((prev.target, node.target))
         rep = _replacement(bn)
         if rep is None:
-            node.replace_all_uses_with(prev)
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         else:
             _set_submodule(gm, node.target, rep)
@@ -157,6 +165,16 @@ def _linear_output_ranks(gm: fx.GraphModule, sample_input) -> dict[str, int]:
     return ranks
 
 
+def _is_max_pool(node, modules) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_module"
+            and isinstance(modules.get(node.target), MAX_POOL_TYPES) and not modules[node.target].return_indices)
+
+
+def _producer(node, modules):
+    """The node the norm folds into: its input, or the input of a max-pool in between."""
+    return node.args[0] if _is_max_pool(node, modules) else node
+
+
 def _why_not(node, bn, modules, calls, shapes) -> str | None:
     if not C.is_foldable_norm(bn):
         return f"{type(bn).__name__} has no running statistics (track_running_stats=False)" \
@@ -164,6 +182,19 @@ def _why_not(node, bn, modules, calls, shapes) -> str | None:
     if len(node.args) != 1 or node.kwargs:
         return "called with extra arguments"
     prev = node.args[0]
+    if _is_max_pool(prev, modules):
+        pool = prev
+        if len(pool.args) != 1 or pool.kwargs or len(pool.users) != 1:
+            return f"the max-pool {pool.target} before it is called with extra arguments or used elsewhere"
+        prev = pool.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module"
+                and isinstance(modules.get(prev.target), C.CONV_TYPES + C.CONV_TRANSPOSE_TYPES)):
+            what = f"{prev.op} {prev.target}" if isinstance(prev, fx.Node) else type(prev).__name__
+            return f"its input is a max-pool of something other than a convolution ({what})"
+        negative = (C.scale_shift(bn)[0] < 0).nonzero().flatten().tolist()
+        if negative:
+            return (f"the max-pool {pool.target} sits between it and {prev.target}, and channel(s) {negative[:8]} "
+                    f"have a negative scale (max would become min)")
     if not isinstance(prev, fx.Node) or prev.op != "call_module" or \
             not isinstance(modules.get(prev.target), C.PRODUCER_TYPES):
         what = prev.op if isinstance(prev, fx.Node) else type(prev).__name__
