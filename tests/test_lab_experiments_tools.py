@@ -143,10 +143,14 @@ def test_batch_size_with_budget(ctx):
     text = open(f"{result['dir']}/table.md").read()
     assert "budget `--budget 32`" in text and "fixed budget of 32 examples" in text
     assert "one pass over 32 examples" in text and "16 noisy steps" in text
-    assert set(summary["results"]) == {"bn", "batchrenorm", "switchnorm", "gn", "ln", "in", "none"}
-    for per_size in summary["results"].values():
-        assert list(per_size) == ["2", "8", "32", "128"]
-        assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in per_size.values())
+    assert set(summary["results"]) == {"lenet-relu", "mlp"} and len(summary["plots"]) == 2
+    assert set(summary["results"]["lenet-relu"]) == {"bn", "batchrenorm", "switchnorm", "gn", "ln", "in", "none"}
+    assert set(summary["results"]["mlp"]) == {"bn", "batchrenorm", "switchnorm", "gn", "ln", "none"}
+    for per_norm in summary["results"].values():
+        for per_size in per_norm.values():
+            assert list(per_size) == ["2", "8", "32", "128"]
+            assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in per_size.values())
+    assert "| mlp: BatchNorm |" in text and "| lenet-relu: InstanceNorm |" in text
     # a fully connected BN cannot normalize one example; a conv-only BN silently becomes instance norm
-    assert "lenet (BN after fc layers too) stops with `" in text
+    assert "mlp (BN on fc features) stops with `" in text
     assert "lenet-relu (BN after conv layers only) trains" in text
