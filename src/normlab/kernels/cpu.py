@@ -259,7 +259,9 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     else:
         y, ya = None, xa
     code = _act(act)
-    if layout == "ncs":
+    if layout == "ncs" and mode == _k.MODE_EVAL:
+        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa)
+    elif layout == "ncs":
         _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa)
     else:
         _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
