@@ -260,7 +260,8 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
         y, ya = None, xa
     code = _act(act)
     if layout == "ncs" and mode == _k.MODE_EVAL:
-        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa)
+        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa,
+             _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
     elif layout == "ncs":
         _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa)
     else:
