@@ -302,8 +302,8 @@ def _chan_sums_around(x, c, shift, m_s):
 
 
 @njit(inline="always")
-def _normalize_loop(x, y, c, ref, m_s, a, bb, act):
-    for n in range(x.shape[0]):
+def _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, act):
+    for n in range(n_lo, n_hi):
         xr = x[n, c]
         yr = y[n, c]
         for i in range(xr.size):
@@ -311,35 +311,17 @@ def _normalize_loop(x, y, c, ref, m_s, a, bb, act):
 
 
 @njit(**_OPTS)
-def _chan_normalize(x, y, c, ref, m_s, a, bb, act):
-    """y[:, c] = act(((x - ref) - m_s) * a + bb); one loop per activation (a constant act vectorizes)."""
+def _chan_normalize(x, y, n_lo, n_hi, c, ref, m_s, a, bb, act):
+    """y[n, c] = act(((x[n, c] - ref) - m_s) * a + bb) for n_lo <= n < n_hi; one loop per activation (a constant
+    act vectorizes)."""
     if act == RELU:
-        _normalize_loop(x, y, c, ref, m_s, a, bb, RELU)
+        _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, RELU)
     elif act == SILU:
-        _normalize_loop(x, y, c, ref, m_s, a, bb, SILU)
+        _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, SILU)
     elif act == SIGMOID:
-        _normalize_loop(x, y, c, ref, m_s, a, bb, SIGMOID)
+        _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, SIGMOID)
     else:
-        _normalize_loop(x, y, c, ref, m_s, a, bb, IDENTITY)
-
-
-@njit(inline="always")
-def _row_normalize_loop(xr, yr, ref, a, bb, act):
-    for i in range(xr.size):
-        yr[i] = down(act_fwd((up(xr[i]) - ref) * a + bb, act), yr)
-
-
-@njit(**_OPTS)
-def _row_normalize(xr, yr, ref, a, bb, act):
-    """yr = act((xr - ref) * a + bb) over one contiguous row; one loop per activation."""
-    if act == RELU:
-        _row_normalize_loop(xr, yr, ref, a, bb, RELU)
-    elif act == SILU:
-        _row_normalize_loop(xr, yr, ref, a, bb, SILU)
-    elif act == SIGMOID:
-        _row_normalize_loop(xr, yr, ref, a, bb, SIGMOID)
-    else:
-        _row_normalize_loop(xr, yr, ref, a, bb, IDENTITY)
+        _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, IDENTITY)
 
 
 @_kernel
@@ -354,8 +336,8 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
             n = r // nc
             c = r - n * nc
             ref = like(mean[c], up(x[0, 0, 0]))
-            _row_normalize(x[n, c], y[n, c], ref, like(_invstd(var[c], eps, w[c]) * w[c], ref), like(b[c], ref),
-                           act)
+            _chan_normalize(x, y, n, n + 1, c, ref, like(0.0, ref), like(_invstd(var[c], eps, w[c]) * w[c], ref),
+                            like(b[c], ref), act)
 
 
 @_kernel
@@ -383,7 +365,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
             continue
         inv = _invstd(v64, eps, w[c])
         var_or_invstd[c] = inv
-        _chan_normalize(x, y, c, shift, m_s, like(inv * w[c], shift), like(b[c], shift), act)
+        _chan_normalize(x, y, 0, nb, c, shift, m_s, like(inv * w[c], shift), like(b[c], shift), act)
 
 
 @njit(inline="always")
