@@ -289,7 +289,7 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
     # the kernel takes the variance and computes 1 / sqrt(var + eps) itself; buffers are viewed (cached), not copied
-    mean = _param(running_mean, c, acc, 0.0).astype(np.float64)  # the kernels take every mean in float64
+    mean = _param(running_mean, c, torch.float64, 0.0)  # the kernels take every mean in float64
     return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, mean, _param(running_var, c, acc, 1.0))[0]
 
 

@@ -331,13 +331,19 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
     measured 2x slower), in ``nchunks`` contiguous runs of rows."""
     nb, nc, ns = x.shape
     rows = nb * nc
+    ref = _scratch(nc, w)
+    a = _scratch(nc, w)
+    bb = _scratch(nc, w)
+    for c in range(nc):  # per channel once, not once per row
+        ref[c] = like(mean[c], w[0])
+        a[c] = like(_invstd(var[c], eps, w[0]) * w[c], w[0])
+        bb[c] = b[c]
+    zero = like(0.0, w[0])
     for k in prange(nchunks):
         for r in range(k * rows // nchunks, (k + 1) * rows // nchunks):
             n = r // nc
             c = r - n * nc
-            ref = like(mean[c], up(x[0, 0, 0]))
-            _chan_normalize(x, y, n, n + 1, c, ref, like(0.0, ref), like(_invstd(var[c], eps, w[c]) * w[c], ref),
-                            like(b[c], ref), act)
+            _chan_normalize(x, y, n, n + 1, c, ref[c], zero, a[c], bb[c], act)
 
 
 @_kernel

@@ -81,10 +81,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _write(exp_dir: Path, name: str, title: str, settings: str, table: str, notes: str, pngs: list[str],
-           results: dict, ctx: Context, started: float) -> dict:
-    form = "quick form (`--quick`)" if ctx.quick else "full form"
-    if ctx.budget and name == "batch-size":
-        form += f", budget `--budget {ctx.budget}`"
+           results: dict, ctx: Context, started: float, form_note: str = "") -> dict:
+    form = ("quick form (`--quick`)" if ctx.quick else "full form") + form_note
     wall = time.perf_counter() - started
     text = (f"## {title}\n\n*{form}; {settings}; norm layers from `{ctx.impl}`; wall time {wall:.0f} s.*\n\n"
             f"{table}\n\n{notes}\n")
@@ -274,7 +272,8 @@ def exp_batch_size(ctx: Context) -> dict:
                   f"lenet-relu and mlp, fixed budget of {budget:,} examples, SGD momentum 0.9 with lr 0.02 x batch "
                   f"size / 32 (linear scaling), {len(ctx.seed_list(3, 1))} seed(s)",
                   table, notes, pngs, {m: {n: {str(b): v for b, v in d.items()} for n, d in per.items()}
-                                       for m, per in acc.items()}, ctx, started)
+                                       for m, per in acc.items()}, ctx, started,
+                  form_note=f", budget `--budget {ctx.budget}`" if ctx.budget else "")
 
 
 # ============================================================================================ 4. placement
