@@ -23,6 +23,7 @@ from torch import nn
 
 import normlab
 from normlab.kernels import use_backend
+from normlab.lab.distributed import teardown
 from normlab.nn.syncbatchnorm import SyncBatchNorm
 
 WORLD = 3
@@ -174,10 +175,7 @@ def _checks(rank, world, port, outdir):
         except RuntimeError as err:
             results["lost_peer"] = (str(err), time.perf_counter() - t0)
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    try:
-        dist.destroy_process_group()
-    except Exception:  # the group may be broken by the lost-peer check
-        pass
+    teardown(finished=False)  # no barrier: the lost-peer check may have broken the group
 
 
 def _free_port():

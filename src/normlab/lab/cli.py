@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted; run the same command again to resume from the last checkpoint in {out}",
               file=sys.stderr)
         return 130
-    if result.get("metrics"):
+    if result.get("metrics") and result.get("rank", 0) == 0:  # under torchrun, rank 0 speaks for all
         last = result["metrics"][-1]
         print(f"done: epoch {last['epoch']}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; "
               f"run directory {out} (config.json, metrics.jsonl, checkpoint, curves.png)")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import gc
 import inspect
 import json
 import math
@@ -98,13 +99,34 @@ def _entry(rank: int, fn: Callable, world: int, port: int, backend: str, timeout
                             timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    finished = False
     try:
         fn(rank, world, *args)
+        finished = True
     finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a broken group (lost peer) cannot be torn down cleanly; the error is already raised
-            pass
+        teardown(finished)
+
+
+def teardown(finished: bool = True) -> None:
+    """Leave the process group so that the process can exit cleanly.
+
+    ``destroy_process_group`` only drops the group's registry entry: a ``DistributedDataParallel`` wrapper that
+    is already unreachable but not yet collected (it sits in reference cycles) still holds the group, whose
+    gloo threads then die with the interpreter at exit, and the process aborts ("terminate called without an
+    active exception", SIGABRT in about a third of 2-process runs here). Collecting garbage first releases
+    them while the interpreter is alive. After a clean finish the ranks also meet at a barrier, so that none
+    tears down while another still communicates; after an error they do not (a lost peer would block it).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    try:
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # a broken group (lost peer) cannot be torn down cleanly; the error is already raised
+        pass
+    gc.collect()
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args, backend: str | None = None,
@@ -226,15 +248,24 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
     ``config.json`` (plus ``nproc`` and ``bn_policy``) and ``metrics.jsonl`` (as ``normlab train``; examples_per_s
     counts the examples of all ranks), ``curves.png`` (with ``cfg.plots``) and, with ``cfg.checkpoint``,
     ``model.pt`` (the single-process model's state_dict, loadable into ``build_model(...)``). Checkpoint
-    resumption is not supported with ``--nproc``. Returns ``{"config", "metrics", "out", "nproc", "policy"}``.
+    resumption is not supported with ``--nproc``. Returns ``{"config", "metrics", "out", "nproc", "policy", "rank"}``
+    (``rank`` is this process's rank under ``torchrun``, else 0).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown BN policy {policy!r}; choose from {POLICIES}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    rank = 0
     if under_torchrun():
+        owned = not dist.is_initialized()  # a group the caller made stays theirs to destroy
         rank, world = init_from_env("gloo", timeout_s=timeout_s)  # the lab trains on CPU tensors
-        _train_worker(rank, world, cfg, policy, log if rank == 0 else None)
+        finished = False
+        try:
+            _train_worker(rank, world, cfg, policy, log if rank == 0 else None)
+            finished = True
+        finally:
+            if owned:
+                teardown(finished)
     elif nproc == 1:
         _train_worker(0, 1, cfg, policy, log)
         world = 1
@@ -246,11 +277,11 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
         for m in metrics:
             log(_epoch_line(m, cfg.epochs))
     metrics = _read_jsonl(out / "metrics.jsonl")
-    if cfg.plots and metrics and (not under_torchrun() or rank_and_world()[0] == 0):
+    if cfg.plots and metrics and rank == 0:
         from .plots import plot_run
         plot_run(metrics, out / "curves.png",
                  title=f"{cfg.model} / {cfg.norm} / lr {cfg.lr} / {world} proc, BN {policy}")
-    return {"config": cfg, "metrics": metrics, "out": str(out), "nproc": world, "policy": policy}
+    return {"config": cfg, "metrics": metrics, "out": str(out), "nproc": world, "policy": policy, "rank": rank}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
