@@ -44,6 +44,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # must happen before the first pa
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import cpu_numba as _k  # noqa: E402
+from . import pool  # noqa: E402
 from .portable import ACTIVATIONS  # noqa: E402
 
 _ACT_CODE = {"identity": _k.IDENTITY, "relu": _k.RELU, "silu": _k.SILU, "sigmoid": _k.SIGMOID}
@@ -147,12 +148,23 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
 
 
 def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
-    """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``)."""
-    if not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape):
-        # channels_last, or a size-1 dimension where the strides may say either format: torch keeps them
+    """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``).
+
+    Large outputs come from :mod:`normlab.kernels.pool` (memory a dead output left, no page faults)."""
+    storage = _NP_STORAGE[x.dtype]
+    nbytes = x.numel() * x.element_size()
+    same_strides = not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape)
+    if nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0:
+        flat = torch.from_numpy(pool.empty(nbytes).view(storage))
+        if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
+            flat = flat.view(x.dtype)
+        # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
+        y = flat.as_strided(x.shape, x.stride()) if same_strides else flat.view(x.shape)
+        return y, _view(y, layout)
+    if same_strides:
         y = torch.empty_like(x)
         return y, _view(y, layout)
-    a = np.empty(x.shape, _NP_STORAGE[x.dtype])
+    a = np.empty(x.shape, storage)
     y = torch.from_numpy(a)
     if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
         y = y.view(x.dtype)
