@@ -348,6 +348,22 @@ def test_batch_norm_outlier_first_value(fmt, first):
     _close(mean, mean64, 1e-6, rel=True)
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0, -1e3])
+def test_batch_norm_rows_shift_far_from_the_mean(offset):
+    """(M, C) statistics shift by the mean of the first 16 rows; a batch whose first rows differ from the rest
+    (sorted data) puts that shift far from the mean, and the second pass around the first pass's mean keeps the
+    variance exact."""
+    gen = torch.Generator().manual_seed(8)
+    x = 5e3 + torch.randn(20000, 6, generator=gen, dtype=torch.float64)
+    x[:16, ::2] += offset  # every other channel; with 1e3, q - m**2 around the shift would lose ~10 bits
+    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    y, mean, invstd = cpu.bn_train_forward(x.float(), w, b, 1e-5)
+    y64, mean64, invstd64 = portable.bn_train_forward(x.float().double(), w.double(), b.double(), 1e-5)
+    _close(y, y64, 1e-4)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    _close(mean, mean64, 1e-7, rel=True)
+
+
 def test_batch_norm_spans_several_blocks():
     """S = 75 * 61 > 2048: a channel's rows are summed in several float32 blocks, merged in float64."""
     gen = torch.Generator().manual_seed(6)
