@@ -13,11 +13,14 @@ eval forward           1 read, 1 write (activation fused)          2-3 passes
 backward               2 reads of (x, dy), 1 write, act fused      5+ passes
 =====================  ==========================================  =====================================
 
-Threading: the loops use numba's ``prange`` on numba's ``workqueue`` layer (its OpenMP layer is a second
-libgomp beside torch's and slowed torch's own ops in a training step), with numba's thread count equal to
-``torch.get_num_threads()`` so numba and torch never ask for more threads than torch was given, dynamic
-scheduling (chunk size 1), one thread below :data:`SERIAL_BELOW` elements, and a lock so that two Python threads
-never launch parallel kernels at once (``workqueue`` does not allow concurrent launches).
+Threading: the loops use numba's ``prange``. Where torch runs on GNU OpenMP and its ``libgomp`` is in the
+process's global symbol scope (Linux pip and conda builds), numba's ``omp`` layer binds to that same runtime:
+normlab's parallel loops then run on torch's own thread pool, whose workers are still spinning from the
+convolution before (numba's ``workqueue`` threads had to be woken, and competed with torch's spinning ones for the
+same cores: at 2 threads normlab's kernels barely scaled). Elsewhere ``workqueue`` is used. numba's thread count
+follows ``torch.get_num_threads()`` (one thread below :data:`SERIAL_BELOW` elements), scheduling is dynamic
+(chunk size 1), and a lock keeps two Python threads from launching parallel kernels at once (``workqueue`` does
+not allow concurrent launches).
 
 :func:`supports` says which tensors this backend takes: CPU tensors of dtype float32, float64, bfloat16 (and
 float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, either contiguous (NCHW of any rank,
@@ -25,7 +28,9 @@ float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, eith
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from math import prod
 
@@ -34,14 +39,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
+
+def _torch_openmp_is_global() -> bool:
+    """Whether torch's GNU OpenMP runtime is in the global symbol scope, where numba's OpenMP layer (loaded
+    later) finds its ``GOMP_*`` symbols first: then both share one runtime and one thread pool."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if "OpenMP" not in torch.__config__.parallel_info():
+            return False
+        ctypes.CDLL(None).GOMP_parallel  # noqa: B018 - AttributeError when no libgomp is global
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+SHARED_OPENMP = _torch_openmp_is_global()
 if "NUMBA_THREADING_LAYER" not in os.environ:  # must happen before the first parallel launch
-    # workqueue first: numba's OpenMP layer loads a second libgomp next to torch's, and with it a whole LeNet-BN
-    # training step ran 2-6x slower (torch's own convolutions slowed down), even at one torch thread; with
-    # workqueue the same step runs at torch's speed. See BENCHMARKS.md, "Threads".
-    numba.config.THREADING_LAYER_PRIORITY = ["workqueue", "tbb", "omp"]
-# Only if numba ends up on OpenMP (NUMBA_THREADING_LAYER=omp): its idle workers sleep instead of spinning on the
-# cores torch's threads need. torch has read its own OpenMP settings already; set the variable yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torch's thread pool when it can be shared; never a second OpenMP runtime beside torch's (two pools of
+    # spinning threads on the same cores), see BENCHMARKS.md, "Threads"
+    numba.config.THREADING_LAYER_PRIORITY = (["omp", "workqueue", "tbb"] if SHARED_OPENMP
+                                             else ["workqueue", "tbb", "omp"])
 
 from . import cpu_numba as _k  # noqa: E402
 from . import pool  # noqa: E402
@@ -70,12 +88,31 @@ _state = threading.local()  # numba's thread count and chunk size are per callin
 _LAUNCH = threading.Lock()  # workqueue runs one parallel launch at a time per process
 
 
+_launched = False
+
+
+def _launch_layer(torch_threads: int) -> None:
+    """Start numba's threading layer, then give torch back its thread count: numba's OpenMP layer sets the
+    calling thread's OpenMP thread count to all the machine's cores when it starts, and on torch's shared
+    runtime that would be torch's count too (``torch.set_num_threads(1)`` silently undone)."""
+    global _launched
+    with _LAUNCH:
+        if not _launched:
+            numba.get_num_threads()  # launches the layer's threads
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+            _launched = True
+
+
 def _sync_threads(numel: int | None = None) -> int:
     """Keep numba's worker count equal to torch's intra-op thread count (1 for small inputs); returns it.
 
     numba's own getters are not free (microseconds each), so the last values set are remembered here.
     """
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    if not _launched:
+        _launch_layer(torch_threads)
+    n = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numel is not None and numel < SERIAL_BELOW:
         n = 1
     if getattr(_state, "threads", 0) != n:
