@@ -6,6 +6,9 @@ float32 noise, i.e. 2e-2 / 4e-3. No timing assertions here: see ``normlab bench`
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -386,3 +389,20 @@ def test_output_strides_follow_ambiguous_size_one_layouts():
     assert y.stride() == x.stride()
     dx, _, _ = cpu.bn_backward(torch.randn_like(x), x, None, None, mean, invstd, "identity", True)
     assert dx.stride() == x.stride()
+
+
+def test_threading_layer_keeps_torch_thread_count():
+    """A fresh process at torch.set_num_threads(1): starting numba's threading layer (torch's OpenMP pool where
+    it can be shared) leaves torch at 1 thread, and the layer is the shared one when that is possible."""
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "import numba, normlab\n"
+        "from normlab.kernels import cpu\n"
+        "normlab.BatchNorm2d(8)(torch.randn(64, 8, 32, 32)).sum().backward()\n"
+        "print(torch.get_num_threads(), numba.threading_layer(), cpu.SHARED_OPENMP)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    threads, layer, shared = out.stdout.split()
+    assert threads == "1"
+    assert layer == ("omp" if shared == "True" else "workqueue")
