@@ -338,8 +338,9 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
     # the kernel takes the variance and computes 1 / sqrt(var + eps) itself; buffers are viewed (cached), not copied
-    mean = _param(running_mean, c, torch.float64, 0.0)  # the kernels take every mean in float64
-    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, mean, _param(running_var, c, acc, 1.0))[0]
+    # (the mean in the compute dtype, as the kernel uses it: a float64 copy cost a conversion per call)
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_EVAL, _param(running_mean, c, acc, 0.0),
+                       _param(running_var, c, acc, 1.0))[0]
 
 
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
