@@ -406,3 +406,26 @@ def test_threading_layer_keeps_torch_thread_count():
     threads, layer, shared = out.stdout.split()
     assert threads == "1"
     assert layer == ("omp" if shared == "True" else "workqueue")
+
+
+def test_forked_child_runs_the_kernels_single_threaded():
+    """After the parent has run parallel kernels, a forked child (multiprocessing's default on Linux) still runs
+    normlab's kernels, on one thread: numba's OpenMP layer terminates a forked child that launches a parallel loop
+    ("fork() called from a process already using GNU OpenMP, this is unsafe"). The child uses no torch op of its
+    own on large tensors: those hang in a child forked from a process that used GNU OpenMP, with or without normlab.
+    """
+    code = (
+        "import os, numpy as np, torch, normlab\n"
+        "import normlab.functional as F\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.from_numpy(np.random.default_rng(0).normal(3.0, 2.0, (64, 16, 32, 32)).astype(np.float32))\n"
+        "F.batch_norm(x, None, None, training=True)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    y = F.batch_norm(x, None, None, training=True).numpy()\n"
+        "    ok = abs(float(y.mean())) < 1e-4 and abs(float(y.std()) - 1) < 1e-3\n"
+        "    os._exit(0 if ok else 3)\n"
+        "print(os.waitpid(pid, 0)[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["0"], (out.stdout, out.stderr)

@@ -89,6 +89,17 @@ _LAUNCH = threading.Lock()  # workqueue runs one parallel launch at a time per p
 
 
 _launched = False
+_forked_after_launch = False  # in a child forked after the launch: numba's OpenMP pool is the parent's
+
+
+def _mark_forked() -> None:
+    global _forked_after_launch
+    _forked_after_launch = _launched
+
+
+# GNU OpenMP is not fork-safe, and numba's OpenMP layer terminates a forked child that launches a parallel loop
+# ("fork() called from a process already using GNU OpenMP"): such children run every kernel single-threaded
+os.register_at_fork(after_in_child=_mark_forked)
 
 
 def _launch_layer(torch_threads: int) -> None:
@@ -113,7 +124,7 @@ def _sync_threads(numel: int | None = None) -> int:
     if not _launched:
         _launch_layer(torch_threads)
     n = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if numel is not None and numel < SERIAL_BELOW:
+    if (numel is not None and numel < SERIAL_BELOW) or _forked_after_launch:
         n = 1
     if getattr(_state, "threads", 0) != n:
         numba.set_num_threads(n)
