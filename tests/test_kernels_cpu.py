@@ -400,7 +400,12 @@ def test_threading_layer_keeps_torch_thread_count():
         "import numba, normlab\n"
         "from normlab.kernels import cpu\n"
         "normlab.BatchNorm2d(8)(torch.randn(64, 8, 32, 32)).sum().backward()\n"
-        "print(torch.get_num_threads(), numba.threading_layer(), cpu.SHARED_OPENMP)\n")
+        "try:\n"
+        "    import numba.np.ufunc.omppool\n"  # numba's OpenMP layer needs the system's libgomp to load
+        "    omp = True\n"
+        "except ImportError:\n"
+        "    omp = False\n"
+        "print(torch.get_num_threads(), numba.threading_layer(), cpu.SHARED_OPENMP and omp)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     threads, layer, shared = out.stdout.split()
