@@ -69,7 +69,8 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
                        log=None) -> dict:
     """Seconds per call of each ``fns[name]()``, measured in alternating rounds (one call of each contender per
     round, in an order that rotates) so that a change of load on a shared host hits every contender alike, and
-    no contender always inherits the caches another left; ``budget`` seconds per contender. A contender that raises during warm-up is reported through ``log`` and left out."""
+    no contender always inherits the caches another left; ``budget`` seconds per contender. A contender that
+    raises during warm-up is reported through ``log`` and left out."""
     live = {}
     for name, fn in fns.items():
         try:

@@ -19,8 +19,8 @@ normlab's parallel loops then run on torch's own thread pool, whose workers are 
 convolution before (numba's ``workqueue`` threads had to be woken, and competed with torch's spinning ones for the
 same cores: at 2 threads normlab's kernels barely scaled). Elsewhere ``workqueue`` is used. numba's thread count
 follows ``torch.get_num_threads()`` (one thread below :data:`SERIAL_BELOW` elements), scheduling is dynamic
-(chunk size 1), and a lock keeps two Python threads from launching parallel kernels at once (``workqueue`` does
-not allow concurrent launches).
+(a few iterations at a time, see :func:`_sync_threads`), and a lock keeps two Python threads from launching
+parallel kernels at once (``workqueue`` does not allow concurrent launches).
 
 :func:`supports` says which tensors this backend takes: CPU tensors of dtype float32, float64, bfloat16 (and
 float16 where the CPU converts it in hardware, F16C), rank >= 2, non-empty, either contiguous (NCHW of any rank,
@@ -205,23 +205,21 @@ def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
     """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``).
 
     Large outputs come from :mod:`normlab.kernels.pool` (memory a dead output left, no page faults)."""
-    storage = _NP_STORAGE[x.dtype]
     nbytes = x.numel() * x.element_size()
-    same_strides = not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape)
-    if nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0:
-        flat = torch.from_numpy(pool.empty(nbytes).view(storage))
-        if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
-            flat = flat.view(x.dtype)
-        # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
-        y = flat.as_strided(x.shape, x.stride()) if same_strides else flat.view(x.shape)
-        return y, _view(y, layout)
-    if same_strides:
+    pooled = nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0
+    # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
+    keep_strides = not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape)
+    if keep_strides and not pooled:
         y = torch.empty_like(x)
         return y, _view(y, layout)
-    a = np.empty(x.shape, storage)
+    storage = _NP_STORAGE[x.dtype]
+    a = pool.empty(nbytes).view(storage).reshape(x.shape) if pooled else np.empty(x.shape, storage)
     y = torch.from_numpy(a)
     if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
         y = y.view(x.dtype)
+    if keep_strides:
+        y = y.as_strided(x.shape, x.stride())
+        return y, _view(y, layout)
     n, c = x.shape[0], x.shape[1]
     return y, a.reshape(n, c, -1) if layout == "ncs" else a.reshape(n, c)
 

@@ -45,7 +45,6 @@ CAP_BYTES = _cap_from_env()
 _free: list[tuple[int, mmap.mmap]] = []  # (size, map), least recently freed first
 _free_bytes = 0
 _lock = threading.RLock()  # a finalizer may run inside a locked section (garbage collection), on any thread
-stats = {"hits": 0, "misses": 0, "evicted": 0}
 
 
 def empty(nbytes: int) -> np.ndarray:
@@ -71,9 +70,7 @@ def _take(size: int) -> mmap.mmap | None:
         for i in range(len(_free) - 1, -1, -1):  # the most recently freed first: its pages may still be cached
             if _free[i][0] == size:
                 _free_bytes -= size
-                stats["hits"] += 1
                 return _free.pop(i)[1]
-        stats["misses"] += 1
         return None
 
 
@@ -86,7 +83,6 @@ def _give_back(size: int, block: mmap.mmap) -> None:
         while _free_bytes > CAP_BYTES and _free:
             old_size, old = _free.pop(0)
             _free_bytes -= old_size
-            stats["evicted"] += 1
             dropped.append(old)
     for old in dropped:
         try:

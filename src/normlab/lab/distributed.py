@@ -42,6 +42,7 @@ complete because a peer died raises instead of hanging, and :func:`launch` re-ra
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -99,12 +100,20 @@ def _entry(rank: int, fn: Callable, world: int, port: int, backend: str, timeout
                             timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    with leaving_group():
+        fn(rank, world, *args)
+
+
+@contextlib.contextmanager
+def leaving_group(owned: bool = True):
+    """Run the block, then :func:`teardown` (when ``owned``), telling it whether the block finished."""
     finished = False
     try:
-        fn(rank, world, *args)
+        yield
         finished = True
     finally:
-        teardown(finished)
+        if owned:
+            teardown(finished)
 
 
 def teardown(finished: bool = True) -> None:
@@ -259,13 +268,8 @@ def train_distributed(cfg, nproc: int, policy: str = "sync", *, timeout_s: float
     if under_torchrun():
         owned = not dist.is_initialized()  # a group the caller made stays theirs to destroy
         rank, world = init_from_env("gloo", timeout_s=timeout_s)  # the lab trains on CPU tensors
-        finished = False
-        try:
+        with leaving_group(owned):
             _train_worker(rank, world, cfg, policy, log if rank == 0 else None)
-            finished = True
-        finally:
-            if owned:
-                teardown(finished)
     elif nproc == 1:
         _train_worker(0, 1, cfg, policy, log)
         world = 1

@@ -204,7 +204,8 @@ def exp_bn_paper(ctx: Context) -> dict:
 
 # ============================================================================================ 3. batch size
 def _lr(batch_size: int) -> float:
-    """The linear scaling rule of the GN paper's protocol (Goyal et al. 2017): lr 0.02 at batch 32, and in proportion."""
+    """The linear scaling rule of the GN paper's protocol (Goyal et al. 2017): lr 0.02 at batch 32, and in
+    proportion."""
     return 0.02 * batch_size / 32
 
 
