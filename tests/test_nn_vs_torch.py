@@ -293,14 +293,17 @@ def test_large_mean_gradients_float32_close_to_float64(shape, fmt):
         assert err < 1e-5, f"{name}: relative error {err:.2e} against float64"
 
 
-def test_nonfinite_batch_never_poisons_running_stats():
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_nonfinite_batch_never_poisons_running_stats(backend, grad):
     bn = normlab.BatchNorm2d(3)
     bn(torch.randn(4, 3, 2, 2))
     before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
     x = torch.randn(4, 3, 2, 2)
     x[1, 0, 0, 0] = float("nan")
     x[2, 2, 1, 1] = float("inf")
-    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[0, 2\]"):
+    with normlab.kernels.use_backend(backend), torch.set_grad_enabled(grad), \
+            pytest.warns(RuntimeWarning, match=r"channel\(s\) \[0, 2\]"):
         bn(x)
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
     assert bn.running_mean[0] == before_mean[0] and bn.running_var[2] == before_var[2]

@@ -55,6 +55,17 @@ def _check_act(act: str) -> None:
         raise ValueError(f"unknown activation act={act!r}; expected one of {', '.join(ACTIVATIONS)}")
 
 
+def _channels_ok(input: Tensor, *vectors: Tensor | None) -> bool:
+    """The common case of :func:`_check_channels`, without building its error messages."""
+    if input.dim() < 2:
+        return False
+    c = input.shape[1]
+    for t in vectors:
+        if t is not None and t.numel() != c:
+            return False
+    return True
+
+
 def _check_channels(input: Tensor, **vectors: Tensor | None) -> None:
     if input.dim() < 2:
         raise NormError(f"expected an input of shape (N, C, *) with at least 2 dimensions, "
@@ -90,7 +101,9 @@ class _CompiledKernels:
 
 
 def _like(t: Tensor | None, ref: Tensor | None) -> Tensor | None:
-    return None if t is None or ref is None else t.to(ref.dtype)
+    if t is None or ref is None:
+        return None
+    return t if t.dtype is ref.dtype else t.to(ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,9 +113,13 @@ class _BatchNormFunction(torch.autograd.Function):
     """y = act((x - mean) * invstd * weight + bias), statistics from the batch (training) or given (eval)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act, momentum):
         k = _kernels()
-        if training:
+        if training and momentum is not None:  # eager: the running statistics are updated in the same call
+            y, mean, invstd, nonfinite = K.bn_train_forward_update(x, weight, bias, eps, act, running_mean,
+                                                                   running_var, momentum)
+            _warn_nonfinite(nonfinite)
+        elif training:
             y, mean, invstd = k.bn_train_forward(x, weight, bias, eps, act)
         else:
             y = k.bn_eval_forward(x, running_mean, running_var, weight, bias, eps, act)
@@ -117,10 +134,9 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
         if dy is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        dy = _match_layout(dy, x)
+        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiable closed form, statistics from x
             if ctx.training:
                 m, v = portable.bn_stats(x)
@@ -129,14 +145,7 @@ class _BatchNormFunction(torch.autograd.Function):
         else:
             dx, dw, db = _kernels().bn_backward(dy, x, weight, bias, mean, invstd, ctx.act, ctx.training,
                                                 needs)
-        return dx, _like(dw, weight), _like(db, weight), None, None, None, None, None
-
-
-def _match_layout(dy: Tensor, x: Tensor) -> Tensor:
-    """The kernels read dy with x's strides; give it x's memory format when it arrives otherwise."""
-    if dy.stride() == x.stride():
-        return dy
-    return torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+        return dx, _like(dw, weight), _like(db, weight), None, None, None, None, None, None
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -158,9 +167,12 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         >>> rm, rv = torch.zeros(3), torch.ones(3)
         >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch's
     """
-    _check_eps(eps)
-    _check_act(act)
-    _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if not (eps > 0.0 and eps != math.inf):
+        _check_eps(eps)
+    if act not in ACTIVATIONS:
+        _check_act(act)
+    if not _channels_ok(input, running_mean, running_var, weight, bias):
+        _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not training and (running_mean is None or running_var is None):
         raise NormError("batch_norm in evaluation mode (training=False) needs running_mean and running_var; "
                          "pass them, or training=True to normalize with the batch's statistics")
@@ -171,15 +183,23 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{input.size()}: the batch variance of a single value is 0; use a larger batch, "
                          f"eval mode, or a per-sample norm (GroupNorm, LayerNorm)")
+    update = training and running_mean is not None and running_var is not None
+    # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
+    fused_update = update and not torch.compiler.is_compiling()
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         y, mean, invstd = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                                   float(eps), act)
-    elif training:  # nothing to differentiate: the kernels alone, no autograd node
+                                                   float(eps), act, float(momentum) if fused_update else None)
+    elif fused_update:  # nothing to differentiate: the kernels alone, no autograd node
+        y, _, _, nonfinite = K.bn_train_forward_update(input, weight, bias, float(eps), act, running_mean,
+                                                       running_var, float(momentum))
+        _warn_nonfinite(nonfinite)
+        return y
+    elif training:
         y, mean, invstd = _kernels().bn_train_forward(input, weight, bias, float(eps), act)
     else:
         return _kernels().bn_eval_forward(input, running_mean, running_var, weight, bias, float(eps), act)
-    if training and running_mean is not None and running_var is not None:
+    if update and not fused_update:
         update_running_stats(running_mean, running_var, mean, invstd, eps, n, momentum)
     return y
 
@@ -205,11 +225,15 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     # eager: the statistics carry no autograd history (non-differentiable outputs), so no no_grad block is needed
     if mean.requires_grad or invstd.requires_grad:
         mean, invstd = mean.detach(), invstd.detach()
-    bad = K.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
-    if bad is not None and bad.device.type == "cpu" and bool(bad.any()):
-        channels = bad.nonzero().flatten().tolist()
+    _warn_nonfinite(K.running_update(running_mean, running_var, mean, invstd, eps, n, momentum))
+
+
+def _warn_nonfinite(nonfinite: Tensor | None) -> None:
+    """Warn (CPU tensors only: no device synchronization) about the channels :func:`running_update` skipped."""
+    if nonfinite is not None and nonfinite.is_cpu and bool(nonfinite.any()):
+        channels = nonfinite.nonzero().flatten().tolist()
         warnings.warn(f"batch statistics are not finite in channel(s) {channels[:10]}; their running statistics "
-                      f"were left unchanged (check the input and the learning rate)", RuntimeWarning, stacklevel=3)
+                      f"were left unchanged (check the input and the learning rate)", RuntimeWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------------------------------------

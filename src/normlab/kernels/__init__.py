@@ -38,11 +38,11 @@ def use_backend(name: str | None):
 
 def backend_for(x: Tensor):
     """The module implementing the kernel contract for ``x``."""
+    if _forced is None:
+        return _cpu if _cpu is not None and _cpu.supports(x) else portable
     if _forced == "portable" or _cpu is None:
         return portable
-    if _forced == "cpu" or (x.device.type == "cpu" and _cpu.supports(x)):
-        return _cpu
-    return portable
+    return _cpu
 
 
 def bn_stats(x, *a, **k):
@@ -51,6 +51,14 @@ def bn_stats(x, *a, **k):
 
 def bn_train_forward(x, *a, **k):
     return backend_for(x).bn_train_forward(x, *a, **k)
+
+
+def bn_train_forward_update(x, *a, **k):
+    """Training forward and the running statistics' update; the CPU backend does both in one call."""
+    b = backend_for(x)
+    if b is _cpu and not _cpu.supports_running(*a[4:6]):
+        b = portable
+    return b.bn_train_forward_update(x, *a, **k)
 
 
 def bn_eval_forward(x, *a, **k):
@@ -77,4 +85,4 @@ def running_update(running_mean, running_var, mean, invstd, eps, n, momentum):
 
 
 __all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
-           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update"]
+           "bn_train_forward_update", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update"]

@@ -125,12 +125,12 @@ def _sync_threads(numel: int | None = None, tasks: int = 0) -> int:
 
     numba's own getters are not free (microseconds each), so the last values set are remembered here.
     """
+    if (numel is not None and numel < SERIAL_BELOW) or _forked_after_launch:
+        return 1  # the serial twins make no launch: numba's thread count and chunk size do not matter
     torch_threads = torch.get_num_threads()
     if not _launched:
         _launch_layer(torch_threads)
     n = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if (numel is not None and numel < SERIAL_BELOW) or _forked_after_launch:
-        n = 1
     if getattr(_state, "threads", 0) != n:
         numba.set_num_threads(n)
         _state.threads = n
@@ -174,11 +174,11 @@ _CONST: dict = {}  # (length, acc dtype, fill) -> numpy array, never written by 
 
 def _np(t: Tensor) -> np.ndarray:
     """Zero-copy numpy view; bfloat16 as int16 bits, float16 as uint16 bits."""
-    if t.requires_grad:
-        t = t.detach()
     dt = t.dtype
     if dt is torch.float32 or dt is torch.float64:
-        return t.numpy()
+        return t.detach().numpy() if t.requires_grad else t.numpy()
+    if t.requires_grad:
+        t = t.detach()
     if dt is torch.bfloat16:
         return t.view(torch.int16).numpy()
     if dt is torch.float16:
@@ -193,35 +193,39 @@ def _rows_shape(x: Tensor) -> tuple[int, int]:
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """(N, C, S) view for 'ncs', (M, C) view for 'rows' -- no copy."""
-    n, c = t.shape[0], t.shape[1]
+    shape = t.shape
     if layout == "ncs":
-        return _np(t).reshape(n, c, -1)
+        return _np(t).reshape(shape[0], shape[1], -1)
     if t.is_contiguous():
-        return _np(t).reshape(n, c)
-    return _np(t.movedim(1, -1)).reshape(-1, c)  # channels_last: (N, *, C) is contiguous, reshape is a view
+        a = _np(t)
+        return a if len(shape) == 2 else a.reshape(shape[0], shape[1])
+    return _np(t.movedim(1, -1)).reshape(-1, shape[1])  # channels_last: (N, *, C) is contiguous: a view
 
 
 def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
     """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``).
 
     Large outputs come from :mod:`normlab.kernels.pool` (memory a dead output left, no page faults)."""
+    shape = tuple(x.shape)
+    dtype = x.dtype
     nbytes = x.numel() * x.element_size()
     pooled = nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0
     # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
-    keep_strides = not x.is_contiguous() or (x.dim() >= 4 and 1 in x.shape)
+    keep_strides = not x.is_contiguous() or (len(shape) >= 4 and 1 in shape)
     if keep_strides and not pooled:
         y = torch.empty_like(x)
         return y, _view(y, layout)
-    storage = _NP_STORAGE[x.dtype]
-    a = pool.empty(nbytes).view(storage).reshape(x.shape) if pooled else np.empty(x.shape, storage)
+    storage = _NP_STORAGE[dtype]
+    a = pool.empty(nbytes).view(storage).reshape(shape) if pooled else np.empty(shape, storage)
     y = torch.from_numpy(a)
-    if x.dtype is torch.bfloat16 or x.dtype is torch.float16:
-        y = y.view(x.dtype)
+    if dtype is torch.bfloat16 or dtype is torch.float16:
+        y = y.view(dtype)
     if keep_strides:
-        y = y.as_strided(x.shape, x.stride())
+        y = y.as_strided(shape, x.stride())
         return y, _view(y, layout)
-    n, c = x.shape[0], x.shape[1]
-    return y, a.reshape(n, c, -1) if layout == "ncs" else a.reshape(n, c)
+    if layout == "ncs":
+        return y, a.reshape(shape[0], shape[1], -1)
+    return y, (a if len(shape) == 2 else a.reshape(shape[0], shape[1]))
 
 
 def _empty(shape, acc: torch.dtype) -> tuple[Tensor, np.ndarray]:
@@ -242,7 +246,7 @@ def _match(dy: Tensor, x: Tensor) -> Tensor:
     return dy.contiguous(memory_format=fmt)
 
 
-_VIEWS: dict = {}  # id(parameter) -> (parameter, data_ptr, numpy view); holds at most _VIEWS_MAX parameters
+_VIEWS: dict = {}  # id(parameter) -> (parameter, data_ptr, numpy view, dtype); at most _VIEWS_MAX parameters
 _VIEWS_MAX = 256
 
 
@@ -254,19 +258,19 @@ def _param(p: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndar
         if a is None:
             a = _CONST[key] = np.full(c, fill, dtype=_NP_ACC[dtype])
         return a
+    # leaf tensors (module parameters) are the same objects call after call, updated in place: their numpy view
+    # stays valid as long as the tensor keeps its storage (``p.data = ...`` changes data_ptr and misses); the
+    # cache is looked up first, since this runs several times per call of every layer
+    hit = _VIEWS.get(id(p))
+    if hit is not None and hit[0] is p and hit[1] == p.data_ptr() and hit[3] is dtype and hit[2].shape[0] == c:
+        return hit[2]
     if p.dtype is not dtype or not p.is_contiguous():
         return _np(p.detach().to(dtype).contiguous())
-    if not p.is_leaf:
-        return _np(p)
-    # leaf tensors (module parameters) are the same objects call after call, updated in place: their numpy view
-    # stays valid as long as the tensor keeps its storage (``p.data = ...`` changes data_ptr and misses)
-    hit = _VIEWS.get(id(p))
-    if hit is not None and hit[0] is p and hit[1] == p.data_ptr() and hit[2].shape[0] == c:
-        return hit[2]
     a = _np(p)
-    if len(_VIEWS) >= _VIEWS_MAX:
-        _VIEWS.clear()
-    _VIEWS[id(p)] = (p, p.data_ptr(), a)
+    if p.is_leaf:
+        if len(_VIEWS) >= _VIEWS_MAX:
+            _VIEWS.clear()
+        _VIEWS[id(p)] = (p, p.data_ptr(), a, dtype)
     return a
 
 
@@ -302,8 +306,10 @@ def _act(act: str) -> int:
 # ------------------------------------------------------------------------------------------------------
 # batch norm
 # ------------------------------------------------------------------------------------------------------
-def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, want_y=True):
-    """Returns (y, mean, second); y is None when not wanted (statistics only)."""
+def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, want_y=True, running=None):
+    """Returns (y, mean, second, nonfinite); y is None when not wanted (statistics only). ``running``:
+    (running_mean, running_var, momentum) to update with the batch's statistics; ``nonfinite`` is how many channels
+    kept their running values because their statistics were not finite (0 without ``running``)."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
     numel = x.numel()
@@ -331,12 +337,17 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     else:
         _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
              _nchunks(threads, xa.shape[0], numel))
-    return y, mean, second
+    bad = 0
+    if running is not None:
+        rm, rv, momentum = running
+        bad = _k.running_update(_param(rm, c, rm.dtype, 0.0), _param(rv, c, rv.dtype, 1.0), ma, sa, float(eps),
+                                numel // c, float(momentum))
+    return y, mean, second, bad
 
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *) in ``acc_dtype``: one read."""
-    _, mean, var = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
+    _, mean, var, _ = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
     return mean.to(var.dtype), var
 
 
@@ -344,7 +355,17 @@ def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
                      act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
     """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write; mean in
     float64 (see :mod:`normlab.kernels.portable`)."""
-    return _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)
+    return _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)[:3]
+
+
+def bn_train_forward_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str,
+                            running_mean: Tensor, running_var: Tensor,
+                            momentum: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`bn_train_forward` and the running statistics' update (:func:`running_update`) in one call: one
+    Python round trip less per training step (buffers as :func:`supports_running` takes them)."""
+    y, mean, invstd, bad = _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN,
+                                       running=(running_mean, running_var, momentum))
+    return y, mean, invstd, (_nonfinite(mean, invstd, eps) if bad else None)
 
 
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
@@ -483,7 +504,7 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
 def supports_running(*buffers: Tensor) -> bool:
     """Whether :func:`running_update` takes these tensors: CPU, float32/float64, contiguous, no autograd."""
     for t in buffers:
-        if t.dtype not in _NP_ACC or not t.is_cpu or t.requires_grad or not t.is_contiguous():
+        if not (t.is_cpu and t.dtype in _NP_ACC and not t.requires_grad and t.is_contiguous()):
             return False
     return True
 
@@ -496,11 +517,13 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, invs
     bad = _k.running_update(_param(running_mean, c, running_mean.dtype, 0.0),  # cached views of the buffers
                             _param(running_var, c, running_var.dtype, 1.0), mean.numpy(), invstd.numpy(),
                             float(eps), int(n), float(momentum))
-    if bad == 0:
-        return None
+    return _nonfinite(mean, invstd, eps) if bad else None
+
+
+def _nonfinite(mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     var = (invstd.to(torch.float64).pow(-2) - eps)
     return ~(torch.isfinite(mean) & torch.isfinite(var))
 
 
-__all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_eval_forward", "bn_backward",
+__all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_eval_forward", "bn_backward",
            "gn_forward", "gn_backward", "supports_running", "running_update"]

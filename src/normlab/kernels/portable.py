@@ -104,6 +104,16 @@ def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     return y, shift.double() + mean_s.double(), invstd
 
 
+def bn_train_forward_update(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str,
+                            running_mean: Tensor, running_var: Tensor,
+                            momentum: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`bn_train_forward`, then :func:`running_update` with its statistics: ``(y, mean, invstd, nonfinite)``
+    (``nonfinite`` as running_update returns it)."""
+    y, mean, invstd = bn_train_forward(x, weight, bias, eps, act)
+    n = x.numel() // x.shape[1]
+    return y, mean, invstd, running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+
+
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
     """Evaluation forward with the running statistics."""

@@ -110,11 +110,12 @@ class _BatchNorm(_NormBase):
 
     def _momentum_for_this_batch(self) -> float:
         """Count the batch and return the weight of the new batch in the running statistics."""
-        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+        counter = self._buffers.get("num_batches_tracked")
+        if not (self.training and self.track_running_stats and counter is not None):
             return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
+        counter.add_(1)
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            return 1.0 / float(counter)
         return self.momentum
 
     def forward(self, input: Tensor) -> Tensor:
@@ -123,14 +124,17 @@ class _BatchNorm(_NormBase):
             raise F.NormError(f"{type(self).__name__}({self.num_features}) got an input with "
                                    f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
                                    f"dimension 1: set num_features={input.shape[1]} or permute the input")
-        empty = input.numel() == 0
-        momentum = 0.0 if empty else self._momentum_for_this_batch()
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update = self.training and self.track_running_stats
-        return F.batch_norm(input,
-                            self.running_mean if (not self.training or update) else None,
-                            self.running_var if (not self.training or update) else None,
-                            self.weight, self.bias, use_batch_stats, momentum, self.eps, act=self.act)
+        momentum = 0.0 if input.numel() == 0 else self._momentum_for_this_batch()
+        # parameters and buffers straight from their dicts: nn.Module.__getattr__ costs ~0.5 us per name, which
+        # adds up on small layers (a (256, 120) forward takes ~30 us in all)
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        training = self.training
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        return F.batch_norm(input, running_mean, running_var, params.get("weight"), params.get("bias"),
+                            use_batch_stats, momentum, self.eps, act=self.act)
 
 
 class BatchNorm1d(_BatchNorm):
