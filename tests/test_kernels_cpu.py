@@ -333,6 +333,21 @@ def test_layer_norm_rows_outlier_first_value(first):
     _close(mean, mean64, 1e-6, rel=True)
 
 
+@pytest.mark.parametrize("groups, first", [(2, 0.0), (2, -50.0), (2, 1e3), (8, -1e3)])
+def test_group_norm_outlier_first_value(groups, first):
+    """Group-norm statistics (S > 1) sum float32 blocks shifted by each group's first value; far from the mean,
+    a second pass around the first pass's mean keeps the variance exact (without it, +-1e3 fails)."""
+    gen = torch.Generator().manual_seed(5)
+    x = 5e3 + torch.randn(2, 8, 4000, generator=gen, dtype=torch.float64)
+    x[:, ::(8 // groups), 0] = 5e3 + first  # the first value of every group
+    w, b = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    y, mean, invstd = cpu.gn_forward(x.float(), w, b, groups, 1e-5)
+    y64, mean64, invstd64 = portable.gn_forward(x.float().double(), w.double(), b.double(), groups, 1e-5)
+    _close(y, y64, 1e-3)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    _close(mean, mean64, 1e-6, rel=True)
+
+
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("first", [0.0, -50.0, 1e3])
 def test_batch_norm_outlier_first_value(fmt, first):

@@ -724,14 +724,30 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
                 d = np.float64(up(x2[n, c])) - sh
                 s1 += d
                 s2 += d * d
-        else:
+        else:  # compute-dtype lanes per block of a channel's S values, merged in float64 (as batch norm)
             for c in range(c0, c0 + cg):
-                for s in range(ns):
-                    d = np.float64(up(x[n, c, s])) - sh
-                    s1 += d
-                    s2 += d * d
+                xr = x[n, c]
+                for lo in range(0, ns, _BLOCK):
+                    a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift)
+                    s1 += np.float64(a1)
+                    s2 += np.float64(a2)
         m64 = s1 / cnt
         v64 = max(s2 / cnt - m64 * m64, 0.0)
+        if ns > 1 and m64 * m64 > 0.75 * (s2 / cnt):
+            # the group's first value lies far from its mean (q - m^2 would lose more than 2 bits): sum again
+            # around the first pass's mean
+            m_first = like(m64, shift)
+            s1 = 0.0
+            s2 = 0.0
+            for c in range(c0, c0 + cg):
+                xr = x[n, c]
+                for lo in range(0, ns, _BLOCK):
+                    a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_first)
+                    s1 += np.float64(a1)
+                    s2 += np.float64(a2)
+            e64 = s1 / cnt
+            v64 = max(s2 / cnt - e64 * e64, 0.0)
+            m64 = np.float64(m_first) + e64
         inv = _invstd(v64, eps, w[0])
         mean[n, g] = sh + m64
         invstd[n, g] = inv
