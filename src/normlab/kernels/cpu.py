@@ -314,7 +314,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     c = x.shape[1]
     numel = x.numel()
     layout = _layout(x)
-    threads = _sync_threads(numel, tasks=c if layout == "ncs" and mode != _k.MODE_EVAL else 0)
+    threads = _sync_threads(numel)
     w = _param(weight, c, acc, 1.0)
     b = _param(bias, c, acc, 0.0)
     if mode == _k.MODE_EVAL:
@@ -333,7 +333,8 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
         _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa,
              _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
     elif layout == "ncs":
-        _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa)
+        _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
+             _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
     else:
         _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
              _nchunks(threads, xa.shape[0], numel))
@@ -388,7 +389,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     c = x.shape[1]
     numel = x.numel()
     layout = _layout(x)
-    threads = _sync_threads(numel, tasks=c if layout == "ncs" else 0)
+    threads = _sync_threads(numel)
     dy = _match(dy, x)
     need_dx = bool(needs[0])
     xa = _view(x, layout)
@@ -402,7 +403,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
             _vec(mean, c, torch.float64, 0.0),
             _vec(invstd, c, acc, 1.0), _act(act), bool(training), need_dx, dxa, dwa, dba)
     if layout == "ncs":
-        _run(_k.bn_bwd_ncs, threads, *args)
+        _run(_k.bn_bwd_ncs, threads, *args, _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
     else:
         _run(_k.bn_bwd_rows, threads, *args, _nchunks(threads, xa.shape[0], numel))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)

@@ -304,49 +304,26 @@ def _invstd(var, eps, proto):
 
 
 # ------------------------------------------------------------------------------------------------------
-# batch norm, (N, C, S) layout: one task per channel, its N rows of S contiguous values
+# batch norm, (N, C, S) layout: every pass walks the (n, c) rows of S values in memory order, in contiguous runs
+# of rows (one per task), with per-run partial sums per channel merged in float64. A channel-major walk (one task
+# per channel: its statistics, then its normalization while its rows are still in L2) jumps between N rows far
+# apart, which the hardware prefetcher follows poorly: it measured 1.2-2.3x slower for the training forward
+# ((128, 256, 14, 14): 4.2 vs 1.8 ms on one thread), although it reads the activation from memory once less.
 # ------------------------------------------------------------------------------------------------------
-@njit(inline="always")
-def _chan_sums(x, c, shift):
-    t1 = 0.0
-    t2 = 0.0
+@njit(**_OPTS)
+def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
+    """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi: per block of at
+    most _BLOCK values in the compute dtype of ``shift``, merged in float64."""
+    nc = x.shape[1]
     ns = x.shape[2]
-    for n in range(x.shape[0]):
+    for r in range(r_lo, r_hi):
+        n = r // nc
+        c = r - n * nc
         xr = x[n, c]
         for lo in range(0, ns, _BLOCK):
-            a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift)
-            t1 += np.float64(a1)
-            t2 += np.float64(a2)
-    return t1, t2
-
-
-@njit(inline="always")
-def _chan_sums_around(x, c, shift, m_s):
-    t1 = 0.0
-    t2 = 0.0
-    ns = x.shape[2]
-    for n in range(x.shape[0]):
-        xr = x[n, c]
-        for lo in range(0, ns, _BLOCK):
-            a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_s)
-            t1 += np.float64(a1)
-            t2 += np.float64(a2)
-    return t1, t2
-
-
-@njit(inline="always")
-def _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, act):
-    for n in range(n_lo, n_hi):
-        xr = x[n, c]
-        yr = y[n, c]
-        for i in range(xr.size):
-            yr[i] = down(act_fwd(((up(xr[i]) - ref) - m_s) * a + bb, act), yr)
-
-
-@_per_act
-def _chan_normalize(x, y, n_lo, n_hi, c, ref, m_s, a, bb):
-    """y[n, c] = act(((x[n, c] - ref) - m_s) * a + bb) for n_lo <= n < n_hi."""
-    _normalize_loop(x, y, n_lo, n_hi, c, ref, m_s, a, bb, ACT)
+            a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift[c])
+            s1[c] += np.float64(a1)
+            s2[c] += np.float64(a2)
 
 
 @_kernel
@@ -387,105 +364,157 @@ def _eval_rows(x, y, r_lo, r_hi, ref, a, bb):
 
 
 @_kernel
-def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd):
+def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only (EVAL: bn_eval_ncs).
 
     Statistics: sums of x - shift (shift = the channel's first value) per block, merged in float64; where the
     shift lies far from the mean (> sqrt(3) standard deviations, so q - m^2 would lose more than 2 bits) a
-    second pass sums around the mean. The channel's second read usually comes from L2."""
+    second pass sums around the first pass's mean, which becomes the shift."""
     nb, nc, ns = x.shape
+    rows = nb * nc
     cnt = nb * ns
-    for c in prange(nc):
-        shift = up(x[0, c, 0])
-        t1, t2 = _chan_sums(x, c, shift)
-        m64, q64, v64 = _moments(t1, t2, cnt)
-        m_s = like(m64, shift)
-        mu64 = np.float64(shift) + m64
-        if m64 * m64 > 0.75 * q64:
-            t1, t2 = _chan_sums_around(x, c, shift, m_s)
-            r64, _, v64 = _moments(t1, t2, cnt)
-            mu64 = np.float64(shift) + np.float64(m_s) + r64
-        mean[c] = mu64
+    shift = _scratch(nc, w)
+    for c in range(nc):
+        shift[c] = up(x[0, c, 0])
+    s1 = _zeros2(nchunks, nc)
+    s2 = _zeros2(nchunks, nc)
+    m1 = _zeros2(2, nc)  # per channel: mean and second moment of x - shift
+    for attempt in range(2):
+        for k in prange(nchunks):
+            _ncs_sums(x, k * rows // nchunks, (k + 1) * rows // nchunks, shift, s1[k], s2[k])
+        redo = False
+        for c in range(nc):
+            t1 = 0.0
+            t2 = 0.0
+            for k in range(nchunks):
+                t1 += s1[k, c]
+                t2 += s2[k, c]
+            m1[0, c] = t1 / cnt
+            m1[1, c] = t2 / cnt
+            redo = redo or m1[0, c] * m1[0, c] > 0.75 * m1[1, c]
+        if attempt == 1 or not redo:
+            break
+        for c in range(nc):  # every channel again, around the first pass's mean (harmless where it was close)
+            shift[c] = like(np.float64(shift[c]) + m1[0, c], w[0])
+            for k in range(nchunks):
+                s1[k, c] = 0.0
+                s2[k, c] = 0.0
+    a = _scratch(nc, w)
+    bb = _scratch(nc, w)
+    for c in range(nc):
+        m64 = m1[0, c]
+        v64 = max(m1[1, c] - m64 * m64, 0.0)
+        mean[c] = np.float64(shift[c]) + m64
         if mode == MODE_STATS:
             var_or_invstd[c] = v64
-            continue
-        inv = _invstd(v64, eps, w[c])
-        var_or_invstd[c] = inv
-        _chan_normalize(act, x, y, 0, nb, c, shift, m_s, like(inv * w[c], shift), like(b[c], shift))
+        else:
+            inv = _invstd(v64, eps, w[0])
+            var_or_invstd[c] = inv
+            a[c] = like(inv * w[c], w[0])
+            # fold the small remainder of the mean into the bias: ((x - shift) - m) * a + b
+            bb[c] = like(np.float64(b[c]) - np.float64(like(m64, w[0])) * np.float64(a[c]), w[0])
+    if mode == MODE_STATS:
+        return
+    for k in prange(nchunks):
+        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, shift, a, bb)
 
 
 @njit(inline="always")
-def _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, act):
-    s_g = 0.0
-    s_gx = 0.0
+def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, mu, inv, w, b, act, s1, s2):
+    nc = x.shape[1]
     ns = x.shape[2]
-    for n in range(x.shape[0]):
+    for r in range(r_lo, r_hi):
+        n = r // nc
+        c = r - n * nc
         xr = x[n, c]
         dyr = dy[n, c]
+        x0c, muc, invc, wc, bc = x0[c], mu[c], inv[c], w[c], b[c]
         for lo in range(0, ns, _BLOCK):
             xb = xr[lo:lo + _BLOCK]
             db = dyr[lo:lo + _BLOCK]
-            a1 = like(0.0, mu)
-            a2 = like(0.0, mu)
+            a1 = like(0.0, muc)
+            a2 = like(0.0, muc)
             for i in range(xb.size):
-                xh = ((up(xb[i]) - x0) - mu) * inv
+                xh = ((up(xb[i]) - x0c) - muc) * invc
                 g = act_grad(up(db[i]), xh * wc + bc, act)
                 a1 += g
                 a2 += g * xh
-            s_g += np.float64(a1)
-            s_gx += np.float64(a2)
-    return s_g, s_gx
+            s1[c] += np.float64(a1)
+            s2[c] += np.float64(a2)
 
 
 @_per_act
-def _chan_grad_sums(dy, x, c, x0, mu, inv, wc, bc):
-    """(sum g, sum g * xhat) over channel c, g = dL/dz."""
-    return _chan_grad_sums_loop(dy, x, c, x0, mu, inv, wc, bc, ACT)
+def _ncs_grad_sums(dy, x, r_lo, r_hi, x0, mu, inv, w, b, s1, s2):
+    """s1[c] += sum g, s2[c] += sum g * xhat over the (n, c) rows r_lo..r_hi, g = dL/dz."""
+    _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, mu, inv, w, b, ACT, s1, s2)
 
 
 @njit(inline="always")
-def _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, act, k_g, k_x, k_0, dx):
-    for n in range(x.shape[0]):
+def _ncs_dx_loop(dy, x, r_lo, r_hi, x0, mu, inv, w, b, act, k_g, k_x, k_0, dx):
+    nc = x.shape[1]
+    for r in range(r_lo, r_hi):
+        n = r // nc
+        c = r - n * nc
         xr = x[n, c]
         dyr = dy[n, c]
         dxr = dx[n, c]
+        x0c, muc, invc, wc, bc = x0[c], mu[c], inv[c], w[c], b[c]
+        kg, kx, k0 = k_g[c], k_x[c], k_0[c]
         for i in range(xr.size):
-            xh = ((up(xr[i]) - x0) - mu) * inv
+            xh = ((up(xr[i]) - x0c) - muc) * invc
             g = act_grad(up(dyr[i]), xh * wc + bc, act)
-            dxr[i] = down(g * k_g + xh * k_x + k_0, dxr)
+            dxr[i] = down(g * kg + xh * kx + k0, dxr)
 
 
 @_per_act
-def _chan_dx(dy, x, c, x0, mu, inv, wc, bc, k_g, k_x, k_0, dx):
-    _chan_dx_loop(dy, x, c, x0, mu, inv, wc, bc, ACT, k_g, k_x, k_0, dx)
+def _ncs_dx(dy, x, r_lo, r_hi, x0, mu, inv, w, b, k_g, k_x, k_0, dx):
+    """dx over the (n, c) rows r_lo..r_hi."""
+    _ncs_dx_loop(dy, x, r_lo, r_hi, x0, mu, inv, w, b, ACT, k_g, k_x, k_0, dx)
 
 
 @_kernel
-def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db):
+def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
     """Closed-form backward, (N, C, S) layout. Writes dw, db (always) and dx (if need_dx)."""
     nb, nc, ns = x.shape
+    rows = nb * nc
     cnt = nb * ns
-    for c in prange(nc):
+    x0 = _scratch(nc, w)
+    mu = _scratch(nc, w)
+    inv = _scratch(nc, w)
+    wc = _scratch(nc, w)
+    bc = _scratch(nc, w)
+    for c in range(nc):
         # x - mean as (x - x0) - (mean - x0): the float64 mean's offset from the channel's first value is small,
         # so its rounding to the compute dtype costs nothing even where the mean itself is large
-        x0 = up(x[0, c, 0])
-        mu = like(np.float64(mean[c]) - np.float64(x0), x0)
-        inv = like(invstd[c], mu)
-        wc = like(w[c], mu)
-        bc = like(b[c], mu)
-        scale = like(invstd[c] * w[c], mu)
-        s_g, s_gx = _chan_grad_sums(act, dy, x, c, x0, mu, inv, wc, bc)
-        db[c] = s_g
-        dw[c] = s_gx
-        if not need_dx:
-            continue
-        k_g = scale
-        k_x = like(0.0, mu)
-        k_0 = like(0.0, mu)
+        x0[c] = up(x[0, c, 0])
+        mu[c] = like(np.float64(mean[c]) - np.float64(x0[c]), w[0])
+        inv[c] = like(invstd[c], w[0])
+        wc[c] = like(w[c], w[0])
+        bc[c] = like(b[c], w[0])
+    sg = _zeros2(nchunks, nc)
+    sgx = _zeros2(nchunks, nc)
+    for k in prange(nchunks):
+        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, x0, mu, inv, wc, bc, sg[k], sgx[k])
+    k_g = _scratch(nc, w)
+    k_x = _scratch(nc, w)
+    k_0 = _scratch(nc, w)
+    for c in range(nc):
+        t1 = 0.0
+        t2 = 0.0
+        for k in range(nchunks):
+            t1 += sg[k, c]
+            t2 += sgx[k, c]
+        db[c] = t1
+        dw[c] = t2
+        scale = np.float64(like(invstd[c] * w[c], w[0]))
+        k_g[c] = scale
         if training:
-            k_x = like(-np.float64(scale) * s_gx / cnt, mu)
-            k_0 = like(-np.float64(scale) * s_g / cnt, mu)
-        _chan_dx(act, dy, x, c, x0, mu, inv, wc, bc, k_g, k_x, k_0, dx)
+            k_x[c] = -scale * t2 / cnt
+            k_0[c] = -scale * t1 / cnt
+    if not need_dx:
+        return
+    for k in prange(nchunks):
+        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, x0, mu, inv, wc, bc, k_g, k_x, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------
