@@ -8,9 +8,9 @@ the activation (see BENCHMARKS.md for measurements):
 op                     normlab cpu                                 portable / typical eager composite
 =====================  ==========================================  =====================================
 train forward          stats + normalize: 2 reads, 1 write         4-6 reads, 3-5 writes (temporaries)
-                       (NCHW: the 2nd read of a channel hits L2)
 eval forward           1 read, 1 write (activation fused)          2-3 passes
 backward               2 reads of (x, dy), 1 write, act fused      5+ passes
+                       (every pass streams through memory in order)
 =====================  ==========================================  =====================================
 
 Threading: the loops use numba's ``prange``. Where torch runs on GNU OpenMP and its ``libgomp`` is in the

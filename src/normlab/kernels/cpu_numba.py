@@ -12,10 +12,12 @@ enough for a float32 mean near 1e6.
 
 Each loop is compiled once per storage type (``cache=True`` keeps the machine code on disk). Layouts:
 
-* ``ncs``: (N, C, S) with S contiguous -- NCHW of any rank. One task per channel: the statistics pass and the
-  normalize pass run back to back on the same channel, so the second read usually comes from the core's L2.
+* ``ncs``: (N, C, S) with S contiguous -- NCHW of any rank. The (n, c) rows of S values are taken in memory
+  order, split into a few contiguous runs per thread with per-run partial sums per channel, merged in float64.
 * ``rows``: (M, C) with C contiguous -- (N, C) inputs and channels_last (N, H, W, C) / (N, D, H, W, C). Rows are
-  split into one chunk per thread; per-chunk partial sums are merged, then a second parallel pass normalizes.
+  split into a few chunks per thread; per-chunk partial sums are merged, then a second parallel pass normalizes.
+
+Both layouts thus stream through memory in order in every pass (statistics, normalize; gradient sums, dx).
 """
 from __future__ import annotations
 
