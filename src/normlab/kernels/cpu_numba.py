@@ -830,13 +830,22 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
             continue
         for c in range(c0, c0 + cg):
             wc = like(w[c], mu)
+            xr = x[n, c]
+            dyr = dy[n, c]
             p_d = 0.0
             p_dx = 0.0
-            for s in range(ns):
-                xh = (up(x[n, c, s]) - mu) * inv
-                d = up(dy[n, c, s])
-                p_d += d
-                p_dx += d * xh
+            for lo in range(0, ns, _BLOCK):  # compute-dtype lanes per block, merged in float64
+                xb = xr[lo:lo + _BLOCK]
+                db = dyr[lo:lo + _BLOCK]
+                a1 = like(0.0, mu)
+                a2 = like(0.0, mu)
+                for i in range(xb.size):
+                    xh = (up(xb[i]) - mu) * inv
+                    d = up(db[i])
+                    a1 += d
+                    a2 += d * xh
+                p_d += np.float64(a1)
+                p_dx += np.float64(a2)
             db_part[n, c] = p_d
             dw_part[n, c] = p_dx
             s_g += p_d * wc
