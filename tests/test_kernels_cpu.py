@@ -366,6 +366,32 @@ def test_batch_norm_outlier_first_value(fmt, first):
     _close(mean, mean64, 1e-6, rel=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads):
+    """NCHW statistics over several runs of (n, c) rows (one per task, partial sums merged): the second pass around
+    the mean, for a channel whose first value is an outlier, must redo every run, serial twin and parallel."""
+    gen = torch.Generator().manual_seed(12)
+    x = 5e3 + torch.randn(8, 4, 100, 100, generator=gen, dtype=torch.float64)
+    x[0, 1, 0, 0] = 5e3 + 1e3
+    assert x.numel() >= cpu.SERIAL_BELOW
+    w, b = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, mean, invstd = cpu.bn_train_forward(x.float(), w, b, 1e-5)
+        dy = torch.randn(x.shape, generator=gen)
+        grads = cpu.bn_backward(dy, x.float(), w, b, mean, invstd, "identity", True)
+    finally:
+        torch.set_num_threads(previous)
+    y64, mean64, invstd64 = portable.bn_train_forward(x.float().double(), w.double(), b.double(), 1e-5)
+    _close(y, y64, 1e-3)
+    _close(invstd, invstd64, 1e-5, rel=True)
+    _close(mean, mean64, 1e-7, rel=True)
+    for g, r in zip(grads, portable.bn_backward(dy.double(), x.float().double(), w.double(), b.double(), mean64,
+                                                invstd64, "identity", True)):
+        _close(g, r, 1e-4, rel=True)
+
+
 @pytest.mark.parametrize("offset", [0.0, 30.0, -1e3])
 def test_batch_norm_rows_shift_far_from_the_mean(offset):
     """(M, C) statistics shift by the mean of the first 16 rows; a batch whose first rows differ from the rest
