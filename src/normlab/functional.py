@@ -110,7 +110,10 @@ def _like(t: Tensor | None, ref: Tensor | None) -> Tensor | None:
 # batch norm
 # ----------------------------------------------------------------------------------------------------------
 class _BatchNormFunction(torch.autograd.Function):
-    """y = act((x - mean) * invstd * weight + bias), statistics from the batch (training) or given (eval)."""
+    """y = act((x - mean) * invstd * weight + bias), statistics from the batch (training) or given (eval).
+
+    ``momentum`` (training, eager only): update the running statistics in the same kernel call, with that weight on
+    the batch; None: the caller updates them (under torch.compile, with traceable ops)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act, momentum):
