@@ -647,8 +647,14 @@ def _rows_normalize(x, y, lo, hi, ref, a, bb):
     _rows_normalize_loop(x, y, lo, hi, ref, a, bb, ACT)
 
 
+# The (M, C) backward reads per-channel vectors for every element (C is innermost), so it uses as few as it can:
+# with d = x - x0 (x0 = the mean rounded to the compute dtype, so d is centred and exact for a large mean),
+# z = xhat * w + b = d * a_z + b_z, the sums are of g and g * d (xhat applied per channel after the merge), and
+# dx = g * k_g + d * k_d + k_0. The earlier form (xhat from x0, mean - x0 and invstd, then z from w and b) read
+# eight vectors and two accumulators per element; with C = 1024 they no longer fit in L1 beside the rows
+# (4096x1024 backward with cold caches 4.5 -> 3.3 ms, 25088x256 4.2 -> 3.8 ms).
 @njit(inline="always")
-def _grad_sums_loop(dy, x, x0, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
+def _grad_sums_loop(dy, x, x0, a_z, b_z, act, lo, hi, b1, b2, s1, s2):
     nc = x.shape[1]
     for r0 in range(lo, hi, _ROW_BLOCK):
         for c in range(nc):
@@ -658,78 +664,84 @@ def _grad_sums_loop(dy, x, x0, mu, inv, w, b, act, lo, hi, b1, b2, s1, s2):
             xr = x[r]
             dyr = dy[r]
             for c in range(nc):
-                xh = ((up(xr[c]) - x0[c]) - mu[c]) * inv[c]
-                g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
+                d = up(xr[c]) - x0[c]
+                g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
                 b1[c] += g
-                b2[c] += g * xh
+                b2[c] += g * d
         for c in range(nc):
             s1[c] += np.float64(b1[c])
             s2[c] += np.float64(b2[c])
 
 
 @_per_act
-def _row_grad_sums(dy, x, x0, mu, inv, w, b, lo, hi, s1, s2):
-    """Per-channel sums of g = dL/dz and g * xhat over rows lo..hi, in compute-dtype lanes per block of
+def _row_grad_sums(dy, x, x0, a_z, b_z, lo, hi, s1, s2):
+    """Per-channel sums of g = dL/dz and g * (x - x0) over rows lo..hi, in compute-dtype lanes per block of
     _ROW_BLOCK rows merged in float64."""
-    b1 = np.empty(x.shape[1], dtype=mu.dtype)
-    b2 = np.empty(x.shape[1], dtype=mu.dtype)
-    _grad_sums_loop(dy, x, x0, mu, inv, w, b, ACT, lo, hi, b1, b2, s1, s2)
+    b1 = np.empty(x.shape[1], dtype=x0.dtype)
+    b2 = np.empty(x.shape[1], dtype=x0.dtype)
+    _grad_sums_loop(dy, x, x0, a_z, b_z, ACT, lo, hi, b1, b2, s1, s2)
 
 
 @njit(inline="always")
-def _dx_loop(dy, x, x0, mu, inv, w, b, act, lo, hi, k_g, k_x, k_0, dx):
+def _dx_loop(dy, x, x0, a_z, b_z, act, lo, hi, k_g, k_d, k_0, dx):
     for r in range(lo, hi):
         xr = x[r]
         dyr = dy[r]
         dxr = dx[r]
         for c in range(xr.size):
-            xh = ((up(xr[c]) - x0[c]) - mu[c]) * inv[c]
-            g = act_grad(up(dyr[c]), xh * w[c] + b[c], act)
-            dxr[c] = down(g * k_g[c] + xh * k_x[c] + k_0[c], dxr)
+            d = up(xr[c]) - x0[c]
+            g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
+            dxr[c] = down(g * k_g[c] + d * k_d[c] + k_0[c], dxr)
 
 
 @_per_act
-def _row_dx(dy, x, x0, mu, inv, w, b, lo, hi, k_g, k_x, k_0, dx):
+def _row_dx(dy, x, x0, a_z, b_z, lo, hi, k_g, k_d, k_0, dx):
     """dx over rows lo..hi."""
-    _dx_loop(dy, x, x0, mu, inv, w, b, ACT, lo, hi, k_g, k_x, k_0, dx)
+    _dx_loop(dy, x, x0, a_z, b_z, ACT, lo, hi, k_g, k_d, k_0, dx)
 
 
 @_kernel
 def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
+    """Closed-form backward, (M, C) layout (see the note above ``_grad_sums_loop``)."""
     m_rows, nc = x.shape
     step = (m_rows + nchunks - 1) // nchunks
     x0 = _scratch(nc, w)
-    mu = _scratch(nc, w)
-    inv = _scratch(nc, w)
+    a_z = _scratch(nc, w)
+    b_z = _scratch(nc, w)
+    mu = np.empty(nc)  # mean - x0, float64
     for c in range(nc):
-        # x - mean as (x - x0) - (mean - x0), x0 = the channel's first value (exact with a large float64 mean)
-        x0[c] = up(x[0, c])
-        mu[c] = like(np.float64(mean[c]) - np.float64(x0[c]), w[0])
-        inv[c] = like(invstd[c], w[0])
+        x0[c] = like(mean[c], w[0])
+        mu[c] = np.float64(mean[c]) - np.float64(x0[c])
+        a = np.float64(invstd[c]) * np.float64(w[c])
+        a_z[c] = like(a, w[0])
+        b_z[c] = like(np.float64(b[c]) - mu[c] * a, w[0])
     sg = _zeros2(nchunks, nc)
-    sgx = _zeros2(nchunks, nc)
+    sgd = _zeros2(nchunks, nc)
     for t in prange(nchunks):
-        _row_grad_sums(act, dy, x, x0, mu, inv, w, b, t * step, min(t * step + step, m_rows), sg[t], sgx[t])
+        _row_grad_sums(act, dy, x, x0, a_z, b_z, t * step, min(t * step + step, m_rows), sg[t], sgd[t])
     k_g = _scratch(nc, w)
-    k_x = _scratch(nc, w)
+    k_d = _scratch(nc, w)
     k_0 = _scratch(nc, w)
     for c in range(nc):
         t1 = 0.0
         t2 = 0.0
         for t in range(nchunks):
             t1 += sg[t, c]
-            t2 += sgx[t, c]
+            t2 += sgd[t, c]
+        inv = np.float64(invstd[c])
+        t2 = inv * (t2 - mu[c] * t1)  # sum g * xhat
         db[c] = t1
         dw[c] = t2
         scale = np.float64(like(invstd[c] * w[c], w[0]))
         k_g[c] = scale
-        if training:
-            k_x[c] = -scale * t2 / m_rows
-            k_0[c] = -scale * t1 / m_rows
+        if training:  # dx = g * scale - xhat * scale * t2 / M - scale * t1 / M, xhat = (d - mu) * inv
+            k_x = -scale * t2 / m_rows
+            k_d[c] = inv * k_x
+            k_0[c] = -scale * t1 / m_rows - mu[c] * inv * k_x
     if not need_dx:
         return
     for t in prange(nchunks):
-        _row_dx(act, dy, x, x0, mu, inv, w, b, t * step, min(t * step + step, m_rows), k_g, k_x, k_0, dx)
+        _row_dx(act, dy, x, x0, a_z, b_z, t * step, min(t * step + step, m_rows), k_g, k_d, k_0, dx)
 
 
 # ------------------------------------------------------------------------------------------------------
