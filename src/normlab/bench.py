@@ -517,7 +517,9 @@ def machine_info(copy_gbps: float) -> dict:
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark normlab's batch norm against torch (CPU)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes, short budget, no torch.compile (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes, short budget, no torch.compile (seconds): a smoke test, where per-call "
+                        "overhead dominates and the ratios say nothing about real layer sizes")
     p.add_argument("--shapes", default=None,
                    help="comma-separated shapes such as 32x64x56x56,32x64x56x56cl,256x512 (cl: channels_last)")
     p.add_argument("--sections", default="layers,fused,groupnorm,lenet",
@@ -576,6 +578,8 @@ def run(args) -> int:
     print("summary:")
     for k, v in summary.items():
         print(f"  {k:<38} {v if not isinstance(v, float) else round(v, 3)}")
+    if quick:
+        print("(--quick: tiny shapes, where per-call overhead dominates; run without --quick for the real suite)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
