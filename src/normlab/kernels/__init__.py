@@ -53,12 +53,12 @@ def bn_train_forward(x, *a, **k):
     return backend_for(x).bn_train_forward(x, *a, **k)
 
 
-def bn_train_forward_update(x, *a, **k):
+def bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var, momentum):
     """Training forward and the running statistics' update; the CPU backend does both in one call."""
     b = backend_for(x)
-    if b is _cpu and not _cpu.supports_running(*a[4:6]):
+    if b is _cpu and not _cpu.supports_running(running_mean, running_var):
         b = portable
-    return b.bn_train_forward_update(x, *a, **k)
+    return b.bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var, momentum)
 
 
 def bn_eval_forward(x, *a, **k):

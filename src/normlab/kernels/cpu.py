@@ -186,11 +186,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _rows_shape(x: Tensor) -> tuple[int, int]:
-    c = x.shape[1]
-    return x.numel() // c, c
-
-
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """(N, C, S) view for 'ncs', (M, C) view for 'rows' -- no copy."""
     shape = t.shape
@@ -281,6 +276,11 @@ def _vec(t: Tensor, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
     return _np(t)
 
 
+def _rows(a: np.ndarray, layout: str) -> int:
+    """Rows of a kernel view: (n, c) rows of S values for 'ncs', rows of C values for 'rows'."""
+    return a.shape[0] * a.shape[1] if layout == "ncs" else a.shape[0]
+
+
 def _nchunks(threads: int, rows: int, numel: int) -> int:
     """Row chunks for the (M, C) loops: a few per thread (dynamic scheduling), fewer for small inputs."""
     return max(1, min(4 * threads, rows, numel // 16384))
@@ -329,20 +329,14 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     else:
         y, ya = None, xa
     code = _act(act)
+    nchunks = _nchunks(threads, _rows(xa, layout), numel)
     if layout == "ncs" and mode == _k.MODE_EVAL:
-        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa,
-             _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
+        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma, sa, nchunks)
     elif layout == "ncs":
-        _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
-             _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
+        _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma, sa, nchunks)
     else:
-        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa,
-             _nchunks(threads, xa.shape[0], numel))
-    bad = 0
-    if running is not None:
-        rm, rv, momentum = running
-        bad = _k.running_update(_param(rm, c, rm.dtype, 0.0), _param(rv, c, rv.dtype, 1.0), ma, sa, float(eps),
-                                numel // c, float(momentum))
+        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma, sa, nchunks)
+    bad = 0 if running is None else _update_running(*running, ma, sa, eps, numel // c)
     return y, mean, second, bad
 
 
@@ -402,10 +396,8 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     args = (_view(dy, layout), xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0),
             _vec(mean, c, torch.float64, 0.0),
             _vec(invstd, c, acc, 1.0), _act(act), bool(training), need_dx, dxa, dwa, dba)
-    if layout == "ncs":
-        _run(_k.bn_bwd_ncs, threads, *args, _nchunks(threads, xa.shape[0] * xa.shape[1], numel))
-    else:
-        _run(_k.bn_bwd_rows, threads, *args, _nchunks(threads, xa.shape[0], numel))
+    _run(_k.bn_bwd_ncs if layout == "ncs" else _k.bn_bwd_rows, threads, *args,
+         _nchunks(threads, _rows(xa, layout), numel))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
@@ -514,11 +506,17 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, invs
                    momentum: float) -> Tensor | None:
     """:func:`normlab.kernels.portable.running_update` in one numba call (a dozen small torch ops would cost
     more than normalizing a small layer)."""
-    c = running_mean.shape[0]
-    bad = _k.running_update(_param(running_mean, c, running_mean.dtype, 0.0),  # cached views of the buffers
-                            _param(running_var, c, running_var.dtype, 1.0), mean.numpy(), invstd.numpy(),
-                            float(eps), int(n), float(momentum))
+    bad = _update_running(running_mean, running_var, momentum, mean.numpy(), invstd.numpy(), eps, n)
     return _nonfinite(mean, invstd, eps) if bad else None
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, momentum: float, mean: np.ndarray,
+                    invstd: np.ndarray, eps: float, n: int) -> int:
+    """The numba update on cached views of the buffers; returns how many channels kept their values."""
+    c = running_mean.shape[0]
+    return _k.running_update(_param(running_mean, c, running_mean.dtype, 0.0),
+                             _param(running_var, c, running_var.dtype, 1.0), mean, invstd, float(eps), int(n),
+                             float(momentum))
 
 
 def _nonfinite(mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
@@ -526,5 +524,5 @@ def _nonfinite(mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     return ~(torch.isfinite(mean) & torch.isfinite(var))
 
 
-__all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_eval_forward", "bn_backward",
-           "gn_forward", "gn_backward", "supports_running", "running_update"]
+__all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_train_forward_update",
+           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "supports_running", "running_update"]
