@@ -398,20 +398,29 @@ def _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db, k_g, k_d, k_0):
 # apart, which the hardware prefetcher follows poorly: it measured 1.2-2.3x slower for the training forward
 # ((128, 256, 14, 14): 4.2 vs 1.8 ms on one thread), although it reads the activation from memory once less.
 # ------------------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _next_channel(c, nc):
+    """The channel of the next (n, c) row. The loops over rows take each row of the (N * C, S) view, which LLVM
+    handles best (0-based, contiguous); x[n, c] with n, c = divmod(r, nc) per row cost 20-30 % of an eval pass over
+    rows of 196 values (128x256x14x14: 2.4-2.75 ms against 1.75 ms)."""
+    return 0 if c + 1 == nc else c + 1
+
+
 @njit(**_OPTS)
 def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
     """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi: per block of at
     most _BLOCK values in the compute dtype of ``shift``, merged in float64."""
     nc = x.shape[1]
     ns = x.shape[2]
+    x2 = x.reshape(-1, ns)
+    c = r_lo % nc
     for r in range(r_lo, r_hi):
-        n = r // nc
-        c = r - n * nc
-        xr = x[n, c]
+        xr = x2[r]
         for lo in range(0, ns, _BLOCK):
             a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift[c])
             s1[c] += np.float64(a1)
             s2[c] += np.float64(a2)
+        c = _next_channel(c, nc)
 
 
 @_kernel
@@ -435,14 +444,17 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
 @njit(inline="always")
 def _eval_rows_loop(x, y, r_lo, r_hi, ref, a, bb, act):
     nc = x.shape[1]
+    ns = x.shape[2]
+    x2 = x.reshape(-1, ns)
+    y2 = y.reshape(-1, ns)
+    c = r_lo % nc
     for r in range(r_lo, r_hi):
-        n = r // nc
-        c = r - n * nc
-        xr = x[n, c]
-        yr = y[n, c]
+        xr = x2[r]
+        yr = y2[r]
         rc, ac, bc = ref[c], a[c], bb[c]
         for i in range(xr.size):
             yr[i] = down(act_fwd((up(xr[i]) - rc) * ac + bc, act), yr)
+        c = _next_channel(c, nc)
 
 
 @_per_act
@@ -487,11 +499,12 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
 def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, s1, s2):
     nc = x.shape[1]
     ns = x.shape[2]
+    x2 = x.reshape(-1, ns)
+    dy2 = dy.reshape(-1, ns)
+    c = r_lo % nc
     for r in range(r_lo, r_hi):
-        n = r // nc
-        c = r - n * nc
-        xr = x[n, c]
-        dyr = dy[n, c]
+        xr = x2[r]
+        dyr = dy2[r]
         x0c, azc, bzc = x0[c], a_z[c], b_z[c]
         for lo in range(0, ns, _BLOCK):
             xb = xr[lo:lo + _BLOCK]
@@ -505,6 +518,7 @@ def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, s1, s2):
                 a2 += g * d
             s1[c] += np.float64(a1)
             s2[c] += np.float64(a2)
+        c = _next_channel(c, nc)
 
 
 @_per_act
@@ -516,18 +530,22 @@ def _ncs_grad_sums(dy, x, r_lo, r_hi, x0, a_z, b_z, s1, s2):
 @njit(inline="always")
 def _ncs_dx_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, k_g, k_d, k_0, dx):
     nc = x.shape[1]
+    ns = x.shape[2]
+    x2 = x.reshape(-1, ns)
+    dy2 = dy.reshape(-1, ns)
+    dx2 = dx.reshape(-1, ns)
+    c = r_lo % nc
     for r in range(r_lo, r_hi):
-        n = r // nc
-        c = r - n * nc
-        xr = x[n, c]
-        dyr = dy[n, c]
-        dxr = dx[n, c]
+        xr = x2[r]
+        dyr = dy2[r]
+        dxr = dx2[r]
         x0c, azc, bzc = x0[c], a_z[c], b_z[c]
         kg, kd, k0 = k_g[c], k_d[c], k_0[c]
         for i in range(xr.size):
             d = up(xr[i]) - x0c
             g = act_grad(up(dyr[i]), d * azc + bzc, act)
             dxr[i] = down(g * kg + d * kd + k0, dxr)
+        c = _next_channel(c, nc)
 
 
 @_per_act
