@@ -23,8 +23,9 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.fl
 LOW = (torch.bfloat16, torch.float16)  # compared relative to the largest |value|: one rounding of the output
 ACTS = ["identity", "relu", "silu", "sigmoid"]
 # (shape, memory format)
-LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((4, 5, 11), None),
-           ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None)]
+# (M, C) kernels: rows in blocks of 64, four rows per sweep; (67, 5) and (9, 7) end a block with 3 and 1 rows left over
+LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((67, 5), None),
+           ((4, 5, 11), None), ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None)]
 
 
 def _make(shape, fmt, dtype, scale=2.0, loc=0.5, gen=None):
