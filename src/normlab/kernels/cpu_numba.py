@@ -602,11 +602,7 @@ _SHIFT_ROWS = 16  # rows averaged for the (M, C) kernels' shift
 @njit(**_OPTS)
 def _row_sums(x, shift, lo, hi, s1, s2):
     """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi: per block of _ROW_BLOCK rows in the
-    compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64.
-
-    Four rows per sweep over the channels: the per-channel shift and block sums are loaded and stored once per
-    four elements (one row at a time, the loads and stores of those vectors outnumbered the row's: 256x512 sums
-    13.8 -> 8.6 us, 4096x1024 0.51 -> 0.35 ms)."""
+    compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64."""
     nc = x.shape[1]
     sh = np.empty(nc, dtype=shift.dtype)
     for c in range(nc):
@@ -614,26 +610,10 @@ def _row_sums(x, shift, lo, hi, s1, s2):
     b1 = np.empty(nc, dtype=shift.dtype)
     b2 = np.empty(nc, dtype=shift.dtype)
     for r0 in range(lo, hi, _ROW_BLOCK):
-        r1 = min(r0 + _ROW_BLOCK, hi)
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
-        r = r0
-        while r + 4 <= r1:
-            x0 = x[r]
-            x1 = x[r + 1]
-            x2 = x[r + 2]
-            x3 = x[r + 3]
-            for c in range(nc):
-                s = sh[c]
-                d0 = up(x0[c]) - s
-                d1 = up(x1[c]) - s
-                d2 = up(x2[c]) - s
-                d3 = up(x3[c]) - s
-                b1[c] += (d0 + d1) + (d2 + d3)
-                b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            r += 4
-        for r in range(r, r1):
+        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
             xr = x[r]
             for c in range(nc):
                 d = up(xr[c]) - sh[c]
@@ -699,37 +679,18 @@ def _rows_normalize(x, y, lo, hi, ref, a, bb):
 
 
 @njit(inline="always")
-def _grad_at(dyr, xr, c, x0c, azc, bzc, act):
-    """(g, x - x0) at channel c of one row."""
-    d = up(xr[c]) - x0c
-    return act_grad(up(dyr[c]), d * azc + bzc, act), d
-
-
-@njit(inline="always")
 def _grad_sums_loop(dy, x, x0, a_z, b_z, act, lo, hi, b1, b2, s1, s2):
     nc = x.shape[1]
     for r0 in range(lo, hi, _ROW_BLOCK):
-        r1 = min(r0 + _ROW_BLOCK, hi)
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
-        r = r0
-        while r + 4 <= r1:  # four rows per sweep, as _row_sums
-            x_0, x_1, x_2, x_3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-            g_0, g_1, g_2, g_3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
+            xr = x[r]
+            dyr = dy[r]
             for c in range(nc):
-                x0c, azc, bzc = x0[c], a_z[c], b_z[c]
-                g0, d0 = _grad_at(g_0, x_0, c, x0c, azc, bzc, act)
-                g1, d1 = _grad_at(g_1, x_1, c, x0c, azc, bzc, act)
-                g2, d2 = _grad_at(g_2, x_2, c, x0c, azc, bzc, act)
-                g3, d3 = _grad_at(g_3, x_3, c, x0c, azc, bzc, act)
-                b1[c] += (g0 + g1) + (g2 + g3)
-                b2[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
-            r += 4
-        for r in range(r, r1):
-            xr, dyr = x[r], dy[r]
-            for c in range(nc):
-                g, d = _grad_at(dyr, xr, c, x0[c], a_z[c], b_z[c], act)
+                d = up(xr[c]) - x0[c]
+                g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
                 b1[c] += g
                 b2[c] += g * d
         for c in range(nc):
