@@ -349,14 +349,23 @@ def test_group_norm_outlier_first_value(groups, first):
     _close(mean, mean64, 1e-6, rel=True)
 
 
+def _outliers_at_shift_samples(x, c, value):
+    """Sets every value that the NCHW kernels average into channel c's shift (positions 0 and S // 2 of the first
+    eight samples) to ``value``; in channels_last, the first of them is in the (M, C) kernels' shift rows too."""
+    flat = x.view(x.shape[0], x.shape[1], -1)
+    flat[:8, c, 0] = value
+    flat[:8, c, flat.shape[2] // 2] = value
+
+
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("first", [0.0, -50.0, 1e3])
 def test_batch_norm_outlier_first_value(fmt, first):
-    """Batch-norm statistics shift by each channel's first value; far from the mean, a second pass (NCHW) or the
+    """Batch-norm statistics shift by a few of each channel's values; far from the mean, a second pass (NCHW) or the
     float64 merge of 64-row blocks (rows) keeps the variance exact."""
     gen = torch.Generator().manual_seed(4)
     x = 5e3 + torch.randn(16, 3, 9, 9, generator=gen, dtype=torch.float64)
-    x[0, :, 0, 0] = 5e3 + first
+    for c in range(3):
+        _outliers_at_shift_samples(x, c, 5e3 + first)
     x = x.float()
     x = x.contiguous(memory_format=fmt) if fmt else x
     w, b = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
@@ -370,10 +379,11 @@ def test_batch_norm_outlier_first_value(fmt, first):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads):
     """NCHW statistics over several runs of (n, c) rows (one per task, partial sums merged): the second pass around
-    the mean, for a channel whose first value is an outlier, must redo every run, serial twin and parallel."""
+    the mean, for a channel whose shift lies far from its mean (every value the shift averages is an outlier), must
+    redo every run, serial twin and parallel."""
     gen = torch.Generator().manual_seed(12)
     x = 5e3 + torch.randn(8, 4, 100, 100, generator=gen, dtype=torch.float64)
-    x[0, 1, 0, 0] = 5e3 + 1e3
+    _outliers_at_shift_samples(x, 1, 5e3 + 1e3)
     assert x.numel() >= cpu.SERIAL_BELOW
     w, b = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
     previous = torch.get_num_threads()

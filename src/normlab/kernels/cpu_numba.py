@@ -406,6 +406,9 @@ def _next_channel(c, nc):
     return 0 if c + 1 == nc else c + 1
 
 
+_SHIFT_SAMPLES = 16  # values averaged for the NCHW kernels' shift (two per sample, from the first eight samples)
+
+
 @njit(**_OPTS)
 def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
     """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi: per block of at
@@ -467,15 +470,22 @@ def _eval_rows(x, y, r_lo, r_hi, ref, a, bb):
 def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     """mode TRAIN: stats then normalize, writes mean/invstd; STATS: writes mean/var only (EVAL: bn_eval_ncs).
 
-    Statistics: sums of x - shift (shift = the channel's first value) per block, merged in float64; where the
-    shift lies far from the mean (> sqrt(3) standard deviations, so q - m^2 would lose more than 2 bits) a
-    second pass sums around the first pass's mean, which becomes the shift."""
+    Statistics: sums of x - shift per block, merged in float64; where the shift lies far from the mean (> sqrt(3)
+    standard deviations, so q - m^2 would lose more than 2 bits) a second pass over the whole activation sums
+    around the first pass's mean, which becomes the shift. The shift is the mean of _SHIFT_SAMPLES values per
+    channel, from different samples and positions: a channel's first value alone lies that far out in ~8 % of
+    channels, so with 64 channels almost every call read the activation twice (32x64x56x56 statistics: 1.6 vs
+    0.93 ms); a constant channel's shift is still its value exactly."""
     nb, nc, ns = x.shape
     rows = nb * nc
     cnt = nb * ns
     shift = _scratch(nc, w)
+    k0 = min(nb, _SHIFT_SAMPLES // 2)
     for c in range(nc):
-        shift[c] = up(x[0, c, 0])
+        t = 0.0
+        for n in range(k0):
+            t += np.float64(up(x[n, c, 0])) + np.float64(up(x[n, c, ns // 2]))
+        shift[c] = like(t / (2 * k0), w[0])
     s1 = _zeros2(nchunks, nc)
     s2 = _zeros2(nchunks, nc)
     m1 = _zeros2(2, nc)
