@@ -319,14 +319,22 @@ def test_parameter_views_follow_in_place_updates_and_reassignment():
     _close(y, portable.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)[0], 1e-5)
 
 
+def _spread_positions(size, k=16):
+    """The positions whose values the per-sample norms' shift averages (``_spread_mean``)."""
+    k = min(size, k)
+    return [(j * size) // k for j in range(k)]
+
+
 @pytest.mark.parametrize("first", [0.0, 3.0, -50.0, 1e3])
 def test_layer_norm_rows_outlier_first_value(first):
-    """The statistics shift by each row's first value; far from the mean, a second pass takes over."""
+    """The statistics shift by the mean of 16 of each row's values; far from the mean (all 16 are outliers, in rows
+    long enough that the outliers barely move the standard deviation), a second pass takes over."""
     gen = torch.Generator().manual_seed(9)
-    x = (5e3 + torch.randn(32, 700, 1, generator=gen, dtype=torch.float64))
-    x[:, 0] = 5e3 + first
+    k = 100_000
+    x = (5e3 + torch.randn(3, k, 1, generator=gen, dtype=torch.float64))
+    x[:, _spread_positions(k)] = 5e3 + first
     x = x.float()
-    w, b = torch.randn(700, generator=gen), torch.randn(700, generator=gen)
+    w, b = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
     y, mean, invstd = cpu.gn_forward(x, w, b, 1, 1e-5)
     y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), 1, 1e-5)
     _close(y, y64, 1e-3)
@@ -336,11 +344,12 @@ def test_layer_norm_rows_outlier_first_value(first):
 
 @pytest.mark.parametrize("groups, first", [(2, 0.0), (2, -50.0), (2, 1e3), (8, -1e3)])
 def test_group_norm_outlier_first_value(groups, first):
-    """Group-norm statistics (S > 1) sum float32 blocks shifted by each group's first value; far from the mean,
-    a second pass around the first pass's mean keeps the variance exact (without it, +-1e3 fails)."""
+    """Group-norm statistics (S > 1) sum float32 blocks shifted by the mean of 16 of each group's values; far from
+    the mean (all 16 are outliers), a second pass around the first pass's mean keeps the variance exact (without
+    it, +-1e3 fails)."""
     gen = torch.Generator().manual_seed(5)
     x = 5e3 + torch.randn(2, 8, 4000, generator=gen, dtype=torch.float64)
-    x[:, ::(8 // groups), 0] = 5e3 + first  # the first value of every group
+    x.view(2, groups, -1)[:, :, _spread_positions(8 // groups * 4000)] = 5e3 + first  # every group's shift samples
     w, b = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
     y, mean, invstd = cpu.gn_forward(x.float(), w, b, groups, 1e-5)
     y64, mean64, invstd64 = portable.gn_forward(x.float().double(), w.double(), b.double(), groups, 1e-5)

@@ -265,6 +265,7 @@ def act_grad(g, z, act):
 # the form LLVM vectorizes.
 # ------------------------------------------------------------------------------------------------------
 _BLOCK = 2048
+_SHIFT_SAMPLES = 16  # values averaged into a shift (batch norm NCHW: two per sample from the first eight samples)
 
 
 @njit(inline="always")
@@ -303,6 +304,18 @@ def _moments(t1, t2, cnt):
 def _invstd(var, eps, proto):
     """1 / sqrt(var + eps) with the sum rounded to the compute dtype of ``proto`` (as the training path), in float64."""
     return 1.0 / np.sqrt(np.float64(like(var, proto) + like(eps, proto)))
+
+
+@njit(inline="always")
+def _spread_mean(v):
+    """Mean (float64) of _SHIFT_SAMPLES values spread evenly over the 1-D array ``v`` (all of them if fewer): the
+    shift of the per-sample norms' sums. A single value as the shift (the first) lies more than sqrt(3) standard
+    deviations from the mean in ~8 % of rows or groups, each of which then takes a second statistics pass."""
+    k = min(v.size, _SHIFT_SAMPLES)
+    t = 0.0
+    for j in range(k):
+        t += np.float64(up(v[(j * v.size) // k]))
+    return t / k
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -404,9 +417,6 @@ def _next_channel(c, nc):
     handles best (0-based, contiguous); x[n, c] with n, c = divmod(r, nc) per row cost 20-30 % of an eval pass over
     rows of 196 values (128x256x14x14: 2.4-2.75 ms against 1.75 ms)."""
     return 0 if c + 1 == nc else c + 1
-
-
-_SHIFT_SAMPLES = 16  # values averaged for the NCHW kernels' shift (two per sample, from the first eight samples)
 
 
 @njit(**_OPTS)
@@ -773,7 +783,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         n = task // groups
         g = task - n * groups
         c0 = g * cg
-        shift = up(x[n, c0, 0])
+        shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
         sh = np.float64(shift)
         s1 = 0.0
         s2 = 0.0
@@ -792,8 +802,8 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         m64 = s1 / cnt
         v64 = max(s2 / cnt - m64 * m64, 0.0)
         if ns > 1 and m64 * m64 > 0.75 * (s2 / cnt):
-            # the group's first value lies far from its mean (q - m^2 would lose more than 2 bits): sum again
-            # around the first pass's mean
+            # the shift lies far from the group's mean (q - m^2 would lose more than 2 bits): sum again around
+            # the first pass's mean
             m_first = like(m64, shift)
             s1 = 0.0
             s2 = 0.0
@@ -893,16 +903,16 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
 #
 # One row is at most a few hundred KiB, so its passes after the first come from L1/L2. Sums accumulate in the
 # compute dtype (float32 lanes for float32/bfloat16/float16 storage: float64 halves the vector width) within
-# blocks of _BLOCK elements, merged in float64; the statistics are sums of data shifted by the row's first value
-# (a second pass around the mean where that value is an outlier), so a constant row gives exactly ``bias`` and
-# 1e4 + N(0, 1) in float32 keeps float32 accuracy.
+# blocks of _BLOCK elements, merged in float64; the statistics are sums of data shifted by the mean of a few of the
+# row's values (a second pass around the mean where that shift lies far out), so a constant row gives exactly
+# ``bias`` and 1e4 + N(0, 1) in float32 keeps float32 accuracy.
 # ------------------------------------------------------------------------------------------------------
 @njit(inline="always")
 def _ln_row_fwd(xr, yr, w, b, eps, k):
     """Normalizes one row; returns (mean, invstd) in float64. Statistics: one pass of shifted sums, and a second
-    pass around the mean only where the shift (the row's first value) lies far from it. Blocks are slices (loops
+    pass around the mean only where the shift (:func:`_spread_mean`) lies far from it. Blocks are slices (loops
     from 0 with a known length: the form LLVM vectorizes)."""
-    shift = up(xr[0])
+    shift = like(_spread_mean(xr), up(xr[0]))
     t1 = 0.0
     t2 = 0.0
     for lo in range(0, k, _BLOCK):
@@ -913,7 +923,7 @@ def _ln_row_fwd(xr, yr, w, b, eps, k):
     m_s = like(m64, shift)
     mean = np.float64(shift) + m64
     if m64 * m64 > 0.75 * q64:
-        # the first value lies far out (> sqrt(3) standard deviations from the mean): var = q - m^2 would lose
+        # the shift lies far out (> sqrt(3) standard deviations from the mean): var = q - m^2 would lose
         # more than 2 bits, so sum again around the mean (the row is in L1/L2)
         t1 = 0.0
         t2 = 0.0
