@@ -783,7 +783,9 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         n = task // groups
         g = task - n * groups
         c0 = g * cg
-        shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
+        # shift: values spread over the group's first 256 (its first cache lines); spread over the whole group,
+        # they cost 16 cache misses per group ahead of the stream (InstanceNorm 32x64x56x56: 2.2 -> 2.9 ms)
+        shift = like(_spread_mean(x2[n, c0 * ns:c0 * ns + min(cnt, 256)]), up(x[n, c0, 0]))
         sh = np.float64(shift)
         s1 = 0.0
         s2 = 0.0
