@@ -622,26 +622,40 @@ _SHIFT_ROWS = 16  # rows averaged for the (M, C) kernels' shift
 @njit(**_OPTS)
 def _row_sums(x, shift, lo, hi, s1, s2):
     """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi: per block of _ROW_BLOCK rows in the
-    compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64."""
+    compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64.
+
+    Each sweep over the channels takes two rows, one from each half of lo..hi: the per-channel block sums are loaded
+    and stored once per two elements, and both halves stream in order. One row per sweep (the sums' loads and
+    stores outnumbering the row's) read 25088x256 from memory in 1.6 ms, two from each half 1.0 ms (np.sum: 1.1);
+    two adjacent rows per sweep were faster from cache but slower from memory."""
     nc = x.shape[1]
     sh = np.empty(nc, dtype=shift.dtype)
     for c in range(nc):
         sh[c] = shift[c]
     b1 = np.empty(nc, dtype=shift.dtype)
     b2 = np.empty(nc, dtype=shift.dtype)
-    for r0 in range(lo, hi, _ROW_BLOCK):
+    half = (hi - lo) // 2
+    for p0 in range(0, half, _ROW_BLOCK // 2):
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
-        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
-            xr = x[r]
+        for p in range(p0, min(p0 + _ROW_BLOCK // 2, half)):
+            xa = x[lo + p]
+            xb = x[lo + half + p]
             for c in range(nc):
-                d = up(xr[c]) - sh[c]
-                b1[c] += d
-                b2[c] += d * d
+                da = up(xa[c]) - sh[c]
+                db = up(xb[c]) - sh[c]
+                b1[c] += da + db
+                b2[c] += da * da + db * db
         for c in range(nc):
             s1[c] += np.float64(b1[c])
             s2[c] += np.float64(b2[c])
+    if (hi - lo) % 2:  # the odd row out
+        xr = x[hi - 1]
+        for c in range(nc):
+            d = np.float64(up(xr[c]) - sh[c])
+            s1[c] += d
+            s2[c] += d * d
 
 
 @_kernel
@@ -701,21 +715,31 @@ def _rows_normalize(x, y, lo, hi, ref, a, bb):
 @njit(inline="always")
 def _grad_sums_loop(dy, x, x0, a_z, b_z, act, lo, hi, b1, b2, s1, s2):
     nc = x.shape[1]
-    for r0 in range(lo, hi, _ROW_BLOCK):
+    half = (hi - lo) // 2
+    for p0 in range(0, half, _ROW_BLOCK // 2):  # two rows per sweep, one from each half (as _row_sums)
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
-        for r in range(r0, min(r0 + _ROW_BLOCK, hi)):
-            xr = x[r]
-            dyr = dy[r]
+        for p in range(p0, min(p0 + _ROW_BLOCK // 2, half)):
+            xa, dya = x[lo + p], dy[lo + p]
+            xb, dyb = x[lo + half + p], dy[lo + half + p]
             for c in range(nc):
-                d = up(xr[c]) - x0[c]
-                g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
-                b1[c] += g
-                b2[c] += g * d
+                da = up(xa[c]) - x0[c]
+                db = up(xb[c]) - x0[c]
+                ga = act_grad(up(dya[c]), da * a_z[c] + b_z[c], act)
+                gb = act_grad(up(dyb[c]), db * a_z[c] + b_z[c], act)
+                b1[c] += ga + gb
+                b2[c] += ga * da + gb * db
         for c in range(nc):
             s1[c] += np.float64(b1[c])
             s2[c] += np.float64(b2[c])
+    if (hi - lo) % 2:  # the odd row out
+        xr, dyr = x[hi - 1], dy[hi - 1]
+        for c in range(nc):
+            d = up(xr[c]) - x0[c]
+            g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
+            s1[c] += np.float64(g)
+            s2[c] += np.float64(g * d)
 
 
 @_per_act
