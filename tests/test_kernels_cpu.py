@@ -151,6 +151,25 @@ def test_constant_channel_gives_exactly_bias(fmt, dtype):
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 1e7 + 0.123456789])
+def test_constant_input_gives_exactly_bias_in_every_kernel(value, dtype):
+    """The shifts average 16 values; for a constant channel, group or row that average must be the value itself
+    (or cancel exactly), so the output is exactly the bias: NCHW, channels_last, (M, C), group norm, layer norm."""
+    w, b = torch.tensor([2.0, 3.0, 0.5]), torch.tensor([0.25, -1.5, 0.125])
+    x = torch.full((9, 3, 5, 5), value, dtype=dtype)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        y, _, _ = cpu.bn_train_forward(xin, w, b, 1e-5)
+        assert torch.equal(y, b.to(dtype).view(1, 3, 1, 1).expand_as(y))
+    y, _, _ = cpu.bn_train_forward(torch.full((37, 3), value, dtype=dtype), w, b, 1e-5)
+    assert torch.equal(y, b.to(dtype).expand_as(y))
+    y, _, _ = cpu.gn_forward(torch.full((2, 3, 50), value, dtype=dtype), w, b, 3, 1e-5)
+    assert torch.equal(y, b.to(dtype).view(1, 3, 1).expand_as(y))
+    y, _, _ = cpu.gn_forward(torch.full((3, 70, 1), value, dtype=dtype), torch.ones(70), torch.full((70,), 0.5), 1,
+                             1e-5)
+    assert torch.equal(y, torch.full_like(y, 0.5))
+
+
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("loc,spread,tol", [(1e4, 1.0, 1e-3), (1e6, 0.1, 2e-2)])
 def test_large_mean_small_spread_float32(fmt, loc, spread, tol):
