@@ -75,11 +75,17 @@ def assert_same_state(ref, ours, tol):
         assert_close(sr[k], so[k], tol, k)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=[f"{l[0]}-{i}" for i, l in enumerate(LAYERS)])
-def test_train_steps_then_eval_match_torch(name, args, kwargs, shape, dtype):
+def test_train_steps_then_eval_match_torch(name, args, kwargs, shape, dtype, backend):
     torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape, dtype)).encode()))
     ref, ours = pair(name, args, kwargs, dtype)
+    with normlab.kernels.use_backend(backend):
+        _train_steps_then_eval(ref, ours, shape, dtype)
+
+
+def _train_steps_then_eval(ref, ours, shape, dtype):
     tol = TOL[dtype]
     for step in range(3):
         x = (torch.randn(shape, dtype=dtype) * 2 + step).requires_grad_()
@@ -308,6 +314,21 @@ def test_nonfinite_batch_never_poisons_running_stats(backend, grad):
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
     assert bn.running_mean[0] == before_mean[0] and bn.running_var[2] == before_var[2]
     assert bn.running_mean[1] != before_mean[1], "finite channels still update"
+
+
+@pytest.mark.parametrize("forward_backend,backward_backend", [("cpu", "portable"), ("portable", "cpu")])
+def test_backward_uses_the_backend_that_ran_the_forward(forward_backend, backward_backend):
+    """The training forward keeps its statistics in its backend's own form; a backend forced only around the
+    backward must not be handed the other one's."""
+    ref, ours = pair("BatchNorm2d", (3,), {}, torch.float32)
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    dy = torch.randn(8, 3, 4, 4)
+    with normlab.kernels.use_backend(forward_backend):
+        y = ours(x)
+    with normlab.kernels.use_backend(backward_backend):
+        got = grads(ours, x, y, dy)
+    for a, b in zip(got, grads(ref, x, ref(x), dy)):
+        assert_close(a, b, TOL[torch.float32]["dp"] * max(1.0, b.abs().max().item()), "grad")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -112,42 +112,50 @@ def _like(t: Tensor | None, ref: Tensor | None) -> Tensor | None:
 class _BatchNormFunction(torch.autograd.Function):
     """y = act((x - mean) * invstd * weight + bias), statistics from the batch (training) or given (eval).
 
-    ``momentum`` (training, eager only): update the running statistics in the same kernel call, with that weight on
-    the batch; None: the caller updates them (under torch.compile, with traceable ops)."""
+    Eager: returns y alone; in training the kernel call also updates the running statistics when given (with
+    weight ``momentum`` on the batch), and the statistics stay in the backend's own record (``ctx.saved``), not
+    tensors. Compiled: the custom operators, and ``(y, mean, invstd)`` so the caller updates the running
+    statistics with traceable ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act, momentum):
-        k = _kernels()
-        if training and momentum is not None:  # eager: the running statistics are updated in the same call
-            y, mean, invstd, nonfinite = K.bn_train_forward_update(x, weight, bias, eps, act, running_mean,
-                                                                   running_var, momentum)
-            _warn_nonfinite(nonfinite)
-        elif training:
-            y, mean, invstd = k.bn_train_forward(x, weight, bias, eps, act)
-        else:
-            y = k.bn_eval_forward(x, running_mean, running_var, weight, bias, eps, act)
-            acc = acc_dtype(x.dtype)
-            mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-        ctx.save_for_backward(x, weight, bias if act != "identity" else None, mean, invstd)
         ctx.training, ctx.eps, ctx.act = training, eps, act
-        ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
-        return y, mean, invstd
+        keep_bias = bias if act != "identity" else None  # the activation's input needs it
+        if not training:
+            acc = acc_dtype(x.dtype)
+            stats = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+            y = _kernels().bn_eval_forward(x, running_mean, running_var, weight, bias, eps, act)
+        elif torch.compiler.is_compiling():
+            y, *stats = ops.bn_train_forward(x, weight, bias, eps, act)
+        else:
+            y, ctx.saved, nonfinite = K.bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var,
+                                                               momentum)
+            _warn_nonfinite(nonfinite)
+            ctx.save_for_backward(x, weight, keep_bias)
+            return y
+        ctx.saved = None
+        ctx.save_for_backward(x, weight, keep_bias, *stats)
+        if not torch.compiler.is_compiling():
+            return y
+        ctx.mark_non_differentiable(*stats)
+        return y, *stats
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dinvstd):
+    def backward(ctx, dy, *_stat_grads):
         if dy is None:
             return None, None, None, None, None, None, None, None, None
-        x, weight, bias, mean, invstd = ctx.saved_tensors
+        x, weight, bias, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiable closed form, statistics from x
             if ctx.training:
                 m, v = portable.bn_stats(x)
-                mean, invstd = m, torch.rsqrt(v + ctx.eps)
-            dx, dw, db = portable.bn_backward(dy, x, weight, bias, mean, invstd, ctx.act, ctx.training, needs)
+                stats = m, torch.rsqrt(v + ctx.eps)
+            dx, dw, db = portable.bn_backward(dy, x, weight, bias, *stats, ctx.act, ctx.training, needs)
+        elif ctx.saved is not None:
+            dx, dw, db = K.bn_backward_saved(dy, x, weight, bias, ctx.saved, ctx.act, needs)
         else:
-            dx, dw, db = _kernels().bn_backward(dy, x, weight, bias, mean, invstd, ctx.act, ctx.training,
-                                                needs)
+            dx, dw, db = _kernels().bn_backward(dy, x, weight, bias, *stats, ctx.act, ctx.training, needs)
         return dx, _like(dw, weight), _like(db, weight), None, None, None, None, None, None
 
 
@@ -188,11 +196,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                          f"eval mode, or a per-sample norm (GroupNorm, LayerNorm)")
     update = training and running_mean is not None and running_var is not None
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
-    fused_update = update and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    fused_update = update and not compiling
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        y, mean, invstd = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                                   float(eps), act, float(momentum) if fused_update else None)
+        out = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training), float(eps),
+                                       act, float(momentum))
+        if not compiling:
+            return out
+        y, mean, invstd = out
     elif fused_update:  # nothing to differentiate: the kernels alone, no autograd node
         y, _, _, nonfinite = K.bn_train_forward_update(input, weight, bias, float(eps), act, running_mean,
                                                        running_var, float(momentum))

@@ -61,6 +61,21 @@ def bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var
     return b.bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var, momentum)
 
 
+def bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var, momentum):
+    """The training forward of an autograd node: ``(y, saved, nonfinite)``; ``saved`` is the backend's own record
+    of the statistics, for :func:`bn_backward_saved` only. Running statistics (unless None) are updated."""
+    b = backend_for(x)
+    if b is _cpu and running_mean is not None and not _cpu.supports_running(running_mean, running_var):
+        b = portable
+    return b.bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var, momentum)
+
+
+def bn_backward_saved(dy, x, weight, bias, saved, act, needs=(True, True, True)):
+    """Backward of :func:`bn_train_forward_saved`, by the backend that made ``saved``."""
+    b = _cpu if _cpu is not None and isinstance(saved, _cpu.Saved) else portable
+    return b.bn_backward_saved(dy, x, weight, bias, saved, act, needs)
+
+
 def bn_eval_forward(x, *a, **k):
     return backend_for(x).bn_eval_forward(x, *a, **k)
 
@@ -85,4 +100,5 @@ def running_update(running_mean, running_var, mean, invstd, eps, n, momentum):
 
 
 __all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
-           "bn_train_forward_update", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update"]
+           "bn_train_forward_update", "bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "bn_backward",
+           "gn_forward", "gn_backward", "running_update"]

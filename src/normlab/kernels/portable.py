@@ -114,6 +114,26 @@ def bn_train_forward_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
     return y, mean, invstd, running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
 
 
+def bn_train_forward_saved(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str,
+                           running_mean: Tensor | None, running_var: Tensor | None,
+                           momentum: float) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+    """The training forward as an autograd node calls it: ``(y, saved, nonfinite)``, ``saved`` = (mean, invstd)
+    for :func:`bn_backward_saved`; the running statistics are updated unless None."""
+    y, mean, invstd = bn_train_forward(x, weight, bias, eps, act)
+    if running_mean is None or running_var is None:
+        return y, (mean, invstd), None
+    n = x.numel() // x.shape[1]
+    return y, (mean, invstd), running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+
+
+def bn_backward_saved(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      saved: tuple[Tensor, Tensor], act: str,
+                      needs: tuple[bool, bool, bool] = (True, True, True)
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`bn_backward` of a training forward, with what :func:`bn_train_forward_saved` kept."""
+    return bn_backward(dy, x, weight, bias, *saved, act, True, needs)
+
+
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
     """Evaluation forward with the running statistics."""
