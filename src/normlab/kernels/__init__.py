@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
 from torch import Tensor
 
 from . import portable
@@ -99,6 +100,16 @@ def running_update(running_mean, running_var, mean, invstd, eps, n, momentum):
     return portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
 
 
+def count_batch(counter):
+    """``counter += 1`` in place (``num_batches_tracked``): through numba for a CPU counter in eager mode (a torch
+    op costs several microseconds in a small layer's forward), else with torch."""
+    if (_forced != "portable" and _cpu is not None and _cpu.supports_counter(counter)
+            and not torch.compiler.is_compiling()):
+        _cpu.count_batch(counter)
+    else:
+        counter.add_(1)
+
+
 __all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
            "bn_train_forward_update", "bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "bn_backward",
-           "gn_forward", "gn_backward", "running_update"]
+           "gn_forward", "gn_backward", "running_update", "count_batch"]

@@ -178,7 +178,7 @@ def _np(t: Tensor) -> np.ndarray:
     """Zero-copy numpy view; bfloat16 as int16 bits, float16 as uint16 bits."""
     dt = t.dtype
     if dt is torch.float32 or dt is torch.float64:
-        return t.detach().numpy() if t.requires_grad else t.numpy()
+        return t.numpy(force=True) if t.requires_grad else t.numpy()  # force: detach in C++, no copy on CPU
     if t.requires_grad:
         t = t.detach()
     if dt is torch.bfloat16:
@@ -561,6 +561,25 @@ def _update_running(running_mean: Tensor, running_var: Tensor, momentum: float, 
                              float(momentum))
 
 
+def supports_counter(counter: Tensor) -> bool:
+    """Whether :func:`count_batch` takes this counter: a CPU int64 tensor of one element."""
+    return counter.is_cpu and counter.dtype is torch.int64 and counter.numel() == 1 and counter.is_contiguous()
+
+
+def count_batch(counter: Tensor) -> None:
+    """``counter += 1`` in place through a cached numpy view. A torch ``add_`` (or a numpy in-place add) cost
+    ~5 us in a small layer's forward, far more than alone (~1.4 us); a numba call ~0.5 us."""
+    hit = _VIEWS.get(id(counter))
+    if hit is not None and hit[0] is counter and hit[1] == counter.data_ptr():
+        _k.increment(hit[2])
+        return
+    a = counter.numpy().reshape(1)
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    _VIEWS[id(counter)] = (counter, counter.data_ptr(), a, counter.dtype)
+    _k.increment(a)
+
+
 def _nonfinite(mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     var = (invstd.to(torch.float64).pow(-2) - eps)
     return ~(torch.isfinite(mean) & torch.isfinite(var))
@@ -568,4 +587,5 @@ def _nonfinite(mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
 
 __all__ = ["supports", "SUPPORTED_DTYPES", "bn_stats", "bn_train_forward", "bn_train_forward_update",
            "Saved", "bn_train_forward_saved", "bn_backward_saved",
-           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "supports_running", "running_update"]
+           "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "supports_running", "running_update",
+           "supports_counter", "count_batch"]

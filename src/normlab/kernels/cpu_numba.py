@@ -1066,3 +1066,9 @@ def running_update(rm, rv, mean, invstd, eps, n, momentum):
         else:
             bad += 1
     return bad
+
+
+@njit(cache=True, nogil=True)
+def increment(counter):
+    """counter[0] += 1 (a training step's count, in place)."""
+    counter[0] += 1

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import kernels as K
 
 
 class _NormBase(nn.Module):
@@ -113,7 +114,7 @@ class _BatchNorm(_NormBase):
         counter = self._buffers.get("num_batches_tracked")
         if not (self.training and self.track_running_stats and counter is not None):
             return 0.0 if self.momentum is None else self.momentum
-        counter.add_(1)
+        K.count_batch(counter)
         if self.momentum is None:
             return 1.0 / float(counter)
         return self.momentum
