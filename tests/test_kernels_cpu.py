@@ -45,9 +45,17 @@ def _skip_unsupported(dtype):
         pytest.skip(f"{dtype} not handled by the numba backend on this CPU")
 
 
+@pytest.fixture(params=[False, True], ids=["rows", "lanes"])
+def lanes(request, monkeypatch):
+    """Small (M, C) inputs as they run (rows of C), and as large ones run: k rows as one of k * C lanes."""
+    if request.param:
+        monkeypatch.setattr(cpu, "_LANES_FROM", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
-def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype):
+def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype, lanes):
     _skip_unsupported(dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
     x = _make(shape, fmt, dtype, gen=gen)
@@ -138,7 +146,7 @@ def test_group_norm_matches_portable_and_float64(shape, groups, dtype):
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_constant_channel_gives_exactly_bias(fmt, dtype):
+def test_constant_channel_gives_exactly_bias(fmt, dtype, lanes):
     x = torch.full((4, 3, 5, 5), 7.3, dtype=dtype)
     x[:, 1] = -2.0
     x[:, 2] = torch.randn(4, 5, 5).to(dtype)
@@ -172,7 +180,7 @@ def test_constant_input_gives_exactly_bias_in_every_kernel(value, dtype):
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("loc,spread,tol", [(1e4, 1.0, 1e-3), (1e6, 0.1, 2e-2)])
-def test_large_mean_small_spread_float32(fmt, loc, spread, tol):
+def test_large_mean_small_spread_float32(fmt, loc, spread, tol, lanes):
     gen = torch.Generator().manual_seed(1)
     x64 = loc + spread * torch.randn(8, 4, 6, 6, generator=gen, dtype=torch.float64)
     x = x64.float()
@@ -387,7 +395,7 @@ def _outliers_at_shift_samples(x, c, value):
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("first", [0.0, -50.0, 1e3])
-def test_batch_norm_outlier_first_value(fmt, first):
+def test_batch_norm_outlier_first_value(fmt, first, lanes):
     """Batch-norm statistics shift by a few of each channel's values; far from the mean, a second pass (NCHW) or the
     float64 merge of 64-row blocks (rows) keeps the variance exact."""
     gen = torch.Generator().manual_seed(4)
