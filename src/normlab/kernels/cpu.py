@@ -199,6 +199,18 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return _np(t.movedim(1, -1)).reshape(-1, shape[1])  # channels_last: (N, *, C) is contiguous: a view
 
 
+_ALIGN_FROM = 1 << 20  # outputs of this many bytes and more start on a cache line
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """``nbytes`` uint8 starting on a 64-byte boundary. numpy's allocator gives 16-byte alignment (glibc), so every
+    64-byte vector store of a streaming pass straddled two cache lines: a 25.7 MB eval pass 1.29-1.50 ms against
+    1.19-1.39 ms aligned (torch's allocator aligns to 64)."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.__array_interface__["data"][0] % 64
+    return raw[start:start + nbytes]
+
+
 def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
     """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``).
 
@@ -213,7 +225,12 @@ def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
         y = torch.empty_like(x)
         return y, _view(y, layout)
     storage = _NP_STORAGE[dtype]
-    a = pool.empty(nbytes).view(storage).reshape(shape) if pooled else np.empty(shape, storage)
+    if pooled:
+        a = pool.empty(nbytes).view(storage).reshape(shape)
+    elif nbytes >= _ALIGN_FROM:
+        a = _aligned(nbytes).view(storage).reshape(shape)
+    else:
+        a = np.empty(shape, storage)
     y = torch.from_numpy(a)
     if dtype is torch.bfloat16 or dtype is torch.float16:
         y = y.view(dtype)
