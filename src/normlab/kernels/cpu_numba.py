@@ -981,9 +981,11 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
 @njit(inline="always")
 def _ln_row_fwd(xr, yr, w, b, eps, k):
     """Normalizes one row; returns (mean, invstd) in float64. Statistics: one pass of shifted sums, and a second
-    pass around the mean only where the shift (:func:`_spread_mean`) lies far from it. Blocks are slices (loops
-    from 0 with a known length: the form LLVM vectorizes)."""
-    shift = like(_spread_mean(xr), up(xr[0]))
+    pass around the mean only where the shift (:func:`_spread_mean` of the row's first 256 values, which the
+    stream reads first anyway) lies far from it. Samples spread over the whole row were 16 loads ahead of the
+    stream per row: 4096x1024 forward kernel 1.10-1.39 ms, against 0.85-1.14 ms from the first 256. Blocks are
+    slices (loops from 0 with a known length: the form LLVM vectorizes)."""
+    shift = like(_spread_mean(xr[:min(k, 256)]), up(xr[0]))
     t1 = 0.0
     t2 = 0.0
     for lo in range(0, k, _BLOCK):
