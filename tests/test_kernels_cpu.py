@@ -525,11 +525,14 @@ def test_forked_child_runs_the_kernels_single_threaded():
     assert out.returncode == 0 and out.stdout.split() == ["0"], (out.stdout, out.stderr)
 
 
-def test_large_outputs_start_on_a_cache_line():
-    """Outputs of 1 MiB and more are 64-byte aligned (numpy's allocator gives 16), and stay valid after the kernel
-    call returns (the tensor keeps the over-allocated buffer alive)."""
-    x = torch.randn(4, 8, 96, 96)
-    assert x.numel() * 4 >= cpu._ALIGN_FROM
+@pytest.mark.parametrize("shape", [(4, 8, 96, 96), (2, 4, 1024, 640)], ids=["torch-allocated", "numpy-aligned"])
+def test_large_outputs_start_on_a_cache_line(shape):
+    """Outputs of 1 MiB and more are 64-byte aligned (numpy's allocator gives 16), whichever allocator serves them,
+    and stay valid after the kernel call returns."""
+    x = torch.randn(shape)
+    nbytes = x.numel() * 4
+    assert nbytes >= cpu._TORCH_ALLOC_FROM and nbytes < cpu.pool.POOL_MIN_BYTES
+    assert (nbytes > cpu._TORCH_ALLOC_TO) == (shape[-1] == 640)
     for _ in range(3):  # different heap states
         y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
         dx = cpu.bn_backward(torch.randn_like(x), x, None, None, mean, invstd, "identity", True)[0]

@@ -199,35 +199,43 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return _np(t.movedim(1, -1)).reshape(-1, shape[1])  # channels_last: (N, *, C) is contiguous: a view
 
 
-_ALIGN_FROM = 1 << 20  # outputs of this many bytes and more start on a cache line
+# Where outputs come from, by size (measured in the bench's rotation of contenders, with and without the
+# from-scratch layer's temporaries in between; eval forward, normlab's time against torch's):
+# * below 1 MiB: numpy (np.empty + torch.from_numpy: ~2 us less per call than torch.empty_like on small layers);
+# * 1 MiB to 16 MiB: torch's allocator, as torch's own layers. Its blocks are the ones the caller's dead tensors
+#   just left (warm in cache): 4.8 MB eval 0.65-0.80x -> 1.02-1.04x of torch's time after the from-scratch layer,
+#   1.14x -> 1.20x without it; 16.8 MB 0.89-1.07x -> 0.83-1.14x;
+# * 16 MiB to 32 MiB: numpy, over-allocated to start on a 64-byte boundary (numpy's 16-byte alignment made every
+#   vector store straddle two cache lines: 25.7 MB eval kernel 1.29-1.50 -> 1.19-1.39 ms). torch's allocator
+#   here drew freshly mapped pages in some heap states (a 25.7 MB eval took 11 ms, page faults, in every run with
+#   the from-scratch layer in the rotation);
+# * 32 MiB and more: :mod:`normlab.kernels.pool` (glibc maps those afresh on every allocation).
+_TORCH_ALLOC_FROM, _TORCH_ALLOC_TO = 1 << 20, 16 << 20
 
 
 def _aligned(nbytes: int) -> np.ndarray:
-    """``nbytes`` uint8 starting on a 64-byte boundary. numpy's allocator gives 16-byte alignment (glibc), so every
-    64-byte vector store of a streaming pass straddled two cache lines: a 25.7 MB eval pass 1.29-1.50 ms against
-    1.19-1.39 ms aligned (torch's allocator aligns to 64)."""
+    """``nbytes`` uint8 starting on a 64-byte boundary (numpy's allocator gives 16)."""
     raw = np.empty(nbytes + 64, np.uint8)
     start = -raw.__array_interface__["data"][0] % 64
     return raw[start:start + nbytes]
 
 
 def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
-    """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``).
-
-    Large outputs come from :mod:`normlab.kernels.pool` (memory a dead output left, no page faults)."""
+    """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``); see the note above for
+    which allocator serves which size."""
     shape = tuple(x.shape)
     dtype = x.dtype
     nbytes = x.numel() * x.element_size()
     pooled = nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0
     # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
     keep_strides = not x.is_contiguous() or (len(shape) >= 4 and 1 in shape)
-    if keep_strides and not pooled:
+    if not pooled and (keep_strides or _TORCH_ALLOC_FROM <= nbytes <= _TORCH_ALLOC_TO):
         y = torch.empty_like(x)
         return y, _view(y, layout)
     storage = _NP_STORAGE[dtype]
     if pooled:
         a = pool.empty(nbytes).view(storage).reshape(shape)
-    elif nbytes >= _ALIGN_FROM:
+    elif nbytes > _TORCH_ALLOC_TO:
         a = _aligned(nbytes).view(storage).reshape(shape)
     else:
         a = np.empty(shape, storage)
