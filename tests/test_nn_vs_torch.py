@@ -331,6 +331,21 @@ def test_backward_uses_the_backend_that_ran_the_forward(forward_backend, backwar
         assert_close(a, b, TOL[torch.float32]["dp"] * max(1.0, b.abs().max().item()), "grad")
 
 
+@pytest.mark.parametrize("shape", [(8, 3, 4, 4), (32, 3)], ids=str)
+def test_second_backward_with_retained_graph(shape):
+    """The first backward takes the input's kernel view from the forward's record and drops it; a second backward
+    through the retained graph must still see the input."""
+    ref, ours = pair("BatchNorm2d" if len(shape) == 4 else "BatchNorm1d", (3,), {}, torch.float32)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    y = ours(x)
+    first = torch.autograd.grad(y, [x] + list(ours.parameters()), dy, retain_graph=True)
+    second = torch.autograd.grad(y, [x] + list(ours.parameters()), dy)
+    for a, b, r in zip(first, second, grads(ref, x, ref(x), dy)):
+        assert_close(a, r, TOL[torch.float32]["dp"] * max(1.0, r.abs().max().item()), "first backward")
+        assert torch.equal(a, b), "second backward"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # errors: same type as torch (or a subclass), messages that name the values
 # ------------------------------------------------------------------------------------------------------------

@@ -353,8 +353,9 @@ def _act(act: str) -> int:
 # batch norm
 # ------------------------------------------------------------------------------------------------------
 def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, want_y=True, running=None):
-    """Returns (y, mean, second, nonfinite) with numpy ``mean`` (float64) and ``second`` (the variance or invstd,
-    compute dtype; both None in evaluation); y is None when not wanted (statistics only). ``running``:
+    """Returns (y, mean, second, nonfinite, (layout, x's kernel view)) with numpy ``mean`` (float64) and
+    ``second`` (the variance or invstd, compute dtype; both None in evaluation); y is None when not wanted
+    (statistics only). ``running``:
     (running_mean, running_var, momentum) to update with the batch's statistics; ``nonfinite`` is how many channels
     kept their running values because their statistics were not finite (0 without ``running``)."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
@@ -370,7 +371,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     else:
         ma = ma_in = np.empty(c)  # float64: the backward needs the mean beyond float32 precision
         sa = sa_in = np.empty(c, _NP_ACC[acc])
-    xa = _view(x, layout)
+    xa = view = _view(x, layout)
     if want_y:
         y, ya = _empty_like(x, layout)
     else:
@@ -386,12 +387,12 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     else:
         _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks)
     bad = 0 if running is None else _update_running(*running, ma, sa, eps, numel // c)
-    return y, ma, sa, bad
+    return y, ma, sa, bad, (layout, view)
 
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *) in ``acc_dtype``: one read."""
-    _, mean, var, _ = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
+    _, mean, var, _, _ = _bn_forward(x, None, None, 0.0, "identity", _k.MODE_STATS, want_y=False)
     return torch.from_numpy(mean.astype(var.dtype)), torch.from_numpy(var)
 
 
@@ -399,7 +400,7 @@ def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
                      act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
     """Training forward ``(y, mean, invstd)``, y = act((x - mean) * invstd * w + b): 2 reads, 1 write; mean in
     float64 (see :mod:`normlab.kernels.portable`)."""
-    y, mean, invstd, _ = _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)
+    y, mean, invstd, _, _ = _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN)
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
@@ -415,12 +416,13 @@ def bn_train_forward_update(x: Tensor, weight: Tensor | None, bias: Tensor | Non
 class Saved:
     """A training forward's statistics as the backward takes them: numpy arrays, the mean in float64 and invstd
     in the compute dtype. On a small layer, making two tensors of them and viewing those again in the backward
-    cost ~4 us of a ~100 us forward+backward."""
+    cost ~4 us of a ~100 us forward+backward. Also the input's layout and kernel view, which the first backward
+    takes (and drops, so that the record does not keep the input alive after it)."""
 
-    __slots__ = ("mean", "invstd")
+    __slots__ = ("mean", "invstd", "x_view")
 
-    def __init__(self, mean: np.ndarray, invstd: np.ndarray) -> None:
-        self.mean, self.invstd = mean, invstd
+    def __init__(self, mean: np.ndarray, invstd: np.ndarray, x_view: tuple | None = None) -> None:
+        self.mean, self.invstd, self.x_view = mean, invstd, x_view
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """(mean, invstd) as tensors sharing the arrays' memory."""
@@ -433,8 +435,8 @@ def bn_train_forward_saved(x: Tensor, weight: Tensor | None, bias: Tensor | None
     """:func:`bn_train_forward_update` for an autograd node: ``(y, saved, nonfinite)``, the statistics kept for
     :func:`bn_backward_saved`. Without running statistics (None) none are updated."""
     running = None if running_mean is None else (running_mean, running_var, momentum)
-    y, mean, invstd, bad = _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN, running=running)
-    saved = Saved(mean, invstd)
+    y, mean, invstd, bad, x_view = _bn_forward(x, weight, bias, eps, act, _k.MODE_TRAIN, running=running)
+    saved = Saved(mean, invstd, x_view)
     return y, saved, (_nonfinite(*saved.tensors(), eps) if bad else None)
 
 
@@ -464,18 +466,23 @@ def bn_backward_saved(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor
                       needs: tuple[bool, bool, bool] = (True, True, True)
                       ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`bn_backward` of a training forward, with the statistics :func:`bn_train_forward_saved` kept."""
-    return _bn_backward(dy, x, weight, bias, saved.mean, saved.invstd, act, True, needs)
+    x_view, saved.x_view = saved.x_view, None
+    return _bn_backward(dy, x, weight, bias, saved.mean, saved.invstd, act, True, needs, x_view)
 
 
-def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act, training, needs):
+def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act, training, needs, x_view=None):
+    """``x_view``: (layout, kernel view of x) when the forward made them already."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
     numel = x.numel()
-    layout = _layout(x)
+    if x_view is None:
+        layout = _layout(x)
+        xa = _view(x, layout)
+    else:
+        layout, xa = x_view
     threads = _sync_threads(numel)
     dy = _match(dy, x)
     need_dx = bool(needs[0])
-    xa = _view(x, layout)
     if need_dx:
         dx, dxa = _empty_like(x, layout)
     else:
