@@ -201,7 +201,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         out = _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training), float(eps),
-                                       act, float(momentum))
+                                       act, float(momentum) if fused_update else 0.0)
         if not compiling:
             return out
         y, mean, invstd = out
