@@ -166,8 +166,9 @@ def supports(x: Tensor) -> bool:
 
 
 # Per-call overhead matters for small layers ((256, 120) runs in ~10 us), and every torch -> numpy view costs
-# 1.5-2.5 us, every torch allocation ~2 us: outputs are allocated with numpy and wrapped with torch.from_numpy,
-# inputs are viewed once and reshaped on the numpy side, constant weight/bias arrays are cached.
+# 1.5-2.5 us, every torch allocation ~2 us: small outputs are allocated with numpy and wrapped with
+# torch.from_numpy (large ones: see ``_empty_like``), inputs are viewed once and reshaped on the numpy side, constant
+# weight/bias arrays are cached.
 _NP_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
                torch.float16: np.uint16}
 _NP_ACC = {torch.float32: np.float32, torch.float64: np.float64}
