@@ -122,11 +122,12 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.training, ctx.eps, ctx.act = training, eps, act
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         keep_bias = bias if act != "identity" else None  # the activation's input needs it
+        compiling = torch.compiler.is_compiling()
         if not training:
             acc = acc_dtype(x.dtype)
             stats = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
             y = _kernels().bn_eval_forward(x, running_mean, running_var, weight, bias, eps, act)
-        elif torch.compiler.is_compiling():
+        elif compiling:
             y, *stats = ops.bn_train_forward(x, weight, bias, eps, act)
         else:
             y, ctx.saved, nonfinite = K.bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var,
@@ -136,7 +137,7 @@ class _BatchNormFunction(torch.autograd.Function):
             return y
         ctx.saved = None
         ctx.save_for_backward(x, weight, keep_bias, *stats)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             return y
         ctx.mark_non_differentiable(*stats)
         return y, *stats

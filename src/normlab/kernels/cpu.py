@@ -291,13 +291,18 @@ def _param(p: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndar
         return _np(p.detach().to(dtype).contiguous())
     a = _np(p)
     if p.is_leaf:
-        if len(_VIEWS) >= _VIEWS_MAX:
-            _VIEWS.clear()
-        _VIEWS[id(p)] = (p, p.data_ptr(), a, dtype)
+        _remember_view(p, a, dtype)
     return a
 
 
-def _vec(t: Tensor, c: int, dtype: torch.dtype) -> np.ndarray:
+def _remember_view(t: Tensor, a: np.ndarray, dtype: torch.dtype) -> None:
+    """Cache ``a`` as the numpy view of ``t`` in ``dtype`` (looked up by id, checked by identity and data_ptr)."""
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    _VIEWS[id(t)] = (t, t.data_ptr(), a, dtype)
+
+
+def _vec(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     """A statistics vector in ``dtype`` (no cache: these are fresh tensors)."""
     if t.dtype is not dtype or not t.is_contiguous():
         t = t.detach().to(dtype).contiguous()
@@ -459,7 +464,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     """Closed-form backward (see :func:`normlab.kernels.portable.bn_backward`): 2 reads of (x, dy), 1 write."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     c = x.shape[1]
-    return _bn_backward(dy, x, weight, bias, _vec(mean, c, torch.float64), _vec(invstd, c, acc), act, training,
+    return _bn_backward(dy, x, weight, bias, _vec(mean, torch.float64), _vec(invstd, acc), act, training,
                         needs)
 
 
@@ -542,7 +547,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     dw_part = np.empty((n, c))
     db_part = np.empty((n, c))
     _run(_k.gn_bwd, threads, _view(dy, "ncs"), xa, _param(weight, c, acc, 1.0),
-         _vec(mean, n * groups, acc).reshape(n, groups), _vec(invstd, n * groups, acc).reshape(n, groups),
+         _vec(mean, acc).reshape(n, groups), _vec(invstd, acc).reshape(n, groups),
          int(groups), need_dx, dxa, dw_part, db_part)
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
@@ -585,8 +590,8 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
         dx, dxa = None, xa
     dw, dwa = _empty(k, acc)
     db, dba = _empty(k, acc)
-    _run(_k.ln_bwd, threads, _view(dy, "rows"), xa, _param(weight, k, acc, 1.0), _vec(mean, m, acc).reshape(m),
-         _vec(invstd, m, acc).reshape(m), need_dx, need_wb, dxa, dwa, dba, _ln_chunks(threads, m))
+    _run(_k.ln_bwd, threads, _view(dy, "rows"), xa, _param(weight, k, acc, 1.0), _vec(mean, acc).reshape(m),
+         _vec(invstd, acc).reshape(m), need_dx, need_wb, dxa, dwa, dba, _ln_chunks(threads, m))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
@@ -631,9 +636,7 @@ def count_batch(counter: Tensor) -> None:
         _k.increment(hit[2])
         return
     a = counter.numpy().reshape(1)
-    if len(_VIEWS) >= _VIEWS_MAX:
-        _VIEWS.clear()
-    _VIEWS[id(counter)] = (counter, counter.data_ptr(), a, counter.dtype)
+    _remember_view(counter, a, counter.dtype)
     _k.increment(a)
 
 

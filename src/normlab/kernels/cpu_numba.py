@@ -266,6 +266,7 @@ def act_grad(g, z, act):
 # ------------------------------------------------------------------------------------------------------
 _BLOCK = 2048
 _SHIFT_SAMPLES = 16  # values averaged into a shift (batch norm NCHW: two per sample from the first eight samples)
+_SHIFT_SPAN = 256  # ... taken from this many first values of a row or group (group, instance and layer norm)
 
 
 @njit(inline="always")
@@ -308,13 +309,17 @@ def _invstd(var, eps, proto):
 
 @njit(inline="always")
 def _spread_mean(v):
-    """Mean (float64) of _SHIFT_SAMPLES values spread evenly over the 1-D array ``v`` (all of them if fewer): the
-    shift of the per-sample norms' sums. A single value as the shift (the first) lies more than sqrt(3) standard
-    deviations from the mean in ~8 % of rows or groups, each of which then takes a second statistics pass."""
-    k = min(v.size, _SHIFT_SAMPLES)
+    """Mean (float64) of _SHIFT_SAMPLES values spread evenly over the first _SHIFT_SPAN values of the 1-D array
+    ``v`` (all of them if fewer): the shift of the per-sample norms' sums, for a row or a group. A single value as
+    the shift (the first) lies more than sqrt(3) standard deviations from the mean in ~8 % of rows or groups, each
+    of which then takes a second statistics pass. The span is the first cache lines, which the statistics stream
+    reads first anyway: samples spread over a whole group or row were 16 loads ahead of the stream (InstanceNorm
+    32x64x56x56 forward 2.2 -> 2.9 ms, the 4096x1024 layer-norm forward kernel 0.85-1.14 -> 1.10-1.39 ms)."""
+    span = min(v.size, _SHIFT_SPAN)
+    k = min(span, _SHIFT_SAMPLES)
     t = 0.0
     for j in range(k):
-        t += np.float64(up(v[(j * v.size) // k]))
+        t += np.float64(up(v[(j * span) // k]))
     return t / k
 
 
@@ -692,9 +697,10 @@ def _fold(lanes, nc):
 
 @_kernel
 def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
-    """(M, C) layout, passed as its (M / k, k * C) view: k rows of C channels make one row of k * C lanes (lane j
-    is channel j % C), so that a narrow layer's loops run over a few hundred values per row, not C (per-row costs
-    dominated 256x120: 4.6 -> 4.1 us per normalize pass, 256x84 statistics 4.8 -> 2.7 us)."""
+    """(M, C) layout, passed as (M / k, k * C): k rows of C channels make one row of k * C lanes (lane j is
+    channel j % C), so that a narrow layer's loops run over a few hundred values per row, not C. The caller
+    chooses k (``normlab.kernels.cpu._lanes``: 1 for small inputs); per-channel values are tiled to the lanes and
+    per-lane sums folded back to channels."""
     m_rows, width = x.shape
     nc = w.size
     k = width // nc
@@ -852,9 +858,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         n = task // groups
         g = task - n * groups
         c0 = g * cg
-        # shift: values spread over the group's first 256 (its first cache lines); spread over the whole group,
-        # they cost 16 cache misses per group ahead of the stream (InstanceNorm 32x64x56x56: 2.2 -> 2.9 ms)
-        shift = like(_spread_mean(x2[n, c0 * ns:c0 * ns + min(cnt, 256)]), up(x[n, c0, 0]))
+        shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
         sh = np.float64(shift)
         s1 = 0.0
         s2 = 0.0
@@ -981,11 +985,9 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
 @njit(inline="always")
 def _ln_row_fwd(xr, yr, w, b, eps, k):
     """Normalizes one row; returns (mean, invstd) in float64. Statistics: one pass of shifted sums, and a second
-    pass around the mean only where the shift (:func:`_spread_mean` of the row's first 256 values, which the
-    stream reads first anyway) lies far from it. Samples spread over the whole row were 16 loads ahead of the
-    stream per row: 4096x1024 forward kernel 1.10-1.39 ms, against 0.85-1.14 ms from the first 256. Blocks are
-    slices (loops from 0 with a known length: the form LLVM vectorizes)."""
-    shift = like(_spread_mean(xr[:min(k, 256)]), up(xr[0]))
+    pass around the mean only where the shift (:func:`_spread_mean`) lies far from it. Blocks are slices (loops
+    from 0 with a known length: the form LLVM vectorizes)."""
+    shift = like(_spread_mean(xr), up(xr[0]))
     t1 = 0.0
     t2 = 0.0
     for lo in range(0, k, _BLOCK):
