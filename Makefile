@@ -10,10 +10,12 @@ STAMP  := $(VENV)/.normlab-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile src/normlab/kernels/native.cpp
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@# the native glue for small batch-norm layers (optional: without a C++ compiler the Python glue runs them)
+	-$(BIN)/normlab build-native
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -75,13 +75,15 @@ def assert_same_state(ref, ours, tol):
         assert_close(sr[k], so[k], tol, k)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@pytest.mark.parametrize("backend", ["native", "cpu", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=[f"{l[0]}-{i}" for i, l in enumerate(LAYERS)])
-def test_train_steps_then_eval_match_torch(name, args, kwargs, shape, dtype, backend):
+def test_train_steps_then_eval_match_torch(name, args, kwargs, shape, dtype, backend, backend_ctx):
+    if backend == "native" and "BatchNorm" not in name:
+        pytest.skip("the native glue is batch norm's")
     torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape, dtype)).encode()))
     ref, ours = pair(name, args, kwargs, dtype)
-    with normlab.kernels.use_backend(backend):
+    with backend_ctx(backend):
         _train_steps_then_eval(ref, ours, shape, dtype)
 
 
@@ -299,16 +301,16 @@ def test_large_mean_gradients_float32_close_to_float64(shape, fmt):
         assert err < 1e-5, f"{name}: relative error {err:.2e} against float64"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@pytest.mark.parametrize("backend", ["native", "cpu", "portable"])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-def test_nonfinite_batch_never_poisons_running_stats(backend, grad):
+def test_nonfinite_batch_never_poisons_running_stats(backend, grad, backend_ctx):
     bn = normlab.BatchNorm2d(3)
     bn(torch.randn(4, 3, 2, 2))
     before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
     x = torch.randn(4, 3, 2, 2)
     x[1, 0, 0, 0] = float("nan")
     x[2, 2, 1, 1] = float("inf")
-    with normlab.kernels.use_backend(backend), torch.set_grad_enabled(grad), \
+    with backend_ctx(backend), torch.set_grad_enabled(grad), \
             pytest.warns(RuntimeWarning, match=r"channel\(s\) \[0, 2\]"):
         bn(x)
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
@@ -316,16 +318,17 @@ def test_nonfinite_batch_never_poisons_running_stats(backend, grad):
     assert bn.running_mean[1] != before_mean[1], "finite channels still update"
 
 
-@pytest.mark.parametrize("forward_backend,backward_backend", [("cpu", "portable"), ("portable", "cpu")])
-def test_backward_uses_the_backend_that_ran_the_forward(forward_backend, backward_backend):
+@pytest.mark.parametrize("forward_backend,backward_backend",
+                         [("cpu", "portable"), ("portable", "cpu"), ("native", "portable"), ("cpu", "native")])
+def test_backward_uses_the_backend_that_ran_the_forward(forward_backend, backward_backend, backend_ctx):
     """The training forward keeps its statistics in its backend's own form; a backend forced only around the
     backward must not be handed the other one's."""
     ref, ours = pair("BatchNorm2d", (3,), {}, torch.float32)
     x = torch.randn(8, 3, 4, 4, requires_grad=True)
     dy = torch.randn(8, 3, 4, 4)
-    with normlab.kernels.use_backend(forward_backend):
+    with backend_ctx(forward_backend):
         y = ours(x)
-    with normlab.kernels.use_backend(backward_backend):
+    with backend_ctx(backward_backend):
         got = grads(ours, x, y, dy)
     for a, b in zip(got, grads(ref, x, ref(x), dy)):
         assert_close(a, b, TOL[torch.float32]["dp"] * max(1.0, b.abs().max().item()), "grad")

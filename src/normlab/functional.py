@@ -198,6 +198,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     update = training and running_mean is not None and running_var is not None
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
+    native = K.native_batch_norm
+    if native is not None and not compiling:  # small CPU inputs: checks, loops and autograd node in C++
+        given = update or not training
+        y, nonfinite = native(input, weight, bias, running_mean if given else None, running_var if given else None,
+                              bool(training), float(momentum), float(eps), act)
+        if y is not None:
+            if nonfinite:
+                _warn_nonfinite(K.nonfinite_channels(input))
+            return y
     fused_update = update and not compiling
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

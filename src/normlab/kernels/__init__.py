@@ -2,8 +2,9 @@
 
 ``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
-portable one otherwise. ``NORMLAB_BACKEND=portable`` (or :func:`use_backend`) forces a backend, for tests and
-benchmarks.
+portable one otherwise. Batch norm on small CPU inputs first tries the native glue (:mod:`.native`: the same
+numba loops, called from C++), where it is built. ``NORMLAB_BACKEND=portable|cpu|native`` (or
+:func:`use_backend`) forces a backend, for tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -21,20 +22,63 @@ try:  # the fast CPU backend is optional: without numba everything still works, 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     _cpu = None
 
+from . import native as _native_build  # noqa: E402
+
+BACKENDS = (None, "portable", "cpu", "native")
 _forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
+if _forced not in BACKENDS:
+    raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native")
+_native = _native_build.load() if _cpu is not None and _forced in (None, "native") else None
+# the native glue's entry while it is in use (automatic choice or forced "native"), else None: batch_norm's test
+native_batch_norm = None
+
+
+def _select_native() -> None:
+    global native_batch_norm
+    native_batch_norm = _bn_native if _native is not None and _forced in (None, "native") else None
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force ``"portable"`` or ``"cpu"`` inside the block (``None``: automatic choice)."""
-    global _forced
-    if name not in (None, "portable", "cpu"):
-        raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu' or None")
+    """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue) or
+    ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``). ``None``:
+    the automatic choice (native where built, then cpu, then portable)."""
+    global _forced, _native
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu', 'native' or None")
+    if name == "native" and _native is None:
+        if _cpu is None:
+            raise RuntimeError("the native backend calls the numba loops; install numba")
+        _native = _native_build.load(build_missing=True)
+        if _native is None:
+            raise RuntimeError("normlab's native glue is not available (see the warning above); "
+                               "`normlab build-native --verbose` shows the compiler's output")
+        _native_build.configure(_native, _cpu)
     previous, _forced = _forced, name
+    _select_native()
     try:
         yield
     finally:
         _forced = previous
+        _select_native()
+
+
+def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act):
+    """Batch norm through the native glue: ``(y, nonfinite)`` (how many channels kept their running statistics),
+    or ``(None, 0)`` where it does not take the call (the caller goes on with the Python glue)."""
+    y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                   _cpu.act_code(act))
+    if status >= 0:
+        return y, status
+    if status == _native.NO_LOOPS:
+        _native_build.set_loops(_native, x.dtype)
+        return _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act)
+    return None, 0
+
+
+if _native is not None:
+    _native_build.configure(_native, _cpu)
+    _select_native()
 
 
 def backend_for(x: Tensor):
@@ -100,6 +144,14 @@ def running_update(running_mean, running_var, mean, invstd, eps, n, momentum):
     return portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
 
 
+def nonfinite_channels(x):
+    """The channels of ``x`` (N, C, *) whose batch mean or variance is not finite (for the running statistics'
+    warning, where a kernel only counted them)."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+    return ~(torch.isfinite(mean) & torch.isfinite(var))
+
+
 def count_batch(counter):
     """``counter += 1`` in place (``num_batches_tracked``): through numba for a CPU counter in eager mode (a torch
     op costs several microseconds in a small layer's forward), else with torch."""
@@ -110,6 +162,6 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "portable", "bn_stats", "bn_train_forward",
+__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "portable", "bn_stats", "bn_train_forward",
            "bn_train_forward_update", "bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "bn_backward",
-           "gn_forward", "gn_backward", "running_update", "count_batch"]
+           "gn_forward", "gn_backward", "running_update", "nonfinite_channels", "count_batch"]

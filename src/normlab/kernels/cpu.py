@@ -348,7 +348,7 @@ def _run(kernel, threads: int, *args) -> None:
             kernel(*args)
 
 
-def _act(act: str) -> int:
+def act_code(act: str) -> int:
     try:
         return _ACT_CODE[act]
     except KeyError:
@@ -384,7 +384,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
         y, ya = None, xa
     if layout == "rows":
         xa, ya = _lanes(xa), _lanes(ya)
-    code = _act(act)
+    code = act_code(act)
     nchunks = _nchunks(threads, _rows(xa, layout), numel)
     if layout == "ncs" and mode == _k.MODE_EVAL:
         _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in, nchunks)
@@ -498,7 +498,7 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
     dya = _view(dy, layout)
     if layout == "rows":
         xa, dya, dxa = _lanes(xa), _lanes(dya), _lanes(dxa)
-    args = (dya, xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), mean, invstd, _act(act),
+    args = (dya, xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), mean, invstd, act_code(act),
             bool(training), need_dx, dxa, dwa, dba)
     _run(_k.bn_bwd_ncs if layout == "ncs" else _k.bn_bwd_rows, threads, *args,
          _nchunks(threads, _rows(xa, layout), numel))

@@ -1123,3 +1123,73 @@ def running_update(rm, rv, mean, invstd, eps, n, momentum):
 def increment(counter):
     """counter[0] += 1 (a training step's count, in place)."""
     counter[0] += 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# C entry points: the single-threaded loops behind plain C signatures, for the native glue (kernels/native.cpp)
+# ------------------------------------------------------------------------------------------------------
+_FWD_ROWS, _FWD_NCS, _EVAL_NCS = bn_fwd_rows.serial, bn_fwd_ncs.serial, bn_eval_ncs.serial
+_BWD_ROWS, _BWD_NCS = bn_bwd_rows.serial, bn_bwd_ncs.serial
+C_ENTRY_ORDER = ("fwd_rows", "eval_rows", "fwd_ncs", "eval_ncs", "bwd_rows", "bwd_ncs", "running")
+
+
+def c_entry_points(dtype) -> tuple[int, ...]:
+    """Addresses of the C-callable loops for float32 or float64 data, in :data:`C_ENTRY_ORDER` (the order
+    ``native.cpp`` declares them). Pointers to the data (the mean always float64, everything else ``dtype``), then
+    the sizes: (M / k, k * C, C) for the rows layout (k rows as one row of lanes, as ``bn_fwd_rows`` takes them),
+    (N, C, S) for ncs. Defined here, beside the loops they call, so that
+    numba's on-disk cache of these wrappers goes stale with this file."""
+    from numba import carray, cfunc
+
+    t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    p, m64, i64, f64 = types.CPointer(t), types.CPointer(types.float64), types.int64, types.float64
+
+    def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act):
+        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, MODE_TRAIN,
+                  carray(mp, (c,)), carray(ip, (c,)), 1)
+        return 0
+
+    def eval_rows(xp, yp, wp, bp, mp, vp, m, width, c, eps, act):
+        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, MODE_EVAL,
+                  carray(mp, (c,)), carray(vp, (c,)), 1)
+        return 0
+
+    def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act):
+        _FWD_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
+                 MODE_TRAIN, carray(mp, (c,)), carray(ip, (c,)), 1)
+        return 0
+
+    def eval_ncs(xp, yp, wp, bp, mp, vp, n, c, s, eps, act):
+        _EVAL_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
+                  carray(mp, (c,)), carray(vp, (c,)), 1)
+        return 0
+
+    def bwd_rows(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, m, width, c, act, training, need_dx):
+        _BWD_ROWS(carray(dyp, (m, width)), carray(xp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
+                  carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, (m, width)), carray(dwp, (c,)),
+                  carray(dbp, (c,)), 1)
+        return 0
+
+    def bwd_ncs(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, n, c, s, act, training, need_dx):
+        shape = (n, c, s)
+        _BWD_NCS(carray(dyp, shape), carray(xp, shape), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
+                 carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, shape), carray(dwp, (c,)),
+                 carray(dbp, (c,)), 1)
+        return 0
+
+    def running(rmp, rvp, mp, ip, c, eps, n, momentum):
+        return running_update(carray(rmp, (c,)), carray(rvp, (c,)), carray(mp, (c,)), carray(ip, (c,)), eps, n,
+                              momentum)
+
+    sigs = {
+        "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64),
+        "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
+        "fwd_ncs": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64),
+        "eval_ncs": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
+        "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
+        "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
+        "running": i64(p, p, m64, p, i64, f64, i64, f64),
+    }
+    fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
+           "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running}
+    return tuple(cfunc(sigs[name], cache=True, error_model="numpy")(fns[name]).address for name in C_ENTRY_ORDER)

@@ -1,0 +1,160 @@
+"""The native glue (``native.cpp``): batch norm on small CPU inputs with no Python between the checks, the
+allocations, the numba loops and the autograd node.
+
+Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but the Python glue of
+:mod:`normlab.kernels.cpu` around them (tensor -> numpy views, allocations, checks, a Python autograd node) took
+~25 us more per step, so torch's C++ layer won on small inputs. The native glue calls the same loops (their C entry
+points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
+
+It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it):
+it needs a C++ compiler and ninja, and takes ~30 s. The library is kept in :func:`cache_dir` under a tag of its
+source and the torch version, so an upgrade builds afresh instead of loading a stale binary. Where it is not built,
+``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python glue does the
+same work with the same loops.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NAME = "normlab_native"
+SOURCE = Path(__file__).with_name("native.cpp")
+
+
+def cache_dir() -> Path:
+    """``$NORMLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/normlab``, else ``~/.cache/normlab``."""
+    if os.environ.get("NORMLAB_CACHE_DIR"):
+        return Path(os.environ["NORMLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "normlab"
+
+
+def _tag() -> str:
+    """What the binary depends on: its source, torch, Python and the machine."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    return h.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return cache_dir() / f"native-{_tag()}" / f"{NAME}.so"
+
+
+def build(verbose: bool = False):
+    """Compile ``native.cpp`` against the installed torch (``torch.utils.cpp_extension``) and return the loaded
+    module. Raises with the compiler's message when it fails."""
+    from torch.utils import cpp_extension
+
+    directory = library_path().parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
+                              extra_cflags=["-O2"], verbose=verbose)
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(build_missing: bool = False):
+    """The native module, or None: not built (and ``build_missing`` False), disabled (``NORMLAB_NATIVE=0``), or
+    not loadable (a warning says why)."""
+    if os.environ.get("NORMLAB_NATIVE", "1") == "0":
+        return None
+    module = sys.modules.get(NAME)
+    if module is not None:
+        return module
+    path = library_path()
+    try:
+        if path.exists():
+            return _import(path)
+        return build() if build_missing else None
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the Python glue in charge, said once
+        warnings.warn(f"normlab's native glue could not be {'loaded' if path.exists() else 'built'} ({exc}); "
+                      f"small batch-norm layers use the Python glue (slower, same results). Rebuild with "
+                      f"`normlab build-native --verbose`, or set NORMLAB_NATIVE=0 to silence this",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+# Inputs below these sizes (elements) take the native glue and its single-threaded loops; larger ones the Python
+# glue, whose loops run on torch's threads. Measured per layer, (256, 512) forward+backward: 1 thread 199 -> 142 us
+# (torch 198-201), 2 threads 184 -> 177 us (torch 147); (256, 16, 10, 10): 1 thread 528 -> 376 us, 2 threads
+# 340 us in parallel against 367 us single-threaded.
+BELOW_ONE_THREAD = 1 << 20
+BELOW_THREADS = 1 << 18
+
+
+def configure(module, cpu) -> None:
+    """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
+    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES)
+
+
+def set_loops(module, dtype: torch.dtype) -> None:
+    """Hand the numba loops for ``dtype`` (float32 or float64) to the module: compiled on first use (about a
+    minute once per machine, cached on disk by numba), so only the dtypes a program uses are compiled."""
+    from . import cpu_numba
+
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    module.set_loops(str(dtype).removeprefix("torch."), list(cpu_numba.c_entry_points(np_dtype)))
+
+
+__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "cache_dir", "library_path", "build", "load",
+           "configure", "set_loops"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-native", help="compile the native glue for small batch-norm layers (once per machine and torch)",
+        description="Compile native.cpp against the installed torch (~30 s), then the numba loops it calls for "
+                    "float32 and float64 (~1 min the first time, cached by numba), and check one layer against "
+                    "torch.nn. `make setup` runs this; without it small layers use the Python glue.")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    p.set_defaults(func=_build_command)
+
+
+def _build_command(args) -> int:
+    import time
+
+    from . import cpu as _cpu_glue
+
+    t0 = time.perf_counter()
+    print(f"normlab build-native: compiling {SOURCE.name} against torch {torch.__version__} into "
+          f"{library_path().parent} ...", flush=True)
+    try:
+        module = load(build_missing=True) if not args.verbose else build(verbose=True)
+    except Exception as exc:  # noqa: BLE001 - reported, with the way forward
+        print(f"normlab build-native: failed: {exc}\n  needs a C++ compiler (g++ or clang++) and ninja "
+              f"(pip install ninja); small layers keep using the Python glue", file=sys.stderr)
+        return 1
+    if module is None:
+        print("normlab build-native: failed (see the warning above); small layers keep using the Python glue",
+              file=sys.stderr)
+        return 1
+    print(f"  built in {time.perf_counter() - t0:.0f} s; compiling the numba loops (float32, float64) ...",
+          flush=True)
+    t1 = time.perf_counter()
+    configure(module, _cpu_glue)
+    for dtype in (torch.float32, torch.float64):
+        set_loops(module, dtype)
+    print(f"  loops ready in {time.perf_counter() - t1:.0f} s; checking against torch.nn ...", flush=True)
+    x = torch.randn(64, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(24, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    y, status = module.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0)
+    expected = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    g = torch.randn_like(expected)
+    ok = status == 0 and all(torch.allclose(a, e, atol=1e-10) for a, e in zip(
+        (y, *torch.autograd.grad(y, (x, w, b), g)), (expected, *torch.autograd.grad(expected, (x, w, b), g))))
+    print(f"normlab build-native: {'ok' if ok else 'MISMATCH against torch.nn'}, {library_path()}")
+    return 0 if ok else 1

@@ -1,0 +1,208 @@
+"""The native glue (normlab.kernels.native): which inputs it takes, and that it computes what torch.nn does.
+
+Tolerances as in test_nn_vs_torch: float32 outputs and input gradients 1e-5, parameter gradients 1e-4 relative to
+their largest value; float64 1e-10 / 1e-9.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import normlab
+import normlab.functional as F
+from normlab import kernels as K
+from normlab.kernels import native
+
+TOL = {torch.float32: dict(out=1e-5, dx=1e-5, dp=1e-4), torch.float64: dict(out=1e-10, dx=1e-10, dp=1e-9)}
+NATIVE = "BatchNormNative"
+
+# (shape, memory format): every layout the glue takes; (2048, 64) and the 16-channel channels_last one are past
+# the lanes threshold (k rows as one row of lanes)
+LAYOUTS = [
+    ((32, 6), torch.contiguous_format),
+    ((16, 6, 1), torch.contiguous_format),
+    ((8, 6, 5), torch.contiguous_format),
+    ((8, 6, 5, 7), torch.contiguous_format),
+    ((8, 6, 5, 7), torch.channels_last),
+    ((4, 6, 3, 4, 5), torch.channels_last_3d),
+    ((2048, 64), torch.contiguous_format),
+    ((32, 16, 16, 16), torch.channels_last),
+]
+
+
+@pytest.fixture(autouse=True)
+def _native(backend_ctx):
+    with backend_ctx("native"):
+        yield
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def close(a, b, tol, what):
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.1g}"
+
+
+def torch_layer(shape, dtype, **kwargs):
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    ref = cls[len(shape)](shape[1], **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = getattr(normlab, type(ref).__name__)(shape[1], **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def grads(layer, x, y, dy):
+    return torch.autograd.grad(y, [x, *layer.parameters()], dy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=[f"{s}-{str(f).split('.')[-1]}" for s, f in LAYOUTS])
+def test_takes_every_layout_and_matches_torch(shape, fmt, dtype):
+    torch.manual_seed(sum(shape))
+    tol = TOL[dtype]
+    ref, ours = torch_layer(shape, dtype)
+    for step in range(2):
+        x = (torch.randn(shape, dtype=dtype) * 2 + 3 * step).contiguous(memory_format=fmt).requires_grad_()
+        yr, yo = ref(x), ours(x)
+        assert NATIVE in yo.grad_fn.name()
+        assert yo.stride() == yr.stride()
+        close(yo, yr, tol["out"], "output")
+        dy = torch.randn_like(yr)
+        gr, go = grads(ref, x, yr, dy), grads(ours, x, yo, dy)
+        close(go[0], gr[0], tol["dx"], "dx")
+        for a, b in zip(go[1:], gr[1:]):
+            close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "dweight/dbias")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            close(getattr(ours, name), getattr(ref, name), tol["out"] * 10, name)
+    ref.eval(), ours.eval()
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    yr, yo = ref(x), ours(x)
+    assert NATIVE in yo.grad_fn.name()
+    close(yo, yr, tol["out"], "eval output")
+    dy = torch.randn_like(yr)
+    for a, b in zip(grads(ours, x, yo, dy), grads(ref, x, yr, dy)):
+        close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "eval gradient")
+    with torch.no_grad():
+        close(ours(x), yr, tol["out"], "eval output without autograd")
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "silu", "sigmoid"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(12, 3), (5, 3, 2, 3)], ids=str)
+def test_gradcheck_and_double_backward(act, training, shape):
+    torch.manual_seed(7)
+    x = (torch.randn(shape, dtype=torch.float64) + 0.3).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def f(x, w, b):
+        return F.batch_norm(x, None if training else rm, None if training else rv, w, b, training, act=act)
+
+    assert NATIVE in f(x, w, b).grad_fn.name()
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])
+def test_gradients_of_some_inputs_only(wants):
+    torch.manual_seed(3)
+    ref, ours = torch_layer((16, 5), torch.float64)
+    for layer in (ref, ours):
+        layer.weight.requires_grad_("weight" in wants)
+        layer.bias.requires_grad_("bias" in wants)
+    x = torch.randn(16, 5, dtype=torch.float64, requires_grad="x" in wants)
+    yr, yo = ref(x), ours(x)
+    assert NATIVE in yo.grad_fn.name()
+    inputs = lambda layer: [t for t in (x, layer.weight, layer.bias) if t.requires_grad]  # noqa: E731
+    dy = torch.randn_like(yr)
+    for a, b in zip(torch.autograd.grad(yo, inputs(ours), dy), torch.autograd.grad(yr, inputs(ref), dy)):
+        close(a, b, 1e-9, "gradient")
+
+
+def test_expanded_and_other_layout_output_gradients():
+    """sum().backward() hands the node an expanded (stride 0) gradient; a channels_last input may get a contiguous
+    one: both are matched to the input's layout first."""
+    ref, ours = torch_layer((8, 6, 5, 7), torch.float32)
+    x = torch.randn(8, 6, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for make_dy in (lambda y: torch.ones_like(y).expand_as(y), lambda y: torch.randn(y.shape)):
+        yr, yo = ref(x), ours(x)
+        dy = make_dy(yr)
+        for a, b in zip(grads(ours, x, yo, dy), grads(ref, x, yr, dy)):
+            close(a, b, 1e-4 * max(1.0, b.abs().max().item()), "gradient")
+
+
+def test_input_changed_in_place_after_forward_is_caught():
+    bn = normlab.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    h = x * 1
+    y = bn(h)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_without_autograd_updates_running_statistics():
+    ref, ours = torch_layer((64, 10), torch.float32)
+    x = torch.randn(64, 10) * 3 + 1
+    with torch.no_grad():
+        yr, yo = ref(x), ours(x)
+    assert yo.grad_fn is None
+    close(yo, yr, 1e-5, "output")
+    close(ours.running_mean, ref.running_mean, 1e-5, "running_mean")
+    close(ours.running_var, ref.running_var, 1e-5, "running_var")
+
+
+def test_leaves_other_inputs_to_the_python_glue():
+    bn = normlab.BatchNorm1d(8)
+    x = torch.randn(32, 16, requires_grad=True)
+    assert NATIVE not in bn(x[:, ::2]).grad_fn.name()  # strided
+    assert NATIVE not in bn.to(torch.bfloat16)(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)
+                                               ).grad_fn.name()
+    bn2 = normlab.BatchNorm2d(16)
+    mid = torch.randn(256, 16, 10, 10, requires_grad=True)  # 409,600 elements
+    with threads(1):
+        assert NATIVE in bn2(mid).grad_fn.name()
+    with threads(2):
+        assert NATIVE not in bn2(mid).grad_fn.name()  # the parallel loops are faster here
+    big = torch.randn(native.BELOW_ONE_THREAD // 16 // 4 + 1, 16, 2, 2, requires_grad=True)
+    with threads(1):
+        assert NATIVE not in bn2(big).grad_fn.name()
+
+
+def test_forced_backends_do_not_use_it():
+    bn = normlab.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    for name in ("cpu", "portable"):
+        with K.use_backend(name):
+            assert K.native_batch_norm is None
+            assert NATIVE not in bn(x).grad_fn.name()
+    assert NATIVE in bn(x).grad_fn.name()
+
+
+def test_disabled_by_environment_and_tagged_by_torch_version(monkeypatch):
+    monkeypatch.setenv("NORMLAB_NATIVE", "0")
+    assert native.load() is None
+    here = native.library_path()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert native.library_path() != here, "another torch must not load this binary"
+
+
+def test_build_command_checks_against_torch(capsys):
+    from normlab.cli import main
+
+    assert main(["build-native"]) == 0
+    assert "ok" in capsys.readouterr().out
