@@ -507,7 +507,9 @@ def machine_info(copy_gbps: float) -> dict:
     return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "numba": numba.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "copy_gbps": copy_gbps, "stat": STAT["name"],
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "backend": kernels.backend_for(torch.empty(2, 2)).__name__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "backend": kernels.backend_for(torch.empty(2, 2)).__name__,
+            "native_glue": kernels.native_batch_norm is not None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -572,7 +574,8 @@ def run(args) -> int:
         rows += bench_lenet(16 if quick else 256, budget, log)
 
     summary = summarize(rows, copy_gbps)
-    print(f"normlab bench -- {machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, "
+    glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
+    print(f"normlab bench -- {machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
           f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's")
     print(render(rows, copy_gbps))
     print("summary:")
