@@ -206,3 +206,73 @@ def test_build_command_checks_against_torch(capsys):
 
     assert main(["build-native"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+GROUP_LAYERS = [  # (class name, args, kwargs, input shape)
+    ("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
+    ("GroupNorm", (2, 6), {"affine": False}, (4, 6, 5)),
+    ("GroupNorm", (3, 6), {}, (4, 6)),  # S = 1, groups of two values
+    ("LayerNorm", (7,), {}, (4, 6, 5, 7)),
+    ("LayerNorm", ((6, 5, 7),), {}, (4, 6, 5, 7)),
+    ("LayerNorm", (7,), {"bias": False}, (4, 7)),
+    ("LayerNorm", (7,), {"elementwise_affine": False}, (4, 6, 7)),
+    ("InstanceNorm2d", (6,), {"affine": True, "track_running_stats": True}, (4, 6, 5, 7)),
+    ("InstanceNorm1d", (6,), {}, (4, 6, 9)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,args,kwargs,shape", GROUP_LAYERS, ids=[f"{n}-{i}" for i, (n, *_) in
+                                                                      enumerate(GROUP_LAYERS)])
+def test_group_norm_family_takes_small_inputs_and_matches_torch(name, args, kwargs, shape, dtype):
+    torch.manual_seed(len(shape) + sum(shape))
+    tol = TOL[dtype]
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    for step in range(2):
+        x = (torch.randn(shape, dtype=dtype) * 2 + 3 * step).requires_grad_()
+        yr, yo = ref(x), ours(x)
+        assert "GroupNormNative" in yo.grad_fn.name()
+        close(yo, yr, tol["out"], "output")
+        dy = torch.randn_like(yr)
+        for a, b in zip(grads(ours, x, yo, dy), grads(ref, x, yr, dy)):
+            close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "gradient")
+        for (key, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+            close(a, b, tol["out"] * 10, key)
+    with torch.no_grad():
+        close(ours(x), ref(x), tol["out"], "output without autograd")
+
+
+@pytest.mark.parametrize("form", ["group", "layer"])
+def test_group_norm_family_gradcheck_and_double_backward(form):
+    torch.manual_seed(11)
+    if form == "group":
+        x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+        def f(x, w, b):
+            return F.group_norm(x, 2, w, b)
+    else:
+        x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+
+        def f(x, w, b):
+            return F.layer_norm(x, (2, 5), w, b)
+
+    assert "GroupNormNative" in f(x, w, b).grad_fn.name()
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_group_norm_family_leaves_channels_last_to_the_python_glue():
+    gn = normlab.GroupNorm(2, 6)
+    x = torch.randn(4, 6, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = gn(x)
+    assert "GroupNormNative" not in y.grad_fn.name()
+    assert y.is_contiguous(memory_format=torch.channels_last)

@@ -293,8 +293,23 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, _like(dw, weight), _like(db, weight), None, None
 
 
-def _group_norm_3d(x3: Tensor, weight, bias, groups: int, eps: float):
-    return _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
+def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_k: int = 0):
+    """``(y, mean, invstd)`` of group norm over (N, C, \*), statistics (N, G); or, with ``layer_k``, of layer norm
+    over the last ``layer_k`` values (weight and bias of that many values), statistics (M, 1). y has the input's
+    shape (and is contiguous)."""
+    native = K.native_group_norm
+    if native is not None and not torch.compiler.is_compiling():  # small CPU inputs: one C++ call
+        out = native(input, weight, bias, groups, float(eps), layer_k)
+        if out is not None:
+            return out
+    if layer_k:
+        x3 = input.reshape(-1, layer_k, 1)
+        weight = None if weight is None else weight.reshape(layer_k)
+        bias = None if bias is None else bias.reshape(layer_k)
+    else:
+        x3 = input.reshape(input.shape[0], input.shape[1], -1)
+    y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
+    return y.reshape(input.shape), mean, invstd
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -315,8 +330,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
                              f"(input of shape {tuple(input.shape)}); choose G among the divisors of {c}")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
-    y, _, _ = _group_norm_3d(input.reshape(n, c, -1), weight, bias, num_groups, eps)
-    return _restore_format(y.reshape(input.shape), input)
+    y, _, _ = _group_norm_any(input, weight, bias, num_groups, eps)
+    return _restore_format(y, input)
 
 
 def _restore_format(y: Tensor, like: Tensor) -> Tensor:
@@ -348,11 +363,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     numel = math.prod(shape)
     if input.numel() == 0 or numel == 0:
         return input.clone() if weight is None else input * weight + (0 if bias is None else bias)
-    x3 = input.reshape(-1, numel, 1)
-    w = None if weight is None else weight.reshape(numel)
-    b = None if bias is None else bias.reshape(numel)
-    y, _, _ = _group_norm_3d(x3, w, b, 1, eps)
-    return y.reshape(input.shape)
+    return _group_norm_any(input, weight, bias, 1, eps, numel)[0]
 
 
 def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
@@ -375,10 +386,10 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if s <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}: "
                          f"instance norm of a single value is 0; use a larger input or BatchNorm")
-    y, mean, invstd = _group_norm_3d(input.reshape(n, c, -1), weight, bias, c, eps)
+    y, mean, invstd = _group_norm_any(input, weight, bias, c, eps)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0)
             update_running_stats(running_mean, running_var, mean.mean(0),
                                  (var.mean(0) + eps).rsqrt(), eps, s, momentum)
-    return _restore_format(y.reshape(input.shape), input)
+    return _restore_format(y, input)

@@ -29,13 +29,16 @@ _forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
 if _forced not in BACKENDS:
     raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native")
 _native = _native_build.load() if _cpu is not None and _forced in (None, "native") else None
-# the native glue's entry while it is in use (automatic choice or forced "native"), else None: batch_norm's test
-native_batch_norm = None
+# the native glue's entries while it is in use (automatic choice or forced "native"), else None: the functional
+# layer's test
+native_batch_norm = native_group_norm = None
 
 
 def _select_native() -> None:
-    global native_batch_norm
-    native_batch_norm = _bn_native if _native is not None and _forced in (None, "native") else None
+    global native_batch_norm, native_group_norm
+    on = _native is not None and _forced in (None, "native")
+    native_batch_norm = _bn_native if on else None
+    native_group_norm = _gn_native if on else None
 
 
 @contextlib.contextmanager
@@ -74,6 +77,19 @@ def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, e
         _native_build.set_loops(_native, x.dtype)
         return _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act)
     return None, 0
+
+
+def _gn_native(x, weight, bias, groups, eps, layer_k=0):
+    """Group norm of a contiguous (N, C, *) input through the native glue, or layer norm over its last ``layer_k``
+    values: ``(y, mean, invstd)``, y shaped as x, statistics (N, G) or (M, 1); None where it does not take the
+    call."""
+    y, mean, invstd, status = _native.group_norm(x, weight, bias, groups, eps, layer_k)
+    if status == 0:
+        return y, mean, invstd
+    if status == _native.NO_LOOPS:
+        _native_build.set_loops(_native, x.dtype)
+        return _gn_native(x, weight, bias, groups, eps, layer_k)
+    return None
 
 
 if _native is not None:
@@ -162,6 +178,6 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "portable", "bn_stats", "bn_train_forward",
+__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "native_group_norm", "portable", "bn_stats", "bn_train_forward",
            "bn_train_forward_update", "bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "bn_backward",
            "gn_forward", "gn_backward", "running_update", "nonfinite_channels", "count_batch"]

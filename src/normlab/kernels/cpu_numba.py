@@ -1130,12 +1130,21 @@ def increment(counter):
 # ------------------------------------------------------------------------------------------------------
 _FWD_ROWS, _FWD_NCS, _EVAL_NCS = bn_fwd_rows.serial, bn_fwd_ncs.serial, bn_eval_ncs.serial
 _BWD_ROWS, _BWD_NCS = bn_bwd_rows.serial, bn_bwd_ncs.serial
-C_ENTRY_ORDER = ("fwd_rows", "eval_rows", "fwd_ncs", "eval_ncs", "bwd_rows", "bwd_ncs", "running")
+_GN_FWD, _GN_BWD, _LN_FWD, _LN_BWD = gn_fwd.serial, gn_bwd.serial, ln_fwd.serial, ln_bwd.serial
+C_ENTRY_ORDER = ("fwd_rows", "eval_rows", "fwd_ncs", "eval_ncs", "bwd_rows", "bwd_ncs", "running",
+                 "gn_fwd", "gn_bwd", "ln_fwd", "ln_bwd")
+
+
+@njit(inline="always")
+def _ln_serial_chunks(m):
+    """``normlab.kernels.cpu._ln_chunks`` at one thread: the same chunks, so the same dweight/dbias sums."""
+    return max(1, min(m, max(4, (m + 255) // 256)))
 
 
 def c_entry_points(dtype) -> tuple[int, ...]:
     """Addresses of the C-callable loops for float32 or float64 data, in :data:`C_ENTRY_ORDER` (the order
-    ``native.cpp`` declares them). Pointers to the data (the mean always float64, everything else ``dtype``), then
+    ``native.cpp`` declares them). Pointers to the data (batch norm's mean always float64, everything else
+    ``dtype``; group and layer norm's statistics (N, G) and (M,)), then
     the sizes: (M / k, k * C, C) for the rows layout (k rows as one row of lanes, as ``bn_fwd_rows`` takes them),
     (N, C, S) for ncs. Defined here, beside the loops they call, so that
     numba's on-disk cache of these wrappers goes stale with this file."""
@@ -1181,6 +1190,34 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         return running_update(carray(rmp, (c,)), carray(rvp, (c,)), carray(mp, (c,)), carray(ip, (c,)), eps, n,
                               momentum)
 
+    def gn_fwd_c(xp, yp, wp, bp, mp, ip, n, c, s, groups, eps):
+        _GN_FWD(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), groups, eps,
+                carray(mp, (n, groups)), carray(ip, (n, groups)))
+        return 0
+
+    def gn_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, n, c, s, groups, need_dx):
+        dw_part = np.empty((n, c))
+        db_part = np.empty((n, c))
+        _GN_BWD(carray(dyp, (n, c, s)), carray(xp, (n, c, s)), carray(wp, (c,)), carray(mp, (n, groups)),
+                carray(ip, (n, groups)), groups, need_dx != 0, carray(dxp, (n, c, s)), dw_part, db_part)
+        dw = carray(dwp, (c,))
+        db = carray(dbp, (c,))
+        for ch in range(c):
+            dw[ch] = dw_part[:, ch].sum()
+            db[ch] = db_part[:, ch].sum()
+        return 0
+
+    def ln_fwd_c(xp, yp, wp, bp, mp, ip, m, k, eps):
+        _LN_FWD(carray(xp, (m, k)), carray(yp, (m, k)), carray(wp, (k,)), carray(bp, (k,)), eps, carray(mp, (m,)),
+                carray(ip, (m,)), _ln_serial_chunks(m))
+        return 0
+
+    def ln_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, m, k, need_dx, need_wb):
+        _LN_BWD(carray(dyp, (m, k)), carray(xp, (m, k)), carray(wp, (k,)), carray(mp, (m,)), carray(ip, (m,)),
+                need_dx != 0, need_wb != 0, carray(dxp, (m, k)), carray(dwp, (k,)), carray(dbp, (k,)),
+                _ln_serial_chunks(m))
+        return 0
+
     sigs = {
         "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64),
         "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
@@ -1189,7 +1226,12 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "running": i64(p, p, m64, p, i64, f64, i64, f64),
+        "gn_fwd": i64(p, p, p, p, p, p, i64, i64, i64, i64, f64),
+        "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
+        "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64),
+        "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64),
     }
     fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
-           "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running}
+           "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running, "gn_fwd": gn_fwd_c, "gn_bwd": gn_bwd_c,
+           "ln_fwd": ln_fwd_c, "ln_bwd": ln_bwd_c}
     return tuple(cfunc(sigs[name], cache=True, error_model="numpy")(fns[name]).address for name in C_ENTRY_ORDER)
