@@ -322,9 +322,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     with the biased variance over the (C/G) * prod(\*) values of group g of sample n. G = 1 is layer norm over
     (C, \*) with per-channel affine; G = C is instance norm.
     """
-    _check_eps(eps)
-    _check_channels(input, weight=weight, bias=bias)
-    n, c = input.shape[:2]
+    if not (eps > 0.0 and eps != math.inf):
+        _check_eps(eps)
+    if not _channels_ok(input, weight, bias):
+        _check_channels(input, weight=weight, bias=bias)
+    c = input.shape[1]
     if num_groups <= 0 or c % num_groups != 0:
         raise NormError(f"the number of channels C={c} must be divisible by num_groups={num_groups} "
                              f"(input of shape {tuple(input.shape)}); choose G among the divisors of {c}")
@@ -351,14 +353,15 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     with statistics per leading index over the K = prod(normalized_shape) trailing values and elementwise
     γ, β of shape ``normalized_shape``. Computed as group norm with one group on (M, K, 1).
     """
-    _check_eps(eps)
+    if not (eps > 0.0 and eps != math.inf):
+        _check_eps(eps)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
-    if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
+    if k == 0 or input.dim() < k or input.shape[input.dim() - k:] != shape:
         raise NormError(f"Given normalized_shape={list(shape)}, expected input with shape "
                              f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise NormError(f"{name} must have shape normalized_shape={list(shape)}, got {list(t.shape)}")
     numel = math.prod(shape)
     if input.numel() == 0 or numel == 0:

@@ -867,13 +867,14 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
                 d = np.float64(up(x2[n, c])) - sh
                 s1 += d
                 s2 += d * d
-        else:  # compute-dtype lanes per block of a channel's S values, merged in float64 (as batch norm)
-            for c in range(c0, c0 + cg):
-                xr = x[n, c]
-                for lo in range(0, ns, _BLOCK):
-                    a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift)
-                    s1 += np.float64(a1)
-                    s2 += np.float64(a2)
+        else:  # compute-dtype lanes per block of the group's values (contiguous: its channels follow each other),
+            # merged in float64 (as batch norm); one loop over the group, not one per channel (small S: per-loop
+            # set-up and tails cost as much as the values)
+            xg = x2[n, c0 * ns:(c0 + cg) * ns]
+            for lo in range(0, cnt, _BLOCK):
+                a1, a2 = _block_sums(xg[lo:lo + _BLOCK], shift)
+                s1 += np.float64(a1)
+                s2 += np.float64(a2)
         m64 = s1 / cnt
         v64 = max(s2 / cnt - m64 * m64, 0.0)
         if ns > 1 and m64 * m64 > 0.75 * (s2 / cnt):
@@ -882,12 +883,11 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
             m_first = like(m64, shift)
             s1 = 0.0
             s2 = 0.0
-            for c in range(c0, c0 + cg):
-                xr = x[n, c]
-                for lo in range(0, ns, _BLOCK):
-                    a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_first)
-                    s1 += np.float64(a1)
-                    s2 += np.float64(a2)
+            xg = x2[n, c0 * ns:(c0 + cg) * ns]
+            for lo in range(0, cnt, _BLOCK):
+                a1, a2 = _block_sums_around(xg[lo:lo + _BLOCK], shift, m_first)
+                s1 += np.float64(a1)
+                s2 += np.float64(a2)
             e64 = s1 / cnt
             v64 = max(s2 / cnt - e64 * e64, 0.0)
             m64 = np.float64(m_first) + e64
@@ -904,8 +904,10 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         for c in range(c0, c0 + cg):
             a = like(inv * w[c], shift)
             bc = like(b[c], shift)
+            xr = x2[n, c * ns:(c + 1) * ns]
+            yr = y2[n, c * ns:(c + 1) * ns]
             for s in range(ns):
-                y[n, c, s] = down(((up(x[n, c, s]) - shift) - m_s) * a + bc, y)
+                yr[s] = down(((up(xr[s]) - shift) - m_s) * a + bc, yr)
 
 
 @_kernel
@@ -968,9 +970,12 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
         k_0 = like(-np.float64(inv) * s_g / cnt, mu)
         for c in range(c0, c0 + cg):
             k_g = like(np.float64(inv) * w[c], mu)
+            xr = x2[n, c * ns:(c + 1) * ns]
+            dyr = dy2[n, c * ns:(c + 1) * ns]
+            dxr = dx2[n, c * ns:(c + 1) * ns]
             for s in range(ns):
-                xh = (up(x[n, c, s]) - mu) * inv
-                dx[n, c, s] = down(up(dy[n, c, s]) * k_g + xh * k_x + k_0, dx)
+                xh = (up(xr[s]) - mu) * inv
+                dxr[s] = down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class GroupNorm(nn.Module):
             raise F.NormError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
                                    f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
                                    f"dimension 1")
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        params = self._parameters  # not nn.Module.__getattr__ (~0.5 us a name): small layers feel it
+        return F.group_norm(input, self.num_groups, params.get("weight"), params.get("bias"), self.eps)
 
     def extra_repr(self) -> str:
         return "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
