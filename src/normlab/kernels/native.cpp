@@ -9,6 +9,7 @@
 // "unsupported" and the Python glue handles it, so this file can stay small.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -42,7 +43,7 @@ struct Loops {
   int64_t (*ln_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, double) = nullptr;
   int64_t (*ln_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t,
                     int64_t) = nullptr;
-  bool ready = false;
+  std::atomic<bool> ready{false};  // set after the pointers: a thread that sees it sees them
 
   void set(const std::vector<int64_t>& a) {
     TORCH_CHECK(a.size() == 11, "normlab native: expected 11 loop addresses, got ", a.size());
@@ -57,12 +58,16 @@ struct Loops {
     gn_bwd = reinterpret_cast<decltype(gn_bwd)>(a[8]);
     ln_fwd = reinterpret_cast<decltype(ln_fwd)>(a[9]);
     ln_bwd = reinterpret_cast<decltype(ln_bwd)>(a[10]);
-    ready = true;
+    ready.store(true, std::memory_order_release);
   }
 };
 
 Loops<float> loops32;
 Loops<double> loops64;
+
+bool loops_ready(at::ScalarType st) {
+  return (st == at::kFloat ? loops32.ready : loops64.ready).load(std::memory_order_acquire);
+}
 // inputs of this many elements and more stay with the Python glue (its parallel loops), with one torch thread
 // and with more
 int64_t below_one_thread = 0, below_threads = 0;
@@ -319,7 +324,7 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
     return {Tensor(), kUnsupported};
   }
   const auto st = x.scalar_type();
-  if (!(st == at::kFloat ? loops32.ready : loops64.ready)) return {Tensor(), kNoLoops};
+  if (!loops_ready(st)) return {Tensor(), kNoLoops};
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   call.running_mean = running_mean.value_or(Tensor());
   call.running_var = running_var.value_or(Tensor());
@@ -480,7 +485,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
       numel >= (at::get_num_threads() == 1 ? below_one_thread : below_threads)) {
     return {none, none, none, kUnsupported};
   }
-  if (!(st == at::kFloat ? loops32.ready : loops64.ready)) return {none, none, none, kNoLoops};
+  if (!loops_ready(st)) return {none, none, none, kNoLoops};
   GroupCall g;
   if (layer_k > 0) {
     if (numel % layer_k != 0) return {none, none, none, kUnsupported};
