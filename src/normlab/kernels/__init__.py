@@ -2,8 +2,8 @@
 
 ``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
-portable one otherwise. Batch norm on small CPU inputs first tries the native glue (:mod:`.native`: the same
-numba loops, called from C++), where it is built. ``NORMLAB_BACKEND=portable|cpu|native`` (or
+portable one otherwise. Batch, group, layer and instance norm on small CPU inputs first try the native glue
+(:mod:`.native`: the same numba loops, called from C++), where it is built. ``NORMLAB_BACKEND=portable|cpu|native`` (or
 :func:`use_backend`) forces a backend, for tests and benchmarks.
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ def nonfinite_channels(x):
     """The channels of ``x`` (N, C, *) whose batch mean or variance is not finite (for the running statistics'
     warning, where a kernel only counted them)."""
     dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+    var, mean = torch.var_mean(x.detach().to(acc_dtype(x.dtype)), dim=dims, correction=0)
     return ~(torch.isfinite(mean) & torch.isfinite(var))
 
 
@@ -178,6 +178,7 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "native_group_norm", "portable", "bn_stats", "bn_train_forward",
-           "bn_train_forward_update", "bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "bn_backward",
-           "gn_forward", "gn_backward", "running_update", "nonfinite_channels", "count_batch"]
+__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "native_group_norm",
+           "portable", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_train_forward_saved",
+           "bn_backward_saved", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update",
+           "nonfinite_channels", "count_batch"]

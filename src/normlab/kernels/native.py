@@ -1,5 +1,5 @@
-"""The native glue (``native.cpp``): batch norm on small CPU inputs with no Python between the checks, the
-allocations, the numba loops and the autograd node.
+"""The native glue (``native.cpp``): batch, group, layer and instance norm on small CPU inputs with no Python
+between the checks, the allocations, the numba loops and the autograd node.
 
 Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but the Python glue of
 :mod:`normlab.kernels.cpu` around them (tensor -> numpy views, allocations, checks, a Python autograd node) took
@@ -7,10 +7,11 @@ Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but
 points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
 
 It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it):
-it needs a C++ compiler and ninja, and takes ~30 s. The library is kept in :func:`cache_dir` under a tag of its
-source and the torch version, so an upgrade builds afresh instead of loading a stale binary. Where it is not built,
-``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python glue does the
-same work with the same loops.
+it needs a C++ compiler and ninja, and takes ~25 s, then ~70 s to compile the loops' entry points once (numba
+caches them). The library is kept in :func:`cache_dir` under a tag of its source, torch, Python and the machine, so
+an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it is not
+built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python glue
+does the same work with the same loops.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def configure(module, cpu) -> None:
 
 
 def set_loops(module, dtype: torch.dtype) -> None:
-    """Hand the numba loops for ``dtype`` (float32 or float64) to the module: compiled on first use (about a
-    minute once per machine, cached on disk by numba), so only the dtypes a program uses are compiled."""
+    """Hand the numba loops for ``dtype`` (float32 or float64) to the module: compiled on first use (about half a
+    minute per dtype once per machine, cached on disk by numba), so only the dtypes a program uses are compiled."""
     from . import cpu_numba
 
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
@@ -115,7 +116,7 @@ __all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "cache_dir", "
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "build-native", help="compile the native glue for small batch-norm layers (once per machine and torch)",
+        "build-native", help="compile the native glue for small norm layers (once per machine and torch)",
         description="Compile native.cpp against the installed torch (~30 s), then the numba loops it calls for "
                     "float32 and float64 (~1 min the first time, cached by numba), and check one layer against "
                     "torch.nn. `make setup` runs this; without it small layers use the Python glue.")
