@@ -7,8 +7,8 @@ Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but
 points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
 
 It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it):
-it needs a C++ compiler and ninja, and takes ~25 s, then ~70 s to compile the loops' entry points once (numba
-caches them). The library is kept in :func:`cache_dir` under a tag of its source, torch, Python and the machine, so
+it needs a C++ compiler and ninja, and takes ~25 s, then ~35 s per dtype to compile the loops' entry points once
+(numba caches them). The library is kept in :func:`cache_dir` under a tag of its source, torch, Python and the machine, so
 an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it is not
 built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python glue
 does the same work with the same loops.
@@ -117,9 +117,9 @@ __all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "cache_dir", "
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "build-native", help="compile the native glue for small norm layers (once per machine and torch)",
-        description="Compile native.cpp against the installed torch (~30 s), then the numba loops it calls for "
-                    "float32 and float64 (~1 min the first time, cached by numba), and check one layer against "
-                    "torch.nn. `make setup` runs this; without it small layers use the Python glue.")
+        description="Compile native.cpp against the installed torch (~25 s), then the numba loops it calls for "
+                    "float32 (~35 s the first time, cached by numba; float64's on first use), and check one layer "
+                    "against torch.nn. `make setup` runs this; without it small layers use the Python glue.")
     p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     p.set_defaults(func=_build_command)
 
@@ -142,20 +142,19 @@ def _build_command(args) -> int:
         print("normlab build-native: failed (see the warning above); small layers keep using the Python glue",
               file=sys.stderr)
         return 1
-    print(f"  built in {time.perf_counter() - t0:.0f} s; compiling the numba loops (float32, float64) ...",
-          flush=True)
+    print(f"  built in {time.perf_counter() - t0:.0f} s; compiling the numba loops for float32 (float64's compile "
+          f"on first use) ...", flush=True)
     t1 = time.perf_counter()
     configure(module, _cpu_glue)
-    for dtype in (torch.float32, torch.float64):
-        set_loops(module, dtype)
+    set_loops(module, torch.float32)
     print(f"  loops ready in {time.perf_counter() - t1:.0f} s; checking against torch.nn ...", flush=True)
-    x = torch.randn(64, 24, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(24, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(64, 24, requires_grad=True)
+    w = torch.rand(24, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
     y, status = module.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0)
     expected = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     g = torch.randn_like(expected)
-    ok = status == 0 and all(torch.allclose(a, e, atol=1e-10) for a, e in zip(
+    ok = status == 0 and all(torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(
         (y, *torch.autograd.grad(y, (x, w, b), g)), (expected, *torch.autograd.grad(expected, (x, w, b), g))))
     print(f"normlab build-native: {'ok' if ok else 'MISMATCH against torch.nn'}, {library_path()}")
     return 0 if ok else 1
