@@ -276,3 +276,35 @@ def test_group_norm_family_leaves_channels_last_to_the_python_glue():
     y = gn(x)
     assert "GroupNormNative" not in y.grad_fn.name()
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_concurrent_threads_get_their_own_results():
+    """Two Python threads training small layers at once (the loops hold no shared state; each call allocates its
+    own scratch): every step matches torch.nn's."""
+    import threading
+
+    errors = []
+
+    def worker(seed):
+        try:
+            torch.manual_seed(seed)
+            ref, ours = torch_layer((64, 12), torch.float64)
+            gref, gours = torch.nn.GroupNorm(3, 12).double(), normlab.GroupNorm(3, 12).double()
+            for _ in range(30):
+                x = torch.randn(64, 12, dtype=torch.float64, requires_grad=True)
+                for r, o in ((ref, ours), (gref, gours)):
+                    yr, yo = r(x), o(x)
+                    close(yo, yr, 1e-10, "output")
+                    dy = torch.randn_like(yr)
+                    for a, b in zip(grads(o, x, yo, dy), grads(r, x, yr, dy)):
+                        close(a, b, 1e-9, "gradient")
+            close(ours.running_var, ref.running_var, 1e-10, "running_var")
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads_ = [threading.Thread(target=worker, args=(s,)) for s in (1, 2)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    assert not errors, errors

@@ -543,10 +543,14 @@ void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab's native glue: batch norm on small CPU inputs without Python between the calls";
-  m.def("batch_norm", &batch_norm, "batch norm, fused with an activation: (y, status)");
+  // without the GIL while they run, as torch's own operators (the backward runs in autograd's engine without it
+  // anyway): other Python threads go on meanwhile
+  m.def("batch_norm", &batch_norm, "batch norm, fused with an activation: (y, status)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("group_norm", &group_norm,
         "group norm of a contiguous (N, C, *) input, or layer norm over its last layer_k values: (y, mean, invstd, "
-        "status)");
+        "status)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
   m.def("configure", &configure,
         "configure(below_one_thread, below_threads, lanes_from, lanes_max): the sizes this glue takes (with one "
