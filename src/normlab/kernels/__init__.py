@@ -28,7 +28,17 @@ BACKENDS = (None, "portable", "cpu", "native")
 _forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
 if _forced not in BACKENDS:
     raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native")
-_native = _native_build.load() if _cpu is not None and _forced in (None, "native") else None
+
+
+def _load_native(build_missing: bool = False):
+    """The native module, configured with the CPU backend's sizes, or None (see :func:`.native.load`)."""
+    module = _native_build.load(build_missing=build_missing)
+    if module is not None:
+        _native_build.configure(module, _cpu)
+    return module
+
+
+_native = _load_native() if _cpu is not None and _forced in (None, "native") else None
 # the native glue's entries while it is in use (automatic choice or forced "native"), else None: the functional
 # layer's test
 native_batch_norm = native_group_norm = None
@@ -52,11 +62,10 @@ def use_backend(name: str | None):
     if name == "native" and _native is None:
         if _cpu is None:
             raise RuntimeError("the native backend calls the numba loops; install numba")
-        _native = _native_build.load(build_missing=True)
+        _native = _load_native(build_missing=True)
         if _native is None:
             raise RuntimeError("normlab's native glue is not available (see the warning above); "
                                "`normlab build-native --verbose` shows the compiler's output")
-        _native_build.configure(_native, _cpu)
     previous, _forced = _forced, name
     _select_native()
     try:
@@ -92,9 +101,7 @@ def _gn_native(x, weight, bias, groups, eps, layer_k=0):
     return None
 
 
-if _native is not None:
-    _native_build.configure(_native, _cpu)
-    _select_native()
+_select_native()
 
 
 def backend_for(x: Tensor):

@@ -69,6 +69,16 @@ bool loops_ready(at::ScalarType st) {
   return (st == at::kFloat ? loops32.ready : loops64.ready).load(std::memory_order_acquire);
 }
 
+// f(loops) with the loops of x's dtype (float32 or float64)
+template <typename F>
+void with_loops(const Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat) {
+    f(loops32);
+  } else {
+    f(loops64);
+  }
+}
+
 // inputs of this many elements and more stay with the Python glue (its parallel loops), with one torch thread
 // and with more
 int64_t below_one_thread = 0, below_threads = 0;
@@ -132,6 +142,36 @@ bool vector_ok(const Tensor& t, int64_t c, at::ScalarType st) {
 
 Tensor or_filled(const Tensor& t, int64_t c, const at::TensorOptions& opts, double fill) {
   return t.defined() ? t : at::full({c}, fill, opts);
+}
+
+// the output gradient laid out as the input (dtype, strides), copied only where it is not: the loops walk both
+// in the same order (sum().backward() hands over an expanded, stride-0 gradient)
+Tensor laid_out_like(const Tensor& dy, const Tensor& x) {
+  if (dy.scalar_type() == x.scalar_type() && dy.device().is_cpu() && dy.layout() == at::kStrided &&
+      dy.strides().equals(x.strides()) && !dy.is_neg() && !dy.is_conj()) {
+    return dy;
+  }
+  Tensor matched = at::empty_like(x);
+  matched.copy_(dy);
+  return matched;
+}
+
+// The gradients of the recomputed output y with respect to those of (x, weight, bias) that need one, as a
+// differentiable graph (double backward); `inputs` entries in all, the rest undefined.
+variable_list differentiate(const Tensor& y, const Tensor& dy, const Tensor& x, const Tensor& weight,
+                            const Tensor& bias, bool need_dx, bool need_dw, bool need_db, size_t inputs) {
+  variable_list wrt;
+  if (need_dx) wrt.push_back(x);
+  if (need_dw) wrt.push_back(weight);
+  if (need_db) wrt.push_back(bias);
+  const variable_list g = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                                /*allow_unused=*/true);
+  variable_list out(inputs);
+  size_t i = 0;
+  if (need_dx) out[0] = g[i++];
+  if (need_dw) out[1] = g[i++];
+  if (need_db) out[2] = g[i++];
+  return out;
 }
 
 template <typename T>
@@ -208,11 +248,7 @@ void forward_any(Call& call, const Tensor& x, const Tensor& y, const Tensor& w, 
     mean = call.running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
     invstd = (call.running_var + call.eps).rsqrt();
   }
-  if (x.scalar_type() == at::kFloat) {
-    forward_loops(loops32, call, x, y, w, b, mean, invstd);
-  } else {
-    forward_loops(loops64, call, x, y, w, b, mean, invstd);
-  }
+  with_loops(x, [&](const auto& k) { forward_loops(k, call, x, y, w, b, mean, invstd); });
 }
 
 // y = act(z): the activation codes of normlab.kernels.cpu_numba (IDENTITY, RELU, SILU, SIGMOID)
@@ -247,7 +283,7 @@ class BatchNormNative : public torch::autograd::Function<BatchNormNative> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Tensor dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!dy.defined()) return variable_list(4);
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
     const Tensor mean = ctx->saved_data["mean"].toTensor(), invstd = ctx->saved_data["invstd"].toTensor();
@@ -261,20 +297,13 @@ class BatchNormNative : public torch::autograd::Function<BatchNormNative> {
     }
     Geometry g;
     geometry(x, std::numeric_limits<int64_t>::max(), g);
-    if (dy.scalar_type() != x.scalar_type() || !dy.device().is_cpu() || dy.layout() != at::kStrided ||
-        !dy.strides().equals(x.strides()) || dy.is_neg() || dy.is_conj()) {
-      Tensor matched = at::empty_like(x);  // x's layout: the loops walk both in the same order
-      matched.copy_(dy);
-      dy = matched;
-    }
+    dy = laid_out_like(dy, x);
     const auto opts = x.options();
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
     Tensor dw = at::empty({g.c}, opts), db = at::empty({g.c}, opts);
-    if (x.scalar_type() == at::kFloat) {
-      backward_loops(loops32, g, dy, x, weight, bias, mean, invstd, training, act, dx, dw, db);
-    } else {
-      backward_loops(loops64, g, dy, x, weight, bias, mean, invstd, training, act, dx, dw, db);
-    }
+    with_loops(x, [&](const auto& k) {
+      backward_loops(k, g, dy, x, weight, bias, mean, invstd, training, act, dx, dw, db);
+    });
     return {dx, need_dw ? dw : Tensor(), need_db ? db : Tensor(), Tensor()};
   }
 
@@ -297,17 +326,7 @@ class BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       z = (x - mean.to(x.scalar_type()).view(shape)) * invstd.view(shape);
     }
     const Tensor y = activation(z * weight.view(shape) + bias.view(shape), act);
-    variable_list inputs;
-    if (need_dx) inputs.push_back(x);
-    if (need_dw) inputs.push_back(weight);
-    if (need_db) inputs.push_back(bias);
-    const variable_list g = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                                  /*allow_unused=*/true);
-    size_t i = 0;
-    Tensor dx = need_dx ? g[i++] : Tensor();
-    Tensor dw = need_dw ? g[i++] : Tensor();
-    Tensor db = need_db ? g[i++] : Tensor();
-    return {dx, dw, db, Tensor()};
+    return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 4);
   }
 };
 
@@ -389,22 +408,13 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
   }
 }
 
-void group_forward_any(const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& b,
-                       const Tensor& mean, const Tensor& invstd) {
-  if (x.scalar_type() == at::kFloat) {
-    group_forward_loops(loops32, g, x, y, w, b, mean, invstd);
-  } else {
-    group_forward_loops(loops64, g, x, y, w, b, mean, invstd);
-  }
-}
-
 class GroupNormNative : public torch::autograd::Function<GroupNormNative> {
  public:
   // weight and bias defined (ones and zeros stand in for absent ones); mean and invstd filled here
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& mean, const Tensor& invstd, const GroupCall* call) {
     Tensor y = at::empty_like(x);
-    group_forward_any(*call, x, y, weight, bias, mean, invstd);
+    with_loops(x, [&](const auto& k) { group_forward_loops(k, *call, x, y, weight, bias, mean, invstd); });
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, weight, bias});
     ctx->saved_data["mean"] = mean;
@@ -417,8 +427,7 @@ class GroupNormNative : public torch::autograd::Function<GroupNormNative> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Tensor dy = grads[0];
-    const variable_list none{Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    if (!dy.defined()) return none;
+    if (!dy.defined()) return variable_list(6);
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
     const bool need_dx = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1),
@@ -436,34 +445,16 @@ class GroupNormNative : public torch::autograd::Function<GroupNormNative> {
       const Tensor xhat = (centred * (centred.pow(2).mean({2}, /*keepdim=*/true) + g.eps).rsqrt());
       const Tensor y = (xhat.view({g.n, g.c, g.s}) * weight.reshape({1, g.c, 1}) + bias.reshape({1, g.c, 1}))
                            .view(x.sizes());
-      variable_list inputs;
-      if (need_dx) inputs.push_back(x);
-      if (need_dw) inputs.push_back(weight);
-      if (need_db) inputs.push_back(bias);
-      const variable_list r = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                                    /*allow_unused=*/true);
-      size_t i = 0;
-      variable_list out = none;
-      if (need_dx) out[0] = r[i++];
-      if (need_dw) out[1] = r[i++];
-      if (need_db) out[2] = r[i++];
-      return out;
+      return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 6);
     }
-    if (dy.scalar_type() != x.scalar_type() || !dy.is_contiguous() || !dy.device().is_cpu() ||
-        dy.layout() != at::kStrided || dy.is_neg() || dy.is_conj()) {
-      Tensor matched = at::empty_like(x);
-      matched.copy_(dy);
-      dy = matched;
-    }
+    dy = laid_out_like(dy, x);
     const auto opts = x.options();
     const Tensor mean = ctx->saved_data["mean"].toTensor(), invstd = ctx->saved_data["invstd"].toTensor();
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
     Tensor dw = at::empty_like(weight), db = at::empty_like(bias);  // the parameters' shapes (layer norm: any)
-    if (x.scalar_type() == at::kFloat) {
-      group_backward_loops(loops32, g, dy, x, weight, mean, invstd, dx, dw, db, need_dw || need_db);
-    } else {
-      group_backward_loops(loops64, g, dy, x, weight, mean, invstd, dx, dw, db, need_dw || need_db);
-    }
+    with_loops(x, [&](const auto& k) {
+      group_backward_loops(k, g, dy, x, weight, mean, invstd, dx, dw, db, need_dw || need_db);
+    });
     return {dx, need_dw ? dw : Tensor(), need_db ? db : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -507,8 +498,8 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
     return {none, none, none, kUnsupported};
   }
   const auto opts = x.options();
-  const Tensor w_or_ones = w.defined() ? w : at::ones({g.c}, opts);
-  const Tensor b_or_zeros = b.defined() ? b : at::zeros(w_or_ones.sizes(), opts);
+  const Tensor w_or_ones = or_filled(w, g.c, opts, 1.0);
+  const Tensor b_or_zeros = b.defined() ? b : at::zeros_like(w_or_ones);  // the weight's shape (layer norm: any)
   Tensor mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
   const bool grad = torch::autograd::GradMode::is_enabled() &&
                     (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
@@ -517,7 +508,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
     y = GroupNormNative::apply(x, w_or_ones, b_or_zeros, mean, invstd, &g);
   } else {
     y = at::empty_like(x);
-    group_forward_any(g, x, y, w_or_ones, b_or_zeros, mean, invstd);
+    with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_or_ones, b_or_zeros, mean, invstd); });
   }
   return {y, mean, invstd, 0};
 }
