@@ -270,6 +270,43 @@ def test_group_norm_family_gradcheck_and_double_backward(form):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+SPLIT_LAYERS = [  # past native.GROUP_SPLIT_FROM elements: one run of samples (rows) per torch thread
+    ("GroupNorm", (8, 32), {}, (16, 32, 8, 8)),
+    ("InstanceNorm2d", (16,), {"affine": True}, (3, 16, 32, 24)),  # 3 samples over 2 runs: uneven
+    ("LayerNorm", (300,), {}, (128, 300)),
+    ("LayerNorm", (300,), {"elementwise_affine": False}, (2, 64, 300)),
+]
+
+
+@pytest.mark.parametrize("wants", ["all", "params"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,args,kwargs,shape", SPLIT_LAYERS, ids=[n for n, *_ in SPLIT_LAYERS])
+def test_group_norm_family_split_over_threads_matches_torch(name, args, kwargs, shape, dtype, wants):
+    assert torch.Size(shape).numel() >= native.GROUP_SPLIT_FROM  # else this test would not split anything
+    torch.manual_seed(sum(shape))
+    tol = TOL[dtype]
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    inputs = [x.requires_grad_()] if wants == "all" else []
+    inputs += list(ref.parameters())
+    if not inputs:
+        pytest.skip("nothing to differentiate")
+    with threads(2):
+        yr, yo = ref(x), ours(x)
+        assert "GroupNormNative" in yo.grad_fn.name()
+        close(yo, yr, tol["out"], "output")
+        dy = torch.randn_like(yr)
+        got = torch.autograd.grad(yo, ([x] if wants == "all" else []) + list(ours.parameters()), dy)
+        expected = torch.autograd.grad(yr, inputs, dy)
+    for a, b in zip(got, expected):
+        close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "gradient")
+
+
 def test_group_norm_family_leaves_channels_last_to_the_python_glue():
     gn = normlab.GroupNorm(2, 6)
     x = torch.randn(4, 6, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -84,6 +84,8 @@ void with_loops(const Tensor& x, F&& f) {
 int64_t below_one_thread = 0, below_threads = 0;
 // the rows layout as rows of up to lanes_max values (k rows of C as one of k * C) from lanes_from elements
 int64_t lanes_from = std::numeric_limits<int64_t>::max(), lanes_max = 0;
+// group, layer and instance norm inputs of this many elements and more are split over torch's threads
+int64_t parallel_from = std::numeric_limits<int64_t>::max();
 
 constexpr int64_t kUnsupported = -1;  // status: the Python glue takes this call
 constexpr int64_t kNoLoops = -2;      // status: load this dtype's loops (set_loops), then call again
@@ -383,28 +385,75 @@ struct GroupCall {
   bool layer = false;  // G = 1 and S = 1: the layer-norm loops on (M, K)
 };
 
+// Samples are independent: with more than one torch thread, inputs of parallel_from elements and more are split
+// into one run of samples (rows, for layer norm) per thread, each run a call of the single-threaded loops on
+// torch's own thread pool (at::parallel_for). Run t takes samples [t * n / runs, (t + 1) * n / runs).
+int64_t group_runs(const GroupCall& g) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || at::in_parallel_region() || g.n * g.c * g.s < parallel_from) return 1;
+  return std::min(threads, g.n);
+}
+
+template <typename F>
+void over_runs(int64_t n, int64_t runs, const F& f) {
+  if (runs == 1) {
+    f(0, 0, n);
+    return;
+  }
+  at::parallel_for(0, runs, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) f(t, t * n / runs, (t + 1) * n / runs);
+  });
+}
+
 template <typename T>
 void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
                          const Tensor& b, const Tensor& mean, const Tensor& invstd) {
-  if (g.layer) {
-    k.ln_fwd(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<T>(mean), mp<T>(invstd), g.n, g.c, g.eps);
-  } else {
-    k.gn_fwd(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<T>(mean), mp<T>(invstd), g.n, g.c, g.s, g.groups, g.eps);
-  }
+  const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups;
+  const T *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b);
+  T *yp = mp<T>(y), *mp_ = mp<T>(mean), *ip = mp<T>(invstd);
+  over_runs(g.n, group_runs(g), [&](int64_t, int64_t lo, int64_t hi) {
+    if (g.layer) {
+      k.ln_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo, ip + lo, hi - lo, g.c, g.eps);
+    } else {
+      k.gn_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo * stats, ip + lo * stats, hi - lo, g.c, g.s, g.groups,
+               g.eps);
+    }
+  });
 }
 
+// dw and db: one run writes them, several write one row each of a (runs, C) partial, summed here in float64
 template <typename T>
 void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& dy, const Tensor& x, const Tensor& w,
                           const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
-  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(cp<T>(x));  // not written without need_dx
-  if (g.layer) {
-    k.ln_bwd(cp<T>(dy), cp<T>(x), cp<T>(w), cp<T>(mean), cp<T>(invstd), dxp, mp<T>(dw), mp<T>(db), g.n, g.c,
-             need_dx, need_wb);
-  } else {
-    k.gn_bwd(cp<T>(dy), cp<T>(x), cp<T>(w), cp<T>(mean), cp<T>(invstd), dxp, mp<T>(dw), mp<T>(db), g.n, g.c, g.s,
-             g.groups, need_dx);
+  const int64_t runs = group_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups;
+  const Tensor dwp = runs == 1 ? dw : at::empty({runs, g.c}, x.options());
+  const Tensor dbp = runs == 1 ? db : at::empty({runs, g.c}, x.options());
+  const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
+  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
+  T *dwpp = mp<T>(dwp), *dbpp = mp<T>(dbp);
+  over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
+    const int64_t off = lo * per;
+    if (g.layer) {
+      k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwpp + t * g.c, dbpp + t * g.c, hi - lo, g.c,
+               need_dx, need_wb);
+    } else {
+      k.gn_bwd(dyp + off, xp + off, wp, mp_ + lo * stats, ip + lo * stats, dxp + off, dwpp + t * g.c,
+               dbpp + t * g.c, hi - lo, g.c, g.s, g.groups, need_dx);
+    }
+  });
+  if (runs > 1 && (need_wb || !g.layer)) {
+    T *dwo = mp<T>(dw), *dbo = mp<T>(db);
+    for (int64_t c = 0; c < g.c; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t t = 0; t < runs; ++t) {
+        sw += dwpp[t * g.c + c];
+        sb += dbpp[t * g.c + c];
+      }
+      dwo[c] = static_cast<T>(sw);
+      dbo[c] = static_cast<T>(sb);
+    }
   }
 }
 
@@ -523,11 +572,12 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
   }
 }
 
-void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes) {
+void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes, int64_t split_from) {
   below_one_thread = one_thread;
   below_threads = threads;
   lanes_from = lanes_from_numel;
   lanes_max = lanes;
+  parallel_from = split_from;
 }
 
 }  // namespace
@@ -544,8 +594,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
   m.def("configure", &configure,
-        "configure(below_one_thread, below_threads, lanes_from, lanes_max): the sizes this glue takes (with one "
-        "torch thread, with more) and the lanes of the rows layout");
+        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from): the sizes this glue "
+        "takes (with one torch thread, with more), the lanes of the rows layout, and the size from which group "
+        "norm's samples are split over torch's threads");
   m.attr("UNSUPPORTED") = kUnsupported;
   m.attr("NO_LOOPS") = kNoLoops;
 }

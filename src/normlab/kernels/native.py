@@ -38,10 +38,16 @@ def cache_dir() -> Path:
     return Path(base) / "normlab"
 
 
+# -fopenmp: at::parallel_for's OpenMP region is compiled into this module (the libgomp it links is torch's own,
+# already loaded under the same soname, so both share one thread pool)
+CFLAGS = ["-O2", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
 def _tag() -> str:
-    """What the binary depends on: its source, torch, Python and the machine."""
+    """What the binary depends on: its source and flags, torch, Python and the machine."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    h.update(f"{CFLAGS}|{LDFLAGS}|{torch.__version__}|{sys.version}|{platform.machine()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -57,7 +63,7 @@ def build(verbose: bool = False):
     directory = library_path().parent
     directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
-                              extra_cflags=["-O2"], verbose=verbose)
+                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
 
 
 def _import(path: Path):
@@ -94,11 +100,12 @@ def load(build_missing: bool = False):
 # 340 us in parallel against 367 us single-threaded.
 BELOW_ONE_THREAD = 1 << 20
 BELOW_THREADS = 1 << 18
+GROUP_SPLIT_FROM = 1 << 15
 
 
 def configure(module, cpu) -> None:
     """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
-    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES)
+    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM)
 
 
 def set_loops(module, dtype: torch.dtype) -> None:
