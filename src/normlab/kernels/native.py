@@ -62,8 +62,13 @@ def build(verbose: bool = False):
 
     directory = library_path().parent
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
-                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
+    try:
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
+                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
+    except Exception:  # noqa: BLE001 - a compiler without OpenMP (clang without libomp): single-threaded loops
+        plain = [f for f in CFLAGS if f != "-fopenmp"]
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
+                                  extra_cflags=plain, verbose=verbose)
 
 
 def _import(path: Path):
