@@ -488,7 +488,9 @@ def test_threading_layer_keeps_torch_thread_count():
         "torch.set_num_threads(1)\n"
         "import numba, normlab\n"
         "from normlab.kernels import cpu\n"
-        "normlab.BatchNorm2d(8)(torch.randn(64, 8, 64, 64)).sum().backward()\n"  # above the native glue's sizes
+        "from normlab.kernels import native\n"
+        "n = native.BELOW_ONE_THREAD // (8 * 64 * 64) + 1\n"  # past the native glue's sizes: the parallel loops
+        "normlab.BatchNorm2d(8)(torch.randn(n, 8, 64, 64)).sum().backward()\n"
         "try:\n"
         "    import numba.np.ufunc.omppool\n"  # numba's OpenMP layer needs the system's libgomp to load
         "    omp = True\n"

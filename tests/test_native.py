@@ -19,7 +19,8 @@ TOL = {torch.float32: dict(out=1e-5, dx=1e-5, dp=1e-4), torch.float64: dict(out=
 NATIVE = "BatchNormNative"
 
 # (shape, memory format): every layout the glue takes; (2048, 64) and the 16-channel channels_last one are past
-# the lanes threshold (k rows as one row of lanes)
+# the lanes threshold (k rows as one row of lanes); with more than one torch thread those two and the last, NCHW
+# one are past native.BN_SPLIT_FROM (one run of rows or samples per thread)
 LAYOUTS = [
     ((32, 6), torch.contiguous_format),
     ((16, 6, 1), torch.contiguous_format),
@@ -29,6 +30,7 @@ LAYOUTS = [
     ((4, 6, 3, 4, 5), torch.channels_last_3d),
     ((2048, 64), torch.contiguous_format),
     ((32, 16, 16, 16), torch.channels_last),
+    ((15, 8, 24, 25), torch.contiguous_format),
 ]
 
 
@@ -117,6 +119,58 @@ def test_gradcheck_and_double_backward(act, training, shape):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+SPLIT_BN = [((2048, 64), torch.contiguous_format), ((300, 250), torch.contiguous_format),
+            ((15, 8, 24, 25), torch.contiguous_format), ((32, 16, 16, 16), torch.channels_last)]
+ACTS = {"identity": lambda z: z, "relu": torch.relu, "silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,fmt", SPLIT_BN, ids=[f"{s}-{str(f).split('.')[-1]}" for s, f in SPLIT_BN])
+def test_batch_norm_split_over_threads_matches_one_run_and_float64(shape, fmt, training, act):
+    """Past native.BN_SPLIT_FROM at two threads: one run of rows (samples) per thread, the runs' statistics and
+    dweight/dbias merged. float32 against the float64 composition (channels with a mean of 1e4 among them, and a
+    constant one), and against the same call in one run (one thread)."""
+    assert torch.Size(shape).numel() >= native.BN_SPLIT_FROM
+    torch.manual_seed(sum(shape))
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    offset = torch.zeros(c)
+    offset[::3] = 1e4
+    x = (torch.randn(shape) + offset.view(view)).contiguous(memory_format=fmt)
+    x[:, 1] = 2.5  # a constant channel
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = offset + torch.randn(c), torch.rand(c) + 0.5
+    dy = torch.randn(shape)
+
+    def run(dtype, threads_):
+        xs = x.to(dtype).requires_grad_()
+        ws, bs = w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+        rms, rvs = rm.to(dtype), rv.to(dtype)
+        with threads(threads_):
+            y = F.batch_norm(xs, rms, rvs, ws, bs, training, 0.1, 1e-5, act=act)
+            assert NATIVE in y.grad_fn.name()
+            return (y, *torch.autograd.grad(y, (xs, ws, bs), dy.to(dtype)), rms, rvs)
+
+    def composed():  # float64, with torch ops
+        xs = x.double().requires_grad_()
+        ws, bs = w.double().requires_grad_(), b.double().requires_grad_()
+        dims = [0] + list(range(2, len(shape)))
+        if training:
+            var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
+        else:
+            mean, var = rm.double().view(view), rv.double().view(view)
+        y = ACTS[act]((xs - mean) / torch.sqrt(var + 1e-5) * ws.view(view) + bs.view(view))
+        return (y, *torch.autograd.grad(y, (xs, ws, bs), dy.double()))
+
+    split, one = run(torch.float32, 2), run(torch.float32, 1)
+    tols = {"y": 1e-5, "dx": 1e-4, "dw": 1e-4, "db": 1e-4, "running_mean": 1e-6, "running_var": 1e-5}
+    for (name, tol), a, e, o in zip(tols.items(), split, composed() + one[4:], one):
+        scale = max(1.0, e.abs().max().item())
+        close(a, e, tol * scale, f"{name} against float64")
+        close(a, o, tol * scale, f"{name} against one run")
+
+
 @pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])
 def test_gradients_of_some_inputs_only(wants):
     torch.manual_seed(3)
@@ -173,14 +227,13 @@ def test_leaves_other_inputs_to_the_python_glue():
     assert NATIVE not in bn.to(torch.bfloat16)(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)
                                                ).grad_fn.name()
     bn2 = normlab.BatchNorm2d(16)
-    mid = torch.randn(256, 16, 10, 10, requires_grad=True)  # 409,600 elements
-    with threads(1):
-        assert NATIVE in bn2(mid).grad_fn.name()
-    with threads(2):
-        assert NATIVE not in bn2(mid).grad_fn.name()  # the parallel loops are faster here
-    big = torch.randn(native.BELOW_ONE_THREAD // 16 // 4 + 1, 16, 2, 2, requires_grad=True)
-    with threads(1):
-        assert NATIVE not in bn2(big).grad_fn.name()
+    limit = {1: native.BELOW_ONE_THREAD, 2: native.BELOW_THREADS}
+    for n in (1, 2):
+        below = torch.randn(limit[n] // 16 // 4 - 1, 16, 2, 2, requires_grad=True)
+        big = torch.randn(limit[n] // 16 // 4 + 1, 16, 2, 2, requires_grad=True)
+        with threads(n):
+            assert NATIVE in bn2(below).grad_fn.name()
+            assert NATIVE not in bn2(big).grad_fn.name()  # the Python glue's output pool from 32 MiB
 
 
 def test_forced_backends_do_not_use_it():

@@ -399,19 +399,32 @@ def _grad_coefficients(w, b, mean, invstd):
 def _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db):
     """db = sum g, dw = sum g * xhat from the per-run sums of g and g * (x - x0), and dx's coefficients
     (k_g, k_d, k_0; k_d and k_0 are zero in evaluation mode, where the statistics are constants)."""
-    k_g = np.zeros(mu.size, dtype=w.dtype)
-    k_d = np.zeros(mu.size, dtype=w.dtype)
-    k_0 = np.zeros(mu.size, dtype=w.dtype)
+    t1s = np.empty(mu.size)
+    t2s = np.empty(mu.size)
     for c in range(mu.size):
         t1 = 0.0
         t2 = 0.0
         for k in range(sg.shape[0]):
             t1 += sg[k, c]
             t2 += sgd[k, c]
+        t1s[c] = t1
+        t2s[c] = np.float64(invstd[c]) * (t2 - mu[c] * t1)
+        db[c] = t1s[c]
+        dw[c] = t2s[c]
+    return _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt)
+
+
+@njit(**_OPTS)
+def _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt):
+    """dx = g * k_g + (x - x0) * k_d + k_0 per channel, from the batch's dbias (t1s) and dweight (t2s) in
+    float64 and its ``cnt`` values per channel."""
+    k_g = np.zeros(mu.size, dtype=w.dtype)
+    k_d = np.zeros(mu.size, dtype=w.dtype)
+    k_0 = np.zeros(mu.size, dtype=w.dtype)
+    for c in range(mu.size):
+        t1 = t1s[c]
+        t2 = t2s[c]
         inv = np.float64(invstd[c])
-        t2 = inv * (t2 - mu[c] * t1)
-        db[c] = t1
-        dw[c] = t2
         scale = np.float64(like(invstd[c] * w[c], w[0]))
         k_g[c] = scale
         if training:  # dx = g * scale - xhat * scale * t2 / cnt - scale * t1 / cnt, xhat = ((x - x0) - mu) * inv
@@ -844,6 +857,26 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
         _row_dx(act, dy, x, x0_l, a_z_l, b_z_l, t * step, min(t * step + step, m_rows), k_g_l, k_d_l, k_0_l, dx)
 
 
+@njit(**_OPTS)
+def bn_dx_rows(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
+    """The training backward's dx alone on (M / k, k * C) rows, from the whole batch's dweight and dbias (float64,
+    over ``cnt`` values per channel): the native glue splits a batch into runs of rows over threads, sums their
+    dweight/dbias, then calls this on each run."""
+    width = x.shape[1]
+    x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
+    k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
+    _row_dx(act, dy, x, _tile(x0, width), _tile(a_z, width), _tile(b_z, width), 0, x.shape[0], _tile(k_g, width),
+            _tile(k_d, width), _tile(k_0, width), dx)
+
+
+@njit(**_OPTS)
+def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
+    """:func:`bn_dx_rows` for (N, C, S)."""
+    x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
+    k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
+    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], x0, a_z, b_z, k_g, k_d, k_0, dx)
+
+
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
@@ -1137,7 +1170,7 @@ _FWD_ROWS, _FWD_NCS, _EVAL_NCS = bn_fwd_rows.serial, bn_fwd_ncs.serial, bn_eval_
 _BWD_ROWS, _BWD_NCS = bn_bwd_rows.serial, bn_bwd_ncs.serial
 _GN_FWD, _GN_BWD, _LN_FWD, _LN_BWD = gn_fwd.serial, gn_bwd.serial, ln_fwd.serial, ln_bwd.serial
 C_ENTRY_ORDER = ("fwd_rows", "eval_rows", "fwd_ncs", "eval_ncs", "bwd_rows", "bwd_ncs", "running",
-                 "gn_fwd", "gn_bwd", "ln_fwd", "ln_bwd")
+                 "gn_fwd", "gn_bwd", "ln_fwd", "ln_bwd", "dx_rows", "dx_ncs")
 
 
 @njit(inline="always")
@@ -1158,8 +1191,8 @@ def c_entry_points(dtype) -> tuple[int, ...]:
     t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
     p, m64, i64, f64 = types.CPointer(t), types.CPointer(types.float64), types.int64, types.float64
 
-    def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act):
-        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, MODE_TRAIN,
+    def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act, mode):
+        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
                   carray(mp, (c,)), carray(ip, (c,)), 1)
         return 0
 
@@ -1168,9 +1201,9 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                   carray(mp, (c,)), carray(vp, (c,)), 1)
         return 0
 
-    def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act):
-        _FWD_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                 MODE_TRAIN, carray(mp, (c,)), carray(ip, (c,)), 1)
+    def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act, mode):
+        _FWD_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
+                 carray(mp, (c,)), carray(ip, (c,)), 1)
         return 0
 
     def eval_ncs(xp, yp, wp, bp, mp, vp, n, c, s, eps, act):
@@ -1223,10 +1256,22 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                 _ln_serial_chunks(m))
         return 0
 
+    def dx_rows(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, m, width, c, act, cnt):
+        bn_dx_rows(carray(dyp, (m, width)), carray(xp, (m, width)), carray(wp, (c,)), carray(bp, (c,)),
+                   carray(mp, (c,)), carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt,
+                   carray(dxp, (m, width)))
+        return 0
+
+    def dx_ncs(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, n, c, s, act, cnt):
+        shape = (n, c, s)
+        bn_dx_ncs(carray(dyp, shape), carray(xp, shape), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
+                  carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt, carray(dxp, shape))
+        return 0
+
     sigs = {
-        "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64),
+        "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
         "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
-        "fwd_ncs": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64),
+        "fwd_ncs": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
         "eval_ncs": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
         "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
@@ -1235,8 +1280,10 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
         "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64),
         "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64),
+        "dx_rows": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64),
+        "dx_ncs": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64),
     }
     fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
            "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running, "gn_fwd": gn_fwd_c, "gn_bwd": gn_bwd_c,
-           "ln_fwd": ln_fwd_c, "ln_bwd": ln_bwd_c}
+           "ln_fwd": ln_fwd_c, "ln_bwd": ln_bwd_c, "dx_rows": dx_rows, "dx_ncs": dx_ncs}
     return tuple(cfunc(sigs[name], cache=True, error_model="numpy")(fns[name]).address for name in C_ENTRY_ORDER)

@@ -9,7 +9,12 @@
 // "unsupported" and the Python glue handles it, so this file can stay small.
 #include <torch/extension.h>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -23,11 +28,12 @@ using torch::autograd::variable_list;
 // the numba loops' C signatures (normlab.kernels.cpu_numba.C_ENTRY_ORDER); the mean is always float64
 template <typename T>
 struct Loops {
-  int64_t (*fwd_rows)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double,
+  // fwd_*: the last argument is the mode (kModeTrain: statistics and y; kModeStats: mean and biased variance)
+  int64_t (*fwd_rows)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
                       int64_t) = nullptr;
   int64_t (*eval_rows)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
                        int64_t) = nullptr;
-  int64_t (*fwd_ncs)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double,
+  int64_t (*fwd_ncs)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
                      int64_t) = nullptr;
   int64_t (*eval_ncs)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
                       int64_t) = nullptr;
@@ -43,10 +49,15 @@ struct Loops {
   int64_t (*ln_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, double) = nullptr;
   int64_t (*ln_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t,
                     int64_t) = nullptr;
+  // batch norm's training dx alone, from the whole batch's dweight and dbias (float64) over cnt values a channel
+  int64_t (*dx_rows)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
+                     T*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+  int64_t (*dx_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
+                    T*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   std::atomic<bool> ready{false};  // set after the pointers: a thread that sees it sees them
 
   void set(const std::vector<int64_t>& a) {
-    TORCH_CHECK(a.size() == 11, "normlab native: expected 11 loop addresses, got ", a.size());
+    TORCH_CHECK(a.size() == 13, "normlab native: expected 13 loop addresses, got ", a.size());
     fwd_rows = reinterpret_cast<decltype(fwd_rows)>(a[0]);
     eval_rows = reinterpret_cast<decltype(eval_rows)>(a[1]);
     fwd_ncs = reinterpret_cast<decltype(fwd_ncs)>(a[2]);
@@ -58,6 +69,8 @@ struct Loops {
     gn_bwd = reinterpret_cast<decltype(gn_bwd)>(a[8]);
     ln_fwd = reinterpret_cast<decltype(ln_fwd)>(a[9]);
     ln_bwd = reinterpret_cast<decltype(ln_bwd)>(a[10]);
+    dx_rows = reinterpret_cast<decltype(dx_rows)>(a[11]);
+    dx_ncs = reinterpret_cast<decltype(dx_ncs)>(a[12]);
     ready.store(true, std::memory_order_release);
   }
 };
@@ -84,11 +97,41 @@ void with_loops(const Tensor& x, F&& f) {
 int64_t below_one_thread = 0, below_threads = 0;
 // the rows layout as rows of up to lanes_max values (k rows of C as one of k * C) from lanes_from elements
 int64_t lanes_from = std::numeric_limits<int64_t>::max(), lanes_max = 0;
-// group, layer and instance norm inputs of this many elements and more are split over torch's threads
-int64_t parallel_from = std::numeric_limits<int64_t>::max();
+// inputs of this many elements and more are split over torch's threads: group, layer and instance norm; batch norm
+int64_t parallel_from = std::numeric_limits<int64_t>::max(), bn_parallel_from = std::numeric_limits<int64_t>::max();
 
 constexpr int64_t kUnsupported = -1;  // status: the Python glue takes this call
 constexpr int64_t kNoLoops = -2;      // status: load this dtype's loops (set_loops), then call again
+constexpr int64_t kModeTrain = 0, kModeStats = 1;  // normlab.kernels.cpu_numba.MODE_TRAIN, MODE_STATS
+
+// How many runs to split n rows (numel elements) into: one per torch thread from `from` elements, else one. Each
+// run is a call of the single-threaded loops on torch's own thread pool (at::parallel_for, over_runs).
+// A child forked after this process ran a parallel region stays on one thread: GNU OpenMP's pool does not survive
+// fork(), and a parallel region in such a child hangs (as torch's own operators there).
+std::atomic<bool> ran_parallel{false}, forked_after_parallel{false};
+
+void after_fork_in_child() {
+  if (ran_parallel.load()) forked_after_parallel.store(true);
+}
+
+int64_t runs_for(int64_t n, int64_t numel, int64_t from) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || numel < from || at::in_parallel_region() || forked_after_parallel.load()) return 1;
+  return std::min(threads, n);
+}
+
+// f(t, lo, hi) for every run t of `runs`, run t taking rows [t * n / runs, (t + 1) * n / runs)
+template <typename F>
+void over_runs(int64_t n, int64_t runs, const F& f) {
+  if (runs == 1) {
+    f(0, 0, n);
+    return;
+  }
+  ran_parallel.store(true, std::memory_order_relaxed);
+  at::parallel_for(0, runs, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) f(t, t * n / runs, (t + 1) * n / runs);
+  });
+}
 
 // which memory layout the loops see: rows (M, C), C innermost; or ncs (N, C, S), S innermost
 struct Geometry {
@@ -196,47 +239,156 @@ struct Call {
   int64_t nonfinite = 0;  // training: channels whose running statistics kept their values
 };
 
+// A batch split into runs (runs_for): the rows layout by rows of its lanes view, ncs by samples.
+int64_t row_size(const Geometry& g) { return g.rows ? g.width : g.c * g.s; }  // elements of one of the g.n rows
+
+int64_t bn_runs(const Geometry& g) { return runs_for(g.n, g.n * row_size(g), bn_parallel_from); }
+
+// One run's training pass (mode kModeTrain: statistics and y; kModeStats: mean and biased variance only) on rows
+// [lo, hi): the loops see the run as a batch of its own.
+template <typename T>
+void forward_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, double* mean,
+                 T* second, int64_t lo, int64_t hi, double eps, int64_t act, int64_t mode) {
+  const int64_t off = lo * row_size(g);
+  if (g.rows) {
+    k.fwd_rows(x + off, y + off, w, b, mean, second, hi - lo, g.width, g.c, eps, act, mode);
+  } else {
+    k.fwd_ncs(x + off, y + off, w, b, mean, second, hi - lo, g.c, g.s, eps, act, mode);
+  }
+}
+
+// One run's evaluation pass: y = act((x - mean) * w / sqrt(var + eps) + b) on rows [lo, hi)
+template <typename T>
+void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, const T* mean,
+              const T* var, int64_t lo, int64_t hi, double eps, int64_t act) {
+  const int64_t off = lo * row_size(g);
+  if (g.rows) {
+    k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act);
+  } else {
+    k.eval_ncs(x + off, y + off, w, b, mean, var, hi - lo, g.c, g.s, eps, act);
+  }
+}
+
+// The training forward split into runs: each run's mean and biased variance (kModeStats), merged here in float64
+// (Chan et al.: the runs' second moments about the batch mean), then each run normalized by the evaluation loop
+// with the batch's statistics. Its reference point is the mean rounded to T and the rounding's remainder goes
+// into the bias, as in the single-run loops, so a channel with a large mean keeps its precision.
+template <typename T>
+void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x, T* y, const T* w, const T* b,
+                   double* mean, T* invstd) {
+  const Geometry& g = call.g;
+  const int64_t c = g.c, per_channel = g.rows ? g.width / g.c : g.s;
+  std::vector<double> means(runs * c);
+  std::vector<T> vars(runs * c), ref(c), var_t(c), bias(c);
+  over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
+    forward_run(k, g, x, y, w, b, &means[t * c], &vars[t * c], lo, hi, call.eps, call.act, kModeStats);
+  });
+  std::vector<double> counts(runs);
+  for (int64_t t = 0; t < runs; ++t) {
+    counts[t] = static_cast<double>(((t + 1) * g.n / runs - t * g.n / runs) * per_channel);
+  }
+  const double total = static_cast<double>(g.n * per_channel);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double m = 0, m2 = 0;
+    for (int64_t t = 0; t < runs; ++t) m += counts[t] * means[t * c + ch];
+    m /= total;
+    for (int64_t t = 0; t < runs; ++t) {
+      const double d = means[t * c + ch] - m;
+      m2 += counts[t] * (static_cast<double>(vars[t * c + ch]) + d * d);
+    }
+    mean[ch] = m;
+    var_t[ch] = static_cast<T>(m2 / total);
+    // as the loops' _invstd: var + eps rounded to T, the root in float64
+    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<T>(var_t[ch] + static_cast<T>(call.eps))));
+    invstd[ch] = static_cast<T>(inv);
+    ref[ch] = static_cast<T>(m);
+    const double a = static_cast<double>(static_cast<T>(inv * static_cast<double>(w[ch])));
+    bias[ch] = static_cast<T>(static_cast<double>(b[ch]) - (m - static_cast<double>(ref[ch])) * a);
+  }
+  over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
+    eval_run(k, g, x, y, w, bias.data(), ref.data(), var_t.data(), lo, hi, call.eps, call.act);
+  });
+}
+
 // Forward: y (allocated here), and in training the batch's mean (float64) and invstd into the given tensors;
 // the running statistics are updated when the call has them.
 template <typename T>
 void forward_loops(const Loops<T>& k, Call& call, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& b,
                    const Tensor& mean, const Tensor& invstd) {
   const Geometry& g = call.g;
+  const int64_t runs = bn_runs(g);
   if (call.training) {
-    if (g.rows) {
-      k.fwd_rows(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd), g.n, g.width, g.c,
-                 call.eps, call.act);
+    if (runs > 1) {
+      forward_split(k, call, runs, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd));
     } else {
-      k.fwd_ncs(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd), g.n, g.c, g.s, call.eps,
-                call.act);
+      forward_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd), 0, g.n, call.eps,
+                  call.act, kModeTrain);
     }
     if (call.running_mean.defined()) {
       const int64_t count = x.numel() / g.c;
       call.nonfinite = k.running(mp<T>(call.running_mean), mp<T>(call.running_var), cp<double>(mean), cp<T>(invstd),
                                  g.c, call.eps, count, call.momentum);
     }
-  } else if (g.rows) {
-    k.eval_rows(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), cp<T>(call.running_mean), cp<T>(call.running_var), g.n,
-                g.width, g.c, call.eps, call.act);
   } else {
-    k.eval_ncs(cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), cp<T>(call.running_mean), cp<T>(call.running_var), g.n, g.c,
-               g.s, call.eps, call.act);
+    over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
+      eval_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), cp<T>(call.running_mean), cp<T>(call.running_var), lo,
+               hi, call.eps, call.act);
+    });
   }
 }
 
+// Backward. Split into runs, each run's dweight/dbias are partial sums, added here in float64; in training dx
+// needs the whole batch's sums, so a second pass over the runs computes it (dx_rows/dx_ncs), while in evaluation
+// dx comes with the first pass.
 template <typename T>
 void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, const Tensor& x, const Tensor& w,
                     const Tensor& b, const Tensor& mean, const Tensor& invstd, bool training, int64_t act,
                     const Tensor& dx, const Tensor& dw, const Tensor& db) {
   const bool need_dx = dx.defined();
-  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(cp<T>(x));  // not written without need_dx
-  if (g.rows) {
-    k.bwd_rows(cp<T>(dy), cp<T>(x), cp<T>(w), cp<T>(b), cp<double>(mean), cp<T>(invstd), dxp, mp<T>(dw), mp<T>(db),
-               g.n, g.width, g.c, act, training, need_dx);
-  } else {
-    k.bwd_ncs(cp<T>(dy), cp<T>(x), cp<T>(w), cp<T>(b), cp<double>(mean), cp<T>(invstd), dxp, mp<T>(dw), mp<T>(db),
-              g.n, g.c, g.s, act, training, need_dx);
+  const int64_t runs = bn_runs(g), c = g.c, per = row_size(g);
+  const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b), *ip = cp<T>(invstd);
+  const double* mp_ = cp<double>(mean);
+  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
+  std::vector<T> partial(runs > 1 ? 2 * runs * c : 0);
+  const bool dx_with_sums = need_dx && (runs == 1 || !training);
+  over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
+    T* dwt = runs == 1 ? mp<T>(dw) : &partial[2 * t * c];
+    T* dbt = runs == 1 ? mp<T>(db) : &partial[(2 * t + 1) * c];
+    const int64_t off = lo * per;
+    if (g.rows) {
+      k.bwd_rows(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, g.width, c, act, training,
+                 dx_with_sums);
+    } else {
+      k.bwd_ncs(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, c, g.s, act, training,
+                dx_with_sums);
+    }
+  });
+  if (runs == 1) return;
+  std::vector<double> dw64(c), db64(c);
+  T *dwo = mp<T>(dw), *dbo = mp<T>(db);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sw = 0, sb = 0;
+    for (int64_t t = 0; t < runs; ++t) {
+      sw += partial[2 * t * c + ch];
+      sb += partial[(2 * t + 1) * c + ch];
+    }
+    dw64[ch] = sw;
+    db64[ch] = sb;
+    dwo[ch] = static_cast<T>(sw);
+    dbo[ch] = static_cast<T>(sb);
   }
+  if (!need_dx || dx_with_sums) return;
+  const int64_t count = x.numel() / c;
+  over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
+    const int64_t off = lo * per;
+    if (g.rows) {
+      k.dx_rows(dyp + off, xp + off, wp, bp, mp_, ip, dw64.data(), db64.data(), dxp + off, hi - lo, g.width, c, act,
+                count);
+    } else {
+      k.dx_ncs(dyp + off, xp + off, wp, bp, mp_, ip, dw64.data(), db64.data(), dxp + off, hi - lo, c, g.s, act,
+               count);
+    }
+  });
 }
 
 // The forward's statistics: the batch's in training; in evaluation the running ones, as the backward takes them.
@@ -386,24 +538,8 @@ struct GroupCall {
 };
 
 // Samples are independent: with more than one torch thread, inputs of parallel_from elements and more are split
-// into one run of samples (rows, for layer norm) per thread, each run a call of the single-threaded loops on
-// torch's own thread pool (at::parallel_for). Run t takes samples [t * n / runs, (t + 1) * n / runs).
-int64_t group_runs(const GroupCall& g) {
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || at::in_parallel_region() || g.n * g.c * g.s < parallel_from) return 1;
-  return std::min(threads, g.n);
-}
-
-template <typename F>
-void over_runs(int64_t n, int64_t runs, const F& f) {
-  if (runs == 1) {
-    f(0, 0, n);
-    return;
-  }
-  at::parallel_for(0, runs, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) f(t, t * n / runs, (t + 1) * n / runs);
-  });
-}
+// into one run of samples (rows, for layer norm) per thread (see runs_for).
+int64_t group_runs(const GroupCall& g) { return runs_for(g.n, g.n * g.c * g.s, parallel_from); }
 
 template <typename T>
 void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
@@ -572,17 +708,22 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
   }
 }
 
-void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes, int64_t split_from) {
+void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes, int64_t split_from,
+               int64_t bn_split_from) {
   below_one_thread = one_thread;
   below_threads = threads;
   lanes_from = lanes_from_numel;
   lanes_max = lanes;
   parallel_from = split_from;
+  bn_parallel_from = bn_split_from;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifndef _WIN32
+  pthread_atfork(nullptr, nullptr, &after_fork_in_child);
+#endif
   m.doc() = "normlab's native glue: batch norm on small CPU inputs without Python between the calls";
   // without the GIL while they run, as torch's own operators (the backward runs in autograd's engine without it
   // anyway): other Python threads go on meanwhile
@@ -594,9 +735,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
   m.def("configure", &configure,
-        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from): the sizes this glue "
-        "takes (with one torch thread, with more), the lanes of the rows layout, and the size from which group "
-        "norm's samples are split over torch's threads");
+        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from, bn_parallel_from): the "
+        "sizes this glue takes (with one torch thread, with more), the lanes of the rows layout, and the sizes from "
+        "which group norm's and batch norm's inputs are split over torch's threads");
   m.attr("UNSUPPORTED") = kUnsupported;
   m.attr("NO_LOOPS") = kNoLoops;
 }

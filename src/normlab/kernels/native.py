@@ -99,18 +99,24 @@ def load(build_missing: bool = False):
         return None
 
 
-# Inputs below these sizes (elements) take the native glue and its single-threaded loops; larger ones the Python
-# glue, whose loops run on torch's threads. Measured per layer, (256, 512) forward+backward: 1 thread 199 -> 142 us
-# (torch 198-201), 2 threads 184 -> 177 us (torch 147); (256, 16, 10, 10): 1 thread 528 -> 376 us, 2 threads
-# 340 us in parallel against 367 us single-threaded.
-BELOW_ONE_THREAD = 1 << 20
-BELOW_THREADS = 1 << 18
+# Inputs below these sizes (elements) take the native glue; larger ones the Python glue (its output pool serves
+# outputs of 32 MiB and more without page faults). With more than one torch thread, the native glue splits batch
+# norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM, into one
+# run of rows or samples per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread.
+# Measured with `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn:
+# 2 threads, (256, 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread,
+# (256, 6, 28, 28) 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs
+# measured no better than with the Python glue. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
+# (16K elements) measured slower than on one thread.
+BELOW_ONE_THREAD = BELOW_THREADS = 1 << 22
 GROUP_SPLIT_FROM = 1 << 15
+BN_SPLIT_FROM = 1 << 16
 
 
 def configure(module, cpu) -> None:
     """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
-    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM)
+    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
+                     BN_SPLIT_FROM)
 
 
 def set_loops(module, dtype: torch.dtype) -> None:
