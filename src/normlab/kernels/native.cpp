@@ -104,8 +104,6 @@ constexpr int64_t kUnsupported = -1;  // status: the Python glue takes this call
 constexpr int64_t kNoLoops = -2;      // status: load this dtype's loops (set_loops), then call again
 constexpr int64_t kModeTrain = 0, kModeStats = 1;  // normlab.kernels.cpu_numba.MODE_TRAIN, MODE_STATS
 
-// How many runs to split n rows (numel elements) into: one per torch thread from `from` elements, else one. Each
-// run is a call of the single-threaded loops on torch's own thread pool (at::parallel_for, over_runs).
 // A child forked after this process ran a parallel region stays on one thread: GNU OpenMP's pool does not survive
 // fork(), and a parallel region in such a child hangs (as torch's own operators there).
 std::atomic<bool> ran_parallel{false}, forked_after_parallel{false};
@@ -114,6 +112,8 @@ void after_fork_in_child() {
   if (ran_parallel.load()) forked_after_parallel.store(true);
 }
 
+// How many runs to split n rows (numel elements) into: one per torch thread from `from` elements, else one. Each
+// run is a call of the single-threaded loops on torch's own thread pool (at::parallel_for, over_runs).
 int64_t runs_for(int64_t n, int64_t numel, int64_t from) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || numel < from || at::in_parallel_region() || forked_after_parallel.load()) return 1;
