@@ -269,6 +269,43 @@ def test_parallel_path_large_input(fmt):
         _close(g, r, 1e-4, rel=True)
 
 
+# (shape, memory format or dtype, the loops' row length) of outputs of STREAM_FROM bytes and more: written with
+# streaming stores where a row covers whole cache lines; (16, 8, 129, 257), rows of 129 * 257 floats, with plain ones
+STREAMED = [((8, 16, 256, 128), None, 256 * 128), ((4096, 1024), None, 1024),
+            ((64, 64, 32, 32), torch.channels_last, 512), ((2, 16, 64, 1024), torch.float64, 64 * 1024),
+            ((16, 8, 129, 257), None, 129 * 257)]
+
+
+@pytest.mark.parametrize("shape,fmt,row", STREAMED, ids=lambda v: str(v))
+def test_streamed_outputs_match_float64(shape, fmt, row):
+    """The loops that write y and dx of large outputs with non-temporal stores compute what the plain ones do:
+    training forward, eval forward and backward against float64, with and without a fused activation."""
+    dtype = fmt if isinstance(fmt, torch.dtype) else torch.float32
+    fmt = None if isinstance(fmt, torch.dtype) else fmt
+    gen = torch.Generator().manual_seed(3)
+    x = _make(shape, fmt, dtype, gen=gen)
+    assert x.numel() * x.element_size() >= cpu._k.STREAM_FROM
+    out = torch.empty(x.numel(), dtype=dtype).numpy().reshape(-1, row)  # torch's allocator: 64-byte aligned
+    assert cpu._k._streams(out, row) == (cpu._k._CAN_STREAM and row * x.element_size() % 64 == 0)
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen, dtype=dtype) + 0.5, torch.randn(c, generator=gen, dtype=dtype)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    dy = _make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
+    for act in ("identity", "relu"):
+        y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
+        y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
+        _close(y, y64, tol)
+        rm, rv = torch.randn(c, generator=gen, dtype=dtype), torch.rand(c, generator=gen, dtype=dtype) + 0.5
+        _close(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5, act),
+               portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol)
+        for training in (True, False):
+            got = cpu.bn_backward(dy, x, w, b, mean, invstd, act, training)
+            ref = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
+            for g, r in zip(got, ref):
+                _close(g, r, tol, rel=True)
+
+
 # ------------------------------------------------------------------------------------------------------
 # layer norm: the dedicated row kernel (group norm with G = 1 on (M, K, 1))
 # ------------------------------------------------------------------------------------------------------
