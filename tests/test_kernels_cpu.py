@@ -306,6 +306,26 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
                 _close(g, r, tol, rel=True)
 
 
+@pytest.mark.parametrize("groups,shape", [(4, (16, 32, 64, 128)), (32, (16, 32, 64, 128)), (1, (4096, 1024, 1)),
+                                          (4, (16, 32, 129, 65))], ids=["group", "instance", "layer", "unaligned"])
+def test_streamed_group_norm_outputs_match_float64(groups, shape):
+    """Group, instance and layer norm write large y and dx with streaming stores where their rows (a channel's S
+    values, a layer-norm row) cover whole cache lines: against float64."""
+    gen = torch.Generator().manual_seed(4)
+    x = _make(shape, None, torch.float32, gen=gen).reshape(shape[0], shape[1], -1)  # (N, C, S)
+    assert x.numel() * 4 >= cpu._k.STREAM_FROM
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    y, mean, invstd = cpu.gn_forward(x, w, b, groups, 1e-5)
+    y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), groups, 1e-5)
+    _close(y, y64, 1e-4)
+    got = cpu.gn_backward(dy, x, w, mean, invstd, groups)
+    ref = portable.gn_backward(dy.double(), x.double(), w.double(), mean64, invstd64, groups)
+    for g, r in zip(got, ref):
+        _close(g, r, 1e-4, rel=True)
+
+
 # ------------------------------------------------------------------------------------------------------
 # layer norm: the dedicated row kernel (group norm with G = 1 on (M, K, 1))
 # ------------------------------------------------------------------------------------------------------
