@@ -292,7 +292,7 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
     x64, w64, b64 = x.double(), w.double(), b.double()
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     dy = _make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
-    for act in ("identity", "relu"):
+    for act in ("identity", "relu", "sigmoid"):
         y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
         y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
         _close(y, y64, tol)
