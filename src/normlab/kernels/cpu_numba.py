@@ -1346,8 +1346,8 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         return 0
 
     def eval_rows(xp, yp, wp, bp, mp, vp, m, width, c, eps, act):
-        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, MODE_EVAL,
-                  carray(mp, (c,)), carray(vp, (c,)), 1)
+        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
+                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1)
         return 0
 
     def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act, mode):

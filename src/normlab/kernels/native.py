@@ -1,17 +1,18 @@
-"""The native glue (``native.cpp``): batch, group, layer and instance norm on small CPU inputs with no Python
-between the checks, the allocations, the numba loops and the autograd node.
+"""The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs below 4M elements with no
+Python between the checks, the allocations, the numba loops and the autograd node; from a few ten thousand
+elements it splits the work over torch's threads itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`).
 
 Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but the Python glue of
 :mod:`normlab.kernels.cpu` around them (tensor -> numpy views, allocations, checks, a Python autograd node) took
 ~25 us more per step, so torch's C++ layer won on small inputs. The native glue calls the same loops (their C entry
 points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
 
-It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it):
-it needs a C++ compiler and ninja, and takes ~25 s, then ~35 s per dtype to compile the loops' entry points once
-(numba caches them). The library is kept in :func:`cache_dir` under a tag of its source, torch, Python and the machine, so
-an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it is not
-built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python glue
-does the same work with the same loops.
+It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it): it
+needs a C++ compiler and ninja, and takes ~25 s, then ~35 s per dtype to compile the loops' entry points once (numba
+caches them). The library is kept in :func:`cache_dir` under a tag of its source and flags, torch, Python and the
+machine, so an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it
+is not built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python
+glue does the same work with the same loops.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ def set_loops(module, dtype: torch.dtype) -> None:
     module.set_loops(str(dtype).removeprefix("torch."), list(cpu_numba.c_entry_points(np_dtype)))
 
 
-__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "cache_dir", "library_path", "build", "load",
-           "configure", "set_loops"]
+__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "GROUP_SPLIT_FROM", "BN_SPLIT_FROM", "cache_dir",
+           "library_path", "build", "load", "configure", "set_loops"]
 
 
 def register(subparsers) -> None:
