@@ -448,7 +448,7 @@ def _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt):
 # loops that write y and dx, row by row, when every row starts on a 64-byte boundary and covers whole lines
 # (a non-temporal store to part of a line costs a read-modify-write in memory: rows of 196 floats ran 3x slower).
 # ------------------------------------------------------------------------------------------------------
-STREAM_FROM = 16 << 20  # bytes of output
+STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much larger L3 would want more)
 # The per-sample norms' forward reads a (sample, group) block or a row for its statistics, then writes its output:
 # streaming that output measured slower where the block is small (3 KB: 2.8 -> 4.6 ms for 256x64x28x28 instance
 # norm; 12 KB: 1.3 -> 1.6 ms; a 4 KB layer-norm row 0.9 -> 1.4 ms), faster from 24 KB (4.2 -> 3.8 ms; 49 KB
