@@ -261,6 +261,17 @@ def test_build_command_checks_against_torch(capsys):
     assert "ok" in capsys.readouterr().out
 
 
+def family_layers(name, args, kwargs, dtype):
+    """torch.nn's layer ``name`` with random parameters, and normlab's with its state_dict."""
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
 GROUP_LAYERS = [  # (class name, args, kwargs, input shape)
     ("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
     ("GroupNorm", (2, 6), {"affine": False}, (4, 6, 5)),
@@ -280,12 +291,7 @@ GROUP_LAYERS = [  # (class name, args, kwargs, input shape)
 def test_group_norm_family_takes_small_inputs_and_matches_torch(name, args, kwargs, shape, dtype):
     torch.manual_seed(len(shape) + sum(shape))
     tol = TOL[dtype]
-    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p))
-    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = family_layers(name, args, kwargs, dtype)
     for step in range(2):
         x = (torch.randn(shape, dtype=dtype) * 2 + 3 * step).requires_grad_()
         yr, yo = ref(x), ours(x)
@@ -343,12 +349,7 @@ def test_group_norm_family_split_over_threads_matches_torch(name, args, kwargs, 
     assert torch.Size(shape).numel() >= native.GROUP_SPLIT_FROM  # else this test would not split anything
     torch.manual_seed(sum(shape))
     tol = TOL[dtype]
-    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p))
-    ours = getattr(normlab, name)(*args, **kwargs).to(dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = family_layers(name, args, kwargs, dtype)
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     inputs = [x.requires_grad_()] if wants == "all" else []
     inputs += list(ref.parameters())

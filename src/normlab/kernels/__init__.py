@@ -2,9 +2,9 @@
 
 ``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
-portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 4M elements first try the native glue
-(:mod:`.native`: the same numba loops, called from C++), where it is built. ``NORMLAB_BACKEND=portable|cpu|native`` (or
-:func:`use_backend`) forces a backend, for tests and benchmarks.
+portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 4M elements first try the
+native glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
+``NORMLAB_BACKEND=portable|cpu|native`` (or :func:`use_backend`) forces a backend, for tests and benchmarks.
 """
 from __future__ import annotations
 

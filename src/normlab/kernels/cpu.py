@@ -518,7 +518,7 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     if groups == 1 and s == 1:
         return _ln_forward(x, weight, bias, eps)
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    threads = _sync_threads(x.numel(), tasks=min(n * groups, _k._GN_RUNS))
+    threads = _sync_threads(x.numel(), tasks=n * groups)
     y, ya = _empty_like(x, "ncs")
     mean, ma = _empty((n, groups), acc)
     invstd, ia = _empty((n, groups), acc)
@@ -537,7 +537,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     if groups == 1 and s == 1:
         return _ln_backward(dy, x, weight, mean, invstd, needs)
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    threads = _sync_threads(x.numel(), tasks=min(n * groups, _k._GN_RUNS))
+    threads = _sync_threads(x.numel(), tasks=n * groups)
     need_dx = bool(needs[0])
     xa = _view(x, "ncs")
     if need_dx:

@@ -988,9 +988,6 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
-_GN_RUNS = 256  # parallel iterations of group norm's loops (dynamic scheduling hands them out)
-
-
 @_kernel
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
@@ -999,69 +996,65 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     x2 = x.reshape(nb, nc * ns)  # for S == 1 (layer norm): unit stride the compiler can see
     y2 = y.reshape(nb, nc * ns)
     stream = _streams(y, ns) and cnt * y.itemsize >= _STREAM_TASK_FROM
-    tasks = nb * groups
-    runs = min(tasks, _GN_RUNS)  # runs of (sample, group) tasks: one fence per run (a fence per task, 3 KB, cost
-    # as much as the task: 256x64x28x28 instance norm 2.8 -> 4.6 ms)
-    for k in prange(runs):
-        for task in range(k * tasks // runs, (k + 1) * tasks // runs):
-            n = task // groups
-            g = task - n * groups
-            c0 = g * cg
-            shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
-            sh = np.float64(shift)
+    for task in prange(nb * groups):
+        n = task // groups
+        g = task - n * groups
+        c0 = g * cg
+        shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
+        sh = np.float64(shift)
+        s1 = 0.0
+        s2 = 0.0
+        if ns == 1:  # layer norm (M, K, 1): one flat loop, so it vectorizes
+            for c in range(c0, c0 + cg):
+                d = np.float64(up(x2[n, c])) - sh
+                s1 += d
+                s2 += d * d
+        else:  # compute-dtype lanes per block of the group's values (contiguous: its channels follow each other),
+            # merged in float64 (as batch norm); one loop over the group, not one per channel (small S: per-loop
+            # set-up and tails cost as much as the values)
+            xg = x2[n, c0 * ns:(c0 + cg) * ns]
+            for lo in range(0, cnt, _BLOCK):
+                a1, a2 = _block_sums(xg[lo:lo + _BLOCK], shift)
+                s1 += np.float64(a1)
+                s2 += np.float64(a2)
+        m64 = s1 / cnt
+        v64 = max(s2 / cnt - m64 * m64, 0.0)
+        if ns > 1 and m64 * m64 > 0.75 * (s2 / cnt):
+            # the shift lies far from the group's mean (q - m^2 would lose more than 2 bits): sum again around
+            # the first pass's mean
+            m_first = like(m64, shift)
             s1 = 0.0
             s2 = 0.0
-            if ns == 1:  # layer norm (M, K, 1): one flat loop, so it vectorizes
-                for c in range(c0, c0 + cg):
-                    d = np.float64(up(x2[n, c])) - sh
-                    s1 += d
-                    s2 += d * d
-            else:  # compute-dtype lanes per block of the group's values (contiguous: its channels follow each other),
-                # merged in float64 (as batch norm); one loop over the group, not one per channel (small S: per-loop
-                # set-up and tails cost as much as the values)
-                xg = x2[n, c0 * ns:(c0 + cg) * ns]
-                for lo in range(0, cnt, _BLOCK):
-                    a1, a2 = _block_sums(xg[lo:lo + _BLOCK], shift)
-                    s1 += np.float64(a1)
-                    s2 += np.float64(a2)
-            m64 = s1 / cnt
-            v64 = max(s2 / cnt - m64 * m64, 0.0)
-            if ns > 1 and m64 * m64 > 0.75 * (s2 / cnt):
-                # the shift lies far from the group's mean (q - m^2 would lose more than 2 bits): sum again around
-                # the first pass's mean
-                m_first = like(m64, shift)
-                s1 = 0.0
-                s2 = 0.0
-                xg = x2[n, c0 * ns:(c0 + cg) * ns]
-                for lo in range(0, cnt, _BLOCK):
-                    a1, a2 = _block_sums_around(xg[lo:lo + _BLOCK], shift, m_first)
-                    s1 += np.float64(a1)
-                    s2 += np.float64(a2)
-                e64 = s1 / cnt
-                v64 = max(s2 / cnt - e64 * e64, 0.0)
-                m64 = np.float64(m_first) + e64
-            inv = _invstd(v64, eps, w[0])
-            mean[n, g] = sh + m64
-            invstd[n, g] = inv
-            m_s = like(m64, shift)
-            if ns == 1:
-                inv_c = like(inv, shift)
-                for c in range(c0, c0 + cg):
-                    y2[n, c] = down(((up(x2[n, c]) - shift) - m_s) * inv_c * like(w[c], shift)
-                                    + like(b[c], shift), y2)
-                continue
+            xg = x2[n, c0 * ns:(c0 + cg) * ns]
+            for lo in range(0, cnt, _BLOCK):
+                a1, a2 = _block_sums_around(xg[lo:lo + _BLOCK], shift, m_first)
+                s1 += np.float64(a1)
+                s2 += np.float64(a2)
+            e64 = s1 / cnt
+            v64 = max(s2 / cnt - e64 * e64, 0.0)
+            m64 = np.float64(m_first) + e64
+        inv = _invstd(v64, eps, w[0])
+        mean[n, g] = sh + m64
+        invstd[n, g] = inv
+        m_s = like(m64, shift)
+        if ns == 1:
+            inv_c = like(inv, shift)
             for c in range(c0, c0 + cg):
-                a = like(inv * w[c], shift)
-                bc = like(b[c], shift)
-                xr = x2[n, c * ns:(c + 1) * ns]
-                yr = y2[n, c * ns:(c + 1) * ns]
-                if stream:
-                    for s in range(ns):
-                        _store_stream(yr, s, down(((up(xr[s]) - shift) - m_s) * a + bc, yr))
-                else:
-                    for s in range(ns):
-                        yr[s] = down(((up(xr[s]) - shift) - m_s) * a + bc, yr)
-        if stream:
+                y2[n, c] = down(((up(x2[n, c]) - shift) - m_s) * inv_c * like(w[c], shift)
+                                + like(b[c], shift), y2)
+            continue
+        for c in range(c0, c0 + cg):
+            a = like(inv * w[c], shift)
+            bc = like(b[c], shift)
+            xr = x2[n, c * ns:(c + 1) * ns]
+            yr = y2[n, c * ns:(c + 1) * ns]
+            if stream:
+                for s in range(ns):
+                    _store_stream(yr, s, down(((up(xr[s]) - shift) - m_s) * a + bc, yr))
+            else:
+                for s in range(ns):
+                    yr[s] = down(((up(xr[s]) - shift) - m_s) * a + bc, yr)
+        if stream:  # one fence per (sample, group) task: as fast as one per run of tasks
             _stream_fence()
 
 
@@ -1075,72 +1068,68 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     dy2 = dy.reshape(nb, nc * ns)
     dx2 = dx.reshape(dx.shape[0], dx.shape[1] * dx.shape[2])
     stream = need_dx and _streams(dx, ns)
-    tasks = nb * groups
-    runs = min(tasks, _GN_RUNS)  # runs of (sample, group) tasks: one fence per run (a fence per task, 3 KB, cost
-    # as much as the task: 256x64x28x28 instance norm 2.8 -> 4.6 ms)
-    for k in prange(runs):
-        for task in range(k * tasks // runs, (k + 1) * tasks // runs):
-            n = task // groups
-            g = task - n * groups
-            c0 = g * cg
-            mu = like(mean[n, g], up(x[n, c0, 0]))
-            inv = like(invstd[n, g], mu)
-            s_g = 0.0
-            s_gx = 0.0
-            if ns == 1:  # layer norm: flat loops
+    for task in prange(nb * groups):
+        n = task // groups
+        g = task - n * groups
+        c0 = g * cg
+        mu = like(mean[n, g], up(x[n, c0, 0]))
+        inv = like(invstd[n, g], mu)
+        s_g = 0.0
+        s_gx = 0.0
+        if ns == 1:  # layer norm: flat loops
+            for c in range(c0, c0 + cg):
+                xh = (up(x2[n, c]) - mu) * inv
+                d = up(dy2[n, c])
+                db_part[n, c] = d
+                dw_part[n, c] = d * xh
+                s_g += d * w[c]
+                s_gx += d * xh * w[c]
+            if need_dx:
+                k_x = like(-np.float64(inv) * s_gx / cnt, mu)
+                k_0 = like(-np.float64(inv) * s_g / cnt, mu)
                 for c in range(c0, c0 + cg):
                     xh = (up(x2[n, c]) - mu) * inv
-                    d = up(dy2[n, c])
-                    db_part[n, c] = d
-                    dw_part[n, c] = d * xh
-                    s_g += d * w[c]
-                    s_gx += d * xh * w[c]
-                if need_dx:
-                    k_x = like(-np.float64(inv) * s_gx / cnt, mu)
-                    k_0 = like(-np.float64(inv) * s_g / cnt, mu)
-                    for c in range(c0, c0 + cg):
-                        xh = (up(x2[n, c]) - mu) * inv
-                        dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
-                continue
-            for c in range(c0, c0 + cg):
-                wc = like(w[c], mu)
-                xr = x[n, c]
-                dyr = dy[n, c]
-                p_d = 0.0
-                p_dx = 0.0
-                for lo in range(0, ns, _BLOCK):  # compute-dtype lanes per block, merged in float64
-                    xb = xr[lo:lo + _BLOCK]
-                    db = dyr[lo:lo + _BLOCK]
-                    a1 = like(0.0, mu)
-                    a2 = like(0.0, mu)
-                    for i in range(xb.size):
-                        xh = (up(xb[i]) - mu) * inv
-                        d = up(db[i])
-                        a1 += d
-                        a2 += d * xh
-                    p_d += np.float64(a1)
-                    p_dx += np.float64(a2)
-                db_part[n, c] = p_d
-                dw_part[n, c] = p_dx
-                s_g += p_d * wc
-                s_gx += p_dx * wc
-            if not need_dx:
-                continue
-            k_x = like(-np.float64(inv) * s_gx / cnt, mu)
-            k_0 = like(-np.float64(inv) * s_g / cnt, mu)
-            for c in range(c0, c0 + cg):
-                k_g = like(np.float64(inv) * w[c], mu)
-                xr = x2[n, c * ns:(c + 1) * ns]
-                dyr = dy2[n, c * ns:(c + 1) * ns]
-                dxr = dx2[n, c * ns:(c + 1) * ns]
-                if stream:
-                    for s in range(ns):
-                        xh = (up(xr[s]) - mu) * inv
-                        _store_stream(dxr, s, down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr))
-                else:
-                    for s in range(ns):
-                        xh = (up(xr[s]) - mu) * inv
-                        dxr[s] = down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr)
+                    dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
+            continue
+        for c in range(c0, c0 + cg):
+            wc = like(w[c], mu)
+            xr = x[n, c]
+            dyr = dy[n, c]
+            p_d = 0.0
+            p_dx = 0.0
+            for lo in range(0, ns, _BLOCK):  # compute-dtype lanes per block, merged in float64
+                xb = xr[lo:lo + _BLOCK]
+                db = dyr[lo:lo + _BLOCK]
+                a1 = like(0.0, mu)
+                a2 = like(0.0, mu)
+                for i in range(xb.size):
+                    xh = (up(xb[i]) - mu) * inv
+                    d = up(db[i])
+                    a1 += d
+                    a2 += d * xh
+                p_d += np.float64(a1)
+                p_dx += np.float64(a2)
+            db_part[n, c] = p_d
+            dw_part[n, c] = p_dx
+            s_g += p_d * wc
+            s_gx += p_dx * wc
+        if not need_dx:
+            continue
+        k_x = like(-np.float64(inv) * s_gx / cnt, mu)
+        k_0 = like(-np.float64(inv) * s_g / cnt, mu)
+        for c in range(c0, c0 + cg):
+            k_g = like(np.float64(inv) * w[c], mu)
+            xr = x2[n, c * ns:(c + 1) * ns]
+            dyr = dy2[n, c * ns:(c + 1) * ns]
+            dxr = dx2[n, c * ns:(c + 1) * ns]
+            if stream:
+                for s in range(ns):
+                    xh = (up(xr[s]) - mu) * inv
+                    _store_stream(dxr, s, down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr))
+            else:
+                for s in range(ns):
+                    xh = (up(xr[s]) - mu) * inv
+                    dxr[s] = down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr)
         if stream:
             _stream_fence()
 

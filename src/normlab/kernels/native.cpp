@@ -338,6 +338,33 @@ void forward_loops(const Loops<T>& k, Call& call, const Tensor& x, const Tensor&
   }
 }
 
+// Runs' dweight/dbias partials: run t writes its c values of each at partial_dw(t), partial_db(t) of a vector of
+// 2 * runs * c; sum_runs adds them in float64 into dw and db (T), and into dw64/db64 where given.
+template <typename T>
+struct RunPartials {
+  int64_t c;
+  std::vector<T> values;
+  RunPartials(int64_t runs, int64_t channels) : c(channels), values(runs > 1 ? 2 * runs * channels : 0) {}
+  T* dw(int64_t t) { return &values[2 * t * c]; }
+  T* db(int64_t t) { return &values[(2 * t + 1) * c]; }
+
+  void sum_runs(int64_t runs, T* dw_out, T* db_out, double* dw64 = nullptr, double* db64 = nullptr) const {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sw = 0, sb = 0;
+      for (int64_t t = 0; t < runs; ++t) {
+        sw += values[2 * t * c + ch];
+        sb += values[(2 * t + 1) * c + ch];
+      }
+      dw_out[ch] = static_cast<T>(sw);
+      db_out[ch] = static_cast<T>(sb);
+      if (dw64 != nullptr) {
+        dw64[ch] = sw;
+        db64[ch] = sb;
+      }
+    }
+  }
+};
+
 // Backward. Split into runs, each run's dweight/dbias are partial sums, added here in float64; in training dx
 // needs the whole batch's sums, so a second pass over the runs computes it (dx_rows/dx_ncs), while in evaluation
 // dx comes with the first pass.
@@ -350,11 +377,11 @@ void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, cons
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b), *ip = cp<T>(invstd);
   const double* mp_ = cp<double>(mean);
   T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
-  std::vector<T> partial(runs > 1 ? 2 * runs * c : 0);
+  RunPartials<T> partial(runs, c);
   const bool dx_with_sums = need_dx && (runs == 1 || !training);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
-    T* dwt = runs == 1 ? mp<T>(dw) : &partial[2 * t * c];
-    T* dbt = runs == 1 ? mp<T>(db) : &partial[(2 * t + 1) * c];
+    T* dwt = runs == 1 ? mp<T>(dw) : partial.dw(t);
+    T* dbt = runs == 1 ? mp<T>(db) : partial.db(t);
     const int64_t off = lo * per;
     if (g.rows) {
       k.bwd_rows(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, g.width, c, act, training,
@@ -366,18 +393,7 @@ void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, cons
   });
   if (runs == 1) return;
   std::vector<double> dw64(c), db64(c);
-  T *dwo = mp<T>(dw), *dbo = mp<T>(db);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double sw = 0, sb = 0;
-    for (int64_t t = 0; t < runs; ++t) {
-      sw += partial[2 * t * c + ch];
-      sb += partial[(2 * t + 1) * c + ch];
-    }
-    dw64[ch] = sw;
-    db64[ch] = sb;
-    dwo[ch] = static_cast<T>(sw);
-    dbo[ch] = static_cast<T>(sb);
-  }
+  partial.sum_runs(runs, mp<T>(dw), mp<T>(db), dw64.data(), db64.data());
   if (!need_dx || dx_with_sums) return;
   const int64_t count = x.numel() / c;
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
@@ -420,16 +436,22 @@ Tensor activation(const Tensor& z, int64_t act) {
   }
 }
 
+// What both autograd nodes keep for the backward: the inputs and the forward's statistics.
+void save_inputs_and_stats(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                           const Tensor& mean, const Tensor& invstd) {
+  ctx->set_materialize_grads(false);
+  ctx->save_for_backward({x, weight, bias});
+  ctx->saved_data["mean"] = mean;
+  ctx->saved_data["invstd"] = invstd;
+}
+
 class BatchNormNative : public torch::autograd::Function<BatchNormNative> {
  public:
   // weight and bias are defined (autograd's input records need a device): ones and zeros stand in for absent ones
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias, Call* call) {
     Tensor y = at::empty_like(x), mean, invstd;
     forward_any(*call, x, y, weight, bias, mean, invstd, /*keep_stats=*/true);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, weight, bias});
-    ctx->saved_data["mean"] = mean;
-    ctx->saved_data["invstd"] = invstd;
+    save_inputs_and_stats(ctx, x, weight, bias, mean, invstd);
     ctx->saved_data["training"] = call->training;
     ctx->saved_data["eps"] = call->eps;
     ctx->saved_data["act"] = call->act;
@@ -558,40 +580,28 @@ void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x,
   });
 }
 
-// dw and db: one run writes them, several write one row each of a (runs, C) partial, summed here in float64
+// dw and db: one run writes them, several write partials (RunPartials), summed here in float64
 template <typename T>
 void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& dy, const Tensor& x, const Tensor& w,
                           const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
   const int64_t runs = group_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups;
-  const Tensor dwp = runs == 1 ? dw : at::empty({runs, g.c}, x.options());
-  const Tensor dbp = runs == 1 ? db : at::empty({runs, g.c}, x.options());
+  RunPartials<T> partial(runs, g.c);
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
   T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
-  T *dwpp = mp<T>(dwp), *dbpp = mp<T>(dbp);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
     const int64_t off = lo * per;
+    T* dwt = runs == 1 ? mp<T>(dw) : partial.dw(t);
+    T* dbt = runs == 1 ? mp<T>(db) : partial.db(t);
     if (g.layer) {
-      k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwpp + t * g.c, dbpp + t * g.c, hi - lo, g.c,
-               need_dx, need_wb);
+      k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwt, dbt, hi - lo, g.c, need_dx, need_wb);
     } else {
-      k.gn_bwd(dyp + off, xp + off, wp, mp_ + lo * stats, ip + lo * stats, dxp + off, dwpp + t * g.c,
-               dbpp + t * g.c, hi - lo, g.c, g.s, g.groups, need_dx);
+      k.gn_bwd(dyp + off, xp + off, wp, mp_ + lo * stats, ip + lo * stats, dxp + off, dwt, dbt, hi - lo, g.c, g.s,
+               g.groups, need_dx);
     }
   });
-  if (runs > 1 && (need_wb || !g.layer)) {
-    T *dwo = mp<T>(dw), *dbo = mp<T>(db);
-    for (int64_t c = 0; c < g.c; ++c) {
-      double sw = 0, sb = 0;
-      for (int64_t t = 0; t < runs; ++t) {
-        sw += dwpp[t * g.c + c];
-        sb += dbpp[t * g.c + c];
-      }
-      dwo[c] = static_cast<T>(sw);
-      dbo[c] = static_cast<T>(sb);
-    }
-  }
+  if (runs > 1 && (need_wb || !g.layer)) partial.sum_runs(runs, mp<T>(dw), mp<T>(db));
 }
 
 class GroupNormNative : public torch::autograd::Function<GroupNormNative> {
@@ -601,10 +611,7 @@ class GroupNormNative : public torch::autograd::Function<GroupNormNative> {
                         const Tensor& mean, const Tensor& invstd, const GroupCall* call) {
     Tensor y = at::empty_like(x);
     with_loops(x, [&](const auto& k) { group_forward_loops(k, *call, x, y, weight, bias, mean, invstd); });
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, weight, bias});
-    ctx->saved_data["mean"] = mean;
-    ctx->saved_data["invstd"] = invstd;
+    save_inputs_and_stats(ctx, x, weight, bias, mean, invstd);
     ctx->saved_data["groups"] = call->groups;
     ctx->saved_data["s"] = call->s;
     ctx->saved_data["eps"] = call->eps;
