@@ -16,7 +16,8 @@ from normlab import kernels as K
 from normlab.kernels import native
 
 TOL = {torch.float32: dict(out=1e-5, dx=1e-5, dp=1e-4), torch.float64: dict(out=1e-10, dx=1e-10, dp=1e-9)}
-NATIVE = "BatchNormNative"
+NATIVE = "NormlabBatchNormBackward"  # the native glue's autograd nodes
+NATIVE_GROUP = "NormlabGroupNormBackward"
 
 # (shape, memory format): every layout the glue takes; (2048, 64) and the 16-channel channels_last one are past
 # the lanes threshold (k rows as one row of lanes); with more than one torch thread those two and the last, NCHW
@@ -295,7 +296,7 @@ def test_group_norm_family_takes_small_inputs_and_matches_torch(name, args, kwar
     for step in range(2):
         x = (torch.randn(shape, dtype=dtype) * 2 + 3 * step).requires_grad_()
         yr, yo = ref(x), ours(x)
-        assert "GroupNormNative" in yo.grad_fn.name()
+        assert NATIVE_GROUP in yo.grad_fn.name()
         close(yo, yr, tol["out"], "output")
         dy = torch.randn_like(yr)
         for a, b in zip(grads(ours, x, yo, dy), grads(ref, x, yr, dy)):
@@ -324,7 +325,7 @@ def test_group_norm_family_gradcheck_and_double_backward(form):
         def f(x, w, b):
             return F.layer_norm(x, (2, 5), w, b)
 
-    assert "GroupNormNative" in f(x, w, b).grad_fn.name()
+    assert NATIVE_GROUP in f(x, w, b).grad_fn.name()
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
@@ -355,7 +356,7 @@ def test_group_norm_family_split_over_threads_matches_torch(name, args, kwargs, 
     inputs += list(ref.parameters())
     with threads(2):
         yr, yo = ref(x), ours(x)
-        assert "GroupNormNative" in yo.grad_fn.name()
+        assert NATIVE_GROUP in yo.grad_fn.name()
         close(yo, yr, tol["out"], "output")
         dy = torch.randn_like(yr)
         got = torch.autograd.grad(yo, ([x] if wants == "all" else []) + list(ours.parameters()), dy)
@@ -368,7 +369,7 @@ def test_group_norm_family_leaves_channels_last_to_the_python_glue():
     gn = normlab.GroupNorm(2, 6)
     x = torch.randn(4, 6, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
     y = gn(x)
-    assert "GroupNormNative" not in y.grad_fn.name()
+    assert NATIVE_GROUP not in y.grad_fn.name()
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -402,3 +403,40 @@ def test_concurrent_threads_get_their_own_results():
     for t in threads_:
         t.join()
     assert not errors, errors
+
+
+NODE_LAYERS = [  # one layer per autograd node of the native glue, with its node's name
+    (lambda: normlab.BatchNorm1d(6), (32, 6), NATIVE),
+    (lambda: normlab.LayerNorm(6), (32, 6), NATIVE_GROUP),
+    (lambda: normlab.GroupNorm(2, 6), (4, 6, 5), NATIVE_GROUP),
+]
+
+
+@pytest.mark.parametrize("make,shape,node", NODE_LAYERS, ids=["batch", "layer", "group"])
+def test_autograd_nodes_keep_torchs_graph_rules(make, shape, node):
+    layer = make()
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    y = layer(x)
+    assert node in y.grad_fn.name()
+    first = torch.autograd.grad(y, [x, *layer.parameters()], dy, retain_graph=True)
+    again = torch.autograd.grad(y, [x, *layer.parameters()], dy)  # retained: same gradients
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="second time"):  # released after a backward without retain_graph
+        torch.autograd.grad(y, [x], dy)
+    y = layer(x)
+    (dw,) = torch.autograd.grad(y, [layer.weight], dy)  # only what is asked for
+    close(dw, first[1], 1e-6, "dweight alone")
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("make,shape,node", NODE_LAYERS, ids=["batch", "layer", "group"])
+def test_forward_mode_ad_is_refused_not_dropped(make, shape, node):
+    import torch.autograd.forward_ad as fwad
+    layer = make()
+    for requires_grad in (False, True):
+        x = torch.randn(shape, requires_grad=requires_grad)
+        with fwad.dual_level():
+            with pytest.raises(NotImplementedError, match="jvp"):
+                layer(fwad.make_dual(x, torch.randn(shape)))
