@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import zlib
 
@@ -374,6 +375,14 @@ def test_errors():
         normlab.LayerNorm(5)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="act='tanh'"):
         normlab.functional.batch_norm(torch.randn(4, 3), None, None, training=True, act="tanh")
+    # the functional form checks what the module's constructor would (its fast path declines bad values)
+    for bad in (0.0, -1e-5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            normlab.functional.batch_norm(torch.randn(4, 3), None, None, training=True, eps=bad)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        normlab.functional.batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
+    # momentum plays no part in evaluation (None accepted, as torch)
+    normlab.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), momentum=None)
     # a batch of one is fine in evaluation and for per-sample norms
     normlab.BatchNorm1d(3).eval()(torch.randn(1, 3))
     normlab.GroupNorm(1, 3)(torch.randn(1, 3, 2))

@@ -179,6 +179,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         >>> rm, rv = torch.zeros(3), torch.ones(3)
         >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch's
     """
+    native = K.native_batch_norm
+    if native is not None and not torch.compiler.is_compiling():
+        # small CPU inputs: checks, loops, running statistics and autograd node in one C++ call, which declines
+        # (None) anything the checks below would reject or that it does not take
+        y, nonfinite = native(input, weight, bias, running_mean, running_var, training, momentum, eps, act)
+        if y is not None:
+            if nonfinite:
+                _warn_nonfinite(K.nonfinite_channels(input))
+            return y
     if not (eps > 0.0 and eps != math.inf):
         _check_eps(eps)
     if act not in ACTIVATIONS:
@@ -198,15 +207,6 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     update = training and running_mean is not None and running_var is not None
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
-    native = K.native_batch_norm
-    if native is not None and not compiling:  # small CPU inputs: checks, loops and autograd node in C++
-        given = update or not training
-        y, nonfinite = native(input, weight, bias, running_mean if given else None, running_var if given else None,
-                              bool(training), float(momentum), float(eps), act)
-        if y is not None:
-            if nonfinite:
-                _warn_nonfinite(K.nonfinite_channels(input))
-            return y
     fused_update = update and not compiling
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

@@ -77,9 +77,15 @@ def use_backend(name: str | None):
 
 def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act):
     """Batch norm through the native glue: ``(y, nonfinite)`` (how many channels kept their running statistics),
-    or ``(None, 0)`` where it does not take the call (the caller goes on with the Python glue)."""
-    y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                   _cpu.act_code(act))
+    or ``(None, 0)`` where it does not take the call, bad arguments included (the caller goes on with the Python
+    glue and its checks). In training the running statistics are updated only when both are given."""
+    code = _cpu._ACT_CODE.get(act)
+    if code is None or momentum is None or not isinstance(x, torch.Tensor):
+        return None, 0
+    if training and (running_mean is None or running_var is None):
+        running_mean = running_var = None
+    y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                                   float(eps), code)
     if status >= 0:
         return y, status
     if status == _native.NO_LOOPS:

@@ -550,7 +550,8 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
                                        const c10::optional<Tensor>& running_var, bool training, double momentum,
                                        double eps, int64_t act) {
   Call call;
-  if (!geometry(x, at::get_num_threads() == 1 ? below_one_thread : below_threads, call.g)) {
+  if (!geometry(x, at::get_num_threads() == 1 ? below_one_thread : below_threads, call.g) || !(eps > 0.0) ||
+      std::isinf(eps) || (training && x.numel() == x.size(1))) {  // the Python glue says what is wrong with these
     return {Tensor(), kUnsupported};
   }
   const auto st = x.scalar_type();

@@ -119,18 +119,23 @@ class _BatchNorm(_NormBase):
             return 1.0 / float(counter)
         return self.momentum
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
         self._check_input_dim(input)
-        if input.dim() >= 2 and input.shape[1] != self.num_features:
+        if input.shape[1] != self.num_features:
             raise F.NormError(f"{type(self).__name__}({self.num_features}) got an input with "
-                                   f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
-                                   f"dimension 1: set num_features={input.shape[1]} or permute the input")
-        momentum = 0.0 if input.numel() == 0 else self._momentum_for_this_batch()
+                              f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "
+                              f"dimension 1: set num_features={input.shape[1]} or permute the input")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() not in self._ranks or input.shape[1] != self.num_features:
+            self._check_input(input)
+        training = self.training
+        # evaluation: no running-statistics update, so no momentum
+        momentum = self._momentum_for_this_batch() if training and input.numel() else 0.0
         # parameters and buffers straight from their dicts: nn.Module.__getattr__ costs ~0.5 us per name, which
         # adds up on small layers (a (256, 120) forward takes ~30 us in all)
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        training = self.training
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
