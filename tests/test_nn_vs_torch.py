@@ -381,6 +381,17 @@ def test_errors():
             normlab.functional.batch_norm(torch.randn(4, 3), None, None, training=True, eps=bad)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         normlab.functional.batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
+    with pytest.raises(RuntimeError, match=r"normalized_shape=\[2, 5\]"):  # as many values, other shape
+        normlab.functional.layer_norm(torch.randn(3, 5, 2), (2, 5))
+    with pytest.raises(RuntimeError, match=r"weight must have shape normalized_shape=\[2, 5\]"):
+        normlab.functional.layer_norm(torch.randn(3, 2, 5), (2, 5), torch.ones(10))
+    with pytest.raises(RuntimeError, match=r"normalized_shape=\[\]"):
+        normlab.functional.layer_norm(torch.randn(3, 2), ())
+    for bad in (0.0, math.nan):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            normlab.functional.layer_norm(torch.randn(3, 4), (4,), eps=bad)
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            normlab.functional.group_norm(torch.randn(3, 4, 2), 2, eps=bad)
     # momentum plays no part in evaluation (None accepted, as torch)
     normlab.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), momentum=None)
     # a batch of one is fine in evaluation and for per-sample norms

@@ -293,15 +293,20 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, _like(dw, weight), _like(db, weight), None, None
 
 
+def _group_norm_native(input: Tensor, weight, bias, groups: int, eps: float, layer_shape: tuple[int, ...] = ()):
+    """``(y, mean, invstd)`` of :func:`_group_norm_any` through the native glue (small CPU inputs: checks, loops
+    and autograd node in one C++ call), or None where it declines the call, bad arguments included."""
+    native = K.native_group_norm
+    if native is None or torch.compiler.is_compiling():
+        return None
+    return native(input, weight, bias, groups, eps, layer_shape)
+
+
 def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_k: int = 0):
     """``(y, mean, invstd)`` of group norm over (N, C, \*), statistics (N, G); or, with ``layer_k``, of layer norm
     over the last ``layer_k`` values (weight and bias of that many values), statistics (M, 1). y has the input's
-    shape (and is contiguous)."""
-    native = K.native_group_norm
-    if native is not None and not torch.compiler.is_compiling():  # small CPU inputs: one C++ call
-        out = native(input, weight, bias, groups, float(eps), layer_k)
-        if out is not None:
-            return out
+    shape (and is contiguous). The arguments are checked; the native glue has been tried where it could take the
+    call (group and layer norm), so this is the Python glue."""
     if layer_k:
         x3 = input.reshape(-1, layer_k, 1)
         weight = None if weight is None else weight.reshape(layer_k)
@@ -322,6 +327,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     with the biased variance over the (C/G) * prod(\*) values of group g of sample n. G = 1 is layer norm over
     (C, \*) with per-channel affine; G = C is instance norm.
     """
+    out = _group_norm_native(input, weight, bias, num_groups, eps)
+    if out is not None:
+        return out[0]
     if not (eps > 0.0 and eps != math.inf):
         _check_eps(eps)
     if not _channels_ok(input, weight, bias):
@@ -353,9 +361,12 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     with statistics per leading index over the K = prod(normalized_shape) trailing values and elementwise
     γ, β of shape ``normalized_shape``. Computed as group norm with one group on (M, K, 1).
     """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    out = _group_norm_native(input, weight, bias, 1, eps, shape) if shape else None
+    if out is not None:
+        return out[0]
     if not (eps > 0.0 and eps != math.inf):
         _check_eps(eps)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or input.shape[input.dim() - k:] != shape:
         raise NormError(f"Given normalized_shape={list(shape)}, expected input with shape "
@@ -389,7 +400,8 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if s <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}: "
                          f"instance norm of a single value is 0; use a larger input or BatchNorm")
-    y, mean, invstd = _group_norm_any(input, weight, bias, c, eps)
+    out = _group_norm_native(input, weight, bias, c, eps)
+    y, mean, invstd = out if out is not None else _group_norm_any(input, weight, bias, c, eps)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0)

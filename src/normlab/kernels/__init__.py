@@ -80,12 +80,15 @@ def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, e
     or ``(None, 0)`` where it does not take the call, bad arguments included (the caller goes on with the Python
     glue and its checks). In training the running statistics are updated only when both are given."""
     code = _cpu._ACT_CODE.get(act)
-    if code is None or momentum is None or not isinstance(x, torch.Tensor):
+    if code is None or momentum is None:
         return None, 0
     if training and (running_mean is None or running_var is None):
         running_mean = running_var = None
-    y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                                   float(eps), code)
+    try:
+        y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                                       float(eps), code)
+    except TypeError:  # arguments of other types
+        return None, 0
     if status >= 0:
         return y, status
     if status == _native.NO_LOOPS:
@@ -94,16 +97,19 @@ def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, e
     return None, 0
 
 
-def _gn_native(x, weight, bias, groups, eps, layer_k=0):
-    """Group norm of a contiguous (N, C, *) input through the native glue, or layer norm over its last ``layer_k``
-    values: ``(y, mean, invstd)``, y shaped as x, statistics (N, G) or (M, 1); None where it does not take the
-    call."""
-    y, mean, invstd, status = _native.group_norm(x, weight, bias, groups, eps, layer_k)
+def _gn_native(x, weight, bias, groups, eps, layer_shape=()):
+    """Group norm of a contiguous (N, C, *) input through the native glue, or layer norm over its trailing
+    ``layer_shape`` (a tuple of ints): ``(y, mean, invstd)``, y shaped as x, statistics (N, G) or (M, 1); None
+    where it does not take the call, bad arguments included (the caller's checks say what is wrong)."""
+    try:
+        y, mean, invstd, status = _native.group_norm(x, weight, bias, groups, float(eps), layer_shape)
+    except TypeError:  # arguments of other types
+        return None
     if status == 0:
         return y, mean, invstd
     if status == _native.NO_LOOPS:
         _native_build.set_loops(_native, x.dtype)
-        return _gn_native(x, weight, bias, groups, eps, layer_k)
+        return _gn_native(x, weight, bias, groups, eps, layer_shape)
     return None
 
 

@@ -684,16 +684,16 @@ struct GroupNormBackward : NormNode {
   }
 };
 
-// Group norm of a contiguous (N, C, *) input, or layer norm over its trailing `layer_k` values (layer_k > 0:
-// statistics per leading index, weight and bias of layer_k values in any shape), when this glue takes the call:
-// (y, mean, invstd, status). y has x's shape; statistics (N, G), layer norm (M, 1); status as batch_norm's (y None
-// unless 0).
+// Group norm of a contiguous (N, C, *) input, or, with a non-empty `layer_shape`, layer norm over x's trailing
+// dimensions, which must equal it (statistics per leading index; weight and bias of that shape), when this glue
+// takes the call: (y, mean, invstd, status). y has x's shape; statistics (N, G), layer norm (M, 1); status as
+// batch_norm's (y None unless 0). Bad arguments are declined too: the Python glue's checks say what is wrong.
 std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c10::optional<Tensor>& weight,
                                                        const c10::optional<Tensor>& bias, int64_t groups,
-                                                       double eps, int64_t layer_k) {
+                                                       double eps, const std::vector<int64_t>& layer_shape) {
   const Tensor none;
   if (!x.device().is_cpu() || x.layout() != at::kStrided || x.dim() < 2 || !x.is_contiguous() || x.is_neg() ||
-      x.is_conj()) {
+      x.is_conj() || !(eps > 0.0) || std::isinf(eps)) {
     return {none, none, none, kUnsupported};
   }
   const auto st = x.scalar_type();
@@ -704,8 +704,15 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   }
   if (!loops_ready(st)) return {none, none, none, kNoLoops};
   GroupCall g;
-  if (layer_k > 0) {
-    if (numel % layer_k != 0) return {none, none, none, kUnsupported};
+  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  if (!layer_shape.empty()) {
+    const int64_t k = static_cast<int64_t>(layer_shape.size());
+    if (k > x.dim() || !x.sizes().slice(x.dim() - k).equals(layer_shape) ||
+        (w.defined() && !w.sizes().equals(layer_shape)) || (b.defined() && !b.sizes().equals(layer_shape))) {
+      return {none, none, none, kUnsupported};
+    }
+    int64_t layer_k = 1;
+    for (const int64_t v : layer_shape) layer_k *= v;
     g.n = numel / layer_k;
     g.c = layer_k;
     g.s = 1;
@@ -718,7 +725,6 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   g.groups = groups;
   g.eps = eps;
   g.layer = groups == 1 && g.s == 1;
-  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   if (groups <= 0 || g.c % groups != 0 || !vector_ok(w, g.c, st) || !vector_ok(b, g.c, st)) {
     return {none, none, none, kUnsupported};
   }
@@ -777,7 +783,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &batch_norm, "batch norm, fused with an activation: (y, status)",
         py::call_guard<py::gil_scoped_release>());
   m.def("group_norm", &group_norm,
-        "group norm of a contiguous (N, C, *) input, or layer norm over its last layer_k values: (y, mean, invstd, "
+        "group norm of a contiguous (N, C, *) input, or layer norm over its trailing layer_shape: (y, mean, invstd, "
         "status)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
