@@ -14,7 +14,7 @@ import zlib
 import pytest
 import torch
 
-from normlab.kernels import cpu, portable
+from normlab.kernels import cpu, cpu_numba, portable
 
 pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
 
@@ -403,15 +403,15 @@ def test_parameter_views_follow_in_place_updates_and_reassignment():
     _close(y, portable.gn_forward(x.reshape(16, 5, 1), w, b, 1, 1e-5)[0], 1e-5)
 
 
-def _spread_positions(size, k=16):
+def _spread_positions(size, k=cpu_numba._SPREAD_SAMPLES):
     """The positions whose values the per-sample norms' shift averages (``_spread_mean``)."""
     k = min(size, k)
-    return [(j * size) // k for j in range(k)]
+    return [j * (size // k) for j in range(k)]
 
 
 @pytest.mark.parametrize("first", [0.0, 3.0, -50.0, 1e3])
 def test_layer_norm_rows_outlier_first_value(first):
-    """The statistics shift by the mean of 16 of each row's first 256 values; far from the mean (all 16 are
+    """The statistics shift by the mean of 4 of each row's first 256 values; far from the mean (all 4 are
     outliers, in rows long enough that the outliers barely move the standard deviation), a second pass takes
     over."""
     gen = torch.Generator().manual_seed(9)
@@ -429,8 +429,8 @@ def test_layer_norm_rows_outlier_first_value(first):
 
 @pytest.mark.parametrize("groups, first", [(2, 0.0), (2, -50.0), (2, 1e3), (8, -1e3)])
 def test_group_norm_outlier_first_value(groups, first):
-    """Group-norm statistics (S > 1) sum float32 blocks shifted by the mean of 16 of each group's values; far from
-    the mean (all 16 are outliers), a second pass around the first pass's mean keeps the variance exact (without
+    """Group-norm statistics (S > 1) sum float32 blocks shifted by the mean of 4 of each group's values; far from
+    the mean (all 4 are outliers), a second pass around the first pass's mean keeps the variance exact (without
     it, +-1e3 fails)."""
     gen = torch.Generator().manual_seed(5)
     x = 5e3 + torch.randn(2, 8, 4000, generator=gen, dtype=torch.float64)

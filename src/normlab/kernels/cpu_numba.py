@@ -269,7 +269,8 @@ def act_grad(g, z, act):
 # ------------------------------------------------------------------------------------------------------
 _BLOCK = 2048
 _SHIFT_SAMPLES = 16  # values averaged into a shift (batch norm NCHW: two per sample from the first eight samples)
-_SHIFT_SPAN = 256  # ... taken from this many first values of a row or group (group, instance and layer norm)
+_SPREAD_SAMPLES = 4  # values averaged into a row's or group's shift (group, instance and layer norm) ...
+_SHIFT_SPAN = 256  # ... taken from this many first values of it
 
 
 @njit(inline="always")
@@ -312,17 +313,20 @@ def _invstd(var, eps, proto):
 
 @njit(inline="always")
 def _spread_mean(v):
-    """Mean (float64) of _SHIFT_SAMPLES values spread evenly over the first _SHIFT_SPAN values of the 1-D array
-    ``v`` (all of them if fewer): the shift of the per-sample norms' sums, for a row or a group. A single value as
-    the shift (the first) lies more than sqrt(3) standard deviations from the mean in ~8 % of rows or groups, each
-    of which then takes a second statistics pass. The span is the first cache lines, which the statistics stream
-    reads first anyway: samples spread over a whole group or row were 16 loads ahead of the stream (InstanceNorm
-    32x64x56x56 forward 2.2 -> 2.9 ms, the 4096x1024 layer-norm forward kernel 0.85-1.14 -> 1.10-1.39 ms)."""
+    """Mean (float64) of _SPREAD_SAMPLES values spread evenly over the first _SHIFT_SPAN values of the 1-D array
+    ``v`` (all of them if fewer; positions ``j * (span // k)``): the shift of the per-sample norms' sums, for a row
+    or a group. A single value as the shift (the first) lies more than sqrt(3) standard deviations from the mean in
+    ~8 % of rows or groups, each of which then takes a second statistics pass; the mean of four normal values, in
+    ~0.05 %. Every row or group waits for its shift before its sums start: sixteen values took ~30 ns a group,
+    which on small groups was a third of the forward (GroupNorm (32, 32, 8, 8) G=8: 26.4 -> 18.7 us with four).
+    The span is the first cache lines, which the statistics stream reads first anyway: samples spread over a whole
+    group or row were loads ahead of the stream (InstanceNorm 32x64x56x56 forward 2.2 -> 2.9 ms)."""
     span = min(v.size, _SHIFT_SPAN)
-    k = min(span, _SHIFT_SAMPLES)
+    k = min(span, _SPREAD_SAMPLES)
+    step = span // k
     t = 0.0
     for j in range(k):
-        t += np.float64(up(v[(j * span) // k]))
+        t += np.float64(up(v[j * step]))
     return t / k
 
 
@@ -453,7 +457,7 @@ STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much l
 # streaming that output measured slower where the block is small (3 KB: 2.8 -> 4.6 ms for 256x64x28x28 instance
 # norm; 12 KB: 1.3 -> 1.6 ms; a 4 KB layer-norm row 0.9 -> 1.4 ms), faster from 24 KB (4.2 -> 3.8 ms; 49 KB
 # 2.0 -> 1.6 ms). Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
-_STREAM_TASK_FROM = 24 << 10
+_STREAM_TASK_FROM = 8 << 10
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -993,28 +997,30 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups
     cnt = cg * ns
-    x2 = x.reshape(nb, nc * ns)  # for S == 1 (layer norm): unit stride the compiler can see
+    x2 = x.reshape(nb, nc * ns)
     y2 = y.reshape(nb, nc * ns)
     stream = _streams(y, ns) and cnt * y.itemsize >= _STREAM_TASK_FROM
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
         c0 = g * cg
-        shift = like(_spread_mean(x2[n, c0 * ns:(c0 + cg) * ns]), up(x[n, c0, 0]))
+        # the task's values, its channels one after the other: one slice per task (a slice per use cost as much
+        # as the values of small groups: InstanceNorm (64, 64, 32, 32) forward 0.95 -> 0.70 ms)
+        xt = x2[n, c0 * ns:(c0 + cg) * ns]
+        yt = y2[n, c0 * ns:(c0 + cg) * ns]
+        shift = like(_spread_mean(xt), up(xt[0]))
         sh = np.float64(shift)
         s1 = 0.0
         s2 = 0.0
-        if ns == 1:  # layer norm (M, K, 1): one flat loop, so it vectorizes
-            for c in range(c0, c0 + cg):
-                d = np.float64(up(x2[n, c])) - sh
+        if ns == 1:  # layer norm (M, K, 1): float64 sums in one flat loop
+            for i in range(cnt):
+                d = np.float64(up(xt[i])) - sh
                 s1 += d
                 s2 += d * d
-        else:  # compute-dtype lanes per block of the group's values (contiguous: its channels follow each other),
-            # merged in float64 (as batch norm); one loop over the group, not one per channel (small S: per-loop
-            # set-up and tails cost as much as the values)
-            xg = x2[n, c0 * ns:(c0 + cg) * ns]
+        else:  # compute-dtype lanes per block of the group's values, merged in float64 (as batch norm); one loop
+            # over the group, not one per channel (small S: per-loop set-up and tails cost as much as the values)
             for lo in range(0, cnt, _BLOCK):
-                a1, a2 = _block_sums(xg[lo:lo + _BLOCK], shift)
+                a1, a2 = _block_sums(xt[lo:lo + _BLOCK], shift)
                 s1 += np.float64(a1)
                 s2 += np.float64(a2)
         m64 = s1 / cnt
@@ -1025,9 +1031,8 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
             m_first = like(m64, shift)
             s1 = 0.0
             s2 = 0.0
-            xg = x2[n, c0 * ns:(c0 + cg) * ns]
             for lo in range(0, cnt, _BLOCK):
-                a1, a2 = _block_sums_around(xg[lo:lo + _BLOCK], shift, m_first)
+                a1, a2 = _block_sums_around(xt[lo:lo + _BLOCK], shift, m_first)
                 s1 += np.float64(a1)
                 s2 += np.float64(a2)
             e64 = s1 / cnt
@@ -1039,15 +1044,15 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
         m_s = like(m64, shift)
         if ns == 1:
             inv_c = like(inv, shift)
-            for c in range(c0, c0 + cg):
-                y2[n, c] = down(((up(x2[n, c]) - shift) - m_s) * inv_c * like(w[c], shift)
-                                + like(b[c], shift), y2)
+            for i in range(cnt):
+                yt[i] = down(((up(xt[i]) - shift) - m_s) * inv_c * like(w[c0 + i], shift)
+                             + like(b[c0 + i], shift), yt)
             continue
-        for c in range(c0, c0 + cg):
-            a = like(inv * w[c], shift)
-            bc = like(b[c], shift)
-            xr = x2[n, c * ns:(c + 1) * ns]
-            yr = y2[n, c * ns:(c + 1) * ns]
+        for j in range(cg):
+            a = like(inv * w[c0 + j], shift)
+            bc = like(b[c0 + j], shift)
+            xr = xt[j * ns:(j + 1) * ns]
+            yr = yt[j * ns:(j + 1) * ns]
             if stream:
                 for s in range(ns):
                     _store_stream(yr, s, down(((up(xr[s]) - shift) - m_s) * a + bc, yr))
