@@ -455,8 +455,10 @@ def _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt):
 STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much larger L3 would want more)
 # The per-sample norms' forward reads a (sample, group) block or a row for its statistics, then writes its output:
 # streaming that output measured slower where the block is small (3 KB: 2.8 -> 4.6 ms for 256x64x28x28 instance
-# norm; 12 KB: 1.3 -> 1.6 ms; a 4 KB layer-norm row 0.9 -> 1.4 ms), faster from 24 KB (4.2 -> 3.8 ms; 49 KB
-# 2.0 -> 1.6 ms). Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
+# norm; a 4 KB layer-norm row 0.9 -> 1.4 ms, 4096x1024 1.1 -> 1.6 ms), faster from 8 KB. Against a 24 KB threshold,
+# A/B at 1 | 2 threads: layer norm 2048x4096 (16 KB rows) 4.7-4.8 -> 3.1-3.3 | 2.4 -> 1.2-1.7 ms, 4096x2048 (8 KB)
+# 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
+# ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
 _STREAM_TASK_FROM = 8 << 10
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 
