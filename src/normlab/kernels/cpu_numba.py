@@ -46,12 +46,15 @@ def _copy(fn, name, **constants):
     return twin
 
 
-def _kernel(fn):
+def _kernel(fn=None, **serial_constants):
     """Compile ``fn`` twice: parallel (``prange`` over threads) and, as ``.serial``, single-threaded with no
-    threading-layer launch at all (``prange`` is then ``range``) for small inputs, where a launch costs more
-    than the work."""
+    threading-layer launch at all (``prange`` is then ``range``) for small inputs and one-thread calls, where a
+    launch costs more than the work. ``serial_constants``: globals the serial twin sees with other values
+    (``@_kernel(NAME=value)``)."""
+    if fn is None:
+        return lambda f: _kernel(f, **serial_constants)
     par = njit(parallel=True, **_OPTS)(fn)
-    par.serial = njit(**_OPTS)(_copy(fn, fn.__name__ + "_serial"))
+    par.serial = njit(**_OPTS)(_copy(fn, fn.__name__ + "_serial", **serial_constants))
     return par
 
 
@@ -460,6 +463,10 @@ STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much l
 # 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
 # ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
 _STREAM_TASK_FROM = 8 << 10
+# ... except the group/instance-norm forward on one thread (its serial twin), which streams blocks of 24 KB and
+# more: there the 12.5 KB instance-norm blocks of 32x64x56x56 measured slower streamed in four A/B runs (1.8-2.1
+# ms plain against 2.0-2.4 streamed), while layer-norm rows of 8-16 KB measured faster (above)
+_GROUP_STREAM_FROM = _STREAM_TASK_FROM
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -994,14 +1001,14 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
-@_kernel
+@_kernel(_GROUP_STREAM_FROM=24 << 10)
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups
     cnt = cg * ns
     x2 = x.reshape(nb, nc * ns)
     y2 = y.reshape(nb, nc * ns)
-    stream = _streams(y, ns) and cnt * y.itemsize >= _STREAM_TASK_FROM
+    stream = _streams(y, ns) and cnt * y.itemsize >= _GROUP_STREAM_FROM
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
