@@ -466,7 +466,8 @@ _STREAM_TASK_FROM = 8 << 10
 # ... except the group/instance-norm forward on one thread (its serial twin), which streams blocks of 24 KB and
 # more: there the 12.5 KB instance-norm blocks of 32x64x56x56 measured slower streamed in four A/B runs (1.8-2.1
 # ms plain against 2.0-2.4 streamed), while layer-norm rows of 8-16 KB measured faster (above)
-_GROUP_STREAM_FROM = _STREAM_TASK_FROM
+_GROUP_STREAM_FROM = _STREAM_TASK_FROM  # gn_fwd's threshold: its serial twin sees _GROUP_STREAM_ONE_THREAD_FROM
+_GROUP_STREAM_ONE_THREAD_FROM = 24 << 10
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -1001,7 +1002,7 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
-@_kernel(_GROUP_STREAM_FROM=24 << 10)
+@_kernel(_GROUP_STREAM_FROM=_GROUP_STREAM_ONE_THREAD_FROM)
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups

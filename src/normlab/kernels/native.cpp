@@ -459,8 +459,20 @@ std::pair<NodePtr, N*> new_node() {
   }
 }
 
-// Forward-mode AD is not implemented by these nodes: such inputs go to the Python glue, which says so.
-bool has_forward_grad(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+// Whether a call records an autograd node: grad mode on and an input (x, weight or bias, each may be undefined)
+// that requires a gradient.
+bool records_node(const Tensor& x, const Tensor& w, const Tensor& b) {
+  return torch::autograd::GradMode::is_enabled() &&
+         (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+}
+
+// Forward-mode AD is not implemented by these nodes: inputs with tangents go to the Python glue, which says so.
+bool has_forward_grad(const Tensor& x, const Tensor& w, const Tensor& b) {
+  for (const Tensor* t : {&x, &w, &b}) {
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
 
 // What both nodes keep for the backward: the inputs (weight and bias defined: ones and zeros stand in for absent
 // ones, as the next edges need an input each) and the forward's statistics. Next edges: x, weight, bias.
@@ -488,6 +500,17 @@ struct NormNode : Node {
     mean_.reset();
     invstd_.reset();
   }
+
+  variable_list apply(variable_list&& grads) final {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(3);
+    return backward(grads[0], x_.unpack(), weight_.unpack(), bias_.unpack(), task_should_compute_output(0),
+                    task_should_compute_output(1), task_should_compute_output(2));
+  }
+
+  // (dx, dweight, dbias), each undefined where not needed; a differentiable graph in grad mode (double backward)
+  virtual variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
+                                 bool need_dw, bool need_db) = 0;
 };
 
 struct BatchNormBackward : NormNode {
@@ -497,13 +520,8 @@ struct BatchNormBackward : NormNode {
 
   std::string name() const override { return "NormlabBatchNormBackward"; }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Tensor dy = grads[0];
-    if (!dy.defined()) return variable_list(3);
-    const Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
-    const bool need_dx = task_should_compute_output(0), need_dw = task_should_compute_output(1),
-               need_db = task_should_compute_output(2);
+  variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
+                         bool need_dw, bool need_db) override {
     if (torch::autograd::GradMode::is_enabled()) {  // double backward: a differentiable form
       return differentiable_backward(dy, x, weight, bias, need_dx, need_dw, need_db);
     }
@@ -570,25 +588,18 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   call.momentum = momentum;
   call.eps = eps;
   call.act = act;
-  const bool grad = torch::autograd::GradMode::is_enabled() &&
-                    (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+  const bool grad = records_node(x, w, b);
+  if (grad && has_forward_grad(x, w, b)) return {Tensor(), kUnsupported};
   const auto opts = x.options();
   const Tensor w_or_ones = or_filled(w, c, opts, 1.0), b_or_zeros = or_filled(b, c, opts, 0.0);
-  Tensor y;
+  Tensor y = at::empty_like(x), mean, invstd;
+  forward_any(call, x, y, w_or_ones, b_or_zeros, mean, invstd, /*keep_stats=*/grad);
   if (grad) {
-    if (has_forward_grad(x) || has_forward_grad(w) || has_forward_grad(b)) return {Tensor(), kUnsupported};
     auto [self, node] = new_node<BatchNormBackward>();
-    y = at::empty_like(x);
-    Tensor mean, invstd;
-    forward_any(call, x, y, w_or_ones, b_or_zeros, mean, invstd, /*keep_stats=*/true);
     node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
     node->training = training;
     node->eps = eps;
     node->act = act;
-  } else {
-    y = at::empty_like(x);
-    Tensor mean, invstd;
-    forward_any(call, x, y, w_or_ones, b_or_zeros, mean, invstd, /*keep_stats=*/false);
   }
   return {y, call.nonfinite};
 }
@@ -652,13 +663,8 @@ struct GroupNormBackward : NormNode {
 
   std::string name() const override { return "NormlabGroupNormBackward"; }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Tensor dy = grads[0];
-    if (!dy.defined()) return variable_list(3);
-    const Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
-    const bool need_dx = task_should_compute_output(0), need_dw = task_should_compute_output(1),
-               need_db = task_should_compute_output(2);
+  variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
+                         bool need_dw, bool need_db) override {
     GroupCall g;
     g.groups = groups;
     g.eps = eps;
@@ -731,22 +737,16 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   const auto opts = x.options();
   const Tensor w_or_ones = or_filled(w, g.c, opts, 1.0);
   const Tensor b_or_zeros = b.defined() ? b : at::zeros_like(w_or_ones);  // the weight's shape (layer norm: any)
-  Tensor mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
-  const bool grad = torch::autograd::GradMode::is_enabled() &&
-                    (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
-  Tensor y;
+  const bool grad = records_node(x, w, b);
+  if (grad && has_forward_grad(x, w, b)) return {none, none, none, kUnsupported};
+  Tensor y = at::empty_like(x), mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
+  with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_or_ones, b_or_zeros, mean, invstd); });
   if (grad) {
-    if (has_forward_grad(x) || has_forward_grad(w) || has_forward_grad(b)) return {none, none, none, kUnsupported};
     auto [self, node] = new_node<GroupNormBackward>();
-    y = at::empty_like(x);
-    with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_or_ones, b_or_zeros, mean, invstd); });
     node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
     node->groups = g.groups;
     node->s = g.s;
     node->eps = g.eps;
-  } else {
-    y = at::empty_like(x);
-    with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_or_ones, b_or_zeros, mean, invstd); });
   }
   return {y, mean, invstd, 0};
 }
