@@ -245,7 +245,29 @@ def test_bench_quick_smoke(tmp_path, capsys):
     import json
     data = json.loads(out.read_text())
     assert data["results"] and "copy_gbps" in data["machine"]
+    # every row's %copy is against a same-size copy timed in the same rotation as the contenders
+    timed = [r for r in data["results"] if r["section"] != "lenet"]
+    assert timed and all(r["copy_gbps"] and r["copy_gbps"] > 0 for r in timed)
+    assert "median_frac_large_copy_on_25MB_plus" in data["summary"]
     assert "normlab" in capsys.readouterr().out
+
+
+def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
+    """%copy compares with a copy of the same tensor timed among the contenders, not alone in a warm cache."""
+    from normlab import bench
+    seen = []
+    real = bench.timeit_interleaved
+
+    def spy(fns, *args, **kwargs):
+        seen.append(list(fns))
+        return real(fns, *args, **kwargs)
+    monkeypatch.setattr(bench, "timeit_interleaved", spy)
+    got, gbps = bench.timeit_with_copy({"a": lambda: None}, torch.randn(64, 64), 0.001)
+    assert seen == [["a", bench.COPY]] and list(got) == ["a"] and gbps > 0
+    monkeypatch.setattr(bench, "timeit_with_copy", lambda fns, x, budget, log=None: ({k: 1e-3 for k in fns}, 123.0))
+    rows = bench.bench_layers(["8x4x6x6"], ["normlab", "torch"], 0.001, log=lambda msg: None)
+    rows += bench.bench_groupnorm(True, 0.001, log=lambda msg: None)
+    assert rows and all(r.copy_gbps == 123.0 for r in rows)
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
