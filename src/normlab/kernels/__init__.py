@@ -4,7 +4,9 @@
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
 portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 4M elements first try the
 native glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
-``NORMLAB_BACKEND=portable|cpu|native`` (or :func:`use_backend`) forces a backend, for tests and benchmarks.
+``NORMLAB_BACKEND=portable|cpu|native|triton`` (or :func:`use_backend`) forces a backend, for tests and
+benchmarks. ``triton`` (:mod:`.gpu_triton`, batch norm on CUDA tensors) is opt-in until it has been measured on a
+GPU; CUDA tensors otherwise take the portable kernels.
 """
 from __future__ import annotations
 
@@ -24,10 +26,24 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 from . import native as _native_build  # noqa: E402
 
-BACKENDS = (None, "portable", "cpu", "native")
+BACKENDS = (None, "portable", "cpu", "native", "triton")
 _forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
 if _forced not in BACKENDS:
-    raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native")
+    raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native, triton")
+_triton = None  # the Triton backend once loaded (see _load_triton)
+
+
+def _load_triton():
+    """The Triton backend (imported on first use: importing triton costs time every CPU user would pay)."""
+    global _triton
+    if _triton is None:
+        try:
+            from . import gpu_triton
+        except ImportError as err:
+            raise RuntimeError(f"the triton backend needs triton ({err}); install it with "
+                               "`pip install 'normlab[gpu]'` (or `pip install triton`)") from None
+        _triton = gpu_triton
+    return _triton
 
 
 def _load_native(build_missing: bool = False):
@@ -53,12 +69,15 @@ def _select_native() -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue) or
-    ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``). ``None``:
-    the automatic choice (native where built, then cpu, then portable)."""
+    """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue),
+    ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
+    ``"triton"`` (batch norm's Triton kernels on the CUDA tensors they support; other inputs as automatic).
+    ``None``: the automatic choice (native where built, then cpu, then portable)."""
     global _forced, _native
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu', 'native' or None")
+        raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu', 'native', 'triton' or None")
+    if name == "triton":
+        _load_triton()
     if name == "native" and _native is None:
         if _cpu is None:
             raise RuntimeError("the native backend calls the numba loops; install numba")
@@ -118,7 +137,9 @@ _select_native()
 
 def backend_for(x: Tensor):
     """The module implementing the kernel contract for ``x``."""
-    if _forced is None:
+    if _forced == "triton" and _load_triton().supports(x):
+        return _triton
+    if _forced in (None, "triton"):
         return _cpu if _cpu is not None and _cpu.supports(x) else portable
     if _forced == "portable" or _cpu is None:
         return portable
@@ -151,8 +172,14 @@ def bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var,
 
 
 def bn_backward_saved(dy, x, weight, bias, saved, act, needs=(True, True, True)):
-    """Backward of :func:`bn_train_forward_saved`, by the backend that made ``saved``."""
-    b = _cpu if _cpu is not None and isinstance(saved, _cpu.Saved) else portable
+    """Backward of :func:`bn_train_forward_saved`, by the backend that made ``saved`` (the CPU backend's own
+    record, or the (mean, invstd) pair that the portable and Triton backends keep)."""
+    if _cpu is not None and isinstance(saved, _cpu.Saved):
+        b = _cpu
+    else:
+        b = backend_for(x)
+        if b is _cpu:
+            b = portable
     return b.bn_backward_saved(dy, x, weight, bias, saved, act, needs)
 
 
