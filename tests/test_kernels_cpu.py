@@ -252,6 +252,13 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert "normlab" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_bench_gpu_section_without_a_gpu_says_so():
+    from normlab.cli import main
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main(["bench", "--quick", "--sections", "gpu"])
+
+
 def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
     """%copy compares with a copy of the same tensor timed among the contenders, not alone in a warm cache."""
     from normlab import bench

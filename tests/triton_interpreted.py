@@ -205,3 +205,20 @@ def test_backend_is_opt_in(T):
     with kernels.use_backend("triton"):
         assert kernels.backend_for(x) is T
         assert kernels.backend_for(x[:, :, ::2]) is not T  # unsupported layouts: the other backends
+
+
+def test_bench_gpu_section_runs_the_triton_kernels(T, monkeypatch):
+    """``normlab bench``'s gpu section, on a CPU device in the interpreter: normlab's rows come from the Triton
+    kernels, every mode has both contenders, a same-size copy and a summary."""
+    from normlab import bench
+    calls = []
+    for name in ("bn_train_forward_saved", "bn_eval_forward"):
+        real = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device="cpu")
+    assert [(r.case, r.mode) for r in rows] == [(c, m) for c in ("4x3x5x5", "6x5") for m in bench.MODES]
+    assert all(set(r.ms) == {"normlab", "torch"} and r.copy_gbps > 0 and r.gbps > 0 for r in rows)
+    assert {"bn_train_forward_saved", "bn_eval_forward"} <= set(calls)
+    summary = bench.summarize(rows, 1.0)
+    assert summary["gpu_train_fwd_bwd_geomean_vs_torch"] > 0 and summary["gpu_eval_geomean_vs_torch"] > 0
+    assert "== gpu ==" in bench.render(rows, 1.0)

@@ -38,6 +38,7 @@ from torch import nn
 DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
                   "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
 QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
+DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet"
 IMPLS = ["normlab", "torch", "compile", "scratch"]
 MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
 # minimum passes over the activation, in units of its size: stats + normalize; 2x (x, dy) + dx; read + write
@@ -115,9 +116,21 @@ def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None) -> tup
     left them in (81-94 GB/s here at 2 threads, against 34 GB/s for 512 MB), while the layers run after contenders
     that evict it: a fraction of that copy compared a cold pass with a warm one."""
     dst = torch.empty_like(x)
-    got = timeit_interleaved({**fns, COPY: lambda: dst.copy_(x)}, budget, log=log)
+    got = timeit_interleaved({**fns, COPY: synced(lambda: dst.copy_(x), x.device)}, budget, log=log)
     t = got.pop(COPY, None)
     return got, (2 * x.numel() * x.element_size() / t / 1e9 if t else None)
+
+
+def synced(fn, device: torch.device):
+    """``fn`` followed by a wait for the device's queue on CUDA (kernels launch asynchronously), else ``fn``."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(device)
+    return call
+
 
 def settle_allocator() -> None:
     """Put glibc's allocator in the state of a process that has been running a while: free one mapped block of
@@ -353,6 +366,38 @@ def bench_fused(shapes, budget, log) -> list[Row]:
     return rows
 
 
+def bench_gpu(shapes, budget, log, device="cuda") -> list[Row]:
+    """normlab's batch norm on its Triton kernels (``use_backend("triton")``) against ``torch.nn`` (cuDNN on
+    CUDA), float32, on ``device``; ``%copy`` against a same-size copy on the device in the same rotation (the
+    fraction of the memory bandwidth a copy reaches). Any device the Triton backend takes: a CPU device in
+    Triton's interpreter is how the tests run this section."""
+    import normlab
+    from normlab import kernels
+    device = torch.device(device)
+    rows = []
+    with kernels.use_backend("triton"):
+        for text in shapes:
+            shape, cl = parse_shape(text)
+            x = _input(shape, cl).to(device)
+            dy = torch.randn_like(x)
+            mb = x.numel() * x.element_size() / 1e6
+            d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+            layers = {"normlab": getattr(normlab, f"BatchNorm{d}")(shape[1]).to(device),
+                      "torch": getattr(nn, f"BatchNorm{d}")(shape[1]).to(device)}
+            per = {name: modes_for(layer, x, dy) for name, layer in layers.items()}
+            for mode in MODES:
+                row = Row("gpu", text, mode, mb)
+                got, row.copy_gbps = timeit_with_copy(
+                    {name: synced(fns[mode], device) for name, (fns, _) in per.items()}, x, budget, log=log)
+                for name, t in got.items():
+                    row.ms[name] = t * 1e3
+                    log(f"  {text:>16} {mode:<14} {name:<8} {t * 1e3:9.3f} ms")
+                if "normlab" in row.ms:
+                    row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+                rows.append(row)
+    return rows
+
+
 def bench_groupnorm(quick, budget, log) -> list[Row]:
     import torch.nn.functional as TF
 
@@ -495,6 +540,11 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
     fused = [r for r in rows if r.section == "fused_relu" and r.mode == "train_fwd_bwd"]
     gn = [r for r in rows if r.section == "groupnorm"]
     le = [r for r in rows if r.section == "lenet"]
+    gpu = [r for r in rows if r.section == "gpu"]
+
+    def gpu_gm(mode):
+        return _geomean([_ratio(r, "torch") for r in gpu if r.mode == mode])
+    gpu_frac = [r.gbps / r.copy_gbps for r in gpu if r.gbps and r.copy_gbps and r.mbytes >= 25]
     return {
         "train_fwd_bwd_geomean_vs_torch": gm("train_fwd_bwd", "torch"),
         "train_fwd_bwd_worst_vs_torch": worst("train_fwd_bwd", "torch"),
@@ -512,6 +562,10 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
         "groupnorm_worst_vs_torch": min((_ratio(r, "torch") for r in gn), default=None),
         "lenet_step_vs_torch": _ratio(le[0], "torch") if le else None,
         "lenet_fused_step_vs_torch": _ratio(le[0], "torch", "normlab_fused") if le else None,
+        "gpu_train_fwd_bwd_geomean_vs_torch": gpu_gm("train_fwd_bwd"),
+        "gpu_train_fwd_geomean_vs_torch": gpu_gm("train_fwd"),
+        "gpu_eval_geomean_vs_torch": gpu_gm("eval_fwd"),
+        "gpu_median_frac_copy_on_25MB_plus": statistics.median(gpu_frac) if gpu_frac else None,
     }
 
 
@@ -530,6 +584,7 @@ def machine_info(copy_gbps: float) -> dict:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "backend": kernels.backend_for(torch.empty(2, 2)).__name__,
             "native_glue": kernels.native_batch_norm is not None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -544,8 +599,9 @@ def register(subparsers) -> None:
                         "overhead dominates and the ratios say nothing about real layer sizes")
     p.add_argument("--shapes", default=None,
                    help="comma-separated shapes such as 32x64x56x56,32x64x56x56cl,256x512 (cl: channels_last)")
-    p.add_argument("--sections", default="layers,fused,groupnorm,lenet",
-                   help="which of layers,fused,groupnorm,lenet to run")
+    p.add_argument("--sections", default=None,
+                   help="which of layers,fused,groupnorm,lenet,gpu to run (default: all; gpu where CUDA is "
+                        "available: normlab's Triton kernels against torch.nn on the GPU, needs triton)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch contender")
     p.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 0.6)")
@@ -565,7 +621,18 @@ def run(args) -> int:
     shapes = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if quick else DEFAULT_SHAPES)
     for s in shapes:
         parse_shape(s)
-    sections = set(args.sections.split(","))
+    sections = set((args.sections or DEFAULT_SECTIONS).split(","))
+    if args.sections is None and torch.cuda.is_available():
+        sections.add("gpu")
+    if "gpu" in sections:
+        if not torch.cuda.is_available():
+            raise SystemExit("normlab bench: the gpu section needs a CUDA device (torch.cuda.is_available() is "
+                             "False); run the other sections with --sections layers,fused,groupnorm,lenet")
+        from normlab import kernels
+        try:
+            kernels._load_triton()
+        except RuntimeError as err:
+            raise SystemExit(f"normlab bench: {err}") from None
     impls = [i for i in IMPLS if not ((i == "compile" and (args.no_compile or quick))
                                        or (i == "scratch" and args.no_scratch))]
 
@@ -592,6 +659,9 @@ def run(args) -> int:
     if "lenet" in sections:
         log("LeNet-BN training step:")
         rows += bench_lenet(16 if quick else 256, budget, log)
+    if "gpu" in sections:
+        log(f"GPU ({torch.cuda.get_device_name()}), Triton kernels:")
+        rows += bench_gpu(shapes, budget, log)
 
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
