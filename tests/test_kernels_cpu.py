@@ -259,6 +259,12 @@ def test_bench_gpu_section_without_a_gpu_says_so():
         main(["bench", "--quick", "--sections", "gpu"])
 
 
+def test_bench_unknown_section_is_named():
+    from normlab.cli import main
+    with pytest.raises(SystemExit, match="unknown section.*'layer'.*choose from layers,fused"):
+        main(["bench", "--quick", "--sections", "layer"])
+
+
 def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
     """%copy compares with a copy of the same tensor timed among the contenders, not alone in a warm cache."""
     from normlab import bench

@@ -18,7 +18,8 @@ fraction of both.
 Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
-LeNet-BN training step (d2l's network) in examples per second. ``--json PATH`` writes every number.
+LeNet-BN training step (d2l's network) in examples per second; where CUDA is available, normlab's Triton kernels
+against torch.nn on the GPU (``gpu``). ``--json PATH`` writes every number.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x
                   "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
 QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
 DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet"
+SECTIONS = ("layers", "fused", "groupnorm", "lenet", "gpu")
 IMPLS = ["normlab", "torch", "compile", "scratch"]
 MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
 # minimum passes over the activation, in units of its size: stats + normalize; 2x (x, dy) + dx; read + write
@@ -102,7 +104,6 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
             times[name].append(time.perf_counter() - t0)
     pick = min if STAT["name"] == "min" else statistics.median
     return {name: pick(ts) for name, ts in times.items()}
-
 
 
 COPY = "same-size copy"
@@ -622,6 +623,10 @@ def run(args) -> int:
     for s in shapes:
         parse_shape(s)
     sections = set((args.sections or DEFAULT_SECTIONS).split(","))
+    unknown = sorted(sections - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"normlab bench: unknown section(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{','.join(SECTIONS)}")
     if args.sections is None and torch.cuda.is_available():
         sections.add("gpu")
     if "gpu" in sections:

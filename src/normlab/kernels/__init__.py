@@ -71,7 +71,8 @@ def _select_native() -> None:
 def use_backend(name: str | None):
     """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue),
     ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
-    ``"triton"`` (batch norm's Triton kernels on the CUDA tensors they support; other inputs as automatic).
+    ``"triton"`` (batch norm's Triton kernels on the CUDA tensors they support; other inputs take the cpu backend
+    where it supports them, else portable).
     ``None``: the automatic choice (native where built, then cpu, then portable)."""
     global _forced, _native
     if name not in BACKENDS:
