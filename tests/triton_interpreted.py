@@ -4,8 +4,8 @@
 Run by ``test_kernels_triton.py`` in a child process with ``TRITON_INTERPRET=1``: the interpreter must be on
 before triton is first imported, and stays on for the whole process. The interpreter runs the same kernel source
 on NumPy, program by program, so these tests check the indexing, masks, tiling, layouts, dtypes and numerics of
-the kernels, not their speed or their compiled code on a GPU. Tolerances as in ``test_kernels_cpu.py``; bfloat16
-compared to one rounding of the output (the interpreter's conversion may round differently from a GPU's).
+the kernels, not their speed or their compiled code on a GPU. Tolerances: ``kernel_checks.py`` (bfloat16 to one
+rounding of the output: the interpreter's conversion may round differently from a GPU's).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from kernel_checks import ACTS, DTYPES, LOW, TOL, close, make
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_kernels_triton.py with TRITON_INTERPRET=1", allow_module_level=True)
@@ -25,10 +26,6 @@ from normlab import kernels  # noqa: E402
 from normlab.kernels import portable  # noqa: E402
 from normlab.reference import batchnorm as ref  # noqa: E402
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-LOW = (torch.bfloat16, torch.float16)
-ACTS = ["identity", "relu", "silu", "sigmoid"]
 # (shape, memory format): NCHW (one channel per program, runs of values), channels_last and (M, C) (blocks of up
 # to 64 adjacent channels); (70, 67) has two channel blocks, (3, 2, 40, 40) several runs of 1024 values
 LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((70, 67), None),
@@ -44,23 +41,11 @@ def T():
     return gpu_triton
 
 
-def _make(shape, fmt, dtype, scale=2.0, loc=0.5, gen=None):
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc).to(dtype)
-    return x if fmt is None else x.contiguous(memory_format=fmt)
-
-
-def _close(a, b, tol, rel=False):
-    a, b = a.double(), b.double()
-    scale = max(1.0, b.abs().max().item()) if rel else 1.0
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol * scale:.3g}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
 def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
-    x = _make(shape, fmt, dtype, gen=gen)
+    x = make(shape, fmt, dtype, gen=gen)
     assert T.supports(x)
     c = shape[1]
     w = torch.randn(c, generator=gen) + 1
@@ -73,24 +58,24 @@ def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
         y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
         assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
         assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
-        _close(y, y_p, tol, rel=low)
-        _close(y, y64, tol, rel=low)
-        _close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
-        _close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
+        close(y, y_p, tol, rel=low)
+        close(y, y64, tol, rel=low)
+        close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
+        close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
 
         rv = torch.rand(c, generator=gen) + 0.5
         rm = torch.randn(c, generator=gen)
         ye = T.bn_eval_forward(x, rm, rv, w, b, 1e-5, act)
         assert ye.stride() == x.stride() and ye.dtype == dtype
-        _close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4, rel=low)
+        close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4, rel=low)
 
-        dy = _make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
+        dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
         for training in (True, False):
             got = T.bn_backward(dy, x, w, b, mean, invstd, act, training)
             ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
             assert got[0].stride() == x.stride() and got[0].dtype == dtype
             for g, r64 in zip(got, ref64):
-                _close(g, r64, tol * 4, rel=True)
+                close(g, r64, tol * 4, rel=True)
         dx, dw, db = T.bn_backward(dy, x, w, b, mean, invstd, act, True, (False, True, False))
         assert dx is None and db is None and dw is not None
 
@@ -98,7 +83,7 @@ def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
 def test_against_the_numpy_reference(T):
     """Forward and hand-derived backward of the float64 reference, on a float64 NCHW input."""
     gen = torch.Generator().manual_seed(11)
-    x = _make((6, 3, 5, 4), None, torch.float64, gen=gen)
+    x = make((6, 3, 5, 4), None, torch.float64, gen=gen)
     w, b = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
     dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     y_ref, cache, _ = ref.batch_norm_forward(x.numpy(), w.numpy(), b.numpy(), 1e-5)
@@ -122,18 +107,18 @@ def test_edge_cases(T):
     x = (1e4 + torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64)).float()
     y, mean, invstd = T.bn_train_forward(x, None, None, 1e-5)
     y64, mean64, invstd64 = portable.bn_train_forward(x.double(), None, None, 1e-5)
-    _close(y, y64, 1e-3)
-    _close(mean, mean64, 1e-9)
+    close(y, y64, 1e-3)
+    close(mean, mean64, 1e-9)
     dy = torch.randn(x.shape, generator=gen)
     got = T.bn_backward(dy, x, None, None, mean, invstd, "identity", True)
     want = portable.bn_backward(dy.double(), x.double(), None, None, mean64, invstd64, "identity", True)
     for g, w in zip(got, want):
-        _close(g, w, 1e-3, rel=True)
+        close(g, w, 1e-3, rel=True)
     # dy in another layout than x is taken as x's
-    x = _make((3, 4, 5, 5), torch.channels_last, torch.float32, gen=gen)
+    x = make((3, 4, 5, 5), torch.channels_last, torch.float32, gen=gen)
     y, mean, invstd = T.bn_train_forward(x, None, None, 1e-5)
     dy = torch.randn(x.shape, generator=gen)
-    _close(T.bn_backward(dy, x, None, None, mean, invstd, "identity", True)[0],
+    close(T.bn_backward(dy, x, None, None, mean, invstd, "identity", True)[0],
            portable.bn_backward(dy, x, None, None, mean, invstd, "identity", True)[0], 1e-5)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         T.bn_train_forward(x, None, None, 1e-5, "gelu")
@@ -150,7 +135,7 @@ def test_supports(T):
 def test_layers_through_the_triton_backend(T, fmt):
     """normlab.BatchNorm2d / BatchNormAct2d with use_backend("triton") against torch.nn, training and eval."""
     gen = torch.Generator().manual_seed(5)
-    x = _make((6, 4, 5, 5), fmt, torch.float32, gen=gen)
+    x = make((6, 4, 5, 5), fmt, torch.float32, gen=gen)
     dy = torch.randn(x.shape, generator=gen)
     ours, theirs = normlab.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
     with torch.no_grad():
@@ -177,13 +162,13 @@ def test_layers_through_the_triton_backend(T, fmt):
     finally:
         T.bn_train_forward_saved = real
     assert calls, "the training forward did not go through the Triton backend"
-    _close(ya, yb, 1e-5)
-    _close(xa.grad, xb.grad, 1e-5)
-    _close(ours.weight.grad, theirs.weight.grad, 1e-4)
-    _close(ours.bias.grad, theirs.bias.grad, 1e-4)
-    _close(ours.running_mean, theirs.running_mean, 1e-6)
-    _close(ours.running_var, theirs.running_var, 1e-6)
-    _close(ea, eb, 1e-5)
+    close(ya, yb, 1e-5)
+    close(xa.grad, xb.grad, 1e-5)
+    close(ours.weight.grad, theirs.weight.grad, 1e-4)
+    close(ours.bias.grad, theirs.bias.grad, 1e-4)
+    close(ours.running_mean, theirs.running_mean, 1e-6)
+    close(ours.running_var, theirs.running_var, 1e-6)
+    close(ea, eb, 1e-5)
 
     fused = normlab.BatchNormAct2d(4, act="silu")
     xs = x.clone().requires_grad_()
@@ -194,8 +179,8 @@ def test_layers_through_the_triton_backend(T, fmt):
     with kernels.use_backend("portable"):
         want = normlab.BatchNormAct2d(4, act="silu")(xr)
         want.backward(dy)
-    _close(out, want, 1e-5)
-    _close(xs.grad, xr.grad, 1e-5)
+    close(out, want, 1e-5)
+    close(xs.grad, xr.grad, 1e-5)
 
 
 def test_backend_is_opt_in(T):

@@ -304,22 +304,25 @@ def modes_for(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
         (lambda: layer.train()(xg))
 
 
-def bench_layers(shapes, impls, budget, log) -> list[Row]:
+def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> list[Row]:
+    """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
+    its work: see :func:`synced`)."""
+    device = torch.device(device)
     rows = []
     for text in shapes:
         shape, cl = parse_shape(text)
-        x = _input(shape, cl)
+        x = _input(shape, cl).to(device)
         dy = torch.randn_like(x)
         mb = x.numel() * x.element_size() / 1e6
-        by_mode = {m: Row("layers", text, m, mb) for m in MODES}
+        by_mode = {m: Row(section, text, m, mb) for m in MODES}
         per_impl = {}
         for impl in impls:
             torch.manual_seed(0)
-            layer = make_layer(impl, shape[1], len(shape))
+            layer = make_layer(impl, shape[1], len(shape)).to(device)
             per_impl[impl] = modes_for(layer, x, dy)
         for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
             got, by_mode[mode].copy_gbps = timeit_with_copy(
-                {impl: fns[mode] for impl, (fns, _) in per_impl.items()}, x, budget,
+                {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x, budget,
                 log=lambda msg, mode=mode: log(f"{msg} [{mode}]"))
             for impl, t in got.items():
                 by_mode[mode].ms[impl] = t * 1e3
@@ -368,35 +371,12 @@ def bench_fused(shapes, budget, log) -> list[Row]:
 
 
 def bench_gpu(shapes, budget, log, device="cuda") -> list[Row]:
-    """normlab's batch norm on its Triton kernels (``use_backend("triton")``) against ``torch.nn`` (cuDNN on
-    CUDA), float32, on ``device``; ``%copy`` against a same-size copy on the device in the same rotation (the
-    fraction of the memory bandwidth a copy reaches). Any device the Triton backend takes: a CPU device in
-    Triton's interpreter is how the tests run this section."""
-    import normlab
+    """:func:`bench_layers` of normlab on its Triton kernels (``use_backend("triton")``) against ``torch.nn``
+    (cuDNN on CUDA), float32, on ``device``; ``%copy`` is then against a same-size copy on the device. Any device
+    the Triton backend takes: a CPU device in Triton's interpreter is how the tests run this section."""
     from normlab import kernels
-    device = torch.device(device)
-    rows = []
     with kernels.use_backend("triton"):
-        for text in shapes:
-            shape, cl = parse_shape(text)
-            x = _input(shape, cl).to(device)
-            dy = torch.randn_like(x)
-            mb = x.numel() * x.element_size() / 1e6
-            d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
-            layers = {"normlab": getattr(normlab, f"BatchNorm{d}")(shape[1]).to(device),
-                      "torch": getattr(nn, f"BatchNorm{d}")(shape[1]).to(device)}
-            per = {name: modes_for(layer, x, dy) for name, layer in layers.items()}
-            for mode in MODES:
-                row = Row("gpu", text, mode, mb)
-                got, row.copy_gbps = timeit_with_copy(
-                    {name: synced(fns[mode], device) for name, (fns, _) in per.items()}, x, budget, log=log)
-                for name, t in got.items():
-                    row.ms[name] = t * 1e3
-                    log(f"  {text:>16} {mode:<14} {name:<8} {t * 1e3:9.3f} ms")
-                if "normlab" in row.ms:
-                    row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
-                rows.append(row)
-    return rows
+        return bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu")
 
 
 def bench_groupnorm(quick, budget, log) -> list[Row]:
