@@ -288,10 +288,19 @@ def test_parallel_path_large_input(fmt):
 
 
 # (shape, memory format or dtype, the loops' row length) of outputs of STREAM_FROM bytes and more: written with
-# streaming stores where a row covers whole cache lines; (16, 8, 129, 257), rows of 129 * 257 floats, with plain ones
+# streaming stores where a row covers whole cache lines, and in the (N, C, S) layout also where its rows start or
+# end mid-line but hold 512 bytes or more ((16, 8, 129, 257), 14x14 images in float32 and float64); 7x7 images
+# (196-byte rows) with plain ones
 STREAMED = [((8, 16, 256, 128), None, 256 * 128), ((4096, 1024), None, 1024),
             ((64, 64, 32, 32), torch.channels_last, 512), ((2, 16, 64, 1024), torch.float64, 64 * 1024),
-            ((16, 8, 129, 257), None, 129 * 257)]
+            ((16, 8, 129, 257), None, 129 * 257), ((128, 256, 14, 14), None, 196),
+            ((128, 128, 14, 14), torch.float64, 196), ((512, 256, 7, 7), None, 49)]
+
+
+def _expect_streamed(shape, fmt, row, itemsize):
+    """Whether the batch-norm loops stream an output of ``shape`` (see ``cpu_numba._streams_ncs``)."""
+    ncs = len(shape) > 2 and fmt is None
+    return cpu_numba._CAN_STREAM and (row * itemsize % 64 == 0 or (ncs and row * itemsize >= 512))
 
 
 @pytest.mark.parametrize("shape,fmt,row", STREAMED, ids=lambda v: str(v))
@@ -304,7 +313,8 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
     x = make(shape, fmt, dtype, gen=gen)
     assert x.numel() * x.element_size() >= cpu._k.STREAM_FROM
     out = torch.empty(x.numel(), dtype=dtype).numpy().reshape(-1, row)  # torch's allocator: 64-byte aligned
-    assert cpu._k._streams(out, row) == (cpu._k._CAN_STREAM and row * x.element_size() % 64 == 0)
+    streams = cpu._k._streams_ncs if len(shape) > 2 and fmt is None else cpu._k._streams
+    assert streams(out, row) == _expect_streamed(shape, fmt, row, x.element_size())
     c = shape[1]
     w, b = torch.rand(c, generator=gen, dtype=dtype) + 0.5, torch.randn(c, generator=gen, dtype=dtype)
     x64, w64, b64 = x.double(), w.double(), b.double()
@@ -322,6 +332,39 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
             ref = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
             for g, r in zip(got, ref):
                 close(g, r, tol, rel=True)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (128, 256, 196)), (torch.float64, (128, 128, 196)),
+                                         (torch.float32, (16, 8, 129 * 257))], ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_streamed_midline_rows_any_offset_and_split(dtype, shape, offset):
+    """The (N, C, S) loops stream rows that start or end mid-line at any offset of the output from a cache line,
+    in runs of rows that split lines between them: eval and training forward and dx against float64, and nothing
+    written outside the output."""
+    gen = torch.Generator().manual_seed(5)
+    x, dy = make(shape, None, dtype, gen=gen), make(shape, None, dtype, scale=1.0, loc=0.0, gen=gen)
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen, dtype=dtype) + 0.5, torch.randn(c, generator=gen, dtype=dtype)
+    rm, rv = torch.randn(c, generator=gen, dtype=dtype), torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    y_eval = portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, "relu")
+    y_train, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, "relu")
+    dx64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, "relu", True)[0]
+    raw = torch.zeros(x.numel() + 16, dtype=dtype)
+    out = raw[offset:offset + x.numel()].view(shape)
+    o, xa, dya, wa, ba = out.numpy(), x.numpy(), dy.numpy(), w.numpy(), b.numpy()
+    assert cpu_numba._streams_ncs(o, shape[2]) == cpu_numba._CAN_STREAM
+    mean, second = torch.empty(c, dtype=torch.float64).numpy(), torch.empty(c, dtype=dtype).numpy()
+    dw, db = torch.empty(c, dtype=dtype).numpy(), torch.empty(c, dtype=dtype).numpy()
+    relu = cpu_numba.RELU
+    for chunks in (1, 3, 7):
+        cpu_numba.bn_eval_ncs.serial(xa, o, wa, ba, 1e-5, relu, rm.numpy(), rv.numpy(), chunks)
+        close(out, y_eval, TOL[dtype])
+        cpu_numba.bn_fwd_ncs.serial(xa, o, wa, ba, 1e-5, relu, cpu_numba.MODE_TRAIN, mean, second, chunks)
+        close(out, y_train, TOL[dtype])
+        cpu_numba.bn_bwd_ncs.serial(dya, xa, wa, ba, mean, second, relu, True, True, o, dw, db, chunks)
+        close(out, dx64, TOL[dtype], rel=True)
+        assert not raw[:offset].any() and not raw[offset + x.numel():].any()
 
 
 @pytest.mark.parametrize("groups,shape", [(4, (16, 32, 64, 128)), (32, (16, 32, 64, 128)), (1, (4096, 1024, 1)),
