@@ -367,6 +367,24 @@ def test_streamed_midline_rows_any_offset_and_split(dtype, shape, offset):
         assert not raw[:offset].any() and not raw[offset + x.numel():].any()
 
 
+def test_unaligned_output_takes_plain_stores():
+    """An output viewed at an odd byte offset (its floats off their own alignment) is not streamed: its whole
+    lines would not start on a line, where the vector streaming stores need one. The plain loop writes it."""
+    shape = (128, 256, 196)
+    gen = torch.Generator().manual_seed(6)
+    x = make(shape, None, torch.float32, gen=gen)
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+    raw = torch.zeros(x.numel() * 4 + 1, dtype=torch.uint8).numpy()
+    out = raw[1:].view("float32").reshape(shape)
+    assert not out.flags.aligned and not cpu_numba._streams_ncs(out, shape[2])
+    cpu_numba.bn_eval_ncs.serial(x.numpy(), out, w.numpy(), b.numpy(), 1e-5, cpu_numba.IDENTITY, rm.numpy(),
+                                 rv.numpy(), 3)
+    close(torch.from_numpy(out.copy()), portable.bn_eval_forward(x.double(), rm.double(), rv.double(), w.double(),
+                                                                b.double(), 1e-5, "identity"), TOL[torch.float32])
+
+
 @pytest.mark.parametrize("groups,shape", [(4, (16, 32, 64, 128)), (32, (16, 32, 64, 128)), (1, (4096, 1024, 1)),
                                           (4, (16, 32, 129, 65))], ids=["group", "instance", "layer", "unaligned"])
 def test_streamed_group_norm_outputs_match_float64(groups, shape):

@@ -541,10 +541,11 @@ def _streams(out, row):
 @njit(inline="always")
 def _streams_ncs(out, row):
     """:func:`_streams` for the batch-norm (N, C, S) loops, which also stream rows that start or end mid-line
-    when a row holds _STREAM_MIDLINE_FROM bytes or more (see :func:`_line_split`)."""
+    when a row holds _STREAM_MIDLINE_FROM bytes or more (see :func:`_line_split`), if the elements lie on their
+    own alignment (a buffer viewed at an odd byte offset does not: its whole lines would not start on a line)."""
     wide = row * out.itemsize >= _STREAM_MIDLINE_FROM
     return _streams(out, row) or (_CAN_STREAM and wide and out.nbytes >= STREAM_FROM
-                                  and (out.itemsize == 4 or out.itemsize == 8))
+                                  and (out.itemsize == 4 or out.itemsize == 8) and _address(out) % out.itemsize == 0)
 
 
 @njit(inline="always")
