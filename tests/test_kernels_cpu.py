@@ -297,9 +297,9 @@ STREAMED = [((8, 16, 256, 128), None, 256 * 128), ((4096, 1024), None, 1024),
             ((128, 128, 14, 14), torch.float64, 196), ((512, 256, 7, 7), None, 49)]
 
 
-def _expect_streamed(shape, fmt, row, itemsize):
-    """Whether the batch-norm loops stream an output of ``shape`` (see ``cpu_numba._streams_ncs``)."""
-    ncs = len(shape) > 2 and fmt is None
+def _expect_streamed(ncs, row, itemsize):
+    """Whether the batch-norm loops stream an output with rows of ``row`` elements, in the (N, C, S) layout if
+    ``ncs`` (see ``cpu_numba._streams_ncs``)."""
     return cpu_numba._CAN_STREAM and (row * itemsize % 64 == 0 or (ncs and row * itemsize >= 512))
 
 
@@ -313,8 +313,9 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
     x = make(shape, fmt, dtype, gen=gen)
     assert x.numel() * x.element_size() >= cpu._k.STREAM_FROM
     out = torch.empty(x.numel(), dtype=dtype).numpy().reshape(-1, row)  # torch's allocator: 64-byte aligned
-    streams = cpu._k._streams_ncs if len(shape) > 2 and fmt is None else cpu._k._streams
-    assert streams(out, row) == _expect_streamed(shape, fmt, row, x.element_size())
+    ncs = len(shape) > 2 and fmt is None
+    streams = cpu._k._streams_ncs if ncs else cpu._k._streams
+    assert streams(out, row) == _expect_streamed(ncs, row, x.element_size())
     c = shape[1]
     w, b = torch.rand(c, generator=gen, dtype=dtype) + 0.5, torch.randn(c, generator=gen, dtype=dtype)
     x64, w64, b64 = x.double(), w.double(), b.double()

@@ -531,11 +531,16 @@ def _address(typingctx, arr):
 
 
 @njit(inline="always")
+def _large_output(out):
+    """Whether ``out`` is an output the loops may stream at all: x86, float32 or float64, STREAM_FROM bytes."""
+    return _CAN_STREAM and out.nbytes >= STREAM_FROM and (out.itemsize == 4 or out.itemsize == 8)
+
+
+@njit(inline="always")
 def _streams(out, row):
-    """Whether the loops write ``out`` (rows of ``row`` elements, contiguous) with streaming stores: x86, float32
-    or float64, at least STREAM_FROM bytes, every row starting on a 64-byte boundary."""
-    return (_CAN_STREAM and out.nbytes >= STREAM_FROM and (out.itemsize == 4 or out.itemsize == 8)
-            and (row * out.itemsize) % 64 == 0 and _address(out) % 64 == 0)
+    """Whether the loops write ``out`` (rows of ``row`` elements, contiguous) with streaming stores: a large
+    output (:func:`_large_output`) whose every row starts on a 64-byte boundary."""
+    return _large_output(out) and (row * out.itemsize) % 64 == 0 and _address(out) % 64 == 0
 
 
 @njit(inline="always")
@@ -543,9 +548,8 @@ def _streams_ncs(out, row):
     """:func:`_streams` for the batch-norm (N, C, S) loops, which also stream rows that start or end mid-line
     when a row holds _STREAM_MIDLINE_FROM bytes or more (see :func:`_line_split`), if the elements lie on their
     own alignment (a buffer viewed at an odd byte offset does not: its whole lines would not start on a line)."""
-    wide = row * out.itemsize >= _STREAM_MIDLINE_FROM
-    return _streams(out, row) or (_CAN_STREAM and wide and out.nbytes >= STREAM_FROM
-                                  and (out.itemsize == 4 or out.itemsize == 8) and _address(out) % out.itemsize == 0)
+    return _streams(out, row) or (_large_output(out) and row * out.itemsize >= _STREAM_MIDLINE_FROM
+                                  and _address(out) % out.itemsize == 0)
 
 
 @njit(inline="always")
