@@ -678,3 +678,28 @@ def test_large_outputs_start_on_a_cache_line(shape):
         assert y.data_ptr() % 64 == 0 and dx.data_ptr() % 64 == 0
     del mean, invstd
     close(y, portable.bn_train_forward(x, None, None, 1e-5)[0], 1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_bench_round_orders_balance_predecessors(n):
+    """Over a cycle of rounds each contender runs right after each other one equally often (a rotated order keeps
+    the same predecessor in every round but one)."""
+    from collections import Counter
+    from normlab.bench import round_orders
+    orders = round_orders(n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    follows = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1
+
+
+def test_bench_interleaved_runs_the_balanced_orders():
+    from normlab import bench
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    got = bench.timeit_interleaved(fns, budget=0.0, min_reps=5, warmup=0)
+    assert set(got) == set("abcd")
+    timed = calls[len(fns):]  # after one timing call each
+    rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert rounds == [["abcd"[i] for i in o] for o in (bench.round_orders(4) * 2)[:len(rounds)]]
+    assert len(rounds) == 8  # 5 requested, rounded up to whole cycles of 4

@@ -70,12 +70,34 @@ def timeit(fn, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: in
     return min(times) if STAT["name"] == "min" else statistics.median(times)
 
 
+def round_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` contenders for successive rounds in which each contender comes right after each other one
+    equally often (a Williams design: n rounds for even n, 2n for odd n; each round is a permutation).
+
+    Rotating one order does not do that: rotations of (a, b, c, d) keep a before b, b before c and c before d in
+    every round, so b always inherited what a left (a copy's dirty lines, a from-scratch layer's freed
+    temporaries) and a what d left."""
+    if n <= 1:
+        return [list(range(n))]
+    first = [0]
+    lo, hi = 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: int = 2,
                        log=None) -> dict:
     """Seconds per call of each ``fns[name]()``, measured in alternating rounds (one call of each contender per
-    round, in an order that rotates) so that a change of load on a shared host hits every contender alike, and
-    no contender always inherits the caches another left; ``budget`` seconds per contender. A contender that
-    raises during warm-up is reported through ``log`` and left out."""
+    round, in the orders of :func:`round_orders`) so that a change of load on a shared host hits every contender
+    alike, and each contender runs after each other one equally often (it inherits the caches, dirty lines and
+    allocator state its predecessor left); ``budget`` seconds per contender. A contender that raises during
+    warm-up is reported through ``log`` and left out."""
     live = {}
     for name, fn in fns.items():
         try:
@@ -93,11 +115,11 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
     reps = max(min_reps, min(max_reps, int(budget / max(slowest, 1e-7))))
     times: dict = {name: [] for name in live}
     order = list(live)
+    orders = round_orders(len(order))
+    if reps > len(orders):  # whole cycles of the design, where the budget allows more than one
+        reps = -(-reps // len(orders)) * len(orders)
     for r in range(reps):
-        # the order rotates every round, so that each contender follows each other one equally often: with a fixed
-        # order the first one always ran after the last (the from-scratch layer, whose temporaries flush the
-        # caches) and the second one always found the input in cache, just read by the first
-        for name in order[r % len(order):] + order[:r % len(order)]:
+        for name in (order[i] for i in orders[r % len(orders)]):
             fn = live[name][0]
             t0 = time.perf_counter()
             fn()
