@@ -303,7 +303,7 @@ def _group_norm_native(input: Tensor, weight, bias, groups: int, eps: float, lay
 
 
 def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_k: int = 0):
-    """``(y, mean, invstd)`` of group norm over (N, C, \*), statistics (N, G); or, with ``layer_k``, of layer norm
+    """``(y, mean, invstd)`` of group norm over (N, C, *), statistics (N, G); or, with ``layer_k``, of layer norm
     over the last ``layer_k`` values (weight and bias of that many values), statistics (M, 1). y has the input's
     shape (and is contiguous). The arguments are checked; the native glue has been tried where it could take the
     call (group and layer norm), so this is the Python glue."""
