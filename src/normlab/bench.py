@@ -464,21 +464,29 @@ def lenet(kind: str) -> nn.Module:
 
 
 def bench_lenet(batch, budget, log) -> list[Row]:
+    """One SGD step of LeNet-BN per contender, the contenders interleaved round by round (see
+    :func:`timeit_interleaved`: timed one after the other, a few seconds apart, the host's load moved the ratio
+    by more than the difference)."""
     x = torch.randn(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))
     row = Row("lenet", f"LeNet-BN step, batch {batch}", "train_step", x.numel() * 4 / 1e6)
-    for kind in ("normlab", "torch", "normlab_fused"):
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make_step(kind):
         torch.manual_seed(0)
         model = lenet(kind)
         opt = torch.optim.SGD(model.parameters(), lr=0.9)
-        loss_fn = nn.CrossEntropyLoss()
 
         def step():
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             opt.step()
+        return step
 
-        row.ms[kind] = timeit(step, budget * 2, warmup=3) * 1e3
+    got = timeit_interleaved({kind: make_step(kind) for kind in ("normlab", "torch", "normlab_fused")},
+                             budget * 2, warmup=3, log=log)
+    for kind, t in got.items():
+        row.ms[kind] = t * 1e3
         log(f"  {row.case} {kind:<14} {row.ms[kind]:9.3f} ms  ({batch / row.ms[kind] * 1e3:,.0f} examples/s)")
     return [row]
 
