@@ -394,6 +394,8 @@ def test_streamed_group_norm_outputs_match_float64(groups, shape):
     gen = torch.Generator().manual_seed(4)
     x = make(shape, None, torch.float32, gen=gen).reshape(shape[0], shape[1], -1)  # (N, C, S)
     assert x.numel() * 4 >= cpu._k.STREAM_FROM
+    if groups == 1:  # rows of 4 KB: the smallest layer-norm rows that stream
+        assert shape[1] * 4 == cpu._k._LN_STREAM_FROM
     c = shape[1]
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     dy = torch.randn(x.shape, generator=gen)

@@ -464,7 +464,8 @@ def _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt):
 STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much larger L3 would want more)
 # The per-sample norms' forward reads a (sample, group) block or a row for its statistics, then writes its output:
 # streaming that output measured slower where the block is small (3 KB: 2.8 -> 4.6 ms for 256x64x28x28 instance
-# norm; a 4 KB layer-norm row 0.9 -> 1.4 ms, 4096x1024 1.1 -> 1.6 ms), faster from 8 KB. Against a 24 KB threshold,
+# norm; an earlier measurement of 4 KB layer-norm rows, 4096x1024 1.1 -> 1.6 ms, was not confirmed in the bench's
+# rotation: see _LN_STREAM_FROM), faster from 8 KB. Against a 24 KB threshold,
 # A/B at 1 | 2 threads: layer norm 2048x4096 (16 KB rows) 4.7-4.8 -> 3.1-3.3 | 2.4 -> 1.2-1.7 ms, 4096x2048 (8 KB)
 # 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
 # ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
@@ -474,6 +475,13 @@ _STREAM_TASK_FROM = 8 << 10
 # ms plain against 2.0-2.4 streamed), while layer-norm rows of 8-16 KB measured faster (above)
 _GROUP_STREAM_FROM = _STREAM_TASK_FROM  # gn_fwd's threshold: its serial twin sees _GROUP_STREAM_ONE_THREAD_FROM
 _GROUP_STREAM_ONE_THREAD_FROM = 24 << 10
+# Layer-norm rows stream from 4 KB: in the bench's rotation (torch and a same-size copy between calls, so the
+# caches hold little of x), 4096x1024 forward at 2 threads, four process-alternating A/B runs of three
+# measurements: 1.25-1.93x of torch streamed against 0.98-1.22x plain (0.96-1.66 ms against 1.26-2.12); at 1
+# thread 0.67-1.21x against 0.83-1.17x, a wash. Standalone, caches flushed, 1 thread: rows of 3-4 KB 0.6-0.65x
+# of plain stores' time, 2 KB 0.75-0.8x, 1 KB at parity; but 16384x512 (2 KB rows) measured slower streamed in
+# the rotation at 1 thread (4.9-7.5 against 4.3-5.6 ms), hence 4 KB.
+_LN_STREAM_FROM = 4 << 10
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 _STREAM_MIDLINE_FROM = 512  # bytes per row: the (N, C, S) loops stream rows that start or end mid-line from here
 
@@ -1266,7 +1274,7 @@ def ln_fwd(x, y, w, b, eps, mean, invstd, nchunks):
     """x, y: (M, K); w, b: (K,) in the compute dtype; mean, invstd: (M,) in the compute dtype."""
     m_rows, k = x.shape
     step = (m_rows + nchunks - 1) // nchunks
-    stream = _streams(y, k) and k * y.itemsize >= _STREAM_TASK_FROM
+    stream = _streams(y, k) and k * y.itemsize >= _LN_STREAM_FROM
     for t in prange(nchunks):
         for r in range(t * step, min(t * step + step, m_rows)):
             mu, inv = _ln_row_fwd(x[r], y[r], w, b, eps, k, stream)
