@@ -260,7 +260,8 @@ def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
     monkeypatch.setattr(bench, "timeit_interleaved", spy)
     got, gbps = bench.timeit_with_copy({"a": lambda: None}, torch.randn(64, 64), 0.001)
     assert seen == [["a", bench.COPY]] and list(got) == ["a"] and gbps > 0
-    monkeypatch.setattr(bench, "timeit_with_copy", lambda fns, x, budget, log=None: ({k: 1e-3 for k in fns}, 123.0))
+    monkeypatch.setattr(bench, "timeit_with_copy",
+                        lambda fns, x, budget, log=None, rounds=None: ({k: 1e-3 for k in fns}, 123.0))
     rows = bench.bench_layers(["8x4x6x6"], ["normlab", "torch"], 0.001, log=lambda msg: None)
     rows += bench.bench_groupnorm(True, 0.001, log=lambda msg: None)
     assert rows and all(r.copy_gbps == 123.0 for r in rows)
@@ -705,3 +706,18 @@ def test_bench_interleaved_runs_the_balanced_orders():
     rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
     assert rounds == [["abcd"[i] for i in o] for o in (bench.round_orders(4) * 2)[:len(rounds)]]
     assert len(rounds) == 8  # 5 requested, rounded up to whole cycles of 4
+
+
+def test_bench_rounds_won_pairs_calls_within_a_round():
+    """``won`` counts the rounds in which normlab's call beat the other's in the same round (not a ratio of
+    medians), and leaves the copy out."""
+    from normlab import bench
+    rounds = {"normlab": [1.0, 3.0, 1.0, 5.0], "torch": [2.0, 2.0, 2.0, 2.0], bench.COPY: [9.0] * 4}
+    assert bench.rounds_won(rounds) == {"torch": 0.5}
+    assert bench.rounds_won({"torch": [1.0]}) == {}
+    seen = {}
+    calls = iter(range(100))
+    got = bench.timeit_interleaved({"normlab": lambda: next(calls), "torch": lambda: next(calls)}, budget=0.0,
+                                   min_reps=4, warmup=0, rounds=seen)
+    assert set(seen) == {"normlab", "torch"} and len(seen["normlab"]) == len(seen["torch"]) == 4
+    assert set(got) == {"normlab", "torch"}

@@ -8,13 +8,13 @@ Everything runs in one process, one after the other, on the same tensors:
 * ``scratch``  -- the d2l-style from-scratch layer: autograd through ``mean``, ``var`` and ``sqrt``.
 
 Modes: training forward (autograd recording, as in a training step), forward + backward, eval forward.
-Each number is the median of many repeats after warm-up (``--budget`` seconds per measurement). Bandwidth is
-the minimum traffic of a pass (forward 2 reads + 1 write, backward 4 reads + 1 write, eval 1 read + 1 write)
-divided by the time, as a fraction of the bandwidth of a copy (``dst.copy_(x)``, read + write) of the same
-tensor timed as one more contender in the same rotation -- so a tensor that fits in the last-level cache in part
-is compared with a copy that found the caches in the same states (see :func:`timeit_with_copy`). The copy
-bandwidth of a 512 MiB tensor (DRAM) is measured first and reported in the header; the summary gives the median
-fraction of both.
+Each number is the median of many repeats after warm-up (``--budget`` seconds per measurement), the contenders
+taking turns call by call; ``won`` is the fraction of those rounds in which normlab's call beat torch's. Bandwidth
+is the minimum traffic of a pass (forward 2 reads + 1 write, backward 4 reads + 1 write, eval 1 read + 1 write)
+divided by the time, as a fraction of the bandwidth of a copy (``dst.copy_(x)``, read + write) of the same tensor
+timed as one more contender in the same rotation -- so a tensor that fits in the last-level cache in part is
+compared with a copy that found the caches in the same states (see :func:`timeit_with_copy`). The copy bandwidth of
+a 512 MiB tensor (DRAM) is measured first and reported in the header; the summary gives the median fraction of both.
 Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
@@ -92,12 +92,13 @@ def round_orders(n: int) -> list[list[int]]:
 
 
 def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: int = 2,
-                       log=None) -> dict:
+                       log=None, rounds: dict | None = None) -> dict:
     """Seconds per call of each ``fns[name]()``, measured in alternating rounds (one call of each contender per
     round, in the orders of :func:`round_orders`) so that a change of load on a shared host hits every contender
     alike, and each contender runs after each other one equally often (it inherits the caches, dirty lines and
     allocator state its predecessor left); ``budget`` seconds per contender. A contender that raises during
-    warm-up is reported through ``log`` and left out."""
+    warm-up is reported through ``log`` and left out. ``rounds``, if given, receives each contender's seconds
+    round by round (equal-length lists: see :func:`rounds_won`)."""
     live = {}
     for name, fn in fns.items():
         try:
@@ -124,14 +125,28 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    if rounds is not None:
+        rounds.update(times)
     pick = min if STAT["name"] == "min" else statistics.median
     return {name: pick(ts) for name, ts in times.items()}
+
+
+def rounds_won(rounds: dict, ours: str = "normlab") -> dict:
+    """For each other contender, the fraction of rounds in which ``ours`` took less time than it: a paired
+    comparison (both calls ran within the same round, under the same load), which says how often a ratio of
+    medians near 1 goes either way."""
+    if ours not in rounds:
+        return {}
+    mine = rounds[ours]
+    return {name: sum(a < b for a, b in zip(mine, ts)) / len(mine)
+            for name, ts in rounds.items() if name not in (ours, COPY) and ts and len(ts) == len(mine)}
 
 
 COPY = "same-size copy"
 
 
-def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None) -> tuple[dict, float | None]:
+def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None,
+                     rounds: dict | None = None) -> tuple[dict, float | None]:
     """:func:`timeit_interleaved` of ``fns`` with ``dst.copy_(x)`` as one more contender in the same rotation:
     returns the contenders' seconds and the copy's GB/s (read + write), the bandwidth the same cache states allow.
 
@@ -139,7 +154,8 @@ def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None) -> tup
     left them in (81-94 GB/s here at 2 threads, against 34 GB/s for 512 MB), while the layers run after contenders
     that evict it: a fraction of that copy compared a cold pass with a warm one."""
     dst = torch.empty_like(x)
-    got = timeit_interleaved({**fns, COPY: synced(lambda: dst.copy_(x), x.device)}, budget, log=log)
+    got = timeit_interleaved({**fns, COPY: synced(lambda: dst.copy_(x), x.device)}, budget, log=log,
+                             rounds=rounds)
     t = got.pop(COPY, None)
     return got, (2 * x.numel() * x.element_size() / t / 1e9 if t else None)
 
@@ -281,6 +297,7 @@ class Row:
     saved_mb: dict = field(default_factory=dict)    # impl -> MB saved for backward
     gbps: float | None = None                       # normlab's minimum traffic / time
     copy_gbps: float | None = None                  # dst.copy_(x), same size, timed in the same rotation
+    won: dict = field(default_factory=dict)         # impl -> fraction of rounds in which normlab was faster
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
@@ -343,9 +360,11 @@ def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> 
             layer = make_layer(impl, shape[1], len(shape)).to(device)
             per_impl[impl] = modes_for(layer, x, dy)
         for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
+            rounds = {}
             got, by_mode[mode].copy_gbps = timeit_with_copy(
                 {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x, budget,
-                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"))
+                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"), rounds=rounds)
+            by_mode[mode].won = rounds_won(rounds)
             for impl, t in got.items():
                 by_mode[mode].ms[impl] = t * 1e3
                 log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.3f} ms")
@@ -379,8 +398,10 @@ def bench_fused(shapes, budget, log) -> list[Row]:
             by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
             per = {name: modes_for(layer, x, dy) for name, layer in contenders.items()}
             for mode in MODES:
+                rounds = {}
                 got, by_mode[mode].copy_gbps = timeit_with_copy(
-                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log)
+                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log, rounds=rounds)
+                by_mode[mode].won = rounds_won(rounds)
                 for name, t in got.items():
                     by_mode[mode].ms[name] = t * 1e3
                     log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {t * 1e3:9.3f} ms")
@@ -437,7 +458,9 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
                         _clear_grads(xg, w, b)
                         f(xg).backward(dy)
                     fns[name] = fn
-            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log)
+            rounds = {}
+            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds)
+            row.won = rounds_won(rounds)
             for name, t in got.items():
                 row.ms[name] = t * 1e3
                 log(f"  {case:>24} {mode:<14} {name:<8} {row.ms[name]:9.3f} ms")
@@ -483,8 +506,10 @@ def bench_lenet(batch, budget, log) -> list[Row]:
             opt.step()
         return step
 
+    rounds = {}
     got = timeit_interleaved({kind: make_step(kind) for kind in ("normlab", "torch", "normlab_fused")},
-                             budget * 2, warmup=3, log=log)
+                             budget * 2, warmup=3, log=log, rounds=rounds)
+    row.won = rounds_won(rounds)
     for kind, t in got.items():
         row.ms[kind] = t * 1e3
         log(f"  {row.case} {kind:<14} {row.ms[kind]:9.3f} ms  ({batch / row.ms[kind] * 1e3:,.0f} examples/s)")
@@ -519,14 +544,14 @@ def render(rows: list[Row], copy_gbps: float) -> str:
                  if any(k in r.ms for r in rs)]
         others = [k for k in impls if k != "normlab"]
         head = (f"{'case':<24} {'mode':<14} {'MB':>7} " + " ".join(f"{k + ' ms':>14}" for k in impls)
-                + " " + " ".join(f"{'x vs ' + k:>12}" for k in others) + f" {'GB/s':>7} {'%copy':>6}")
+                + " " + " ".join(f"{'x vs ' + k:>12}" for k in others) + f" {'won':>5} {'GB/s':>7} {'%copy':>6}")
         out += [f"== {name} ==", head, "-" * len(head)]
         for r in rs:
             frac = None if r.gbps is None else r.gbps / (r.copy_gbps or copy_gbps)
             out.append(f"{r.case:<24} {r.mode:<14} {r.mbytes:7.1f} "
                        + " ".join(f"{_fmt(r.ms.get(k), '.3f'):>14}" for k in impls) + " "
                        + " ".join(f"{_fmt(_ratio(r, k)):>12}" for k in others)
-                       + f" {_fmt(r.gbps, '.1f'):>7} {_fmt(frac, '.0%'):>6}")
+                       + f" {_fmt(r.won.get('torch'), '.0%'):>5} {_fmt(r.gbps, '.1f'):>7} {_fmt(frac, '.0%'):>6}")
         saved = [r for r in rs if r.saved_mb]
         if saved:
             out.append("saved for backward (MB): " + "; ".join(
@@ -545,6 +570,10 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
         vals = [(_ratio(r, other), r.case) for r in lay if r.mode == mode and _ratio(r, other)]
         return min(vals) if vals else None
 
+    def fewest_won(mode):
+        vals = [(r.won["torch"], r.case) for r in lay if r.mode == mode and "torch" in r.won]
+        return min(vals) if vals else None
+
     big = [r for r in lay if r.mbytes >= 25 and r.gbps]
     frac = [r.gbps / (r.copy_gbps or copy_gbps) for r in big]  # against the same-size copy, same rotation
     frac_large = [r.gbps / copy_gbps for r in big]  # against the large copy measured first
@@ -559,6 +588,7 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
     return {
         "train_fwd_bwd_geomean_vs_torch": gm("train_fwd_bwd", "torch"),
         "train_fwd_bwd_worst_vs_torch": worst("train_fwd_bwd", "torch"),
+        "train_fwd_bwd_fewest_rounds_won_vs_torch": fewest_won("train_fwd_bwd"),
         "train_fwd_geomean_vs_torch": gm("train_fwd", "torch"),
         "eval_geomean_vs_torch": gm("eval_fwd", "torch"),
         "eval_worst_vs_torch": worst("eval_fwd", "torch"),
@@ -682,6 +712,7 @@ def run(args) -> int:
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
     print(f"normlab bench -- {machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
           f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's; "
+          f"won: rounds in which normlab's call took less time than torch's in the same round; "
           f"%copy: normlab's minimum traffic per second against a same-size copy timed in the same rotation")
     print(render(rows, copy_gbps))
     print("summary:")
