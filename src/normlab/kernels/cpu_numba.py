@@ -341,17 +341,28 @@ def _merge_moments(s1, s2, cnt, m1):
     """m1[0, c], m1[1, c] = mean and second moment of x - shift[c], from the per-run float64 partial sums s1, s2
     (runs x C). Returns whether some channel's shift lies far from its mean (> sqrt(3) standard deviations, so
     q - m^2 would lose more than 2 bits) and the sums should be taken again around the mean."""
+    t1 = _column_sums(s1)
+    t2 = _column_sums(s2)
     redo = False
-    for c in range(s1.shape[1]):
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(s1.shape[0]):
-            t1 += s1[k, c]
-            t2 += s2[k, c]
-        m1[0, c] = t1 / cnt
-        m1[1, c] = t2 / cnt
+    for c in range(t1.size):
+        m1[0, c] = t1[c] / cnt
+        m1[1, c] = t2[c] / cnt
         redo = redo or m1[0, c] * m1[0, c] > 0.75 * m1[1, c]
     return redo
+
+
+@njit(**_OPTS)
+def _column_sums(parts):
+    """The column sums of (runs, C) float64 partials, added in run order a whole row at a time (a column at a
+    time, a loop over the runs per channel, did not vectorize: (8, 1024) 16 us). One run: its row (a view)."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    out = np.zeros(parts.shape[1])
+    for k in range(parts.shape[0]):
+        row = parts[k]
+        for c in range(row.size):
+            out[c] += row[c]
+    return out
 
 
 @njit(**_OPTS)
@@ -409,16 +420,11 @@ def _grad_coefficients(w, b, mean, invstd):
 def _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db):
     """db = sum g, dw = sum g * xhat from the per-run sums of g and g * (x - x0), and dx's coefficients
     (k_g, k_d, k_0; k_d and k_0 are zero in evaluation mode, where the statistics are constants)."""
-    t1s = np.empty(mu.size)
+    t1s = _column_sums(sg)
+    sums_gd = _column_sums(sgd)
     t2s = np.empty(mu.size)
     for c in range(mu.size):
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(sg.shape[0]):
-            t1 += sg[k, c]
-            t2 += sgd[k, c]
-        t1s[c] = t1
-        t2s[c] = np.float64(invstd[c]) * (t2 - mu[c] * t1)
+        t2s[c] = np.float64(invstd[c]) * (sums_gd[c] - mu[c] * t1s[c])
         db[c] = t1s[c]
         dw[c] = t2s[c]
     return _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt)
