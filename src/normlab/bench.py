@@ -70,6 +70,9 @@ def timeit(fn, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: in
     return min(times) if STAT["name"] == "min" else statistics.median(times)
 
 
+COPY = "same-size copy"
+
+
 def round_orders(n: int) -> list[list[int]]:
     """Orders of ``n`` contenders for successive rounds in which each contender comes right after each other one
     equally often (a Williams design: n rounds for even n, 2n for odd n; each round is a permutation).
@@ -79,14 +82,7 @@ def round_orders(n: int) -> list[list[int]]:
     temporaries) and a what d left."""
     if n <= 1:
         return [list(range(n))]
-    first = [0]
-    lo, hi = 1, n - 1
-    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
-        first.append(lo)
-        lo += 1
-        if len(first) < n:
-            first.append(hi)
-            hi -= 1
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
     rows = [[(v + i) % n for v in first] for i in range(n)]
     return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
@@ -141,8 +137,6 @@ def rounds_won(rounds: dict, ours: str = "normlab") -> dict:
     return {name: sum(a < b for a, b in zip(mine, ts)) / len(mine)
             for name, ts in rounds.items() if name not in (ours, COPY) and ts and len(ts) == len(mine)}
 
-
-COPY = "same-size copy"
 
 
 def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None,

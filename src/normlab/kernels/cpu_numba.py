@@ -341,28 +341,26 @@ def _merge_moments(s1, s2, cnt, m1):
     """m1[0, c], m1[1, c] = mean and second moment of x - shift[c], from the per-run float64 partial sums s1, s2
     (runs x C). Returns whether some channel's shift lies far from its mean (> sqrt(3) standard deviations, so
     q - m^2 would lose more than 2 bits) and the sums should be taken again around the mean."""
-    t1 = _column_sums(s1)
-    t2 = _column_sums(s2)
+    _column_sums(s1, m1[0])
+    _column_sums(s2, m1[1])
     redo = False
-    for c in range(t1.size):
-        m1[0, c] = t1[c] / cnt
-        m1[1, c] = t2[c] / cnt
+    for c in range(m1.shape[1]):
+        m1[0, c] /= cnt
+        m1[1, c] /= cnt
         redo = redo or m1[0, c] * m1[0, c] > 0.75 * m1[1, c]
     return redo
 
 
 @njit(**_OPTS)
-def _column_sums(parts):
-    """The column sums of (runs, C) float64 partials, added in run order a whole row at a time (a column at a
-    time, a loop over the runs per channel, did not vectorize: (8, 1024) 16 us). One run: its row (a view)."""
-    if parts.shape[0] == 1:
-        return parts[0]
-    out = np.zeros(parts.shape[1])
+def _column_sums(parts, out):
+    """out (float64) = the column sums of the (runs, n) partials, added in float64 in run order, a whole row at a
+    time: a column at a time (a loop over the runs per column) did not vectorize, (8, 1024) 16 us against 6, and
+    on layer norm's K-wide partials cost more than the backward's rows (1x16384: 54 us against ~4)."""
+    out[:] = 0.0
     for k in range(parts.shape[0]):
         row = parts[k]
         for c in range(row.size):
             out[c] += row[c]
-    return out
 
 
 @njit(**_OPTS)
@@ -420,11 +418,12 @@ def _grad_coefficients(w, b, mean, invstd):
 def _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db):
     """db = sum g, dw = sum g * xhat from the per-run sums of g and g * (x - x0), and dx's coefficients
     (k_g, k_d, k_0; k_d and k_0 are zero in evaluation mode, where the statistics are constants)."""
-    t1s = _column_sums(sg)
-    sums_gd = _column_sums(sgd)
+    t1s = np.empty(mu.size)
     t2s = np.empty(mu.size)
+    _column_sums(sg, t1s)
+    _column_sums(sgd, t2s)
     for c in range(mu.size):
-        t2s[c] = np.float64(invstd[c]) * (sums_gd[c] - mu[c] * t1s[c])
+        t2s[c] = np.float64(invstd[c]) * (t2s[c] - mu[c] * t1s[c])
         db[c] = t1s[c]
         dw[c] = t2s[c]
     return _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt)
@@ -1358,23 +1357,14 @@ def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
             _ln_row_bwd(dy[r], x[r], w, mu, inv, k, need_dx, need_wb, dx[r], dwp[t], dbp[t], stream)
         if stream:
             _stream_fence()
-    if need_wb and not one:
-        _merge_rows(dwp, dw)
-        _merge_rows(dbp, db)
-
-
-@njit(**_OPTS)
-def _merge_rows(parts, out):
-    """out = the column sums of the (chunks, K) partials, added in float64 in chunk order, a whole row at a time:
-    a column at a time (for each k, a loop over the chunks) did not vectorize and cost more than the backward's
-    loops on few long rows (1x16384: 54 us against ~4 us for the rows' own work)."""
-    acc = np.zeros(parts.shape[1], dtype=np.float64)
-    for t in range(parts.shape[0]):
-        row = parts[t]
-        for i in range(row.size):
-            acc[i] += row[i]
-    for i in range(acc.size):
-        out[i] = acc[i]
+    if need_wb and not one:  # the partials merged in float64 (see _column_sums)
+        acc = np.empty(k)
+        _column_sums(dwp, acc)
+        for i in range(k):
+            dw[i] = acc[i]
+        _column_sums(dbp, acc)
+        for i in range(k):
+            db[i] = acc[i]
 
 
 @njit(cache=True)
