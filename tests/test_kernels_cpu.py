@@ -261,7 +261,7 @@ def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
     got, gbps = bench.timeit_with_copy({"a": lambda: None}, torch.randn(64, 64), 0.001)
     assert seen == [["a", bench.COPY]] and list(got) == ["a"] and gbps > 0
     monkeypatch.setattr(bench, "timeit_with_copy",
-                        lambda fns, x, budget, log=None, rounds=None: ({k: 1e-3 for k in fns}, 123.0))
+                        lambda fns, x, budget, log=None, rounds=None, faults=None: ({k: 1e-3 for k in fns}, 123.0))
     rows = bench.bench_layers(["8x4x6x6"], ["normlab", "torch"], 0.001, log=lambda msg: None)
     rows += bench.bench_groupnorm(True, 0.001, log=lambda msg: None)
     assert rows and all(r.copy_gbps == 123.0 for r in rows)
@@ -721,3 +721,27 @@ def test_bench_rounds_won_pairs_calls_within_a_round():
                                    min_reps=4, warmup=0, rounds=seen)
     assert set(seen) == {"normlab", "torch"} and len(seen["normlab"]) == len(seen["torch"]) == 4
     assert set(got) == {"normlab", "torch"}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="page faults come from the resource module (Unix)")
+def test_bench_counts_page_faults_per_call():
+    """A contender that writes freshly mapped memory on every call pays one fault per 4 KiB page, one that does
+    not pays none; the table names the rows with faults (the heap state, not the kernel)."""
+    import mmap
+    from normlab import bench
+
+    def fresh():
+        block = mmap.mmap(-1, 64 * 4096)
+        block[::4096] = b"x" * 64  # one write per page
+        block.close()
+
+    faults = {}
+    bench.timeit_interleaved({"normlab": lambda: None, "torch": fresh}, budget=0.0, min_reps=6, warmup=1,
+                             faults=faults)
+    assert faults["normlab"] == 0 and faults["torch"] >= 64
+    row = bench.Row("layers", "8x4", "train_fwd", 0.1, ms={"normlab": 1.0, "torch": 2.0}, faults=faults)
+    table = bench.render([row], 10.0)
+    assert "page faults per call" in table and "8x4 train_fwd: normlab 0, torch" in table
+    quiet = bench.Row("layers", "8x4", "train_fwd", 0.1, ms={"normlab": 1.0, "torch": 2.0},
+                      faults={"normlab": 0, "torch": 0})
+    assert "page faults" not in bench.render([quiet], 10.0)

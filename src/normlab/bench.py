@@ -33,6 +33,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 import torch
 from torch import nn
 
@@ -87,14 +92,21 @@ def round_orders(n: int) -> list[list[int]]:
     return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
+def _minor_faults() -> int:
+    """Page faults this process has taken without I/O so far (0 where ``resource`` is missing: Windows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: int = 200, warmup: int = 2,
-                       log=None, rounds: dict | None = None) -> dict:
+                       log=None, rounds: dict | None = None, faults: dict | None = None) -> dict:
     """Seconds per call of each ``fns[name]()``, measured in alternating rounds (one call of each contender per
     round, in the orders of :func:`round_orders`) so that a change of load on a shared host hits every contender
     alike, and each contender runs after each other one equally often (it inherits the caches, dirty lines and
     allocator state its predecessor left); ``budget`` seconds per contender. A contender that raises during
     warm-up is reported through ``log`` and left out. ``rounds``, if given, receives each contender's seconds
-    round by round (equal-length lists: see :func:`rounds_won`)."""
+    round by round (equal-length lists: see :func:`rounds_won`); ``faults``, if given, each contender's median
+    page faults per call (counted outside the timed call): a call that draws freshly mapped memory pays one per
+    4 KiB page, which says whether a ratio measured the kernels or the heap state that the other contenders left."""
     live = {}
     for name, fn in fns.items():
         try:
@@ -111,6 +123,7 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
     slowest = max(one for _, one in live.values())
     reps = max(min_reps, min(max_reps, int(budget / max(slowest, 1e-7))))
     times: dict = {name: [] for name in live}
+    faulted: dict = {name: [] for name in live}
     order = list(live)
     orders = round_orders(len(order))
     if reps > len(orders):  # whole cycles of the design, where the budget allows more than one
@@ -118,11 +131,15 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
     for r in range(reps):
         for name in (order[i] for i in orders[r % len(orders)]):
             fn = live[name][0]
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            faulted[name].append(_minor_faults() - f0)
     if rounds is not None:
         rounds.update(times)
+    if faults is not None:
+        faults.update({name: statistics.median(fs) for name, fs in faulted.items() if name != COPY})
     pick = min if STAT["name"] == "min" else statistics.median
     return {name: pick(ts) for name, ts in times.items()}
 
@@ -139,8 +156,8 @@ def rounds_won(rounds: dict, ours: str = "normlab") -> dict:
 
 
 
-def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None,
-                     rounds: dict | None = None) -> tuple[dict, float | None]:
+def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None, rounds: dict | None = None,
+                     faults: dict | None = None) -> tuple[dict, float | None]:
     """:func:`timeit_interleaved` of ``fns`` with ``dst.copy_(x)`` as one more contender in the same rotation:
     returns the contenders' seconds and the copy's GB/s (read + write), the bandwidth the same cache states allow.
 
@@ -149,7 +166,7 @@ def timeit_with_copy(fns: dict, x: torch.Tensor, budget: float, log=None,
     that evict it: a fraction of that copy compared a cold pass with a warm one."""
     dst = torch.empty_like(x)
     got = timeit_interleaved({**fns, COPY: synced(lambda: dst.copy_(x), x.device)}, budget, log=log,
-                             rounds=rounds)
+                             rounds=rounds, faults=faults)
     t = got.pop(COPY, None)
     return got, (2 * x.numel() * x.element_size() / t / 1e9 if t else None)
 
@@ -292,6 +309,7 @@ class Row:
     gbps: float | None = None                       # normlab's minimum traffic / time
     copy_gbps: float | None = None                  # dst.copy_(x), same size, timed in the same rotation
     won: dict = field(default_factory=dict)         # impl -> fraction of rounds in which normlab was faster
+    faults: dict = field(default_factory=dict)      # impl -> median page faults per call
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
@@ -357,7 +375,7 @@ def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> 
             rounds = {}
             got, by_mode[mode].copy_gbps = timeit_with_copy(
                 {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x, budget,
-                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"), rounds=rounds)
+                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"), rounds=rounds, faults=by_mode[mode].faults)
             by_mode[mode].won = rounds_won(rounds)
             for impl, t in got.items():
                 by_mode[mode].ms[impl] = t * 1e3
@@ -394,7 +412,8 @@ def bench_fused(shapes, budget, log) -> list[Row]:
             for mode in MODES:
                 rounds = {}
                 got, by_mode[mode].copy_gbps = timeit_with_copy(
-                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log, rounds=rounds)
+                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log, rounds=rounds,
+                    faults=by_mode[mode].faults)
                 by_mode[mode].won = rounds_won(rounds)
                 for name, t in got.items():
                     by_mode[mode].ms[name] = t * 1e3
@@ -453,7 +472,7 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
                         f(xg).backward(dy)
                     fns[name] = fn
             rounds = {}
-            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds)
+            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
             row.won = rounds_won(rounds)
             for name, t in got.items():
                 row.ms[name] = t * 1e3
@@ -546,6 +565,10 @@ def render(rows: list[Row], copy_gbps: float) -> str:
                        + " ".join(f"{_fmt(r.ms.get(k), '.3f'):>14}" for k in impls) + " "
                        + " ".join(f"{_fmt(_ratio(r, k)):>12}" for k in others)
                        + f" {_fmt(r.won.get('torch'), '.0%'):>5} {_fmt(r.gbps, '.1f'):>7} {_fmt(frac, '.0%'):>6}")
+        faulting = [r for r in rs if any(r.faults.values())]
+        if faulting:
+            out.append("page faults per call, median (fresh pages: the heap state, not the kernel): " + "; ".join(
+                f"{r.case} {r.mode}: " + ", ".join(f"{k} {v:g}" for k, v in r.faults.items()) for r in faulting))
         saved = [r for r in rs if r.saved_mb]
         if saved:
             out.append("saved for backward (MB): " + "; ".join(
