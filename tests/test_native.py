@@ -330,11 +330,12 @@ def test_group_norm_family_gradcheck_and_double_backward(form):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
-SPLIT_LAYERS = [  # past native.GROUP_SPLIT_FROM elements: one run of samples (rows) per torch thread
+SPLIT_LAYERS = [  # past native.GROUP_SPLIT_FROM elements: the forward runs one run of samples (rows) per torch thread
     ("GroupNorm", (8, 32), {}, (16, 32, 8, 8)),
     ("InstanceNorm2d", (16,), {"affine": True}, (3, 16, 32, 24)),  # 3 samples over 2 runs: uneven
-    ("LayerNorm", (300,), {}, (128, 300)),
+    ("LayerNorm", (300,), {}, (128, 300)),  # the backward too (past GROUP_BACKWARD_SPLIT_FROM)
     ("LayerNorm", (300,), {"elementwise_affine": False}, (2, 64, 300)),
+    ("LayerNorm", (256,), {}, (63, 256)),  # a forward split over threads, a backward on one: 63 rows, uneven
 ]
 
 

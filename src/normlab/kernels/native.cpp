@@ -105,8 +105,10 @@ void with_loops(const Tensor& x, F&& f) {
 int64_t below_one_thread = 0, below_threads = 0;
 // the rows layout as rows of up to lanes_max values (k rows of C as one of k * C) from lanes_from elements
 int64_t lanes_from = std::numeric_limits<int64_t>::max(), lanes_max = 0;
-// inputs of this many elements and more are split over torch's threads: group, layer and instance norm; batch norm
-int64_t parallel_from = std::numeric_limits<int64_t>::max(), bn_parallel_from = std::numeric_limits<int64_t>::max();
+// inputs of this many elements and more are split over torch's threads: group, layer and instance norm (forward,
+// backward); batch norm
+int64_t parallel_from = std::numeric_limits<int64_t>::max(), backward_parallel_from = parallel_from,
+        bn_parallel_from = parallel_from;
 
 constexpr int64_t kUnsupported = -1;  // status: the Python glue takes this call
 constexpr int64_t kNoLoops = -2;      // status: load this dtype's loops (set_loops), then call again
@@ -618,9 +620,10 @@ struct GroupCall {
   bool layer = false;  // G = 1 and S = 1: the layer-norm loops on (M, K)
 };
 
-// Samples are independent: with more than one torch thread, inputs of parallel_from elements and more are split
-// into one run of samples (rows, for layer norm) per thread (see runs_for).
-int64_t group_runs(const GroupCall& g) { return runs_for(g.n, g.n * g.c * g.s, parallel_from); }
+// Samples are independent: with more than one torch thread, inputs of `from` elements and more (parallel_from
+// forward, backward_parallel_from backward) are split into one run of samples (rows, for layer norm) per thread
+// (see runs_for).
+int64_t group_runs(const GroupCall& g, int64_t from) { return runs_for(g.n, g.n * g.c * g.s, from); }
 
 template <typename T>
 void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
@@ -628,7 +631,7 @@ void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x,
   const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups;
   const T *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b);
   T *yp = mp<T>(y), *mp_ = mp<T>(mean), *ip = mp<T>(invstd);
-  over_runs(g.n, group_runs(g), [&](int64_t, int64_t lo, int64_t hi) {
+  over_runs(g.n, group_runs(g, parallel_from), [&](int64_t, int64_t lo, int64_t hi) {
     if (g.layer) {
       k.ln_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo, ip + lo, hi - lo, g.c, g.eps);
     } else {
@@ -644,7 +647,7 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
                           const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
-  const int64_t runs = group_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups;
+  const int64_t runs = group_runs(g, backward_parallel_from), per = g.c * g.s, stats = g.layer ? 1 : g.groups;
   RunPartials<T> partial(runs, g.c);
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
   T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
@@ -767,12 +770,13 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
 }
 
 void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes, int64_t split_from,
-               int64_t bn_split_from) {
+               int64_t backward_split_from, int64_t bn_split_from) {
   below_one_thread = one_thread;
   below_threads = threads;
   lanes_from = lanes_from_numel;
   lanes_max = lanes;
   parallel_from = split_from;
+  backward_parallel_from = backward_split_from;
   bn_parallel_from = bn_split_from;
 }
 
@@ -793,9 +797,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
   m.def("configure", &configure,
-        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from, bn_parallel_from): the "
-        "sizes this glue takes (with one torch thread, with more), the lanes of the rows layout, and the sizes from "
-        "which group norm's and batch norm's inputs are split over torch's threads");
+        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from, backward_parallel_from, "
+        "bn_parallel_from): the sizes this glue takes (with one torch thread, with more), the lanes of the rows "
+        "layout, and the sizes from which group norm's forward and backward and batch norm's inputs are split over "
+        "torch's threads");
   m.attr("UNSUPPORTED") = kUnsupported;
   m.attr("NO_LOOPS") = kNoLoops;
 }

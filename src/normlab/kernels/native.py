@@ -1,6 +1,7 @@
 """The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs below 4M elements with no
 Python between the checks, the allocations, the numba loops and the autograd node; from a few ten thousand
-elements it splits the work over torch's threads itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`).
+elements it splits the work over torch's threads itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`,
+:data:`GROUP_BACKWARD_SPLIT_FROM`).
 
 Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but the Python glue of
 :mod:`normlab.kernels.cpu` around them (tensor -> numpy views, allocations, checks, a Python autograd node) took
@@ -102,24 +103,32 @@ def load(build_missing: bool = False):
 
 # Inputs below these sizes (elements) take the native glue; larger ones the Python glue (its output pool serves
 # outputs of 32 MiB and more without page faults). With more than one torch thread, the native glue splits batch
-# norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM, into one
-# run of rows or samples per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread.
+# norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward)
+# or GROUP_BACKWARD_SPLIT_FROM (backward), into one run of rows or samples per thread on torch's own pool
+# (at::parallel_for); smaller ones run on the calling thread.
 # Measured with `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn:
 # 2 threads, (256, 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread,
 # (256, 6, 28, 28) 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs
 # measured no better than with the Python glue. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
 # (16K elements) measured slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two
 # alternations at 2 threads): LN (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024)
-# forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases within noise. Kept at 32K.
+# forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now
+# split from sizes of their own (2026-12-02, later; one process, both settings alternating call by call in the
+# bench's balanced orders, 2 threads, two runs): a forward split from 8K elements and a backward from 32K (its runs
+# add their dweight/dbias partials) against both from 32K: LN (64, 256) forward 19.0-19.2 -> 17.6-18.3 us,
+# forward+backward 73.0-73.6 -> 69.9-70.7 us; LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8)
+# forward 16.3-20.9 -> 15.2-18.8 us; none slower beyond the runs' spread. A backward split from 4K as well cost
+# LN (16, 1024) and (8, 2048) forward+backward 73-80 us against 67-69; from 128K it helped none consistently.
 BELOW_ONE_THREAD = BELOW_THREADS = 1 << 22
-GROUP_SPLIT_FROM = 1 << 15
+GROUP_SPLIT_FROM = 1 << 13
+GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
 
 
 def configure(module, cpu) -> None:
     """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
     module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
-                     BN_SPLIT_FROM)
+                     GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM)
 
 
 def set_loops(module, dtype: torch.dtype) -> None:
@@ -131,7 +140,8 @@ def set_loops(module, dtype: torch.dtype) -> None:
     module.set_loops(str(dtype).removeprefix("torch."), list(cpu_numba.c_entry_points(np_dtype)))
 
 
-__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "GROUP_SPLIT_FROM", "BN_SPLIT_FROM", "cache_dir",
+__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "GROUP_SPLIT_FROM", "GROUP_BACKWARD_SPLIT_FROM",
+           "BN_SPLIT_FROM", "cache_dir",
            "library_path", "build", "load", "configure", "set_loops"]
 
 
