@@ -409,6 +409,34 @@ def test_streamed_group_norm_outputs_match_float64(groups, shape):
         close(g, r, 1e-4, rel=True)
 
 
+@pytest.mark.parametrize("groups", [8, 256], ids=["group", "instance"])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_group_norm_streams_midline_rows_at_any_offset(groups, offset):
+    """Group and instance norm stream y and dx of 14x14 images (784-byte channel rows that start and end mid-line)
+    at any offset of the output from a cache line, in the parallel kernels and their serial twins: against
+    float64, and nothing written outside the output. (Instance norm's 784-byte blocks keep plain stores forward.)"""
+    shape = (128, 256, 196)
+    gen = torch.Generator().manual_seed(7)
+    x, dy = make(shape, None, torch.float32, gen=gen), make(shape, None, torch.float32, scale=1.0, loc=0.0, gen=gen)
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    y64, mean64, invstd64 = portable.gn_forward(x.double(), w.double(), b.double(), groups, 1e-5)
+    dx64 = portable.gn_backward(dy.double(), x.double(), w.double(), mean64, invstd64, groups)[0]
+    raw = torch.zeros(x.numel() + 16)
+    out = raw[offset:offset + x.numel()].view(shape)
+    o, xa, dya, wa, ba = out.numpy(), x.numpy(), dy.numpy(), w.numpy(), b.numpy()
+    assert cpu_numba._streams_ncs(o, shape[2]) == cpu_numba._CAN_STREAM
+    mean, invstd = torch.empty(shape[0], groups).numpy(), torch.empty(shape[0], groups).numpy()
+    dw_part, db_part = (torch.empty(shape[0], c, dtype=torch.float64).numpy() for _ in range(2))
+    for fwd, bwd in ((cpu_numba.gn_fwd, cpu_numba.gn_bwd), (cpu_numba.gn_fwd.serial, cpu_numba.gn_bwd.serial)):
+        out.zero_()
+        fwd(xa, o, wa, ba, groups, 1e-5, mean, invstd)
+        close(out, y64, TOL[torch.float32])
+        bwd(dya, xa, wa, mean, invstd, groups, True, o, dw_part, db_part)
+        close(out, dx64, TOL[torch.float32], rel=True)
+        assert not raw[:offset].any() and not raw[offset + x.numel():].any()
+
+
 # ------------------------------------------------------------------------------------------------------
 # layer norm: the dedicated row kernel (group norm with G = 1 on (M, K, 1))
 # ------------------------------------------------------------------------------------------------------

@@ -441,6 +441,8 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
     import normlab.functional as NF
     cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else [
         ("gn", (32, 64, 56, 56), 32), ("gn", (256, 64, 28, 28), 8), ("in", (32, 64, 56, 56), 64),
+        # 14x14 images: channel rows that start and end mid-line, 6 KB groups
+        ("gn", (128, 256, 14, 14), 32),
         ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None),
         # small layers, where per-call overhead decides; few long rows, where dweight/dbias's merge does
         ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]

@@ -473,8 +473,10 @@ STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much l
 # rotation: see _LN_STREAM_FROM), faster from 8 KB. Against a 24 KB threshold,
 # A/B at 1 | 2 threads: layer norm 2048x4096 (16 KB rows) 4.7-4.8 -> 3.1-3.3 | 2.4 -> 1.2-1.7 ms, 4096x2048 (8 KB)
 # 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
-# ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
-_STREAM_TASK_FROM = 8 << 10
+# ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms). From 6 KB, not 8 (2026-12-02): group norm
+# (32, 256) on 128x256x14x14, 6.1 KB blocks, forward at 2 threads 0.94-0.97x of torch plain against 1.21-1.23x
+# streamed (two process-alternating A/B runs), with 14x14 rows streamed mid-line (_gn_y_row_streamed)
+_STREAM_TASK_FROM = 6 << 10
 # ... except the group/instance-norm forward on one thread (its serial twin), which streams blocks of 24 KB and
 # more: there the 12.5 KB instance-norm blocks of 32x64x56x56 measured slower streamed in four A/B runs (1.8-2.1
 # ms plain against 2.0-2.4 streamed), while layer-norm rows of 8-16 KB measured faster (above)
@@ -1081,6 +1083,48 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _gn_y(xv, shift, m_s, a, bc, out):
+    """group norm's y of one element, in ``out``'s storage type"""
+    return down(((up(xv) - shift) - m_s) * a + bc, out)
+
+
+@njit(inline="always")
+def _gn_y_row_streamed(xr, yr, shift, m_s, a, bc):
+    """One channel's y = _gn_y(x) with streaming stores; a row that starts or ends mid-line (14x14 images) writes
+    its partial lines with scalar ones (as batch norm's _eval_rows_loop)."""
+    h, e = _line_split(yr)
+    for i in range(h):
+        _store_stream_one(yr, i, _gn_y(xr[i], shift, m_s, a, bc, yr))
+    xb = xr[h:e]
+    yb = yr[h:e]
+    for i in range(yb.size):
+        _store_stream(yb, i, _gn_y(xb[i], shift, m_s, a, bc, yr))
+    for i in range(e, yr.size):
+        _store_stream_one(yr, i, _gn_y(xr[i], shift, m_s, a, bc, yr))
+
+
+@njit(inline="always")
+def _gn_dx(xv, dyv, mu, inv, k_g, k_x, k_0, out):
+    """group norm's dx of one element, in ``out``'s storage type"""
+    return down(up(dyv) * k_g + (up(xv) - mu) * inv * k_x + k_0, out)
+
+
+@njit(inline="always")
+def _gn_dx_row_streamed(xr, dyr, dxr, mu, inv, k_g, k_x, k_0):
+    """One channel's dx = _gn_dx(x, dy) with streaming stores, partial lines with scalar ones."""
+    h, e = _line_split(dxr)
+    for i in range(h):
+        _store_stream_one(dxr, i, _gn_dx(xr[i], dyr[i], mu, inv, k_g, k_x, k_0, dxr))
+    xb = xr[h:e]
+    dyb = dyr[h:e]
+    dxb = dxr[h:e]
+    for i in range(dxb.size):
+        _store_stream(dxb, i, _gn_dx(xb[i], dyb[i], mu, inv, k_g, k_x, k_0, dxr))
+    for i in range(e, dxr.size):
+        _store_stream_one(dxr, i, _gn_dx(xr[i], dyr[i], mu, inv, k_g, k_x, k_0, dxr))
+
+
 @_kernel(_GROUP_STREAM_FROM=_GROUP_STREAM_ONE_THREAD_FROM)
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
@@ -1088,7 +1132,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     cnt = cg * ns
     x2 = x.reshape(nb, nc * ns)
     y2 = y.reshape(nb, nc * ns)
-    stream = _streams(y, ns) and cnt * y.itemsize >= _GROUP_STREAM_FROM
+    stream = _streams_ncs(y, ns) and cnt * y.itemsize >= _GROUP_STREAM_FROM
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
@@ -1143,11 +1187,10 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
             xr = xt[j * ns:(j + 1) * ns]
             yr = yt[j * ns:(j + 1) * ns]
             if stream:
-                for s in range(ns):
-                    _store_stream(yr, s, down(((up(xr[s]) - shift) - m_s) * a + bc, yr))
+                _gn_y_row_streamed(xr, yr, shift, m_s, a, bc)
             else:
                 for s in range(ns):
-                    yr[s] = down(((up(xr[s]) - shift) - m_s) * a + bc, yr)
+                    yr[s] = _gn_y(xr[s], shift, m_s, a, bc, yr)
         if stream:  # one fence per (sample, group) task: as fast as one per run of tasks
             _stream_fence()
 
@@ -1161,7 +1204,7 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     x2 = x.reshape(nb, nc * ns)
     dy2 = dy.reshape(nb, nc * ns)
     dx2 = dx.reshape(dx.shape[0], dx.shape[1] * dx.shape[2])
-    stream = need_dx and _streams(dx, ns)
+    stream = need_dx and _streams_ncs(dx, ns)
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
@@ -1217,13 +1260,10 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
             dyr = dy2[n, c * ns:(c + 1) * ns]
             dxr = dx2[n, c * ns:(c + 1) * ns]
             if stream:
-                for s in range(ns):
-                    xh = (up(xr[s]) - mu) * inv
-                    _store_stream(dxr, s, down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr))
+                _gn_dx_row_streamed(xr, dyr, dxr, mu, inv, k_g, k_x, k_0)
             else:
                 for s in range(ns):
-                    xh = (up(xr[s]) - mu) * inv
-                    dxr[s] = down(up(dyr[s]) * k_g + xh * k_x + k_0, dxr)
+                    dxr[s] = _gn_dx(xr[s], dyr[s], mu, inv, k_g, k_x, k_0, dxr)
         if stream:
             _stream_fence()
 
