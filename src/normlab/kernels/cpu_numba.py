@@ -473,15 +473,14 @@ STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much l
 # rotation: see _LN_STREAM_FROM), faster from 8 KB. Against a 24 KB threshold,
 # A/B at 1 | 2 threads: layer norm 2048x4096 (16 KB rows) 4.7-4.8 -> 3.1-3.3 | 2.4 -> 1.2-1.7 ms, 4096x2048 (8 KB)
 # 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
-# ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms). From 6 KB, not 8 (2026-12-02): group norm
-# (32, 256) on 128x256x14x14, 6.1 KB blocks, forward at 2 threads 0.94-0.97x of torch plain against 1.21-1.23x
-# streamed (two process-alternating A/B runs), with 14x14 rows streamed mid-line (_gn_y_row_streamed)
-_STREAM_TASK_FROM = 6 << 10
-# ... except the group/instance-norm forward on one thread (its serial twin), which streams blocks of 24 KB and
-# more: there the 12.5 KB instance-norm blocks of 32x64x56x56 measured slower streamed in four A/B runs (1.8-2.1
-# ms plain against 2.0-2.4 streamed), while layer-norm rows of 8-16 KB measured faster (above)
-_GROUP_STREAM_FROM = _STREAM_TASK_FROM  # gn_fwd's threshold: its serial twin sees _GROUP_STREAM_ONE_THREAD_FROM
-_GROUP_STREAM_ONE_THREAD_FROM = 24 << 10
+# ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
+# From 6 KB (2026-12-02; was 8 KB, and 24 KB on one thread), with 14x14 rows streamed mid-line
+# (_gn_y_row_streamed): group norm (32, 256) on 128x256x14x14 (6.1 KB blocks) forward at 2 threads 0.94-0.97x of
+# torch plain against 1.21-1.23x streamed (two process-alternating A/B runs); at 1 thread, three runs, 0.95-1.07x
+# against 1.23-1.30x, and the 12.5 KB blocks of group norm (64, 64) on 32x64x56x56 0.96-1.12x against 1.02-1.27x.
+# (An earlier A/B had found those 12.5 KB blocks slower streamed on one thread, 1.8-2.1 ms plain against 2.0-2.4,
+# and kept the serial twin at 24 KB.)
+_GROUP_STREAM_FROM = 6 << 10
 # Layer-norm rows stream from 4 KB: in the bench's rotation (torch and a same-size copy between calls, so the
 # caches hold little of x), 4096x1024 forward at 2 threads, four process-alternating A/B runs of three
 # measurements: 1.25-1.93x of torch streamed against 0.98-1.22x plain (0.96-1.66 ms against 1.26-2.12); at 1
@@ -1125,7 +1124,7 @@ def _gn_dx_row_streamed(xr, dyr, dxr, mu, inv, k_g, k_x, k_0):
         _store_stream_one(dxr, i, _gn_dx(xr[i], dyr[i], mu, inv, k_g, k_x, k_0, dxr))
 
 
-@_kernel(_GROUP_STREAM_FROM=_GROUP_STREAM_ONE_THREAD_FROM)
+@_kernel
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
     cg = nc // groups
