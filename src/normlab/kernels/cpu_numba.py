@@ -475,7 +475,7 @@ STREAM_FROM = 16 << 20  # bytes of output: half the measured host's L3 (a much l
 # 4.0-4.5 -> 3.1-3.3 | 2.2 -> 1.1-1.7 ms; instance norm 32x64x56x56 (12.5 KB) 1.8 -> 2.0-2.2 | 1.5-1.6 -> 0.7-1.1
 # ms. Their backward streams dx at any size (3 KB blocks: 4.6 -> 3.8 ms).
 # From 6 KB (2026-12-02; was 8 KB, and 24 KB on one thread), with 14x14 rows streamed mid-line
-# (_gn_y_row_streamed): group norm (32, 256) on 128x256x14x14 (6.1 KB blocks) forward at 2 threads 0.94-0.97x of
+# (_normalized_row): group norm (32, 256) on 128x256x14x14 (6.1 KB blocks) forward at 2 threads 0.94-0.97x of
 # torch plain against 1.21-1.23x streamed (two process-alternating A/B runs); at 1 thread, three runs, 0.95-1.07x
 # against 1.23-1.30x, and the 12.5 KB blocks of group norm (64, 64) on 32x64x56x56 0.96-1.12x against 1.02-1.27x.
 # (An earlier A/B had found those 12.5 KB blocks slower streamed on one thread, 1.8-2.1 ms plain against 2.0-2.4,
@@ -633,6 +633,26 @@ def _normalized(v, ref, a, b, act, out):
 
 
 @njit(inline="always")
+def _normalized_row(xr, yr, rc, ac, bc, act, stream):
+    """yr[i] = _normalized(xr[i]) for one contiguous row (a channel's S values). ``stream``: whole lines with
+    vector streaming stores, the partial ones at the row's ends (a row that starts or ends mid-line) with scalar
+    ones; the caller fences."""
+    if stream:
+        h, e = _line_split(yr)
+        for i in range(h):
+            _store_stream_one(yr, i, _normalized(xr[i], rc, ac, bc, act, yr))
+        xb = xr[h:e]
+        yb = yr[h:e]
+        for i in range(yb.size):
+            _store_stream(yb, i, _normalized(xb[i], rc, ac, bc, act, yr))
+        for i in range(e, yr.size):
+            _store_stream_one(yr, i, _normalized(xr[i], rc, ac, bc, act, yr))
+    else:
+        for i in range(xr.size):
+            yr[i] = _normalized(xr[i], rc, ac, bc, act, yr)
+
+
+@njit(inline="always")
 def _eval_rows_loop(x, y, r_lo, r_hi, ref, a, bb, act, stream):
     nc = x.shape[1]
     ns = x.shape[2]
@@ -640,22 +660,7 @@ def _eval_rows_loop(x, y, r_lo, r_hi, ref, a, bb, act, stream):
     y2 = y.reshape(-1, ns)
     c = r_lo % nc
     for r in range(r_lo, r_hi):
-        xr = x2[r]
-        yr = y2[r]
-        rc, ac, bc = ref[c], a[c], bb[c]
-        if stream:  # whole lines with vector stores, the partial ones at the row's ends with scalar ones
-            h, e = _line_split(yr)
-            for i in range(h):
-                _store_stream_one(yr, i, _normalized(xr[i], rc, ac, bc, act, yr))
-            xb = xr[h:e]
-            yb = yr[h:e]
-            for i in range(yb.size):
-                _store_stream(yb, i, _normalized(xb[i], rc, ac, bc, act, yr))
-            for i in range(e, yr.size):
-                _store_stream_one(yr, i, _normalized(xr[i], rc, ac, bc, act, yr))
-        else:
-            for i in range(xr.size):
-                yr[i] = _normalized(xr[i], rc, ac, bc, act, yr)
+        _normalized_row(x2[r], y2[r], ref[c], a[c], bb[c], act, stream)
         c = _next_channel(c, nc)
     if stream:
         _stream_fence()
@@ -749,6 +754,25 @@ def _dx_value(xv, dyv, x0, a_z, b_z, k_g, k_d, k_0, act, out):
 
 
 @njit(inline="always")
+def _dx_row(xr, dyr, dxr, x0c, azc, bzc, kg, kd, k0, act, stream):
+    """dxr[i] = _dx_value(xr[i], dyr[i]) for one contiguous row, streamed as :func:`_normalized_row`."""
+    if stream:
+        h, e = _line_split(dxr)
+        for i in range(h):
+            _store_stream_one(dxr, i, _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
+        xb = xr[h:e]
+        dyb = dyr[h:e]
+        dxb = dxr[h:e]
+        for i in range(dxb.size):
+            _store_stream(dxb, i, _dx_value(xb[i], dyb[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
+        for i in range(e, dxr.size):
+            _store_stream_one(dxr, i, _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
+    else:
+        for i in range(xr.size):
+            dxr[i] = _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr)
+
+
+@njit(inline="always")
 def _ncs_dx_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, k_g, k_d, k_0, dx, stream):
     nc = x.shape[1]
     ns = x.shape[2]
@@ -757,25 +781,7 @@ def _ncs_dx_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, k_g, k_d, k_0, dx, stream
     dx2 = dx.reshape(-1, ns)
     c = r_lo % nc
     for r in range(r_lo, r_hi):
-        xr = x2[r]
-        dyr = dy2[r]
-        dxr = dx2[r]
-        x0c, azc, bzc = x0[c], a_z[c], b_z[c]
-        kg, kd, k0 = k_g[c], k_d[c], k_0[c]
-        if stream:  # as in _eval_rows_loop
-            h, e = _line_split(dxr)
-            for i in range(h):
-                _store_stream_one(dxr, i, _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
-            xb = xr[h:e]
-            dyb = dyr[h:e]
-            dxb = dxr[h:e]
-            for i in range(dxb.size):
-                _store_stream(dxb, i, _dx_value(xb[i], dyb[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
-            for i in range(e, dxr.size):
-                _store_stream_one(dxr, i, _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr))
-        else:
-            for i in range(xr.size):
-                dxr[i] = _dx_value(xr[i], dyr[i], x0c, azc, bzc, kg, kd, k0, act, dxr)
+        _dx_row(x2[r], dy2[r], dx2[r], x0[c], a_z[c], b_z[c], k_g[c], k_d[c], k_0[c], act, stream)
         c = _next_channel(c, nc)
     if stream:
         _stream_fence()
@@ -1082,48 +1088,6 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
 # ------------------------------------------------------------------------------------------------------
 # group norm on (N, C, S): one task per (sample, group) block of (C/G) * S contiguous elements
 # ------------------------------------------------------------------------------------------------------
-@njit(inline="always")
-def _gn_y(xv, shift, m_s, a, bc, out):
-    """group norm's y of one element, in ``out``'s storage type"""
-    return down(((up(xv) - shift) - m_s) * a + bc, out)
-
-
-@njit(inline="always")
-def _gn_y_row_streamed(xr, yr, shift, m_s, a, bc):
-    """One channel's y = _gn_y(x) with streaming stores; a row that starts or ends mid-line (14x14 images) writes
-    its partial lines with scalar ones (as batch norm's _eval_rows_loop)."""
-    h, e = _line_split(yr)
-    for i in range(h):
-        _store_stream_one(yr, i, _gn_y(xr[i], shift, m_s, a, bc, yr))
-    xb = xr[h:e]
-    yb = yr[h:e]
-    for i in range(yb.size):
-        _store_stream(yb, i, _gn_y(xb[i], shift, m_s, a, bc, yr))
-    for i in range(e, yr.size):
-        _store_stream_one(yr, i, _gn_y(xr[i], shift, m_s, a, bc, yr))
-
-
-@njit(inline="always")
-def _gn_dx(xv, dyv, mu, inv, k_g, k_x, k_0, out):
-    """group norm's dx of one element, in ``out``'s storage type"""
-    return down(up(dyv) * k_g + (up(xv) - mu) * inv * k_x + k_0, out)
-
-
-@njit(inline="always")
-def _gn_dx_row_streamed(xr, dyr, dxr, mu, inv, k_g, k_x, k_0):
-    """One channel's dx = _gn_dx(x, dy) with streaming stores, partial lines with scalar ones."""
-    h, e = _line_split(dxr)
-    for i in range(h):
-        _store_stream_one(dxr, i, _gn_dx(xr[i], dyr[i], mu, inv, k_g, k_x, k_0, dxr))
-    xb = xr[h:e]
-    dyb = dyr[h:e]
-    dxb = dxr[h:e]
-    for i in range(dxb.size):
-        _store_stream(dxb, i, _gn_dx(xb[i], dyb[i], mu, inv, k_g, k_x, k_0, dxr))
-    for i in range(e, dxr.size):
-        _store_stream_one(dxr, i, _gn_dx(xr[i], dyr[i], mu, inv, k_g, k_x, k_0, dxr))
-
-
 @_kernel
 def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
     nb, nc, ns = x.shape
@@ -1180,16 +1144,10 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd):
                 yt[i] = down(((up(xt[i]) - shift) - m_s) * inv_c * like(w[c0 + i], shift)
                              + like(b[c0 + i], shift), yt)
             continue
-        for j in range(cg):
+        for j in range(cg):  # y = (x - shift) * a + bb, the remainder of the mean folded into bb (as batch norm)
             a = like(inv * w[c0 + j], shift)
-            bc = like(b[c0 + j], shift)
-            xr = xt[j * ns:(j + 1) * ns]
-            yr = yt[j * ns:(j + 1) * ns]
-            if stream:
-                _gn_y_row_streamed(xr, yr, shift, m_s, a, bc)
-            else:
-                for s in range(ns):
-                    yr[s] = _gn_y(xr[s], shift, m_s, a, bc, yr)
+            bb = like(b[c0 + j] - m64 * inv * w[c0 + j], shift)
+            _normalized_row(xt[j * ns:(j + 1) * ns], yt[j * ns:(j + 1) * ns], shift, a, bb, IDENTITY, stream)
         if stream:  # one fence per (sample, group) task: as fast as one per run of tasks
             _stream_fence()
 
@@ -1251,18 +1209,14 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
             s_gx += p_dx * wc
         if not need_dx:
             continue
-        k_x = like(-np.float64(inv) * s_gx / cnt, mu)
+        # dx = dy * k_g + (x - mu) * k_d + k_0 (batch norm's _dx_value, identity activation)
+        k_d = like(-np.float64(inv) * np.float64(inv) * s_gx / cnt, mu)
         k_0 = like(-np.float64(inv) * s_g / cnt, mu)
+        zero = like(0.0, mu)
         for c in range(c0, c0 + cg):
             k_g = like(np.float64(inv) * w[c], mu)
-            xr = x2[n, c * ns:(c + 1) * ns]
-            dyr = dy2[n, c * ns:(c + 1) * ns]
-            dxr = dx2[n, c * ns:(c + 1) * ns]
-            if stream:
-                _gn_dx_row_streamed(xr, dyr, dxr, mu, inv, k_g, k_x, k_0)
-            else:
-                for s in range(ns):
-                    dxr[s] = _gn_dx(xr[s], dyr[s], mu, inv, k_g, k_x, k_0, dxr)
+            _dx_row(x2[n, c * ns:(c + 1) * ns], dy2[n, c * ns:(c + 1) * ns], dx2[n, c * ns:(c + 1) * ns], mu, zero,
+                    zero, k_g, k_d, k_0, IDENTITY, stream)
         if stream:
             _stream_fence()
 
