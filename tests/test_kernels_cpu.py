@@ -232,7 +232,35 @@ def test_bench_quick_smoke(tmp_path, capsys):
     timed = [r for r in data["results"] if r["section"] != "lenet"]
     assert timed and all(r["copy_gbps"] and r["copy_gbps"] > 0 for r in timed)
     assert "median_frac_large_copy_on_25MB_plus" in data["summary"]
-    assert "normlab" in capsys.readouterr().out
+    roof = [r for r in timed if r["section"] == "roof"]
+    assert roof and all(set(r["ms"]) == {"normlab", "torch", "floor"} for r in roof)
+    assert data["summary"]["roof_cap_geomean_vs_torch"] > 0
+    out = capsys.readouterr().out
+    assert "normlab" in out and "torch %copy" in out
+
+
+def test_bench_roof_bound_is_the_larger_of_memory_roof_and_autograd_floor():
+    """bound = max(minimum traffic at the copy's rate, the x * 2 floor); cap = torch / bound; a floor that paid
+    page faults (fresh outputs: the heap's state) is left out."""
+    from normlab import bench
+    big = bench.Row("roof", "a", "train_fwd_bwd", 10.0, ms={"normlab": 10.0, "torch": 16.0, "floor": 2.0},
+                    copy_gbps=10.0)
+    b = bench.roof_bound(big)  # 8 passes of 10 MB at 10 GB/s = 8 ms, above the 2 ms floor
+    assert b["roof_ms"] == pytest.approx(8.0) and b["bound_ms"] == pytest.approx(8.0)
+    assert b["cap"] == pytest.approx(2.0) and b["share"] == pytest.approx(0.8)
+    assert b["torch_frac"] == pytest.approx(0.5)
+    small = bench.Row("roof", "b", "train_fwd_bwd", 0.1, ms={"normlab": 0.12, "torch": 0.16, "floor": 0.08},
+                      copy_gbps=10.0)
+    small.ms["floor"] = 0.1
+    b = bench.roof_bound(small)
+    assert b["bound_ms"] == pytest.approx(0.1) and b["cap"] == pytest.approx(1.6)
+    small.faults = {"floor": 25.0}
+    b = bench.roof_bound(small)
+    assert b["floor_ms"] is None and b["bound_ms"] == pytest.approx(0.08) and b["cap"] == pytest.approx(2.0)
+    summary = bench.summarize([big, small], 10.0)
+    assert summary["roof_cap_geomean_vs_torch"] == pytest.approx(2.0)
+    assert summary["roof_train_fwd_bwd_geomean_vs_torch"] == pytest.approx((1.6 * 16 / 12) ** 0.5)
+    assert "share" in bench.render([big, small], 10.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -18,8 +18,9 @@ a 512 MiB tensor (DRAM) is measured first and reported in the header; the summar
 Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
-LeNet-BN training step (d2l's network) in examples per second; where CUDA is available, normlab's Triton kernels
-against torch.nn on the GPU (``gpu``). ``--json PATH`` writes every number.
+LeNet-BN training step (d2l's network) in examples per second; ``roof``: how fast any batch norm could be on this
+machine, and so the largest ratio over torch any could reach (see :func:`roof_bound`); where CUDA is available,
+normlab's Triton kernels against torch.nn on the GPU (``gpu``). ``--json PATH`` writes every number.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ from torch import nn
 DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
                   "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
 QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
-DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet"
-SECTIONS = ("layers", "fused", "groupnorm", "lenet", "gpu")
+DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet,roof"
+SECTIONS = ("layers", "fused", "groupnorm", "lenet", "roof", "gpu")
 IMPLS = ["normlab", "torch", "compile", "scratch"]
 MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
 # minimum passes over the activation, in units of its size: stats + normalize; 2x (x, dy) + dx; read + write
@@ -531,6 +532,67 @@ def bench_lenet(batch, budget, log) -> list[Row]:
     return [row]
 
 
+class AutogradFloor(nn.Module):
+    """``y = x * 2``: its forward+backward (one read and one write each way, one node through the autograd engine)
+    is the least any layer's training step on ``x`` costs in eager PyTorch."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+def roof_bound(row: Row) -> dict:
+    """The fastest a batch-norm training forward+backward could run in ``row``'s rotation, and what that means.
+
+    * ``roof_ms``: the minimum traffic (MIN_PASSES: 3 passes forward, 5 backward) at the bandwidth of the copy
+      timed in the same rotation -- the memory roof;
+    * ``floor_ms``: the autograd floor (:class:`AutogradFloor`) on the same input -- the per-call cost of eager
+      autograd, which decides small layers; left out where its calls took page faults (freshly mapped outputs,
+      the heap's state rather than the engine's cost);
+    * ``bound_ms``: the larger of the two; ``cap``: torch's time over it, the largest ratio any batch norm could
+      reach against torch here; ``share``: normlab's ratio over that cap; ``torch_frac``: torch's minimum traffic
+      per second as a fraction of the copy's.
+
+    Not a law: a tensor that stays in cache between passes can beat the roof (normlab's 51 MB NCHW layer
+    measured 127 % of the copy), so ``share`` can exceed 1."""
+    mb, copy = row.mbytes, row.copy_gbps
+    roof = MIN_PASSES["train_fwd_bwd"] * mb / copy if copy else None  # MB / (GB/s) = ms
+    floor = row.ms.get("floor") if not row.faults.get("floor") else None
+    bound = max(v for v in (roof, floor) if v is not None) if (roof or floor) else None
+    torch_ms, ours = row.ms.get("torch"), row.ms.get("normlab")
+    cap = torch_ms / bound if torch_ms and bound else None
+    ratio = torch_ms / ours if torch_ms and ours else None
+    return {"roof_ms": roof, "floor_ms": floor, "bound_ms": bound, "cap": cap,
+            "share": ratio / cap if ratio and cap else None,
+            "torch_frac": roof / torch_ms if roof and torch_ms else None}
+
+
+def bench_roof(shapes, budget, log) -> list[Row]:
+    """Training forward+backward of normlab and torch beside the autograd floor and a copy of the input, the four
+    taking turns (no torch.compile or from-scratch contender in the rotation): each row's :func:`roof_bound`."""
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl)
+        dy = torch.randn_like(x)
+        row = Row("roof", text, "train_fwd_bwd", x.numel() * x.element_size() / 1e6)
+        fns = {}
+        for impl in ("normlab", "torch"):
+            torch.manual_seed(0)
+            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)), x, dy)[0]["train_fwd_bwd"]
+        fns["floor"] = modes_for(AutogradFloor(), x, dy)[0]["train_fwd_bwd"]
+        rounds = {}
+        got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
+        row.won = rounds_won(rounds)
+        row.ms = {name: t * 1e3 for name, t in got.items()}
+        if "normlab" in row.ms:
+            row.gbps = MIN_PASSES["train_fwd_bwd"] * row.mbytes / row.ms["normlab"]
+        bound = roof_bound(row)
+        log(f"  {text:>16} " + " ".join(f"{k} {v:.3f} ms" for k, v in row.ms.items())
+            + f"; bound {_fmt(bound['bound_ms'], '.3f')} ms, cap {_fmt(bound['cap'])}x")
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------
@@ -555,7 +617,7 @@ def render(rows: list[Row], copy_gbps: float) -> str:
     for r in rows:
         sections.setdefault(r.section, []).append(r)
     for name, rs in sections.items():
-        impls = [k for k in ["normlab", "torch", "compile", "scratch", "normlab_unfused", "normlab_fused"]
+        impls = [k for k in ["normlab", "torch", "compile", "scratch", "normlab_unfused", "normlab_fused", "floor"]
                  if any(k in r.ms for r in rs)]
         others = [k for k in impls if k != "normlab"]
         head = (f"{'case':<24} {'mode':<14} {'MB':>7} " + " ".join(f"{k + ' ms':>14}" for k in impls)
@@ -571,6 +633,18 @@ def render(rows: list[Row], copy_gbps: float) -> str:
         if faulting:
             out.append("page faults per call, median (fresh pages: the heap state, not the kernel): " + "; ".join(
                 f"{r.case} {r.mode}: " + ", ".join(f"{k} {v:g}" for k, v in r.faults.items()) for r in faulting))
+        if name == "roof":
+            out.append("roof: the fastest any batch norm's training step could run here, the larger of the memory "
+                       "roof (8 passes at the copy's rate) and the autograd floor (x * 2 forward+backward); cap = "
+                       "torch ms / bound ms, the largest ratio over torch any could reach; share = normlab's ratio "
+                       "/ cap; torch %copy = torch's minimum traffic per second against the copy's")
+            out.append(f"{'case':<24} {'roof ms':>10} {'floor ms':>10} {'bound ms':>10} {'torch %copy':>12} "
+                       f"{'cap':>7} {'x vs torch':>11} {'share':>7}")
+            for r in rs:
+                b = roof_bound(r)
+                out.append(f"{r.case:<24} {_fmt(b['roof_ms'], '.3f'):>10} {_fmt(b['floor_ms'], '.3f'):>10} "
+                           f"{_fmt(b['bound_ms'], '.3f'):>10} {_fmt(b['torch_frac'], '.0%'):>12} "
+                           f"{_fmt(b['cap']):>7} {_fmt(_ratio(r, 'torch')):>11} {_fmt(b['share'], '.0%'):>7}")
         saved = [r for r in rs if r.saved_mb]
         if saved:
             out.append("saved for backward (MB): " + "; ".join(
@@ -600,6 +674,7 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
     gn = [r for r in rows if r.section == "groupnorm"]
     le = [r for r in rows if r.section == "lenet"]
     gpu = [r for r in rows if r.section == "gpu"]
+    roof = [r for r in rows if r.section == "roof"]
 
     def gpu_gm(mode):
         return _geomean([_ratio(r, "torch") for r in gpu if r.mode == mode])
@@ -622,6 +697,8 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
         "groupnorm_worst_vs_torch": min((_ratio(r, "torch") for r in gn), default=None),
         "lenet_step_vs_torch": _ratio(le[0], "torch") if le else None,
         "lenet_fused_step_vs_torch": _ratio(le[0], "torch", "normlab_fused") if le else None,
+        "roof_train_fwd_bwd_geomean_vs_torch": _geomean([_ratio(r, "torch") for r in roof]),
+        "roof_cap_geomean_vs_torch": _geomean([roof_bound(r)["cap"] for r in roof]),
         "gpu_train_fwd_bwd_geomean_vs_torch": gpu_gm("train_fwd_bwd"),
         "gpu_train_fwd_geomean_vs_torch": gpu_gm("train_fwd"),
         "gpu_eval_geomean_vs_torch": gpu_gm("eval_fwd"),
@@ -660,7 +737,7 @@ def register(subparsers) -> None:
     p.add_argument("--shapes", default=None,
                    help="comma-separated shapes such as 32x64x56x56,32x64x56x56cl,256x512 (cl: channels_last)")
     p.add_argument("--sections", default=None,
-                   help="which of layers,fused,groupnorm,lenet,gpu to run (default: all; gpu where CUDA is "
+                   help="which of layers,fused,groupnorm,lenet,roof,gpu to run (default: all; gpu where CUDA is "
                         "available: normlab's Triton kernels against torch.nn on the GPU, needs triton)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch contender")
@@ -691,7 +768,7 @@ def run(args) -> int:
     if "gpu" in sections:
         if not torch.cuda.is_available():
             raise SystemExit("normlab bench: the gpu section needs a CUDA device (torch.cuda.is_available() is "
-                             "False); run the other sections with --sections layers,fused,groupnorm,lenet")
+                             "False); run the other sections with --sections layers,fused,groupnorm,lenet,roof")
         from normlab import kernels
         try:
             kernels._load_triton()
@@ -723,6 +800,9 @@ def run(args) -> int:
     if "lenet" in sections:
         log("LeNet-BN training step:")
         rows += bench_lenet(16 if quick else 256, budget, log)
+    if "roof" in sections:
+        log("roof (normlab and torch beside the autograd floor and a copy):")
+        rows += bench_roof(shapes, budget, log)
     if "gpu" in sections:
         log(f"GPU ({torch.cuda.get_device_name()}), Triton kernels:")
         rows += bench_gpu(shapes, budget, log)
