@@ -19,8 +19,12 @@ pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
 
 # (shape, memory format)
 # (M, C) kernels: rows in blocks of 64, four rows per sweep; (67, 5) and (9, 7) end a block with 3 and 1 rows left over
+# The register loops (cpu_numba._reg_lanes: C dividing 64 float32 / 32 float64 lanes) take (130, 64) in float32 as
+# rows and as lanes, and (8, 32, 4, 4) channels_last in float32 as lanes and in float64 both ways; 130 rows end
+# their last block of 64 with 2 left over
 LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((67, 5), None),
-           ((4, 5, 11), None), ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None)]
+           ((4, 5, 11), None), ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None),
+           ((130, 64), None), ((8, 32, 4, 4), torch.channels_last)]
 
 
 def _skip_unsupported(dtype):
@@ -213,6 +217,21 @@ def test_supports():
     assert cpu.supports(torch.randn(2, 3, requires_grad=True))
 
 
+@pytest.mark.parametrize("dtype,shape,c,lanes", [
+    (torch.float32, (10, 64), 64, 64), (torch.float32, (10, 512), 64, 64), (torch.float32, (10, 512), 16, 64),
+    (torch.float32, (10, 48), 48, 0), (torch.float32, (10, 128), 128, 0), (torch.float32, (10, 32), 32, 0),
+    (torch.float64, (10, 32), 32, 32), (torch.float64, (10, 64), 64, 0), (torch.bfloat16, (10, 128), 64, 0)],
+    ids=str)
+def test_register_loops_take_channels_dividing_a_256_byte_row(dtype, shape, c, lanes):
+    """The (M, C) register loops (rows of 256 bytes as four 64-byte vectors per sum) take float32/float64 arrays
+    whose C divides the view's lanes and whose rows hold whole views; anything else keeps the memory loops."""
+    a = cpu._np(torch.zeros(shape, dtype=dtype))
+    assert cpu_numba._reg_lanes(a, c, a, a) == lanes
+    if lanes:
+        assert cpu_numba._reg_lanes(a, c, a[:, ::2], a) == 0  # a strided output: the memory loops
+        assert cpu_numba._reg_lanes(a, c, a, a.view(a.dtype)[:, :shape[1]]) == lanes
+
+
 def test_dispatcher_prefers_cpu_backend():
     from normlab import kernels
     x = torch.randn(4, 3, 5, 5)
@@ -322,6 +341,7 @@ def test_parallel_path_large_input(fmt):
 # (196-byte rows) with plain ones
 STREAMED = [((8, 16, 256, 128), None, 256 * 128), ((4096, 1024), None, 1024),
             ((64, 64, 32, 32), torch.channels_last, 512), ((2, 16, 64, 1024), torch.float64, 64 * 1024),
+            ((65536, 32), torch.float64, 512),
             ((16, 8, 129, 257), None, 129 * 257), ((128, 256, 14, 14), None, 196),
             ((128, 128, 14, 14), torch.float64, 196), ((512, 256, 7, 7), None, 49)]
 
