@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from kernel_checks import ACTS, DTYPES, LOW, TOL, close, make
@@ -230,6 +231,33 @@ def test_register_loops_take_channels_dividing_a_256_byte_row(dtype, shape, c, l
     if lanes:
         assert cpu_numba._reg_lanes(a, c, a[:, ::2], a) == 0  # a strided output: the memory loops
         assert cpu_numba._reg_lanes(a, c, a, a.view(a.dtype)[:, :shape[1]]) == lanes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("s", [1, 7, 15, 16, 17, 24, 32, 48, 100, 196, 2048, 2049])
+def test_short_row_sums_against_float64(dtype, s):
+    """The (N, C, S) statistics and gradient sums of rows of at most 2048 values (LLVM IR: pairs of 64-byte
+    vectors, one more, then a masked partial one) against float64 sums, from a run of rows that starts and ends
+    inside a sample; rows of 2049 take the vectorized loops."""
+    rng = np.random.default_rng(s)
+    n, c = 3, 4
+    x = (rng.standard_normal((n, c, s)) * 2 + 5).astype(dtype)
+    dy = rng.standard_normal((n, c, s)).astype(dtype)
+    shift = np.full(c, 5, dtype)
+    r_lo, r_hi = 1, n * c - 2
+    s1, s2, g1, g2 = (np.zeros(c) for _ in range(4))
+    cpu_numba._ncs_sums(x, r_lo, r_hi, shift, s1, s2)
+    cpu_numba._ncs_grad_sums(cpu_numba.IDENTITY, dy, x, r_lo, r_hi, shift, np.ones(c, dtype), np.zeros(c, dtype),
+                             g1, g2)
+    rows = np.zeros(n * c, bool)
+    rows[r_lo:r_hi] = True
+    rows = rows.reshape(n, c)[:, :, None]
+    d = np.where(rows, x.astype(np.float64) - 5, 0.0)
+    g = np.where(rows, dy.astype(np.float64), 0.0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for got, want in ((s1, d.sum((0, 2))), (s2, (d * d).sum((0, 2))), (g1, g.sum((0, 2))),
+                      (g2, (g * d).sum((0, 2)))):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 def test_dispatcher_prefers_cpu_backend():
