@@ -1512,6 +1512,8 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     cnt = cg * ns
     x2 = x.reshape(nb, nc * ns)
     dy2 = dy.reshape(nb, nc * ns)
+    x3 = x.reshape(nb * nc, ns)
+    dy3 = dy.reshape(nb * nc, ns)
     dx2 = dx.reshape(dx.shape[0], dx.shape[1] * dx.shape[2])
     stream = need_dx and _streams_ncs(dx, ns)
     for task in prange(nb * groups):
@@ -1537,8 +1539,16 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
                     xh = (up(x2[n, c]) - mu) * inv
                     dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
             continue
+        short = _short_rows_ir(x, dy)
         for c in range(c0, c0 + cg):
             wc = like(w[c], mu)
+            if short:  # one channel row as batch norm's short rows: sum dy, sum dy * (x - mu), then * inv
+                p_d, p_dmu = _row_grad_sums_ir(x3, dy3, n * nc + c, mu)
+                db_part[n, c] = p_d
+                dw_part[n, c] = p_dmu * np.float64(inv)
+                s_g += p_d * wc
+                s_gx += p_dmu * np.float64(inv) * wc
+                continue
             xr = x[n, c]
             dyr = dy[n, c]
             p_d = 0.0
