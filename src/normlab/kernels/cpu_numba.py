@@ -625,10 +625,7 @@ def _row_sums_ir_codegen(grads):
 
         def add(chain, xv, gv):
             d = builder.fsub(xv, shv)
-            first = gv if grads else d
-            builder.store(builder.fadd(builder.load(acc[2 * chain]), first), acc[2 * chain])
-            prod = builder.fmul(first, d, flags=_CONTRACT)
-            builder.store(builder.fadd(builder.load(acc[2 * chain + 1]), prod, flags=_CONTRACT), acc[2 * chain + 1])
+            _accumulate(builder, acc[2 * chain], acc[2 * chain + 1], gv if grads else d, d)
 
         def load(row, at):
             return builder.load(_vec_ptr(builder, row, at, vt), align=item)
@@ -1023,6 +1020,14 @@ def _vec_ptr(builder, base, index, vt):
     return builder.bitcast(builder.gep(base, [index]), vt.as_pointer())
 
 
+def _accumulate(builder, first_acc, second_acc, first, d):
+    """first_acc += first; second_acc += first * d (the accumulators are allocas that LLVM keeps in registers).
+    Statistics: first = d = x - shift; gradient sums: first = dy."""
+    builder.store(builder.fadd(builder.load(first_acc), first), first_acc)
+    prod = builder.fmul(first, d, flags=_CONTRACT)
+    builder.store(builder.fadd(builder.load(second_acc), prod, flags=_CONTRACT), second_acc)
+
+
 def _reg_sums_codegen(grads):
     """Codegen of ``_reg_sums`` (``grads`` False) and ``_reg_grad_sums`` (True): over rows lo..hi of x (M, L),
     L * itemsize == _REG_ROW_BYTES, C-contiguous, float32 or float64 (other element types emit nothing: the
@@ -1062,15 +1067,8 @@ def _reg_sums_codegen(grads):
             for k in range(nvec):
                 at = builder.add(start, ir.Constant(intp, k * lanes))
                 d = builder.fsub(builder.load(vec_at(xs, at, vt), align=item), sh[k])
-                if grads:
-                    g = builder.load(vec_at(dys, at, vt), align=item)
-                    builder.store(builder.fadd(builder.load(acc1[k]), g), acc1[k])
-                    builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(g, d, flags=_CONTRACT),
-                                               flags=_CONTRACT), acc2[k])
-                else:
-                    builder.store(builder.fadd(builder.load(acc1[k]), d), acc1[k])
-                    builder.store(builder.fadd(builder.load(acc2[k]), builder.fmul(d, d, flags=_CONTRACT),
-                                               flags=_CONTRACT), acc2[k])
+                first = builder.load(vec_at(dys, at, vt), align=item) if grads else d
+                _accumulate(builder, acc1[k], acc2[k], first, d)
         for k in range(nvec):
             at = ir.Constant(intp, k * lanes)
             for acc, out in ((acc1[k], s1s), (acc2[k], s2s)):
