@@ -649,14 +649,14 @@ def _row_sums_ir_codegen(grads):
             mask = builder.icmp_signed("<", ids, _splat(builder, rest, ids.type))
             masked = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vt, [vt.as_pointer(), ir.IntType(32), mask.type, vt]),
-                f"llvm.masked.load.v{lanes}{'f32' if item == 4 else 'f64'}.p0v{lanes}{'f32' if item == 4 else 'f64'}")
+                f"llvm.masked.load.{_llvm_suffix(vt)}.p0{_llvm_suffix(vt)}")
             align = ir.Constant(ir.IntType(32), item)
             xv = builder.call(masked, [_vec_ptr(builder, xrow, done, vt), align, mask, shv])
             gv = builder.call(masked, [_vec_ptr(builder, dyrow, done, vt), align, mask, zero]) if grads else None
             add(1, xv, gv)
         reduce = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(elem, [elem, vt]),
-            f"llvm.vector.reduce.fadd.v{lanes}{'f32' if item == 4 else 'f64'}")
+            f"llvm.vector.reduce.fadd.{_llvm_suffix(vt)}")
         out = []
         for k in range(2):
             both = builder.fadd(builder.load(acc[k]), builder.load(acc[2 + k]))
@@ -685,6 +685,21 @@ def _short_rows_ir(x, other):
     return (x.itemsize == 4 or x.itemsize == 8) and other.itemsize == x.itemsize and x.shape[2] <= _BLOCK
 
 
+@njit(inline="always")
+def _short_rows_sums(x2, dy2, r_lo, r_hi, nc, shift, s1, s2, grads):
+    """s1[c], s2[c] += :func:`_row_sums_ir` (``grads`` False) or :func:`_row_grad_sums_ir` of each (n, c) row
+    r_lo..r_hi of the (N * C, S) views, the channel advancing row by row."""
+    c = r_lo % nc
+    for r in range(r_lo, r_hi):
+        if grads:
+            a1, a2 = _row_grad_sums_ir(x2, dy2, r, shift[c])
+        else:
+            a1, a2 = _row_sums_ir(x2, dy2, r, shift[c])
+        s1[c] += a1
+        s2[c] += a2
+        c = _next_channel(c, nc)
+
+
 @njit(**_OPTS)
 def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
     """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi: per block of at
@@ -694,11 +709,7 @@ def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
     x2 = x.reshape(-1, ns)
     c = r_lo % nc
     if _short_rows_ir(x, x):
-        for r in range(r_lo, r_hi):
-            a1, a2 = _row_sums_ir(x2, x2, r, shift[c])
-            s1[c] += a1
-            s2[c] += a2
-            c = _next_channel(c, nc)
+        _short_rows_sums(x2, x2, r_lo, r_hi, nc, shift, s1, s2, False)
         return
     for r in range(r_lo, r_hi):
         xr = x2[r]
@@ -823,11 +834,7 @@ def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, s1, s2):
     dy2 = dy.reshape(-1, ns)
     c = r_lo % nc
     if act == IDENTITY and _short_rows_ir(x, dy):
-        for r in range(r_lo, r_hi):
-            a1, a2 = _row_grad_sums_ir(x2, dy2, r, x0[c])
-            s1[c] += a1
-            s2[c] += a2
-            c = _next_channel(c, nc)
+        _short_rows_sums(x2, dy2, r_lo, r_hi, nc, x0, s1, s2, True)
         return
     for r in range(r_lo, r_hi):
         xr = x2[r]
@@ -943,14 +950,18 @@ _SHIFT_ROWS = 16  # rows averaged for the (M, C) kernels' shift
 
 
 @njit(**_OPTS)
-def _row_sums(x, shift, lo, hi, s1, s2):
+def _row_sums(x, shift, lanes, lo, hi, s1, s2):
     """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi: per block of _ROW_BLOCK rows in the
     compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64.
 
     Each sweep over the channels takes two rows, one from each half of lo..hi: the per-channel block sums are loaded
     and stored once per two elements, and both halves stream in order. One row per sweep (the sums' loads and
     stores outnumbering the row's) read 25088x256 from memory in 1.6 ms, two from each half 1.0 ms (np.sum: 1.1);
-    two adjacent rows per sweep were faster from cache but slower from memory."""
+    two adjacent rows per sweep were faster from cache but slower from memory. Where ``lanes`` is not 0
+    (:func:`_reg_lanes`), in registers over rows of that many lanes instead."""
+    if lanes:
+        _reg_rows_sums(x, x, shift, lanes, lo, hi, s1, s2, False)
+        return
     nc = x.shape[1]
     sh = np.empty(nc, dtype=shift.dtype)
     for c in range(nc):
@@ -1015,6 +1026,11 @@ def _splat(builder, value, vt):
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
 
 
+def _llvm_suffix(vt):
+    """LLVM's overload suffix of vector type ``vt`` (v16f32, v8f64) for intrinsics such as llvm.masked.load."""
+    return f"v{vt.count}{'f32' if vt.element == ir.FloatType() else 'f64'}"
+
+
 def _vec_ptr(builder, base, index, vt):
     """Pointer to the ``vt`` vector at element ``index`` of ``base`` (a pointer to elements)."""
     return builder.bitcast(builder.gep(base, [index]), vt.as_pointer())
@@ -1049,14 +1065,11 @@ def _reg_sums_codegen(grads):
         def data(arg_index, value):
             return context.make_array(signature.args[arg_index])(context, builder, value).data
 
-        def vec_at(base, index, ty):
-            return _vec_ptr(builder, base, index, ty)
-
         lo_v = context.cast(builder, lo, signature.args[2], types.intp)
         hi_v = context.cast(builder, hi, signature.args[3], types.intp)
         xs, dys, shs, s1s, s2s = data(0, x), data(1, dy), data(4, shift), data(5, s1), data(6, s2)
         row = ir.Constant(intp, _REG_ROW_BYTES // item)
-        sh = [builder.load(vec_at(shs, ir.Constant(intp, k * lanes), vt), align=item) for k in range(nvec)]
+        sh = [builder.load(_vec_ptr(builder, shs, ir.Constant(intp, k * lanes), vt), align=item) for k in range(nvec)]
         acc1 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
         acc2 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
         for k in range(nvec):  # alloca_once_value stores its value in the entry block: clear them here too
@@ -1066,13 +1079,13 @@ def _reg_sums_codegen(grads):
             start = builder.mul(r, row)
             for k in range(nvec):
                 at = builder.add(start, ir.Constant(intp, k * lanes))
-                d = builder.fsub(builder.load(vec_at(xs, at, vt), align=item), sh[k])
-                first = builder.load(vec_at(dys, at, vt), align=item) if grads else d
+                d = builder.fsub(builder.load(_vec_ptr(builder, xs, at, vt), align=item), sh[k])
+                first = builder.load(_vec_ptr(builder, dys, at, vt), align=item) if grads else d
                 _accumulate(builder, acc1[k], acc2[k], first, d)
         for k in range(nvec):
             at = ir.Constant(intp, k * lanes)
             for acc, out in ((acc1[k], s1s), (acc2[k], s2s)):
-                ptr = vec_at(out, at, v64)
+                ptr = _vec_ptr(builder, out, at, v64)
                 total = builder.load(acc)
                 if elem != ir.DoubleType():
                     total = builder.fpext(total, v64)
@@ -1262,10 +1275,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         for attempt in range(2):
             shift_l = _tile(shift, width)
             for t in prange(nchunks):
-                if reg:
-                    _reg_rows_sums(x, x, shift_l, reg, t * step, min(t * step + step, m_rows), s1[t], s2[t], False)
-                else:
-                    _row_sums(x, shift_l, t * step, min(t * step + step, m_rows), s1[t], s2[t])
+                _row_sums(x, shift_l, reg, t * step, min(t * step + step, m_rows), s1[t], s2[t])
             redo = _merge_moments(_fold(s1, nc), _fold(s2, nc), m_rows * k, m1)
             if attempt == 1 or not redo:
                 break
@@ -1514,6 +1524,7 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
     dy3 = dy.reshape(nb * nc, ns)
     dx2 = dx.reshape(dx.shape[0], dx.shape[1] * dx.shape[2])
     stream = need_dx and _streams_ncs(dx, ns)
+    short = _short_rows_ir(x, dy)
     for task in prange(nb * groups):
         n = task // groups
         g = task - n * groups
@@ -1537,15 +1548,15 @@ def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part):
                     xh = (up(x2[n, c]) - mu) * inv
                     dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
             continue
-        short = _short_rows_ir(x, dy)
         for c in range(c0, c0 + cg):
             wc = like(w[c], mu)
             if short:  # one channel row as batch norm's short rows: sum dy, sum dy * (x - mu), then * inv
                 p_d, p_dmu = _row_grad_sums_ir(x3, dy3, n * nc + c, mu)
+                p_dx = p_dmu * np.float64(inv)
                 db_part[n, c] = p_d
-                dw_part[n, c] = p_dmu * np.float64(inv)
+                dw_part[n, c] = p_dx
                 s_g += p_d * wc
-                s_gx += p_dmu * np.float64(inv) * wc
+                s_gx += p_dx * wc
                 continue
             xr = x[n, c]
             dyr = dy[n, c]
