@@ -20,12 +20,14 @@ pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
 
 # (shape, memory format)
 # (M, C) kernels: rows in blocks of 64, four rows per sweep; (67, 5) and (9, 7) end a block with 3 and 1 rows left over
-# The register loops (cpu_numba._reg_lanes: C dividing 64 float32 / 32 float64 lanes) take (130, 64) in float32 as
-# rows and as lanes, and (8, 32, 4, 4) channels_last in float32 as lanes and in float64 both ways; 130 rows end
-# their last block of 64 with 2 left over
+# The register loops (cpu_numba._reg_lanes) take (130, 64) in float32 as full rows of 64 lanes, and (8, 32, 4, 4)
+# channels_last in float32 as lanes and in float64 both ways; 130 rows end their last block of 64 with 2 left over.
+# Rows shorter than their vectors (masked lanes): (9, 7), (67, 5) and the channels_last C = 3 in four vectors,
+# (67, 120) in eight (float32; float64's 120 lanes exceed 512 bytes: the memory loops), (64, 40) as rows of 40
+# lanes, and with the lanes view as rows of 80 float32 / 40 float64
 LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((67, 5), None),
            ((4, 5, 11), None), ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None),
-           ((130, 64), None), ((8, 32, 4, 4), torch.channels_last)]
+           ((130, 64), None), ((8, 32, 4, 4), torch.channels_last), ((67, 120), None), ((64, 40), None)]
 
 
 def _skip_unsupported(dtype):
@@ -220,12 +222,16 @@ def test_supports():
 
 @pytest.mark.parametrize("dtype,shape,c,lanes", [
     (torch.float32, (10, 64), 64, 64), (torch.float32, (10, 512), 64, 64), (torch.float32, (10, 512), 16, 64),
-    (torch.float32, (10, 48), 48, 0), (torch.float32, (10, 128), 128, 0), (torch.float32, (10, 32), 32, 0),
-    (torch.float64, (10, 32), 32, 32), (torch.float64, (10, 64), 64, 0), (torch.bfloat16, (10, 128), 64, 0)],
+    (torch.float32, (10, 48), 48, 48), (torch.float32, (10, 128), 128, 128), (torch.float32, (10, 32), 32, 32),
+    (torch.float32, (10, 480), 120, 120), (torch.float32, (10, 384), 3, 96), (torch.float32, (10, 130), 130, 0),
+    (torch.float64, (10, 32), 32, 32), (torch.float64, (10, 64), 64, 64), (torch.float64, (10, 120), 120, 0),
+    (torch.float64, (10, 320), 40, 40), (torch.bfloat16, (10, 128), 64, 0)],
     ids=str)
-def test_register_loops_take_channels_dividing_a_256_byte_row(dtype, shape, c, lanes):
-    """The (M, C) register loops (rows of 256 bytes as four 64-byte vectors per sum) take float32/float64 arrays
-    whose C divides the view's lanes and whose rows hold whole views; anything else keeps the memory loops."""
+def test_register_loops_take_rows_of_up_to_512_bytes(dtype, shape, c, lanes):
+    """The (M, C) register loops take float32/float64 arrays as rows of 256 bytes where C divides that and the
+    arrays' rows hold whole ones, else as rows of C times the largest power of two that fits 512 bytes and divides
+    the arrays' rows (the last vectors masked); wider channels, other dtypes and strided arrays keep the memory
+    loops."""
     a = cpu._np(torch.zeros(shape, dtype=dtype))
     assert cpu_numba._reg_lanes(a, c, a, a) == lanes
     if lanes:

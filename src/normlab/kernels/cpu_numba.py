@@ -608,7 +608,7 @@ def _row_sums_ir_codegen(grads):
         if xt.dtype not in (types.float32, types.float64) or dyt.dtype != xt.dtype:
             zero = ir.Constant(f64, 0.0)
             return context.make_tuple(builder, signature.return_type, [zero, zero])
-        elem, lanes, _, vt, item = _reg_geometry(context, xt.dtype)
+        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
         intp = context.get_value_type(types.intp)
         xa = context.make_array(xt)(context, builder, x2)
         ns = builder.extract_value(xa.shape, 1)
@@ -645,15 +645,9 @@ def _row_sums_ir_codegen(grads):
         done = builder.mul(full, step)
         rest = builder.sub(ns, done)
         with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(intp, 0))):
-            ids = ir.Constant(ir.VectorType(intp, lanes), list(range(lanes)))
-            mask = builder.icmp_signed("<", ids, _splat(builder, rest, ids.type))
-            masked = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vt, [vt.as_pointer(), ir.IntType(32), mask.type, vt]),
-                f"llvm.masked.load.{_llvm_suffix(vt)}.p0{_llvm_suffix(vt)}")
-            align = ir.Constant(ir.IntType(32), item)
-            xv = builder.call(masked, [_vec_ptr(builder, xrow, done, vt), align, mask, shv])
-            gv = builder.call(masked, [_vec_ptr(builder, dyrow, done, vt), align, mask, zero]) if grads else None
-            add(1, xv, gv)
+            mask = _lane_masks(builder, rest, 1, lanes, intp)[0]
+            xv = _vload(builder, xrow, done, vt, item, mask, shv)
+            add(1, xv, _vload(builder, dyrow, done, vt, item, mask) if grads else None)
         reduce = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(elem, [elem, vt]),
             f"llvm.vector.reduce.fadd.{_llvm_suffix(vt)}")
@@ -1002,21 +996,27 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
 # sums are written as LLVM IR: rows of 256 bytes (64 float32 or 32 float64 lanes, four 64-byte vectors per sum,
 # promoted to registers) walked in memory order, each lane's sums added into float64 per block. A lane of that
 # view holds channel lane % C, so it serves any C that divides its width (C = 64, 32, 16, ...: channels_last
-# conv layers). Wider rows do not fit the registers: strips of such rows walked one after another, or rows
-# interleaved, read slower than the loops above (strips of 64 or 128 lanes over tiles of 8-64 rows: (4096, 1024)
-# 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9 against 1.5).
+# conv layers). Other C up to 512 bytes (float32: 120, 84, 100, 3...; LeNet's fully connected layers) take rows
+# of C times a power of two, up to eight vectors, the last ones masked: (256, 120) forward 8.8 -> 6.4 us and
+# backward 11.8 -> 8.4 in cache, (100352, 120) 8.2 -> 7.3 ms and 14.5 -> 11.9 from memory, though such rows
+# start mid-vector and store without streaming. Wider rows do not fit the registers: strips of such rows walked
+# one after another, or rows interleaved, read slower than the loops above from memory (strips of 64 or 128
+# lanes over tiles of 8-64 rows: (4096, 1024) 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9 against 1.5; strips
+# over whole runs of rows: (4096, 1024) 2.2 ms against 0.74), faster only from L2 ((256, 512) 11 us against 14,
+# but 43 against 32 when the input comes from L3).
 # ------------------------------------------------------------------------------------------------------
-_REG_ROW_BYTES = 256  # one row of the register view
+_REG_ROW_BYTES = 256  # a full row of the register view: four 64-byte vectors per sum
+_REG_WIDE_BYTES = 512  # the widest row it takes: eight vectors, the last ones masked where the row is shorter
 _REG_VECTOR_BYTES = 64  # LLVM vectors of this size (one zmm; two ymm or four xmm where the target has no zmm)
 _CONTRACT = ("contract",)  # a * b + c may become one fused multiply-add, as in the loops' fastmath
 
 
 def _reg_geometry(context, dtype):
-    """(element IR type, lanes per vector, vectors per row, vector IR type, element bytes) of the register view."""
+    """(element IR type, lanes per vector, vector IR type, element bytes) of the register view."""
     elem = context.get_value_type(dtype)
     item = dtype.bitwidth // 8
     lanes = _REG_VECTOR_BYTES // item
-    return elem, lanes, _REG_ROW_BYTES // _REG_VECTOR_BYTES, ir.VectorType(elem, lanes), item
+    return elem, lanes, ir.VectorType(elem, lanes), item
 
 
 def _splat(builder, value, vt):
@@ -1036,6 +1036,61 @@ def _vec_ptr(builder, base, index, vt):
     return builder.bitcast(builder.gep(base, [index]), vt.as_pointer())
 
 
+def _masked(builder, op, vt):
+    """LLVM's llvm.masked.load (``op`` "load") or llvm.masked.store ("store") for ``vt`` vectors."""
+    mask = ir.VectorType(ir.IntType(1), vt.count)
+    i32 = ir.IntType(32)
+    sig = (ir.FunctionType(vt, [vt.as_pointer(), i32, mask, vt]) if op == "load" else
+           ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), i32, mask]))
+    return cgutils.get_or_insert_function(builder.module, sig,
+                                          f"llvm.masked.{op}.{_llvm_suffix(vt)}.p0{_llvm_suffix(vt)}")
+
+
+def _vload(builder, base, index, vt, align, mask=None, fill=None):
+    """The ``vt`` vector at element ``index`` of ``base``; with ``mask`` (i1 lanes) a masked load whose lanes left
+    out read ``fill`` (zeros if None) and touch no memory."""
+    ptr = _vec_ptr(builder, base, index, vt)
+    if mask is None:
+        return builder.load(ptr, align=align)
+    fill = ir.Constant(vt, None) if fill is None else fill
+    return builder.call(_masked(builder, "load", vt), [ptr, ir.Constant(ir.IntType(32), align), mask, fill])
+
+
+def _vstore(builder, value, base, index, vt, align, mask=None, nontemporal=False):
+    """Stores ``value`` at element ``index`` of ``base``: only the lanes of ``mask`` where given, else the whole
+    vector, with LLVM's nontemporal hint (a streaming store) if ``nontemporal``."""
+    ptr = _vec_ptr(builder, base, index, vt)
+    if mask is not None:
+        builder.call(_masked(builder, "store", vt), [value, ptr, ir.Constant(ir.IntType(32), align), mask])
+        return
+    st = builder.store(value, ptr, align=align)
+    if nontemporal:
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+def _lane_masks(builder, width, nvec, lanes, intp):
+    """Per vector k of a row of ``nvec`` vectors, the i1 lanes k * lanes + i < ``width`` (a runtime value)."""
+    ids = ir.Constant(ir.VectorType(intp, lanes), list(range(lanes)))
+    return [builder.icmp_signed("<", ids, _splat(builder, builder.sub(width, ir.Constant(intp, k * lanes)),
+                                                  ids.type)) for k in range(nvec)]
+
+
+def _reg_forms(builder, width, lanes, intp, emit):
+    """The register loops' four forms, chosen by the row ``width`` at run time: ``emit(nvec, masks)`` under the
+    branch where rows take ``nvec`` vectors (4 up to 4 * lanes, else 8), ``masks`` None where the row fills them
+    (rows of 256 or 512 bytes), else :func:`_lane_masks`."""
+    for_four = builder.icmp_signed("<=", width, ir.Constant(intp, 4 * lanes))
+    with builder.if_else(for_four) as (narrow, wide):
+        for nvec, branch in ((4, narrow), (8, wide)):
+            with branch:
+                full = builder.icmp_signed("==", width, ir.Constant(intp, nvec * lanes))
+                with builder.if_else(full) as (whole, part):
+                    with whole:
+                        emit(nvec, None)
+                    with part:
+                        emit(nvec, _lane_masks(builder, width, nvec, lanes, intp))
+
+
 def _accumulate(builder, first_acc, second_acc, first, d):
     """first_acc += first; second_acc += first * d (the accumulators are allocas that LLVM keeps in registers).
     Statistics: first = d = x - shift; gradient sums: first = dy."""
@@ -1045,75 +1100,83 @@ def _accumulate(builder, first_acc, second_acc, first, d):
 
 
 def _reg_sums_codegen(grads):
-    """Codegen of ``_reg_sums`` (``grads`` False) and ``_reg_grad_sums`` (True): over rows lo..hi of x (M, L),
-    L * itemsize == _REG_ROW_BYTES, C-contiguous, float32 or float64 (other element types emit nothing: the
-    callers never take this path for them), with d = x - shift[l]:
+    """Codegen of ``_reg_sums`` (``grads`` False) and ``_reg_grad_sums`` (True): over rows lo..hi of ``width``
+    lanes of x's memory (row r at element r * width; width at most _REG_WIDE_BYTES, C-contiguous, float32 or
+    float64: other element types emit nothing, the callers never take this path for them), with
+    d = x - shift[l]:
 
     * sums:      s1[l] += sum d,  s2[l] += sum d * d
     * grad sums: s1[l] += sum g,  s2[l] += sum g * d, with g = dy (identity activation)
 
-    the sums in the element type (float32 lanes for float32 storage), added to the float64 s1, s2 at the end."""
+    the sums in the element type (float32 lanes for float32 storage), added to the float64 s1, s2 at the end.
+    Lanes past ``width`` in a row's last vectors are masked off: x reads as the shift there and dy as zero, so they
+    add nothing, and s1, s2 keep their values."""
     def codegen(context, builder, signature, args):
         xt = signature.args[0]
-        x, dy, lo, hi, shift, s1, s2 = args
+        x, dy, lo, hi, width, shift, s1, s2 = args
         if xt.dtype not in (types.float32, types.float64) or signature.args[1].dtype != xt.dtype:
             return context.get_dummy_value()
-        elem, lanes, nvec, vt, item = _reg_geometry(context, xt.dtype)
+        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
         v64 = ir.VectorType(ir.DoubleType(), lanes)
         intp = context.get_value_type(types.intp)
 
         def data(arg_index, value):
             return context.make_array(signature.args[arg_index])(context, builder, value).data
 
-        lo_v = context.cast(builder, lo, signature.args[2], types.intp)
-        hi_v = context.cast(builder, hi, signature.args[3], types.intp)
-        xs, dys, shs, s1s, s2s = data(0, x), data(1, dy), data(4, shift), data(5, s1), data(6, s2)
-        row = ir.Constant(intp, _REG_ROW_BYTES // item)
-        sh = [builder.load(_vec_ptr(builder, shs, ir.Constant(intp, k * lanes), vt), align=item) for k in range(nvec)]
-        acc1 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
-        acc2 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
-        for k in range(nvec):  # alloca_once_value stores its value in the entry block: clear them here too
-            builder.store(ir.Constant(vt, None), acc1[k])
-            builder.store(ir.Constant(vt, None), acc2[k])
-        with cgutils.for_range_slice(builder, lo_v, hi_v, ir.Constant(intp, 1), intp=intp) as (r, _):
-            start = builder.mul(r, row)
+        lo_v, hi_v, width_v = (context.cast(builder, v, signature.args[i], types.intp)
+                               for i, v in ((2, lo), (3, hi), (4, width)))
+        xs, dys, shs, s1s, s2s = data(0, x), data(1, dy), data(5, shift), data(6, s1), data(7, s2)
+
+        def emit(nvec, masks):
+            mask = masks or [None] * nvec
+            sh = [_vload(builder, shs, ir.Constant(intp, k * lanes), vt, item, mask[k]) for k in range(nvec)]
+            acc1 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
+            acc2 = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nvec)]
+            for k in range(nvec):  # alloca_once_value stores its value in the entry block: clear them here too
+                builder.store(ir.Constant(vt, None), acc1[k])
+                builder.store(ir.Constant(vt, None), acc2[k])
+            with cgutils.for_range_slice(builder, lo_v, hi_v, ir.Constant(intp, 1), intp=intp) as (r, _):
+                start = builder.mul(r, width_v)
+                for k in range(nvec):
+                    at = builder.add(start, ir.Constant(intp, k * lanes))
+                    d = builder.fsub(_vload(builder, xs, at, vt, item, mask[k], sh[k]), sh[k])
+                    first = _vload(builder, dys, at, vt, item, mask[k]) if grads else d
+                    _accumulate(builder, acc1[k], acc2[k], first, d)
             for k in range(nvec):
-                at = builder.add(start, ir.Constant(intp, k * lanes))
-                d = builder.fsub(builder.load(_vec_ptr(builder, xs, at, vt), align=item), sh[k])
-                first = builder.load(_vec_ptr(builder, dys, at, vt), align=item) if grads else d
-                _accumulate(builder, acc1[k], acc2[k], first, d)
-        for k in range(nvec):
-            at = ir.Constant(intp, k * lanes)
-            for acc, out in ((acc1[k], s1s), (acc2[k], s2s)):
-                ptr = _vec_ptr(builder, out, at, v64)
-                total = builder.load(acc)
-                if elem != ir.DoubleType():
-                    total = builder.fpext(total, v64)
-                builder.store(builder.fadd(builder.load(ptr, align=8), total), ptr, align=8)
+                at = ir.Constant(intp, k * lanes)
+                for acc, out in ((acc1[k], s1s), (acc2[k], s2s)):
+                    total = builder.load(acc)
+                    if elem != ir.DoubleType():
+                        total = builder.fpext(total, v64)
+                    total = builder.fadd(_vload(builder, out, at, v64, 8, mask[k]), total)
+                    _vstore(builder, total, out, at, v64, 8, mask[k])
+
+        _reg_forms(builder, width_v, lanes, intp, emit)
         return context.get_dummy_value()
     return codegen
 
 
 @intrinsic
-def _reg_sums(typingctx, x, dy, lo, hi, shift, s1, s2):
-    """s1[l] += sum (x - shift), s2[l] += sum (x - shift)**2 over rows lo..hi of a register view (``dy`` unused;
+def _reg_sums(typingctx, x, dy, lo, hi, width, shift, s1, s2):
+    """s1[l] += sum (x - shift), s2[l] += sum (x - shift)**2 over rows lo..hi of ``width`` lanes (``dy`` unused;
     see :func:`_reg_sums_codegen`)."""
-    return types.void(x, dy, lo, hi, shift, s1, s2), _reg_sums_codegen(False)
+    return types.void(x, dy, lo, hi, width, shift, s1, s2), _reg_sums_codegen(False)
 
 
 @intrinsic
-def _reg_grad_sums(typingctx, x, dy, lo, hi, shift, s1, s2):
-    """s1[l] += sum dy, s2[l] += sum dy * (x - shift) over rows lo..hi of a register view."""
-    return types.void(x, dy, lo, hi, shift, s1, s2), _reg_sums_codegen(True)
+def _reg_grad_sums(typingctx, x, dy, lo, hi, width, shift, s1, s2):
+    """s1[l] += sum dy, s2[l] += sum dy * (x - shift) over rows lo..hi of ``width`` lanes."""
+    return types.void(x, dy, lo, hi, width, shift, s1, s2), _reg_sums_codegen(True)
 
 
 def _reg_map_codegen(kind):
-    """Codegen of ``_reg_normalize`` (``kind`` "y") and ``_reg_dx`` ("dx"): elementwise over rows lo..hi of the
-    register view (see :func:`_reg_sums_codegen`), the per-lane coefficients held in registers, identity
-    activation, the output in x's element type with streaming stores (64-byte aligned rows) where ``stream``:
+    """Codegen of ``_reg_normalize`` (``kind`` "y") and ``_reg_dx`` ("dx"): elementwise over rows lo..hi of
+    ``width`` lanes (see :func:`_reg_sums_codegen`), the per-lane coefficients held in registers, identity
+    activation, the output in x's element type; with streaming stores where ``stream`` (64-byte aligned rows of
+    256 or 512 bytes; rows with masked lanes store plainly):
 
-    * y:  out = (x - ref[l]) * a[l] + bb[l]                       args (x, out, lo, hi, ref, a, bb, stream)
-    * dx: out = dy * k_g[l] + (x - x0[l]) * k_d[l] + k_0[l]       args (dy, x, out, lo, hi, x0, k_g, k_d, k_0, stream)
+    * y:  out = (x - ref[l]) * a[l] + bb[l]                  args (x, out, lo, hi, width, ref, a, bb, stream)
+    * dx: out = dy * k_g[l] + (x - x0[l]) * k_d[l] + k_0[l]  args (dy, x, out, lo, hi, width, x0, k_g, k_d, k_0, stream)
     """
     n_in = 1 if kind == "y" else 2
 
@@ -1122,24 +1185,23 @@ def _reg_map_codegen(kind):
         xt = arrays[n_in - 1]
         if xt.dtype not in (types.float32, types.float64) or any(a.dtype != xt.dtype for a in arrays):
             return context.get_dummy_value()
-        elem, lanes, nvec, vt, item = _reg_geometry(context, xt.dtype)
+        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
         intp = context.get_value_type(types.intp)
         data = [context.make_array(t)(context, builder, v).data for t, v in zip(signature.args, args)
                 if isinstance(t, types.Array)]
         ins, out, coefs = data[:n_in], data[n_in], data[n_in + 1:]
-        lo = context.cast(builder, args[n_in + 1], signature.args[n_in + 1], types.intp)
-        hi = context.cast(builder, args[n_in + 2], signature.args[n_in + 2], types.intp)
+        lo, hi, width = (context.cast(builder, args[n_in + 1 + i], signature.args[n_in + 1 + i], types.intp)
+                         for i in range(3))
         stream = context.cast(builder, args[-1], signature.args[-1], types.boolean)
-        coef = [[builder.load(_vec_ptr(builder, c, ir.Constant(intp, k * lanes), vt), align=item)
-                 for k in range(nvec)] for c in coefs]
-        row = ir.Constant(intp, _REG_ROW_BYTES // item)
 
-        def rows(nontemporal):
+        def rows(nvec, mask, nontemporal):
+            coef = [[_vload(builder, c, ir.Constant(intp, k * lanes), vt, item, mask[k]) for k in range(nvec)]
+                    for c in coefs]
             with cgutils.for_range_slice(builder, lo, hi, ir.Constant(intp, 1), intp=intp) as (r, _):
-                start = builder.mul(r, row)
+                start = builder.mul(r, width)
                 for k in range(nvec):
                     at = builder.add(start, ir.Constant(intp, k * lanes))
-                    v = [builder.load(_vec_ptr(builder, p, at, vt), align=item) for p in ins]
+                    v = [_vload(builder, p, at, vt, item, mask[k]) for p in ins]
                     if kind == "y":
                         ref, a, bb = (c[k] for c in coef)
                         res = builder.fadd(builder.fmul(builder.fsub(v[0], ref), a, flags=_CONTRACT), bb,
@@ -1150,29 +1212,33 @@ def _reg_map_codegen(kind):
                         res = builder.fadd(builder.fmul(v[0], kg, flags=_CONTRACT),
                                            builder.fadd(builder.fmul(d, kd, flags=_CONTRACT), k0, flags=_CONTRACT),
                                            flags=_CONTRACT)
-                    st = builder.store(res, _vec_ptr(builder, out, at, vt), align=64 if nontemporal else item)
-                    if nontemporal:
-                        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+                    _vstore(builder, res, out, at, vt, 64 if nontemporal else item, mask[k], nontemporal)
 
-        with builder.if_else(stream) as (then, otherwise):
-            with then:
-                rows(True)
-            with otherwise:
-                rows(False)
+        def emit(nvec, masks):
+            if masks is not None:
+                rows(nvec, masks, False)
+                return
+            with builder.if_else(stream) as (then, otherwise):
+                with then:
+                    rows(nvec, [None] * nvec, True)
+                with otherwise:
+                    rows(nvec, [None] * nvec, False)
+
+        _reg_forms(builder, width, lanes, intp, emit)
         return context.get_dummy_value()
     return codegen
 
 
 @intrinsic
-def _reg_normalize(typingctx, x, y, lo, hi, ref, a, bb, stream):
-    """y = (x - ref) * a + bb over rows lo..hi of a register view (see :func:`_reg_map_codegen`)."""
-    return types.void(x, y, lo, hi, ref, a, bb, stream), _reg_map_codegen("y")
+def _reg_normalize(typingctx, x, y, lo, hi, width, ref, a, bb, stream):
+    """y = (x - ref) * a + bb over rows lo..hi of ``width`` lanes (see :func:`_reg_map_codegen`)."""
+    return types.void(x, y, lo, hi, width, ref, a, bb, stream), _reg_map_codegen("y")
 
 
 @intrinsic
-def _reg_dx(typingctx, dy, x, dx, lo, hi, x0, k_g, k_d, k_0, stream):
-    """dx = dy * k_g + (x - x0) * k_d + k_0 over rows lo..hi of a register view."""
-    return types.void(dy, x, dx, lo, hi, x0, k_g, k_d, k_0, stream), _reg_map_codegen("dx")
+def _reg_dx(typingctx, dy, x, dx, lo, hi, width, x0, k_g, k_d, k_0, stream):
+    """dx = dy * k_g + (x - x0) * k_d + k_0 over rows lo..hi of ``width`` lanes."""
+    return types.void(dy, x, dx, lo, hi, width, x0, k_g, k_d, k_0, stream), _reg_map_codegen("dx")
 
 
 @njit(inline="always")
@@ -1183,18 +1249,28 @@ def _dense(a):
 
 @njit(inline="always")
 def _reg_lanes(x, nc, other1, other2):
-    """The register view's width (lanes) for (M, width) rows arrays of C = ``nc`` channels, 0 where it does not
+    """The register view's row width (lanes) for (M, width) rows arrays of C = ``nc`` channels, 0 where it does not
     apply: float32/float64 storage, all three arrays (x and the pass's other two: y; dy, dx) of that element size
-    and C-contiguous, C dividing the view's width and the width dividing a row. The register loops take the
-    arrays' memory as rows of that width, whatever their shape."""
+    and C-contiguous. The register loops take the arrays' memory as rows of that many lanes, lane l holding channel
+    l % C, whatever their shape: a full row of 256 bytes where C divides it and the rows hold whole ones, else
+    rows of j * C lanes up to 512 bytes (j the largest power of two that divides the rows' width over C, the last
+    vectors of a row masked)."""
     if x.itemsize != 4 and x.itemsize != 8:
         return 0
     if other1.itemsize != x.itemsize or other2.itemsize != x.itemsize:
         return 0
     if not (_dense(x) and _dense(other1) and _dense(other2)):
         return 0
-    lanes = _REG_ROW_BYTES // x.itemsize
-    return lanes if lanes % nc == 0 and x.shape[1] % lanes == 0 else 0
+    full = _REG_ROW_BYTES // x.itemsize
+    if full % nc == 0 and x.shape[1] % full == 0:
+        return full
+    widest = _REG_WIDE_BYTES // x.itemsize
+    if nc > widest:
+        return 0
+    lanes = nc
+    while 2 * lanes <= widest and x.shape[1] % (2 * lanes) == 0:
+        lanes *= 2
+    return lanes
 
 
 @njit(inline="always")
@@ -1206,9 +1282,9 @@ def _reg_rows_sums(x, dy, shift, lanes, lo, hi, s1, s2, grads):
     for r0 in range(lo * q, hi * q, _ROW_BLOCK):
         r1 = min(r0 + _ROW_BLOCK, hi * q)
         if grads:
-            _reg_grad_sums(x, dy, r0, r1, shift, s1, s2)
+            _reg_grad_sums(x, dy, r0, r1, lanes, shift, s1, s2)
         else:
-            _reg_sums(x, dy, r0, r1, shift, s1, s2)
+            _reg_sums(x, dy, r0, r1, lanes, shift, s1, s2)
 
 
 @njit(**_OPTS)
@@ -1312,7 +1388,7 @@ def _rows_normalize(x, y, lanes, lo, hi, ref, a, bb, stream):
     activation and the coefficients in registers over rows of ``lanes`` where that is not 0 (:func:`_reg_lanes`)."""
     if ACT == IDENTITY and lanes:
         q = x.shape[1] // lanes
-        _reg_normalize(x, y, lo * q, hi * q, ref, a, bb, stream)
+        _reg_normalize(x, y, lo * q, hi * q, lanes, ref, a, bb, stream)
         if stream:
             _stream_fence()
         return
@@ -1388,7 +1464,7 @@ def _row_dx(dy, x, x0, a_z, b_z, lanes, lo, hi, k_g, k_d, k_0, dx, stream):
     registers over rows of ``lanes`` where that is not 0 (:func:`_reg_lanes`)."""
     if ACT == IDENTITY and lanes:
         q = x.shape[1] // lanes
-        _reg_dx(dy, x, dx, lo * q, hi * q, x0, k_g, k_d, k_0, stream)
+        _reg_dx(dy, x, dx, lo * q, hi * q, lanes, x0, k_g, k_d, k_0, stream)
         if stream:
             _stream_fence()
         return
