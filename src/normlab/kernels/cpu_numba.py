@@ -1077,11 +1077,11 @@ def _lane_masks(builder, width, nvec, lanes, intp):
 
 def _reg_forms(builder, width, lanes, intp, emit):
     """The register loops' four forms, chosen by the row ``width`` at run time: ``emit(nvec, masks)`` under the
-    branch where rows take ``nvec`` vectors (4 up to 4 * lanes, else 8), ``masks`` None where the row fills them
-    (rows of 256 or 512 bytes), else :func:`_lane_masks`."""
-    for_four = builder.icmp_signed("<=", width, ir.Constant(intp, 4 * lanes))
-    with builder.if_else(for_four) as (narrow, wide):
-        for nvec, branch in ((4, narrow), (8, wide)):
+    branch where rows take ``nvec`` vectors (those of _REG_ROW_BYTES up to its lanes, else of _REG_WIDE_BYTES),
+    ``masks`` None where the row fills them, else :func:`_lane_masks`."""
+    short, wide = _REG_ROW_BYTES // _REG_VECTOR_BYTES, _REG_WIDE_BYTES // _REG_VECTOR_BYTES
+    with builder.if_else(builder.icmp_signed("<=", width, ir.Constant(intp, short * lanes))) as (narrow, broad):
+        for nvec, branch in ((short, narrow), (wide, broad)):
             with branch:
                 full = builder.icmp_signed("==", width, ir.Constant(intp, nvec * lanes))
                 with builder.if_else(full) as (whole, part):
