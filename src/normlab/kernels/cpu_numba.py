@@ -492,6 +492,11 @@ _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 _STREAM_MIDLINE_FROM = 512  # bytes per row: the (N, C, S) loops stream rows that start or end mid-line from here
 
 
+def _mark_nontemporal(builder, store):
+    """Gives the IR ``store`` LLVM's ``nontemporal`` hint: a streaming store."""
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
 def _nontemporal_store(align):
     """Codegen of ``arr[idx] = val`` as a store with LLVM's ``nontemporal`` hint, declared ``align``-byte aligned
     (None: the element's own size)."""
@@ -499,8 +504,8 @@ def _nontemporal_store(align):
         arrty = signature.args[0]
         ary = context.make_array(arrty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, arrty, ary, [args[1]], wraparound=False)
-        st = builder.store(args[2], ptr, align=align or context.get_abi_sizeof(context.get_data_type(arrty.dtype)))
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        _mark_nontemporal(builder, builder.store(
+            args[2], ptr, align=align or context.get_abi_sizeof(context.get_data_type(arrty.dtype))))
         return context.get_dummy_value()
     return codegen
 
@@ -1065,7 +1070,7 @@ def _vstore(builder, value, base, index, vt, align, mask=None, nontemporal=False
         return
     st = builder.store(value, ptr, align=align)
     if nontemporal:
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        _mark_nontemporal(builder, st)
 
 
 def _lane_masks(builder, width, nvec, lanes, intp):
