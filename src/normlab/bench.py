@@ -746,6 +746,8 @@ def register(subparsers) -> None:
                    help="statistic of the repeats (median; min on a busy host)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="draw the ratios over torch as a figure (PNG); `normlab bench-plot` draws several runs")
     p.set_defaults(func=run)
 
 
@@ -819,9 +821,12 @@ def run(args) -> int:
         print(f"  {k:<38} {v if not isinstance(v, float) else round(v, 3)}")
     if quick:
         print("(--quick: tiny shapes, where per-call overhead dominates; run without --quick for the real suite)")
+    data = {"args": {k: v for k, v in vars(args).items() if k != "func"},
+            "machine": machine, "summary": summary, "results": [asdict(r) for r in rows]}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
-                       "machine": machine, "summary": summary, "results": [asdict(r) for r in rows]}, f,
-                      indent=1)
+            json.dump(data, f, indent=1)
+    if args.plot:
+        from normlab.bench_plot import plot
+        log(f"figure: {plot([data], args.plot)}")
     return 0

@@ -1,0 +1,162 @@
+"""``normlab bench-plot``: the ratios over torch of one or more ``normlab bench --json`` runs, as one figure.
+
+One row of panels per thread count found in the runs, one panel per section (batch norm layers, fused batch
+norm + activation, group / instance / layer norm, the LeNet step, the GPU's kernels); in each, for every case and
+mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab is faster), a line from
+the lowest to the highest run (the host's spread, which a single run hides), parity and the issue's targets as
+dashed lines, and each mode's geometric mean in the legend. The roof section is left out: it repeats the layers'
+forward+backward beside a floor that has no torch counterpart.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "gpu")
+TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "BN+ReLU fused vs BN then ReLU",
+          "fused_sigmoid": "BN+sigmoid fused vs BN then sigmoid", "groupnorm": "group / instance / layer norm",
+          "lenet": "LeNet-BN step", "gpu": "GPU: Triton vs torch"}
+MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
+               "train_step": "training step"}
+MODE_ORDER = list(MODE_LABELS)
+# the issue's targets, per section and mode (ratio over torch); every per-sample norm and the LeNet step: parity
+DPI = 80  # with the figure's size, a PNG of ~100 KB for the docs
+TARGETS = {("layers", "train_fwd_bwd"): 2.0, ("layers", "eval_fwd"): 1.5, ("fused_relu", "train_fwd_bwd"): 2.5,
+           ("fused_relu", "train_fwd"): 2.5, ("fused_relu", "eval_fwd"): 2.5}
+
+
+def load_runs(paths) -> list[dict]:
+    """The runs written by ``normlab bench --json``; a clear error for a file that is missing or is not one."""
+    runs = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"normlab bench-plot: no file {str(path)!r}; write one with "
+                             f"`normlab bench --json {path}`") from None
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"normlab bench-plot: {str(path)!r} is not JSON ({err}); pass files written by "
+                             f"`normlab bench --json FILE`") from None
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list) or "machine" not in data:
+            raise SystemExit(f"normlab bench-plot: {str(path)!r} is not a `normlab bench --json` file (it has no "
+                             f"'results' list and 'machine'); write one with `normlab bench --json FILE`")
+        runs.append(data)
+    return runs
+
+
+def collect(runs: list[dict]) -> dict:
+    """``{threads: {section: {(case, mode): [ratio per run, ...]}}}``, ratio = torch's time / normlab's, cases
+    and modes in the order the runs measured them."""
+    out: dict = {}
+    for run in runs:
+        threads = run["machine"].get("torch_threads")
+        for r in run["results"]:
+            ms = r.get("ms", {})
+            if r.get("section") not in PLOTTED or not ms.get("normlab") or not ms.get("torch"):
+                continue
+            per = out.setdefault(threads, {}).setdefault(r["section"], {})
+            per.setdefault((r["case"], r["mode"]), []).append(ms["torch"] / ms["normlab"])
+    return out
+
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
+    cases = list(dict.fromkeys(case for case, _ in ratios))
+    modes = sorted({mode for _, mode in ratios}, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
+    width = 0.8 / len(modes)
+    ymin, ymax = 1.0, 1.0
+    for j, mode in enumerate(modes):
+        xs, med, lo, hi = [], [], [], []
+        for i, case in enumerate(cases):
+            vals = ratios.get((case, mode))
+            if vals:
+                m = statistics.median(vals)
+                xs.append(i + (j - (len(modes) - 1) / 2) * width)
+                med.append(m)
+                lo.append(m - min(vals))
+                hi.append(max(vals) - m)
+                ymin, ymax = min(ymin, min(vals)), max(ymax, max(vals))
+        medians_all = [statistics.median(v) for (c, md), v in ratios.items() if md == mode]
+        ax.bar(xs, med, width, color=colors[mode], yerr=[lo, hi] if max(hi + lo) > 0 else None,
+               error_kw={"elinewidth": 0.8, "capsize": 1.5})
+        ax.text(0.02, 0.97 - 0.075 * j, f"{MODE_LABELS.get(mode, mode)}: geomean {_geomean(medians_all):.2f}x",
+                transform=ax.transAxes, fontsize=7, color=colors[mode], va="top")
+        target = TARGETS.get((section, mode))
+        if target:
+            ax.axhline(target, color=colors[mode], linestyle=(0, (4, 3)), linewidth=1)
+            ymax = max(ymax, target)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(ymin / 1.25, ymax * 1.4 ** len(modes))  # room above the bars for the geomeans
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=40, ha="right", fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlim(-0.6, len(cases) - 0.4)
+    ax.set_title(TITLES.get(section, section), fontsize=9)
+    ax.grid(axis="y", alpha=0.3, which="both")
+
+
+def plot(runs: list[dict], path: str | Path) -> str:
+    """Draws :func:`collect` of ``runs`` into ``path`` (PNG, or any format matplotlib knows by the suffix)."""
+    from matplotlib.gridspec import GridSpec
+    from matplotlib.ticker import FuncFormatter
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = collect(runs)
+    if not data:
+        raise SystemExit("normlab bench-plot: the runs hold no result with both normlab and torch timed; run "
+                         "`normlab bench --json FILE` with at least one of the sections "
+                         + ",".join(s for s in PLOTTED if not s.startswith("fused")) + ",fused")
+    thread_counts = sorted(data, key=lambda t: (t is None, t))
+    sections = [s for s in PLOTTED if any(s in data[t] for t in thread_counts)]
+    cases = {s: max(len({c for c, _ in data[t].get(s, {})}) for t in thread_counts) for s in sections}
+    fig = plt.figure(figsize=(max(8.0, 0.36 * sum(cases.values()) + 1.2 * len(sections)),
+                              3.9 * len(thread_counts)))
+    grid = GridSpec(len(thread_counts), len(sections), figure=fig,
+                    width_ratios=[max(cases[s], 3) + 1.5 for s in sections])
+    colors = {"train_fwd_bwd": "tab:blue", "train_fwd": "tab:orange", "eval_fwd": "tab:green",
+              "train_step": "tab:purple"}
+    for row, threads in enumerate(thread_counts):
+        for col, section in enumerate(sections):
+            ax = fig.add_subplot(grid[row, col])
+            if section not in data[threads]:
+                ax.set_axis_off()
+                continue
+            _panel(ax, section, data[threads][section], colors)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.7, 1.5, 3, 5) else ""))
+            n = sum(1 for run in runs if run["machine"].get("torch_threads") == threads)
+            if col == 0:
+                ax.set_ylabel(f"{threads} thread{'s' if threads != 1 else ''}: torch ms / normlab ms\n"
+                              f"(bar: median of {n} run{'s' if n != 1 else ''}, line: range)", fontsize=8)
+    machine = runs[0]["machine"]
+    dates = sorted(run["machine"].get("date", "") for run in runs)
+    fig.suptitle(f"normlab bench: {machine.get('cpu', '?')}, torch {machine.get('torch', '?')}, "
+                 f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {dates[0]}"
+                 + (f" .. {dates[-1]}" if dates[-1] != dates[0] else "")
+                 + "\nabove 1x normlab is faster; dashed lines: the targets", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return str(path)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench-plot", help="plot the ratios of `normlab bench --json` runs",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN.json", help="files written by `normlab bench --json`")
+    p.add_argument("-o", "--output", default="bench.png", help="figure to write (default bench.png)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    print(plot(load_runs(args.runs), args.output))
+    return 0
