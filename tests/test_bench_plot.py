@@ -12,9 +12,10 @@ def _run(threads, ratios, date="2026-12-02 10:00:00 UTC"):
     """A run as ``normlab bench --json`` writes it, ``ratios`` {(section, case, mode): torch ms / normlab ms}."""
     results = [{"section": s, "case": c, "mode": m, "mbytes": 1.0, "ms": {"normlab": 1.0, "torch": r}}
                for (s, c, m), r in ratios.items()]
-    # rows the figure leaves out: the roof (no torch counterpart to its floor) and a contender that failed
-    results.append({"section": "roof", "case": "256x512", "mode": "train_fwd_bwd", "mbytes": 1.0,
-                    "ms": {"normlab": 1.0, "torch": 9.0, "floor": 0.5}})
+    # the roof: torch 9 ms against a bound of 2 ms, the larger of 8 passes of 1 MB at 4 GB/s and the 0.5 ms floor
+    results.append({"section": "roof", "case": "256x512", "mode": "train_fwd_bwd", "mbytes": 1.0, "copy_gbps": 4.0,
+                    "ms": {"normlab": 3.0, "torch": 9.0, "floor": 0.5}})
+    # left out: a contender that failed (torch not timed)
     results.append({"section": "layers", "case": "failed", "mode": "train_fwd", "mbytes": 1.0,
                     "ms": {"normlab": 1.0}})
     return {"machine": {"torch_threads": threads, "cpu": "test cpu", "torch": "2.x", "date": date},
@@ -37,10 +38,12 @@ def test_collect_groups_ratios_by_thread_count_section_case_and_mode():
     assert got[1]["layers"][("256x512", "train_fwd_bwd")] == [2.0, 4.0, 1.0]
     assert got[1]["layers"][("32x64x56x56", "train_fwd_bwd")] == [3.0] * 3
     assert got[1]["lenet"][("LeNet-BN step", "train_step")] == [1.2] * 3
-    assert set(got[1]) == {"layers", "groupnorm", "lenet"}  # no roof
-    assert ("failed", "train_fwd") not in got[1]["layers"]  # torch not timed
-    assert got[2] == {"layers": {("256x512", "train_fwd_bwd"): [0.9]},
-                      "fused_relu": {("256x512", "eval_fwd"): [2.7]}}
+    assert got[1]["roof"] == {("256x512", "train_fwd_bwd"): [3.0] * 3, ("256x512", "cap"): [4.5] * 3}
+    assert set(got[1]) == {"layers", "groupnorm", "lenet", "roof"}
+    assert ("failed", "train_fwd") not in got[1]["layers"]
+    assert got[2]["layers"] == {("256x512", "train_fwd_bwd"): [0.9]}
+    assert got[2]["fused_relu"] == {("256x512", "eval_fwd"): [2.7]}
+    assert "groupnorm" not in got[2]
 
 
 def test_plot_draws_every_thread_count_and_section(tmp_path, monkeypatch):
@@ -50,16 +53,19 @@ def test_plot_draws_every_thread_count_and_section(tmp_path, monkeypatch):
     def spy(ax, section, ratios, colors):
         drawn.append(section)
         real(ax, section, ratios, colors)
-        if section == "layers":
-            # bars at the medians over runs, in the order the runs measured the cases
-            heights = sorted(round(p.get_height(), 6) for p in ax.patches)
-            drawn.append(heights)
+        if section in ("layers", "roof"):
+            # bars at the medians over runs; the roof's cap as a tick over its bar
+            drawn.append(sorted(round(p.get_height(), 6) for p in ax.patches))
+        if section == "roof":
+            ticks = [seg for coll in ax.collections for seg in coll.get_segments()]
+            drawn.append([(round(a[0], 2), b[0], a[1]) for a, b in ticks])
     monkeypatch.setattr(bench_plot, "_panel", spy)
     out = bench_plot.plot(_runs(), tmp_path / "bench.png")
     assert out == str(tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
     assert drawn[:2] == ["layers", [1.5, 2.0, 3.0]]  # median of 2, 4, 1 is 2
-    assert drawn[2:] == ["groupnorm", "lenet", "layers", [0.9], "fused_relu"]
+    roof = ["roof", [3.0], [(-0.45, 0.45, 4.5)]]
+    assert drawn[2:] == [*roof, "groupnorm", "lenet", "layers", [0.9], *roof, "fused_relu"]
 
 
 def test_bench_plot_command_reads_json_files(tmp_path, capsys):

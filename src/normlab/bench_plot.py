@@ -4,8 +4,9 @@ One row of panels per thread count found in the runs, one panel per section (bat
 norm + activation, group / instance / layer norm, the LeNet step, the GPU's kernels); in each, for every case and
 mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab is faster), a line from
 the lowest to the highest run (the host's spread, which a single run hides), parity and the issue's targets as
-dashed lines, and each mode's geometric mean in the legend. The roof section is left out: it repeats the layers'
-forward+backward beside a floor that has no torch counterpart.
+dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
+black tick at the cap: torch's time over the fastest any batch norm could run there (``bench.roof_bound``), so
+the gap between bar and tick is what is left to win.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import math
 import statistics
 from pathlib import Path
 
-PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "gpu")
+PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu")
 TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "BN+ReLU fused vs BN then ReLU",
           "fused_sigmoid": "BN+sigmoid fused vs BN then sigmoid", "groupnorm": "group / instance / layer norm",
-          "lenet": "LeNet-BN step", "gpu": "GPU: Triton vs torch"}
+          "lenet": "LeNet-BN step", "roof": "fwd+bwd beside the roof (tick: cap)", "gpu": "GPU: Triton vs torch"}
+# the panels of one thread count, line by line
+LINES = [["layers", "roof", "gpu"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"]]
 MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
-               "train_step": "training step"}
+               "train_step": "step"}
 MODE_ORDER = list(MODE_LABELS)
 # the issue's targets, per section and mode (ratio over torch); every per-sample norm and the LeNet step: parity
 DPI = 80  # with the figure's size, a PNG of ~100 KB for the docs
@@ -48,7 +51,8 @@ def load_runs(paths) -> list[dict]:
 
 def collect(runs: list[dict]) -> dict:
     """``{threads: {section: {(case, mode): [ratio per run, ...]}}}``, ratio = torch's time / normlab's, cases
-    and modes in the order the runs measured them."""
+    and modes in the order the runs measured them; the roof section also ``{(case, "cap"): [cap per run]}``."""
+    from normlab.bench import Row, roof_bound
     out: dict = {}
     for run in runs:
         threads = run["machine"].get("torch_threads")
@@ -58,6 +62,10 @@ def collect(runs: list[dict]) -> dict:
                 continue
             per = out.setdefault(threads, {}).setdefault(r["section"], {})
             per.setdefault((r["case"], r["mode"]), []).append(ms["torch"] / ms["normlab"])
+            if r["section"] == "roof":
+                cap = roof_bound(Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}))["cap"]
+                if cap:
+                    per.setdefault((r["case"], "cap"), []).append(cap)
     return out
 
 
@@ -67,7 +75,8 @@ def _geomean(values):
 
 def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
     cases = list(dict.fromkeys(case for case, _ in ratios))
-    modes = sorted({mode for _, mode in ratios}, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
+    modes = sorted({mode for _, mode in ratios if mode != "cap"},
+                   key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
     width = 0.8 / len(modes)
     ymin, ymax = 1.0, 1.0
     for j, mode in enumerate(modes):
@@ -90,9 +99,17 @@ def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
         if target:
             ax.axhline(target, color=colors[mode], linestyle=(0, (4, 3)), linewidth=1)
             ymax = max(ymax, target)
+    caps = [(i, statistics.median(ratios[(case, "cap")])) for i, case in enumerate(cases) if (case, "cap") in ratios]
+    if caps:  # the roof section: one mode, its bars centred on the cases
+        ax.hlines([c for _, c in caps], [i - 0.45 for i, _ in caps], [i + 0.45 for i, _ in caps], color="black",
+                  linewidth=2.2)
+        caps_all = [c for _, c in caps]
+        ax.text(0.02, 0.97 - 0.075 * len(modes), f"cap (tick): geomean {_geomean(caps_all):.2f}x",
+                transform=ax.transAxes, fontsize=7, color="black", va="top")
+        ymax = max([ymax] + caps_all)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_ylim(ymin / 1.25, ymax * 1.4 ** len(modes))  # room above the bars for the geomeans
+    ax.set_ylim(ymin / 1.25, ymax * 1.4 ** (len(modes) + bool(caps)))  # room above the bars for the geomeans
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=40, ha="right", fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
@@ -103,40 +120,42 @@ def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
 
 def plot(runs: list[dict], path: str | Path) -> str:
     """Draws :func:`collect` of ``runs`` into ``path`` (PNG, or any format matplotlib knows by the suffix)."""
-    from matplotlib.gridspec import GridSpec
-    from matplotlib.ticker import FuncFormatter
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     data = collect(runs)
     if not data:
         raise SystemExit("normlab bench-plot: the runs hold no result with both normlab and torch timed; run "
-                         "`normlab bench --json FILE` with at least one of the sections "
-                         + ",".join(s for s in PLOTTED if not s.startswith("fused")) + ",fused")
+                         "`normlab bench --json FILE` with any of the sections layers,fused,groupnorm,lenet,roof")
     thread_counts = sorted(data, key=lambda t: (t is None, t))
-    sections = [s for s in PLOTTED if any(s in data[t] for t in thread_counts)]
-    cases = {s: max(len({c for c, _ in data[t].get(s, {})}) for t in thread_counts) for s in sections}
-    fig = plt.figure(figsize=(max(8.0, 0.36 * sum(cases.values()) + 1.2 * len(sections)),
-                              3.9 * len(thread_counts)))
-    grid = GridSpec(len(thread_counts), len(sections), figure=fig,
-                    width_ratios=[max(cases[s], 3) + 1.5 for s in sections])
+    present = {s for t in thread_counts for s in data[t]}
+    lines = [[s for s in line if s in present] for line in LINES]
+    lines = [line for line in lines if line]
+    cases = {s: max(3, max(len({c for c, _ in data[t].get(s, {})}) for t in thread_counts)) + 1.5 for s in present}
+    width = max(sum(cases[s] for s in line) for line in lines)
+    fig = plt.figure(figsize=(max(8.0, 0.42 * width), 3.4 * len(lines) * len(thread_counts) + 0.6))
+    outer = fig.add_gridspec(len(lines) * len(thread_counts), 1)
     colors = {"train_fwd_bwd": "tab:blue", "train_fwd": "tab:orange", "eval_fwd": "tab:green",
               "train_step": "tab:purple"}
     for row, threads in enumerate(thread_counts):
-        for col, section in enumerate(sections):
-            ax = fig.add_subplot(grid[row, col])
-            if section not in data[threads]:
-                ax.set_axis_off()
-                continue
-            _panel(ax, section, data[threads][section], colors)
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.7, 1.5, 3, 5) else ""))
-            n = sum(1 for run in runs if run["machine"].get("torch_threads") == threads)
-            if col == 0:
-                ax.set_ylabel(f"{threads} thread{'s' if threads != 1 else ''}: torch ms / normlab ms\n"
-                              f"(bar: median of {n} run{'s' if n != 1 else ''}, line: range)", fontsize=8)
+        n = sum(1 for run in runs if run["machine"].get("torch_threads") == threads)
+        for k, line in enumerate(lines):
+            # each line's panels in proportion to their cases, padded to the widest line
+            ratios = [cases[s] for s in line] + [width - sum(cases[s] for s in line) + 1e-9]
+            grid = outer[row * len(lines) + k].subgridspec(1, len(ratios), width_ratios=ratios)
+            for col, section in enumerate(line):
+                ax = fig.add_subplot(grid[0, col])
+                if section not in data[threads]:
+                    ax.set_axis_off()
+                    continue
+                _panel(ax, section, data[threads][section], colors)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.7, 1.5, 3, 5) else ""))
+                if col == 0:
+                    ax.set_ylabel(f"{threads} thread{'s' if threads != 1 else ''}: torch ms / normlab ms\n"
+                                  f"(bar: median of {n} run{'s' if n != 1 else ''}, line: range)", fontsize=8)
     machine = runs[0]["machine"]
     dates = sorted(run["machine"].get("date", "") for run in runs)
     fig.suptitle(f"normlab bench: {machine.get('cpu', '?')}, torch {machine.get('torch', '?')}, "
