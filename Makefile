@@ -28,7 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 bench: $(STAMP)
-	$(BIN)/normlab bench
+	@mkdir -p runs
+	$(BIN)/normlab bench --json runs/bench.json --plot runs/bench.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -99,3 +99,17 @@ def test_bench_plot_option_draws_the_run_just_measured(tmp_path):
     out = tmp_path / "quick.png"
     assert main(["bench", "--quick", "--sections", "layers", "--shapes", "8x4", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
+
+
+def test_bench_checks_where_it_will_write_before_measuring(tmp_path, monkeypatch):
+    from normlab import bench
+    from normlab.cli import main
+    monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: pytest.fail("measured before checking the paths"))
+    with pytest.raises(SystemExit, match=r"--json '.*nowhere/run.json': its folder does not exist"):
+        main(["bench", "--quick", "--sections", "layers", "--json", str(tmp_path / "nowhere" / "run.json")])
+    with pytest.raises(SystemExit, match=r"--plot '.*nowhere/run.png': its folder does not exist"):
+        main(["bench", "--quick", "--sections", "layers", "--plot", str(tmp_path / "nowhere" / "run.png")])
+    with pytest.raises(SystemExit, match=r"cannot write a figure as '.*run.figure'.*\.png"):
+        main(["bench", "--quick", "--sections", "layers", "--plot", str(tmp_path / "run.figure")])
+    with pytest.raises(SystemExit, match=r"cannot write a figure as 'runs.txt'"):
+        main(["bench-plot", str(tmp_path / "any.json"), "-o", "runs.txt"])

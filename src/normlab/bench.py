@@ -776,6 +776,12 @@ def run(args) -> int:
             kernels._load_triton()
         except RuntimeError as err:
             raise SystemExit(f"normlab bench: {err}") from None
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before minutes of measuring, not after
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise SystemExit(f"normlab bench: {flag} {path!r}: its folder does not exist; create it or pick another")
+    if args.plot:
+        from normlab.bench_plot import check_format
+        check_format(args.plot)
     impls = [i for i in IMPLS if not ((i == "compile" and (args.no_compile or quick))
                                        or (i == "scratch" and args.no_scratch))]
 

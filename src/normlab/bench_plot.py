@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 
 PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu")
-TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "BN+ReLU fused vs BN then ReLU",
-          "fused_sigmoid": "BN+sigmoid fused vs BN then sigmoid", "groupnorm": "group / instance / layer norm",
+TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "fused BN+ReLU vs BN, ReLU",
+          "fused_sigmoid": "fused BN+sigmoid vs BN, sigmoid", "groupnorm": "group / instance / layer norm",
           "lenet": "LeNet-BN step", "roof": "fwd+bwd beside the roof (tick: cap)", "gpu": "GPU: Triton vs torch"}
 # the panels of one thread count, line by line
 LINES = [["layers", "roof", "gpu"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"]]
@@ -47,6 +47,18 @@ def load_runs(paths) -> list[dict]:
                              f"'results' list and 'machine'); write one with `normlab bench --json FILE`")
         runs.append(data)
     return runs
+
+
+def check_format(path: str | Path) -> None:
+    """A clear error for a figure file whose suffix matplotlib cannot write (before anything is measured)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+    known = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in known:
+        raise SystemExit(f"normlab bench-plot: cannot write a figure as {str(path)!r}; name it with one of the "
+                         f"suffixes {', '.join('.' + k for k in sorted(known))} (e.g. bench.png)")
 
 
 def collect(runs: list[dict]) -> dict:
@@ -133,7 +145,7 @@ def plot(runs: list[dict], path: str | Path) -> str:
     present = {s for t in thread_counts for s in data[t]}
     lines = [[s for s in line if s in present] for line in LINES]
     lines = [line for line in lines if line]
-    cases = {s: max(3, max(len({c for c, _ in data[t].get(s, {})}) for t in thread_counts)) + 1.5 for s in present}
+    cases = {s: max(5, max(len({c for c, _ in data[t].get(s, {})}) for t in thread_counts)) + 1.5 for s in present}
     width = max(sum(cases[s] for s in line) for line in lines)
     fig = plt.figure(figsize=(max(8.0, 0.42 * width), 3.4 * len(lines) * len(thread_counts) + 0.6))
     outer = fig.add_gridspec(len(lines) * len(thread_counts), 1)
@@ -177,5 +189,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    check_format(args.output)
     print(plot(load_runs(args.runs), args.output))
     return 0
