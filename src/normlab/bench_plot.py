@@ -1,7 +1,7 @@
 """``normlab bench-plot``: the ratios over torch of one or more ``normlab bench --json`` runs, as one figure.
 
-One row of panels per thread count found in the runs, one panel per section (batch norm layers, fused batch
-norm + activation, group / instance / layer norm, the LeNet step, the GPU's kernels); in each, for every case and
+Two lines of panels per thread count found in the runs, one panel per section (batch norm layers, the roof, the
+GPU's kernels; fused batch norm + activation, group / instance / layer norm, the LeNet step); in each, for every case and
 mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab is faster), a line from
 the lowest to the highest run (the host's spread, which a single run hides), parity and the issue's targets as
 dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
@@ -24,8 +24,8 @@ LINES = [["layers", "roof", "gpu"], ["fused_relu", "fused_sigmoid", "groupnorm",
 MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
                "train_step": "step"}
 MODE_ORDER = list(MODE_LABELS)
-# the issue's targets, per section and mode (ratio over torch); every per-sample norm and the LeNet step: parity
-DPI = 80  # with the figure's size, a PNG of ~100 KB for the docs
+DPI = 80  # with the figure's size, a PNG of 100-250 KB for the docs
+# the issue's targets, per section and mode (ratio over torch); every panel also draws parity (1x)
 TARGETS = {("layers", "train_fwd_bwd"): 2.0, ("layers", "eval_fwd"): 1.5, ("fused_relu", "train_fwd_bwd"): 2.5,
            ("fused_relu", "train_fwd"): 2.5, ("fused_relu", "eval_fwd"): 2.5}
 
