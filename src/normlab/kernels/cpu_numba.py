@@ -486,7 +486,8 @@ _GROUP_STREAM_FROM = 6 << 10
 # measurements: 1.25-1.93x of torch streamed against 0.98-1.22x plain (0.96-1.66 ms against 1.26-2.12); at 1
 # thread 0.67-1.21x against 0.83-1.17x, a wash. Standalone, caches flushed, 1 thread: rows of 3-4 KB 0.6-0.65x
 # of plain stores' time, 2 KB 0.75-0.8x, 1 KB at parity; but 16384x512 (2 KB rows) measured slower streamed in
-# the rotation at 1 thread (4.9-7.5 against 4.3-5.6 ms), hence 4 KB.
+# the rotation at 1 thread (4.9-7.5 against 4.3-5.6 ms), hence 4 KB. In a network's order (three inputs in
+# turn, a residual add consuming each output), 4096x1024 streamed ran 1.06-1.69x of torch, plain 0.86-1.08x.
 _LN_STREAM_FROM = 4 << 10
 _CAN_STREAM = platform.machine().lower() in ("x86_64", "amd64")
 _STREAM_MIDLINE_FROM = 512  # bytes per row: the (N, C, S) loops stream rows that start or end mid-line from here
