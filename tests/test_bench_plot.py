@@ -50,9 +50,9 @@ def test_plot_draws_every_thread_count_and_section(tmp_path, monkeypatch):
     drawn = []
     real = bench_plot._panel
 
-    def spy(ax, section, ratios, colors):
+    def spy(ax, section, ratios):
         drawn.append(section)
-        real(ax, section, ratios, colors)
+        real(ax, section, ratios)
         if section in ("layers", "roof"):
             # bars at the medians over runs; the roof's cap as a tick over its bar
             drawn.append(sorted(round(p.get_height(), 6) for p in ax.patches))

@@ -11,7 +11,6 @@ the gap between bar and tick is what is left to win.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -24,6 +23,7 @@ LINES = [["layers", "roof", "gpu"], ["fused_relu", "fused_sigmoid", "groupnorm",
 MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
                "train_step": "step"}
 MODE_ORDER = list(MODE_LABELS)
+COLORS = {"train_fwd_bwd": "tab:blue", "train_fwd": "tab:orange", "eval_fwd": "tab:green", "train_step": "tab:purple"}
 DPI = 80  # with the figure's size, a PNG of 100-250 KB for the docs
 # the issue's targets, per section and mode (ratio over torch); every panel also draws parity (1x)
 TARGETS = {("layers", "train_fwd_bwd"): 2.0, ("layers", "eval_fwd"): 1.5, ("fused_relu", "train_fwd_bwd"): 2.5,
@@ -51,8 +51,6 @@ def load_runs(paths) -> list[dict]:
 
 def check_format(path: str | Path) -> None:
     """A clear error for a figure file whose suffix matplotlib cannot write (before anything is measured)."""
-    import matplotlib
-    matplotlib.use("Agg")
     from matplotlib.backend_bases import FigureCanvasBase
     known = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(path).suffix.lstrip(".").lower()
@@ -81,11 +79,8 @@ def collect(runs: list[dict]) -> dict:
     return out
 
 
-def _geomean(values):
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
+def _panel(ax, section: str, ratios: dict) -> None:
+    from normlab.bench import _geomean
     cases = list(dict.fromkeys(case for case, _ in ratios))
     modes = sorted({mode for _, mode in ratios if mode != "cap"},
                    key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
@@ -102,14 +97,14 @@ def _panel(ax, section: str, ratios: dict, colors: dict) -> None:
                 lo.append(m - min(vals))
                 hi.append(max(vals) - m)
                 ymin, ymax = min(ymin, min(vals)), max(ymax, max(vals))
-        medians_all = [statistics.median(v) for (c, md), v in ratios.items() if md == mode]
-        ax.bar(xs, med, width, color=colors[mode], yerr=[lo, hi] if max(hi + lo) > 0 else None,
+        color = COLORS.get(mode, "tab:gray")
+        ax.bar(xs, med, width, color=color, yerr=[lo, hi] if max(hi + lo) > 0 else None,
                error_kw={"elinewidth": 0.8, "capsize": 1.5})
-        ax.text(0.02, 0.97 - 0.075 * j, f"{MODE_LABELS.get(mode, mode)}: geomean {_geomean(medians_all):.2f}x",
-                transform=ax.transAxes, fontsize=7, color=colors[mode], va="top")
+        ax.text(0.02, 0.97 - 0.075 * j, f"{MODE_LABELS.get(mode, mode)}: geomean {_geomean(med):.2f}x",
+                transform=ax.transAxes, fontsize=7, color=color, va="top")
         target = TARGETS.get((section, mode))
         if target:
-            ax.axhline(target, color=colors[mode], linestyle=(0, (4, 3)), linewidth=1)
+            ax.axhline(target, color=color, linestyle=(0, (4, 3)), linewidth=1)
             ymax = max(ymax, target)
     caps = [(i, statistics.median(ratios[(case, "cap")])) for i, case in enumerate(cases) if (case, "cap") in ratios]
     if caps:  # the roof section: one mode, its bars centred on the cases
@@ -149,8 +144,6 @@ def plot(runs: list[dict], path: str | Path) -> str:
     width = max(sum(cases[s] for s in line) for line in lines)
     fig = plt.figure(figsize=(max(8.0, 0.42 * width), 3.4 * len(lines) * len(thread_counts) + 0.6))
     outer = fig.add_gridspec(len(lines) * len(thread_counts), 1)
-    colors = {"train_fwd_bwd": "tab:blue", "train_fwd": "tab:orange", "eval_fwd": "tab:green",
-              "train_step": "tab:purple"}
     for row, threads in enumerate(thread_counts):
         n = sum(1 for run in runs if run["machine"].get("torch_threads") == threads)
         for k, line in enumerate(lines):
@@ -162,7 +155,7 @@ def plot(runs: list[dict], path: str | Path) -> str:
                 if section not in data[threads]:
                     ax.set_axis_off()
                     continue
-                _panel(ax, section, data[threads][section], colors)
+                _panel(ax, section, data[threads][section])
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
                 ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (0.7, 1.5, 3, 5) else ""))
                 if col == 0:
