@@ -255,6 +255,22 @@ def test_disabled_by_environment_and_tagged_by_torch_version(monkeypatch):
     assert native.library_path() != here, "another torch must not load this binary"
 
 
+def test_build_keeps_the_flags_that_tag_the_binary(monkeypatch, tmp_path):
+    # torch.utils.cpp_extension.load appends its own flags to the lists it is given; the tag must not follow them
+    from torch.utils import cpp_extension
+
+    def load(**kwargs):
+        kwargs["extra_cflags"].append("-DEXTRA")
+        kwargs["extra_ldflags"].append("-L/somewhere")
+        return "module"
+
+    monkeypatch.setenv("NORMLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    before = native.library_path()
+    assert native.build() == "module"
+    assert native.library_path() == before, "the binary was built under a tag that the next process will not find"
+
+
 def test_build_command_checks_against_torch(capsys):
     from normlab.cli import main
 

@@ -64,9 +64,10 @@ def build(verbose: bool = False):
 
     directory = library_path().parent
     directory.mkdir(parents=True, exist_ok=True)
+    # copies: cpp_extension.load appends its own flags to the lists it is given, which would change _tag()
     try:
         return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
-                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
+                                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=verbose)
     except Exception:  # noqa: BLE001 - a compiler without OpenMP (clang without libomp): single-threaded loops
         plain = [f for f in CFLAGS if f != "-fopenmp"]
         return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
