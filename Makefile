@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The tested torch. A CPU build of this release sets up in seconds; override with e.g. TORCH="torch>=2.4".
+# The tested torch. A CPU build of this release sets up in seconds. The oldest supported one, in its own venv:
+# make test TORCH=torch==2.5.1 EXTRAS=test VENV=.venv-floor (dev's triton pin conflicts with older torch's own)
 TORCH  ?= torch==2.13.0
+EXTRAS ?= dev
 STAMP  := $(VENV)/.normlab-installed
 # Test processes (pytest-xdist, one test file per process at a time): most of a first run is numba compiling the
 # kernels, one process per core halves it (10 -> 6 minutes on 2 cores). JOBS=0 runs everything in this process.
@@ -16,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile src/normlab/kernels/native.cpp
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	@# the native glue for small batch-norm layers (optional: without a C++ compiler the Python glue runs them)
 	-$(BIN)/normlab build-native
 	@touch $(STAMP)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# the interpreters of triton 3.0-3.6 (older torch's pins) fail on these kernels (tl.arange; numpy 2.4)
+pytest.importorskip("triton", minversion="3.8")
 
 
 def test_triton_backend_in_the_interpreter():

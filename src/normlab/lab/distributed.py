@@ -63,6 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 
 POLICIES = ("sync", "local", "average")
+# Before torch 2.8, destroy_process_group waits forever on a gloo collective that a rank abandoned after a deadline
+# (SyncBatchNorm's lost-peer error); such a group is left as it is, and the process still exits cleanly.
+_DESTROY_WAITS_ON_ABANDONED = torch.__version__ < "2.8"
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -124,11 +127,14 @@ def teardown(finished: bool = True) -> None:
     gloo threads then die with the interpreter at exit, and the process aborts ("terminate called without an
     active exception", SIGABRT in about a third of 2-process runs here). Collecting garbage first releases
     them while the interpreter is alive. After a clean finish the ranks also meet at a barrier, so that none
-    tears down while another still communicates; after an error they do not (a lost peer would block it).
+    tears down while another still communicates; after an error they do not (a lost peer would block it), and
+    with a torch before 2.8 the group is not destroyed either (see _DESTROY_WAITS_ON_ABANDONED).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     gc.collect()
+    if not finished and _DESTROY_WAITS_ON_ABANDONED:
+        return
     try:
         if finished:
             dist.barrier()
