@@ -108,9 +108,8 @@ def _panel(ax, section: str, ratios: dict) -> None:
             ymax = max(ymax, target)
     caps = [(i, statistics.median(ratios[(case, "cap")])) for i, case in enumerate(cases) if (case, "cap") in ratios]
     if caps:  # the roof section: one mode, its bars centred on the cases
-        ax.hlines([c for _, c in caps], [i - 0.45 for i, _ in caps], [i + 0.45 for i, _ in caps], color="black",
-                  linewidth=2.2)
         caps_all = [c for _, c in caps]
+        ax.hlines(caps_all, [i - 0.45 for i, _ in caps], [i + 0.45 for i, _ in caps], color="black", linewidth=2.2)
         ax.text(0.02, 0.97 - 0.075 * len(modes), f"cap (tick): geomean {_geomean(caps_all):.2f}x",
                 transform=ax.transAxes, fontsize=7, color="black", va="top")
         ymax = max([ymax] + caps_all)

@@ -42,14 +42,15 @@ def cache_dir() -> Path:
 
 # -fopenmp: at::parallel_for's OpenMP region is compiled into this module (the libgomp it links is torch's own,
 # already loaded under the same soname, so both share one thread pool)
-CFLAGS = ["-O2", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# (tuples: they make the binary's tag, and cpp_extension.load appends to the lists it is given)
+CFLAGS = ("-O2", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def _tag() -> str:
     """What the binary depends on: its source and flags, torch, Python and the machine."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{CFLAGS}|{LDFLAGS}|{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    h.update(f"{list(CFLAGS)}|{list(LDFLAGS)}|{torch.__version__}|{sys.version}|{platform.machine()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -64,7 +65,6 @@ def build(verbose: bool = False):
 
     directory = library_path().parent
     directory.mkdir(parents=True, exist_ok=True)
-    # copies: cpp_extension.load appends its own flags to the lists it is given, which would change _tag()
     try:
         return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
                                   extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=verbose)
