@@ -510,11 +510,13 @@ def test_group_norm_streams_midline_rows_at_any_offset(groups, offset):
     assert cpu_numba._streams_ncs(o, shape[2]) == cpu_numba._CAN_STREAM
     mean, invstd = torch.empty(shape[0], groups).numpy(), torch.empty(shape[0], groups).numpy()
     dw_part, db_part = (torch.empty(shape[0], c, dtype=torch.float64).numpy() for _ in range(2))
-    for fwd, bwd in ((cpu_numba.gn_fwd, cpu_numba.gn_bwd), (cpu_numba.gn_fwd.serial, cpu_numba.gn_bwd.serial)):
+    # the tasks in runs: uneven ones (7), one per task, all in one
+    par, serial = (cpu_numba.gn_fwd, cpu_numba.gn_bwd), (cpu_numba.gn_fwd.serial, cpu_numba.gn_bwd.serial)
+    for (fwd, bwd), runs in ((par, 7), (par, shape[0] * groups), (serial, 1)):
         out.zero_()
-        fwd(xa, o, wa, ba, groups, 1e-5, mean, invstd)
+        fwd(xa, o, wa, ba, groups, 1e-5, mean, invstd, runs)
         close(out, y64, TOL[torch.float32])
-        bwd(dya, xa, wa, mean, invstd, groups, True, o, dw_part, db_part)
+        bwd(dya, xa, wa, mean, invstd, groups, True, o, dw_part, db_part, runs)
         close(out, dx64, TOL[torch.float32], rel=True)
         assert not raw[:offset].any() and not raw[offset + x.numel():].any()
 

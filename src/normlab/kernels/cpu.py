@@ -117,13 +117,12 @@ def _launch_layer(torch_threads: int) -> None:
             _launched = True
 
 
-def _sync_threads(numel: int | None = None, tasks: int = 0) -> int:
+def _sync_threads(numel: int | None = None) -> int:
     """Keep numba's worker count equal to torch's intra-op thread count (1 for small inputs); returns it.
 
-    ``tasks``: iterations of the kernel's parallel loop; they are handed out dynamically, ``tasks // (16 *
-    threads)`` at a time (at least one), so a preempted thread holds up little and many small tasks (group norm:
-    one per sample and group) do not pay one scheduling event each (1 -> 16 at a time: 32x64x56x56 GroupNorm forward
-    at 2 threads 1.08 -> 0.91 ms).
+    The iterations of the kernels' parallel loops (channels, row chunks, runs of group-norm tasks) are handed out
+    dynamically, one at a time, so a preempted thread holds up little; kernels with many small tasks group them into
+    runs themselves (group norm: ``cpu_numba._TASK_RUNS``).
 
     numba's own getters are not free (microseconds each), so the last values set are remembered here.
     """
@@ -136,12 +135,11 @@ def _sync_threads(numel: int | None = None, tasks: int = 0) -> int:
     if getattr(_state, "threads", 0) != n:
         numba.set_num_threads(n)
         _state.threads = n
-    # dynamic scheduling, a few iterations (channels / row chunks / groups) at a time: a thread that the OS
-    # preempts no longer holds up the whole launch (static halves measured up to 30x slower on a busy host)
-    chunk = max(1, tasks // (16 * n))
-    if getattr(_state, "chunk", 0) != chunk:
-        numba.set_parallel_chunksize(chunk)
-        _state.chunk = chunk
+    # dynamic scheduling: a thread that the OS preempts no longer holds up the whole launch (static halves measured
+    # up to 30x slower on a busy host)
+    if getattr(_state, "chunk", 0) != 1:
+        numba.set_parallel_chunksize(1)
+        _state.chunk = 1
     return n
 
 
@@ -508,6 +506,15 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
 # ------------------------------------------------------------------------------------------------------
 # group norm (layer norm: G = 1; instance norm: G = C)
 # ------------------------------------------------------------------------------------------------------
+_RUNS_PER_THREAD = 16
+
+
+def _task_runs(threads: int, tasks: int) -> int:
+    """Runs of consecutive (sample, group) tasks the group-norm loops take: one on one thread, else
+    _RUNS_PER_THREAD per thread, handed out one at a time (a preempted thread holds up little)."""
+    return 1 if threads == 1 else max(1, min(tasks, _RUNS_PER_THREAD * threads))
+
+
 def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
                eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Forward on ``x`` (N, C, S): ``(y, mean, invstd)``, statistics (N, G): 1 DRAM read (per-group blocks
@@ -518,12 +525,12 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     if groups == 1 and s == 1:
         return _ln_forward(x, weight, bias, eps)
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    threads = _sync_threads(x.numel(), tasks=n * groups)
+    threads = _sync_threads(x.numel())
     y, ya = _empty_like(x, "ncs")
     mean, ma = _empty((n, groups), acc)
     invstd, ia = _empty((n, groups), acc)
     _run(_k.gn_fwd, threads, _view(x, "ncs"), ya, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0),
-         int(groups), float(eps), ma, ia)
+         int(groups), float(eps), ma, ia, _task_runs(threads, n * groups))
     return y, mean, invstd
 
 
@@ -537,7 +544,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     if groups == 1 and s == 1:
         return _ln_backward(dy, x, weight, mean, invstd, needs)
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    threads = _sync_threads(x.numel(), tasks=n * groups)
+    threads = _sync_threads(x.numel())
     need_dx = bool(needs[0])
     xa = _view(x, "ncs")
     if need_dx:
@@ -548,7 +555,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     db_part = np.empty((n, c))
     _run(_k.gn_bwd, threads, _view(dy, "ncs"), xa, _param(weight, c, acc, 1.0),
          _vec(mean, acc).reshape(n, groups), _vec(invstd, acc).reshape(n, groups),
-         int(groups), need_dx, dxa, dw_part, db_part)
+         int(groups), need_dx, dxa, dw_part, db_part, _task_runs(threads, n * groups))
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
     return dx, dw, db
