@@ -1,0 +1,135 @@
+"""A/B of the numba loops of two checkouts in one process: group, layer and batch norm kernels called directly on
+numpy arrays, the two versions alternating call by call, so that the host's drift (this file's reason to exist: the
+VMs it was written on moved their copy bandwidth by 2x between runs a minute apart) falls on both alike.
+
+    git worktree add /tmp/base <commit>                        # the loops to compare against
+    .venv/bin/python benchmarks/ab_loops.py /tmp/base 1        # threads: 1 (serial twins) or more (parallel)
+
+Prints each kernel's median time in ms for the base ("old") and this checkout ("new") and their ratio. The first
+run compiles the base's loops (a few minutes; numba caches them next to its sources). Kernels whose arguments
+changed between the two versions get the arguments each version takes (group norm's ``runs``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+HERE = Path(__file__).resolve().parents[1] / "src" / "normlab" / "kernels" / "cpu_numba.py"
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def aligned(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte line (as the outputs normlab allocates)."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 64 // np.dtype(dtype).itemsize, dtype)
+    off = (-buf.ctypes.data % 64) // buf.itemsize
+    return buf[off:off + n].reshape(shape)
+
+
+def filled(shape, rng) -> np.ndarray:
+    a = aligned(shape)
+    a[...] = rng.standard_normal(shape, dtype=np.float32)
+    return a
+
+
+def ab(label: str, calls: dict, reps: int = 25, warmup: int = 3) -> None:
+    """Median ms of each of ``calls`` ({"old": fn, "new": fn}), alternating which goes first every round."""
+    times = {k: [] for k in calls}
+    for r in range(reps + warmup):
+        for k in (list(calls) if r % 2 else list(calls)[::-1]):
+            t = time.perf_counter()
+            calls[k]()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"{label:34s} old {med['old']:8.3f}  new {med['new']:8.3f}   new/old {med['new'] / med['old']:.3f}",
+          flush=True)
+
+
+def main(base: str, threads: int) -> None:
+    versions = {"old": load("base_cpu_numba", Path(base) / "src/normlab/kernels/cpu_numba.py"),
+                "new": load("this_cpu_numba", HERE)}
+    numba.set_num_threads(threads)
+    numba.set_parallel_chunksize(1)
+    rng = np.random.default_rng(0)
+
+    def kernel(mod, name):
+        k = getattr(mod, name)
+        return k.serial if threads == 1 else k
+
+    def takes_runs(mod, name) -> bool:
+        return "runs" in inspect.signature(getattr(mod, name).py_func).parameters
+
+    def three(shape):  # three inputs in turn: the caches hold little of the one being read
+        return [filled(shape, rng) for _ in range(3)]
+
+    for shape, g in [((128, 256, 196), 32), ((32, 64, 3136), 32), ((32, 64, 3136), 64), ((32, 32, 64), 8)]:
+        xs, dys, ys = three(shape), three(shape), [aligned(shape) for _ in range(3)]
+        c = shape[1]
+        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        mean, inv = np.empty((shape[0], g), np.float32), np.empty((shape[0], g), np.float32)
+        dwp, dbp = np.empty((shape[0], c)), np.empty((shape[0], c))
+        tasks = shape[0] * g
+        runs = 1 if threads == 1 else min(tasks, 16 * threads)
+        turn = iter(range(1 << 62))
+
+        def fwd(mod):
+            extra = (runs,) if takes_runs(mod, "gn_fwd") else ()
+            i = next(turn) % 3
+            kernel(mod, "gn_fwd")(xs[i], ys[i], w, b, g, 1e-5, mean, inv, *extra)
+
+        def bwd(mod):
+            extra = (runs,) if takes_runs(mod, "gn_bwd") else ()
+            i = next(turn) % 3
+            kernel(mod, "gn_bwd")(dys[i], xs[i], w, mean, inv, g, True, ys[i], dwp, dbp, *extra)
+
+        ab(f"gn fwd {shape}/{g}", {k: (lambda m=m: fwd(m)) for k, m in versions.items()})
+        ab(f"gn bwd {shape}/{g}", {k: (lambda m=m: bwd(m)) for k, m in versions.items()})
+
+    for shape in [(4096, 1024), (16384, 512), (256 * 197, 768)]:
+        xs, dys, y = three(shape), three(shape), aligned(shape)
+        k = shape[1]
+        w, b = np.ones(k, np.float32), np.zeros(k, np.float32)
+        mean, inv = np.empty(shape[0], np.float32), np.empty(shape[0], np.float32)
+        dw, db = np.empty(k, np.float32), np.empty(k, np.float32)
+        chunks = 1 if threads == 1 else max(4 * threads, -(-shape[0] // 256))
+        turn = iter(range(1 << 62))
+        ab(f"ln fwd {shape}", {n: (lambda m=m: kernel(m, "ln_fwd")(xs[next(turn) % 3], y, w, b, 1e-5, mean, inv,
+                                                                    chunks)) for n, m in versions.items()})
+        ab(f"ln bwd {shape}", {n: (lambda m=m: kernel(m, "ln_bwd")(dys[next(turn) % 3], xs[0], w, mean, inv, True,
+                                                                    True, y, dw, db, chunks))
+                               for n, m in versions.items()})
+
+    for shape in [(256, 64, 784), (32, 64, 3136), (128, 256, 196)]:
+        xs, dys, y = three(shape), three(shape), aligned(shape)
+        c = shape[1]
+        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        mean, var = np.empty(c), np.empty(c, np.float32)
+        dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
+        chunks = 1 if threads == 1 else 16 * threads
+        turn = iter(range(1 << 62))
+        ab(f"bn fwd {shape}", {n: (lambda m=m: kernel(m, "bn_fwd_ncs")(xs[next(turn) % 3], y, w, b, 1e-5, 0, 0, mean,
+                                                                        var, chunks)) for n, m in versions.items()})
+        ab(f"bn bwd {shape}", {n: (lambda m=m: kernel(m, "bn_bwd_ncs")(dys[next(turn) % 3], xs[0], w, b, mean, var,
+                                                                        0, True, True, y, dw, db, chunks))
+                               for n, m in versions.items()})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: ab_loops.py BASE_CHECKOUT [THREADS]")
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 1)
