@@ -32,8 +32,10 @@ from numba.extending import intrinsic, overload
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 # The loops over rows, blocks and (sample, group) tasks, compiled without numba's reference counting (nothing in
 # them allocates). With it, every array view they take (a row, a block) pays an atomic increment and decrement of
-# its array's count: locked instructions, which also wait for the streaming stores before them to leave the core.
-# A layer-norm forward of 4096x1024 rows, streamed, one thread: 3.4-3.8 -> 2.6 ms (a copy: 3.2 ms).
+# its array's count: locked instructions, which on x86 also wait for the streaming stores before them to leave the
+# core. Layer norm 4096x1024 at one thread, the old and new loops alternating in one process
+# (benchmarks/ab_loops.py, an Intel host): forward 3.9 -> 3.1 ms, backward 5.9 -> 4.2 ms; at two threads, where the
+# two cores saturate memory, no change.
 _LOOP_OPTS = dict(_OPTS, _nrt=False)
 
 IDENTITY, RELU, SILU, SIGMOID = 0, 1, 2, 3
