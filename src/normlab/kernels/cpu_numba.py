@@ -327,6 +327,19 @@ def _invstd(var, eps, proto):
 
 
 @njit(inline="always")
+def _sums_around(v, shift, m_s):
+    """Float64 (sum d, sum d * d) over the 1-D ``v``, d = x - shift - m_s, per block of _BLOCK values: the second
+    statistics pass of a group or row whose shift lay far from its mean."""
+    t1 = 0.0
+    t2 = 0.0
+    for lo in range(0, v.size, _BLOCK):
+        a1, a2 = _block_sums_around(v[lo:lo + _BLOCK], shift, m_s)
+        t1 += np.float64(a1)
+        t2 += np.float64(a2)
+    return t1, t2
+
+
+@njit(inline="always")
 def _spread_mean(v):
     """Mean (float64) of _SPREAD_SAMPLES values spread evenly over the first _SHIFT_SPAN values of the 1-D array
     ``v`` (all of them if fewer; positions ``j * (span // k)``): the shift of the per-sample norms' sums, for a row
@@ -1573,12 +1586,7 @@ def _gn_task_fwd(x2, y2, w, b, ns, groups, cg, cnt, eps, mean, invstd, stream, t
         # the shift lies far from the group's mean (q - m^2 would lose more than 2 bits): sum again around
         # the first pass's mean
         m_first = like(m64, shift)
-        s1 = 0.0
-        s2 = 0.0
-        for lo in range(0, cnt, _BLOCK):
-            a1, a2 = _block_sums_around(xt[lo:lo + _BLOCK], shift, m_first)
-            s1 += np.float64(a1)
-            s2 += np.float64(a2)
+        s1, s2 = _sums_around(xt, shift, m_first)
         e64 = s1 / cnt
         v64 = max(s2 / cnt - e64 * e64, 0.0)
         m64 = np.float64(m_first) + e64
@@ -1749,12 +1757,7 @@ def _ln_row_fwd(xr, yr, w, b, eps, k, stream):
     if m64 * m64 > 0.75 * q64:
         # the shift lies far out (> sqrt(3) standard deviations from the mean): var = q - m^2 would lose
         # more than 2 bits, so sum again around the mean (the row is in L1/L2)
-        t1 = 0.0
-        t2 = 0.0
-        for lo in range(0, k, _BLOCK):
-            a1, a2 = _block_sums_around(xr[lo:lo + _BLOCK], shift, m_s)
-            t1 += np.float64(a1)
-            t2 += np.float64(a2)
+        t1, t2 = _sums_around(xr[:k], shift, m_s)
         r64, _, v64 = _moments(t1, t2, k)
         mean = np.float64(shift) + np.float64(m_s) + r64
     inv = _invstd(v64, eps, shift)
