@@ -35,17 +35,26 @@ def _skip_unsupported(dtype):
         pytest.skip(f"{dtype} not handled by the numba backend on this CPU")
 
 
-@pytest.fixture(params=[False, True], ids=["rows", "lanes"])
-def lanes(request, monkeypatch):
-    """Small (M, C) inputs as they run (rows of C), and as large ones run: k rows as one of k * C lanes."""
+def _force_large_paths(monkeypatch):
+    """Small inputs take the kernels of large ones: (M, C) as k rows in one of k * C lanes, (N, C, S) training passes
+    channel by channel (as if every channel fit in L2)."""
+    monkeypatch.setattr(cpu, "_LANES_FROM", 0)
+    monkeypatch.setattr(cpu, "_CHANNELS_FROM", 0)
+    monkeypatch.setattr(cpu, "_CHANNEL_ROW_FROM", 0)
+    monkeypatch.setattr(cpu, "L2_BYTES", 1 << 40)
+
+
+@pytest.fixture(params=[False, True], ids=["small", "large"])
+def large_paths(request, monkeypatch):
+    """Small inputs as they run, and as large ones run (:func:`_force_large_paths`)."""
     if request.param:
-        monkeypatch.setattr(cpu, "_LANES_FROM", 0)
+        _force_large_paths(monkeypatch)
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
-def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype, lanes):
+def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype, large_paths):
     _skip_unsupported(dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
     x = make(shape, fmt, dtype, gen=gen)
@@ -136,7 +145,7 @@ def test_group_norm_matches_portable_and_float64(shape, groups, dtype):
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_constant_channel_gives_exactly_bias(fmt, dtype, lanes):
+def test_constant_channel_gives_exactly_bias(fmt, dtype, large_paths):
     x = torch.full((4, 3, 5, 5), 7.3, dtype=dtype)
     x[:, 1] = -2.0
     x[:, 2] = torch.randn(4, 5, 5).to(dtype)
@@ -170,7 +179,7 @@ def test_constant_input_gives_exactly_bias_in_every_kernel(value, dtype):
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("loc,spread,tol", [(1e4, 1.0, 1e-3), (1e6, 0.1, 2e-2)])
-def test_large_mean_small_spread_float32(fmt, loc, spread, tol, lanes):
+def test_large_mean_small_spread_float32(fmt, loc, spread, tol, large_paths):
     gen = torch.Generator().manual_seed(1)
     x64 = loc + spread * torch.randn(8, 4, 6, 6, generator=gen, dtype=torch.float64)
     x = x64.float()
@@ -244,26 +253,26 @@ def test_register_loops_take_rows_of_up_to_512_bytes(dtype, shape, c, lanes):
 def test_short_row_sums_against_float64(dtype, s):
     """The (N, C, S) statistics and gradient sums of rows of at most 2048 values (LLVM IR: pairs of 64-byte
     vectors, one more, then a masked partial one) against float64 sums, from a run of rows that starts and ends
-    inside a sample; rows of 2049 take the vectorized loops."""
+    inside a sample, and from one channel's rows (step C); rows of 2049 take the vectorized loops."""
     rng = np.random.default_rng(s)
     n, c = 3, 4
     x = (rng.standard_normal((n, c, s)) * 2 + 5).astype(dtype)
     dy = rng.standard_normal((n, c, s)).astype(dtype)
     shift = np.full(c, 5, dtype)
-    r_lo, r_hi = 1, n * c - 2
-    s1, s2, g1, g2 = (np.zeros(c) for _ in range(4))
-    cpu_numba._ncs_sums(x, r_lo, r_hi, shift, s1, s2)
-    cpu_numba._ncs_grad_sums(cpu_numba.IDENTITY, dy, x, r_lo, r_hi, shift, np.ones(c, dtype), np.zeros(c, dtype),
-                             g1, g2)
-    rows = np.zeros(n * c, bool)
-    rows[r_lo:r_hi] = True
-    rows = rows.reshape(n, c)[:, :, None]
-    d = np.where(rows, x.astype(np.float64) - 5, 0.0)
-    g = np.where(rows, dy.astype(np.float64), 0.0)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    for got, want in ((s1, d.sum((0, 2))), (s2, (d * d).sum((0, 2))), (g1, g.sum((0, 2))),
-                      (g2, (g * d).sum((0, 2)))):
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    for r_lo, r_hi, step in ((1, n * c - 2, 1), (2, n * c, c)):
+        s1, s2, g1, g2 = (np.zeros(c) for _ in range(4))
+        cpu_numba._ncs_sums(x, r_lo, r_hi, step, shift, s1, s2)
+        cpu_numba._ncs_grad_sums(cpu_numba.IDENTITY, dy, x, r_lo, r_hi, step, shift, np.ones(c, dtype),
+                                 np.zeros(c, dtype), g1, g2)
+        rows = np.zeros(n * c, bool)
+        rows[r_lo:r_hi:step] = True
+        rows = rows.reshape(n, c)[:, :, None]
+        d = np.where(rows, x.astype(np.float64) - 5, 0.0)
+        g = np.where(rows, dy.astype(np.float64), 0.0)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for got, want in ((s1, d.sum((0, 2))), (s2, (d * d).sum((0, 2))), (g1, g.sum((0, 2))),
+                          (g2, (g * d).sum((0, 2)))):
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 def test_dispatcher_prefers_cpu_backend():
@@ -449,6 +458,11 @@ def test_streamed_midline_rows_any_offset_and_split(dtype, shape, offset):
         cpu_numba.bn_bwd_ncs.serial(dya, xa, wa, ba, mean, second, relu, True, True, o, dw, db, chunks)
         close(out, dx64, TOL[dtype], rel=True)
         assert not raw[:offset].any() and not raw[offset + x.numel():].any()
+    cpu_numba.bn_fwd_ncs_channels.serial(xa, o, wa, ba, 1e-5, relu, mean, second)  # channel by channel
+    close(out, y_train, TOL[dtype])
+    cpu_numba.bn_bwd_ncs_channels.serial(dya, xa, wa, ba, mean, second, relu, True, o, dw, db)
+    close(out, dx64, TOL[dtype], rel=True)
+    assert not raw[:offset].any() and not raw[offset + x.numel():].any()
 
 
 def test_unaligned_output_takes_plain_stores():
@@ -648,7 +662,7 @@ def _outliers_at_shift_samples(x, c, value):
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 @pytest.mark.parametrize("first", [0.0, -50.0, 1e3])
-def test_batch_norm_outlier_first_value(fmt, first, lanes):
+def test_batch_norm_outlier_first_value(fmt, first, large_paths):
     """Batch-norm statistics shift by a few of each channel's values; far from the mean, a second pass (NCHW) or the
     float64 merge of 64-row blocks (rows) keeps the variance exact."""
     gen = torch.Generator().manual_seed(4)
@@ -666,10 +680,10 @@ def test_batch_norm_outlier_first_value(fmt, first, lanes):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads):
-    """NCHW statistics over several runs of (n, c) rows (one per task, partial sums merged): the second pass around
-    the mean, for a channel whose shift lies far from its mean (every value the shift averages is an outlier), must
-    redo every run, serial twin and parallel."""
+def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads, large_paths):
+    """NCHW statistics over several runs of (n, c) rows (one per task, partial sums merged), or channel by channel
+    (a task per channel): the second pass around the mean, for a channel whose shift lies far from its mean (every
+    value the shift averages is an outlier), must redo every run, serial twin and parallel."""
     gen = torch.Generator().manual_seed(12)
     x = 5e3 + torch.randn(8, 4, 100, 100, generator=gen, dtype=torch.float64)
     _outliers_at_shift_samples(x, 1, 5e3 + 1e3)
@@ -690,6 +704,40 @@ def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads):
     for g, r in zip(grads, portable.bn_backward(dy.double(), x.float().double(), w.double(), b.double(), mean64,
                                                 invstd64, "identity", True)):
         close(g, r, 1e-4, rel=True)
+
+
+def test_channel_by_channel_where_a_channel_fits_in_l2(monkeypatch):
+    """The (N, C, S) training passes go channel by channel where the channel's rows (x; x and dy) take at most 80 %
+    of L2, the activation is at least 16 MiB and rows at least 1 KB; never where L2 is unknown."""
+    def fits(shape, arrays, dtype=np.float32):
+        return cpu._by_channel(np.empty(shape, dtype), arrays)
+    monkeypatch.setattr(cpu, "L2_BYTES", 2 << 20)
+    assert fits((32, 64, 3136), 1) and fits((32, 64, 3136), 2)
+    assert fits((256, 64, 784), 2) and not fits((320, 64, 784), 2)  # 1.6 MB of x and dy per channel; 2.0 MB
+    assert not fits((128, 256, 196), 1) and fits((128, 128, 196), 1, np.float64)  # 784-byte rows; 1568-byte
+    assert not fits((16, 64, 3136), 1)  # 12.8 MB: the memory-order passes find it in L3
+    assert fits((32, 64, 3136), 2, np.float64) and not fits((40, 64, 3136), 2, np.float64)
+    monkeypatch.setattr(cpu, "L2_BYTES", 512 << 10)
+    assert fits((64, 128, 784), 2) and not fits((256, 64, 784), 1)
+    monkeypatch.setattr(cpu, "L2_BYTES", 0)
+    assert not fits((32, 64, 3136), 1)
+    assert cpu._l2_bytes() >= 0
+
+
+def test_large_paths_take_the_channel_kernels(monkeypatch):
+    """What :func:`_force_large_paths` forces is what runs: the channel kernels for the training forward and the
+    backward with dx; the memory-order ones for evaluation and a backward without dx."""
+    _force_large_paths(monkeypatch)
+    ran = []
+    run = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda kernel, *args: (ran.append(kernel), run(kernel, *args)))
+    x, w, b = torch.randn(4, 3, 5, 5), torch.randn(3), torch.randn(3)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
+    cpu.bn_backward(torch.randn_like(x), x, w, b, mean, invstd, "identity", True)
+    cpu.bn_backward(torch.randn_like(x), x, w, b, mean, invstd, "identity", True, (False, True, True))
+    cpu.bn_eval_forward(x, mean.float(), invstd.float(), w, b, 1e-5)
+    assert ran == [cpu_numba.bn_fwd_ncs_channels, cpu_numba.bn_bwd_ncs_channels, cpu_numba.bn_bwd_ncs,
+                   cpu_numba.bn_eval_ncs]
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0, -1e3])

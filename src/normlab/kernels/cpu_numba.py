@@ -455,6 +455,15 @@ def _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db):
 
 
 @njit(**_OPTS)
+def _grad_finish_into(sg, sgd, invstd, w, mu, training, cnt, dw, db, k_g, k_d, k_0):
+    """:func:`_grad_finish` writing dx's coefficients into ``k_g``, ``k_d``, ``k_0``."""
+    g, d, z = _grad_finish(sg, sgd, invstd, w, mu, training, cnt, dw, db)
+    k_g[:] = g
+    k_d[:] = d
+    k_0[:] = z
+
+
+@njit(**_OPTS)
 def _dx_coefficients(t1s, t2s, invstd, w, mu, training, cnt):
     """dx = g * k_g + (x - x0) * k_d + k_0 per channel, from the batch's dbias (t1s) and dweight (t2s) in
     float64 and its ``cnt`` values per channel."""
@@ -610,14 +619,21 @@ def _line_split(row):
 # batch norm, (N, C, S) layout: every pass walks the (n, c) rows of S values in memory order, in contiguous runs
 # of rows (one per task), with per-run partial sums per channel merged in float64. A channel-major walk (one task
 # per channel: its statistics, then its normalization while its rows are still in L2) jumps between N rows far
-# apart, which the hardware prefetcher follows poorly: it measured 1.2-2.3x slower for the training forward
-# ((128, 256, 14, 14): 4.2 vs 1.8 ms on one thread), although it reads the activation from memory once less.
+# apart, which the hardware prefetcher follows poorly: on a host with 512 KB of L2 per core, where a channel of
+# the suite's shapes did not stay in L2, it measured 1.2-2.3x slower for the training forward ((128, 256, 14, 14):
+# 4.2 vs 1.8 ms on one thread), although it reads the activation from memory once less. Where a channel does fit
+# (2 MB of L2 per core), the channel-major kernels below (``bn_fwd_ncs_channels``, ``bn_bwd_ncs_channels``) read it
+# from memory once per pass pair and win; the glue (``cpu._by_channel``) chooses by the host's L2 size.
+# The row loops take (r_lo, r_hi, step): step 1 walks the rows in memory order, step C one channel's rows.
 # ------------------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _next_channel(c, nc):
-    """The channel of the next (n, c) row. The loops over rows take each row of the (N * C, S) view, which LLVM
-    handles best (0-based, contiguous); x[n, c] with n, c = divmod(r, nc) per row cost 20-30 % of an eval pass over
-    rows of 196 values (128x256x14x14: 2.4-2.75 ms against 1.75 ms)."""
+def _next_channel(c, nc, step):
+    """The channel of the next row a loop takes: of the next (n, c) row in memory order (``step`` 1), or the same
+    (``step`` C: one channel's rows). The loops over rows take each row of the (N * C, S) view, which LLVM handles
+    best (0-based, contiguous); x[n, c] with n, c = divmod(r, nc) per row cost 20-30 % of an eval pass over rows of
+    196 values (128x256x14x14: 2.4-2.75 ms against 1.75 ms)."""
+    if step != 1:
+        return c
     return 0 if c + 1 == nc else c + 1
 
 
@@ -711,38 +727,38 @@ def _short_rows_ir(x, other):
 
 
 @njit(inline="always")
-def _short_rows_sums(x2, dy2, r_lo, r_hi, nc, shift, s1, s2, grads):
+def _short_rows_sums(x2, dy2, r_lo, r_hi, step, nc, shift, s1, s2, grads):
     """s1[c], s2[c] += :func:`_row_sums_ir` (``grads`` False) or :func:`_row_grad_sums_ir` of each (n, c) row
-    r_lo..r_hi of the (N * C, S) views, the channel advancing row by row."""
+    r_lo, r_lo + step, ... below r_hi of the (N * C, S) views."""
     c = r_lo % nc
-    for r in range(r_lo, r_hi):
+    for r in range(r_lo, r_hi, step):
         if grads:
             a1, a2 = _row_grad_sums_ir(x2, dy2, r, shift[c])
         else:
             a1, a2 = _row_sums_ir(x2, dy2, r, shift[c])
         s1[c] += a1
         s2[c] += a2
-        c = _next_channel(c, nc)
+        c = _next_channel(c, nc, step)
 
 
 @njit(**_LOOP_OPTS)
-def _ncs_sums(x, r_lo, r_hi, shift, s1, s2):
-    """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi: per block of at
+def _ncs_sums(x, r_lo, r_hi, step, shift, s1, s2):
+    """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi by ``step``: per block of at
     most _BLOCK values in the compute dtype of ``shift``, merged in float64."""
     nc = x.shape[1]
     ns = x.shape[2]
     x2 = x.reshape(-1, ns)
     c = r_lo % nc
     if _short_rows_ir(x, x):
-        _short_rows_sums(x2, x2, r_lo, r_hi, nc, shift, s1, s2, False)
+        _short_rows_sums(x2, x2, r_lo, r_hi, step, nc, shift, s1, s2, False)
         return
-    for r in range(r_lo, r_hi):
+    for r in range(r_lo, r_hi, step):
         xr = x2[r]
         for lo in range(0, ns, _BLOCK):
             a1, a2 = _block_sums(xr[lo:lo + _BLOCK], shift[c])
             s1[c] += np.float64(a1)
             s2[c] += np.float64(a2)
-        c = _next_channel(c, nc)
+        c = _next_channel(c, nc, step)
 
 
 @_kernel
@@ -761,7 +777,7 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
         a[c] = like(_invstd(var[c], eps, w[0]) * w[c], w[0])
         bb[c] = b[c]
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, ref, a, bb, stream)
+        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, 1, ref, a, bb, stream)
 
 
 @njit(inline="always")
@@ -791,24 +807,39 @@ def _normalized_row(xr, yr, rc, ac, bc, act, stream):
 
 
 @njit(inline="always")
-def _eval_rows_loop(x, y, r_lo, r_hi, ref, a, bb, act, stream):
+def _eval_rows_loop(x, y, r_lo, r_hi, step, ref, a, bb, act, stream):
     nc = x.shape[1]
     ns = x.shape[2]
     x2 = x.reshape(-1, ns)
     y2 = y.reshape(-1, ns)
     c = r_lo % nc
-    for r in range(r_lo, r_hi):
+    for r in range(r_lo, r_hi, step):
         _normalized_row(x2[r], y2[r], ref[c], a[c], bb[c], act, stream)
-        c = _next_channel(c, nc)
+        c = _next_channel(c, nc, step)
     if stream:
         _stream_fence()
 
 
 @_per_act
-def _eval_rows(x, y, r_lo, r_hi, ref, a, bb, stream):
-    """y[n, c] = act((x[n, c] - ref[c]) * a[c] + bb[c]) for the (n, c) rows r_lo..r_hi in memory order
+def _eval_rows(x, y, r_lo, r_hi, step, ref, a, bb, stream):
+    """y[n, c] = act((x[n, c] - ref[c]) * a[c] + bb[c]) for the (n, c) rows r_lo..r_hi by ``step``
     (streaming stores if ``stream``)."""
-    _eval_rows_loop(x, y, r_lo, r_hi, ref, a, bb, ACT, stream)
+    _eval_rows_loop(x, y, r_lo, r_hi, step, ref, a, bb, ACT, stream)
+
+
+@njit(**_OPTS)
+def _ncs_shift(x, w):
+    """Per channel, the mean of _SHIFT_SAMPLES of its values (positions 0 and S // 2 of the first samples), in the
+    compute dtype of ``w``: the shift of the (N, C, S) statistics."""
+    nb, nc, ns = x.shape
+    shift = _scratch(nc, w)
+    k0 = min(nb, _SHIFT_SAMPLES // 2)
+    for c in range(nc):
+        t = 0.0
+        for n in range(k0):
+            t += np.float64(up(x[n, c, 0])) + np.float64(up(x[n, c, ns // 2]))
+        shift[c] = like(t / (2 * k0), w[0])
+    return shift
 
 
 @_kernel
@@ -824,19 +855,13 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     nb, nc, ns = x.shape
     rows = nb * nc
     cnt = nb * ns
-    shift = _scratch(nc, w)
-    k0 = min(nb, _SHIFT_SAMPLES // 2)
-    for c in range(nc):
-        t = 0.0
-        for n in range(k0):
-            t += np.float64(up(x[n, c, 0])) + np.float64(up(x[n, c, ns // 2]))
-        shift[c] = like(t / (2 * k0), w[0])
+    shift = _ncs_shift(x, w)
     s1 = _zeros2(nchunks, nc)
     s2 = _zeros2(nchunks, nc)
     m1 = _zeros2(2, nc)
     for attempt in range(2):
         for k in prange(nchunks):
-            _ncs_sums(x, k * rows // nchunks, (k + 1) * rows // nchunks, shift, s1[k], s2[k])
+            _ncs_sums(x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, shift, s1[k], s2[k])
         redo = _merge_moments(s1, s2, cnt, m1)
         if attempt == 1 or not redo:
             break
@@ -848,20 +873,20 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         return
     stream = _streams_ncs(y, ns)
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, shift, a, bb, stream)
+        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, 1, shift, a, bb, stream)
 
 
 @njit(inline="always")
-def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, s1, s2):
+def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, step, x0, a_z, b_z, act, s1, s2):
     nc = x.shape[1]
     ns = x.shape[2]
     x2 = x.reshape(-1, ns)
     dy2 = dy.reshape(-1, ns)
     c = r_lo % nc
     if act == IDENTITY and _short_rows_ir(x, dy):
-        _short_rows_sums(x2, dy2, r_lo, r_hi, nc, x0, s1, s2, True)
+        _short_rows_sums(x2, dy2, r_lo, r_hi, step, nc, x0, s1, s2, True)
         return
-    for r in range(r_lo, r_hi):
+    for r in range(r_lo, r_hi, step):
         xr = x2[r]
         dyr = dy2[r]
         x0c, azc, bzc = x0[c], a_z[c], b_z[c]
@@ -877,13 +902,13 @@ def _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, s1, s2):
                 a2 += g * d
             s1[c] += np.float64(a1)
             s2[c] += np.float64(a2)
-        c = _next_channel(c, nc)
+        c = _next_channel(c, nc, step)
 
 
 @_per_act
-def _ncs_grad_sums(dy, x, r_lo, r_hi, x0, a_z, b_z, s1, s2):
-    """s1[c] += sum g, s2[c] += sum g * (x - x0) over the (n, c) rows r_lo..r_hi, g = dL/dz."""
-    _ncs_grad_sums_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, ACT, s1, s2)
+def _ncs_grad_sums(dy, x, r_lo, r_hi, step, x0, a_z, b_z, s1, s2):
+    """s1[c] += sum g, s2[c] += sum g * (x - x0) over the (n, c) rows r_lo..r_hi by ``step``, g = dL/dz."""
+    _ncs_grad_sums_loop(dy, x, r_lo, r_hi, step, x0, a_z, b_z, ACT, s1, s2)
 
 
 @njit(inline="always")
@@ -914,24 +939,24 @@ def _dx_row(xr, dyr, dxr, x0c, azc, bzc, kg, kd, k0, act, stream):
 
 
 @njit(inline="always")
-def _ncs_dx_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, act, k_g, k_d, k_0, dx, stream):
+def _ncs_dx_loop(dy, x, r_lo, r_hi, step, x0, a_z, b_z, act, k_g, k_d, k_0, dx, stream):
     nc = x.shape[1]
     ns = x.shape[2]
     x2 = x.reshape(-1, ns)
     dy2 = dy.reshape(-1, ns)
     dx2 = dx.reshape(-1, ns)
     c = r_lo % nc
-    for r in range(r_lo, r_hi):
+    for r in range(r_lo, r_hi, step):
         _dx_row(x2[r], dy2[r], dx2[r], x0[c], a_z[c], b_z[c], k_g[c], k_d[c], k_0[c], act, stream)
-        c = _next_channel(c, nc)
+        c = _next_channel(c, nc, step)
     if stream:
         _stream_fence()
 
 
 @_per_act
-def _ncs_dx(dy, x, r_lo, r_hi, x0, a_z, b_z, k_g, k_d, k_0, dx, stream):
-    """dx over the (n, c) rows r_lo..r_hi (streaming stores if ``stream``)."""
-    _ncs_dx_loop(dy, x, r_lo, r_hi, x0, a_z, b_z, ACT, k_g, k_d, k_0, dx, stream)
+def _ncs_dx(dy, x, r_lo, r_hi, step, x0, a_z, b_z, k_g, k_d, k_0, dx, stream):
+    """dx over the (n, c) rows r_lo..r_hi by ``step`` (streaming stores if ``stream``)."""
+    _ncs_dx_loop(dy, x, r_lo, r_hi, step, x0, a_z, b_z, ACT, k_g, k_d, k_0, dx, stream)
 
 
 @_kernel
@@ -944,14 +969,66 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
     sg = _zeros2(nchunks, nc)
     sgd = _zeros2(nchunks, nc)
     for k in prange(nchunks):
-        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, x0, a_z, b_z, sg[k], sgd[k])
+        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, x0, a_z, b_z, sg[k], sgd[k])
     k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
     if not need_dx:
         return
     stream = _streams_ncs(dx, ns)
     for k in prange(nchunks):
-        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, x0, a_z, b_z, k_g, k_d, k_0, dx,
+        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, x0, a_z, b_z, k_g, k_d, k_0, dx,
                 stream)
+
+
+# Channel by channel: one task per channel reads its N rows (statistics, or the backward's sums), then at once
+# normalizes them (computes dx), when the channel's rows (x, and dy in the backward) stay in L2 between the two
+# walks. The activation then comes from memory once per pass pair instead of twice. Standalone, one thread, cold
+# caches, against the memory-order loops on a host with 2 MB of L2 per core (see BENCHMARKS.md):
+# forward (32, 64, 3136) 5.7-5.95 -> 4.6 ms, (256, 64, 784) 13.4-16.5 -> 11.1-14.1 ms; at two threads 1.2-1.4x.
+@_kernel
+def bn_fwd_ncs_channels(x, y, w, b, eps, act, mean, invstd):
+    """Training forward on (N, C, S), channel by channel: each channel's statistics (shifted sums, with the second
+    pass around the mean of :func:`bn_fwd_ncs` where the shift lies far from it, now from L2), then its
+    normalization. Writes mean (float64) and invstd."""
+    nb, nc, ns = x.shape
+    rows = nb * nc
+    shift = _ncs_shift(x, w)
+    s1 = _zeros2(1, nc)
+    s2 = _zeros2(1, nc)
+    m1 = _zeros2(2, nc)
+    a = _scratch(nc, w)
+    bb = _scratch(nc, w)
+    stream = _streams_ncs(y, ns)
+    for c in prange(nc):
+        d = c + 1
+        for attempt in range(2):
+            _ncs_sums(x, c, rows, nc, shift, s1[0], s2[0])
+            redo = _merge_moments(s1[:, c:d], s2[:, c:d], nb * ns, m1[:, c:d])
+            if attempt == 1 or not redo:
+                break
+            _recentre(shift[c:d], m1[:, c:d], s1[:, c:d], s2[:, c:d])
+        _finish_stats(shift[c:d], m1[:, c:d], w[c:d], b[c:d], eps, MODE_TRAIN, mean[c:d], invstd[c:d], a[c:d],
+                      bb[c:d])
+        _eval_rows(act, x, y, c, rows, nc, shift, a, bb, stream)
+
+
+@_kernel
+def bn_bwd_ncs_channels(dy, x, w, b, mean, invstd, act, training, dx, dw, db):
+    """:func:`bn_bwd_ncs` with dx, channel by channel: each channel's sums of g and g * (x - x0), then its dx."""
+    nb, nc, ns = x.shape
+    rows = nb * nc
+    x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
+    sg = _zeros2(1, nc)
+    sgd = _zeros2(1, nc)
+    k_g = _scratch(nc, w)
+    k_d = _scratch(nc, w)
+    k_0 = _scratch(nc, w)
+    stream = _streams_ncs(dx, ns)
+    for c in prange(nc):
+        d = c + 1
+        _ncs_grad_sums(act, dy, x, c, rows, nc, x0, a_z, b_z, sg[0], sgd[0])
+        _grad_finish_into(sg[:, c:d], sgd[:, c:d], invstd[c:d], w[c:d], mu[c:d], training, nb * ns, dw[c:d],
+                          db[c:d], k_g[c:d], k_d[c:d], k_0[c:d])
+        _ncs_dx(act, dy, x, c, rows, nc, x0, a_z, b_z, k_g, k_d, k_0, dx, stream)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1549,7 +1626,7 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
     """:func:`bn_dx_rows` for (N, C, S)."""
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
-    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, x.shape[2]))
+    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], 1, x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, x.shape[2]))
 
 
 # ------------------------------------------------------------------------------------------------------
