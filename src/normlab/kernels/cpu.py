@@ -10,7 +10,11 @@ op                     normlab cpu                                 portable / ty
 train forward          stats + normalize: 2 reads, 1 write         4-6 reads, 3-5 writes (temporaries)
 eval forward           1 read, 1 write (activation fused)          2-3 passes
 backward               2 reads of (x, dy), 1 write, act fused      5+ passes
-                       (every pass streams through memory in order)
+                       (every pass streams through memory in order;
+                       large NCHW training passes whose channel
+                       fits in L2 go channel by channel: 1 read
+                       forward, 2 backward, the second walk of a
+                       channel from L2; see _by_channel)
 =====================  ==========================================  =====================================
 
 Threading: the loops use numba's ``prange``. Where torch runs on GNU OpenMP and its ``libgomp`` is in the
