@@ -41,6 +41,7 @@ def _force_large_paths(monkeypatch):
     monkeypatch.setattr(cpu, "_LANES_FROM", 0)
     monkeypatch.setattr(cpu, "_CHANNELS_FROM", 0)
     monkeypatch.setattr(cpu, "_CHANNEL_ROW_FROM", 0)
+    monkeypatch.setattr(cpu, "_CHANNELS_PER_THREAD", 0)
     monkeypatch.setattr(cpu, "L2_BYTES", 1 << 40)
 
 
@@ -708,14 +709,16 @@ def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads, large_path
 
 def test_channel_by_channel_where_a_channel_fits_in_l2(monkeypatch):
     """The (N, C, S) training passes go channel by channel where the channel's rows (x; x and dy) take at most 80 %
-    of L2, the activation is at least 16 MiB and rows at least 1 KB; never where L2 is unknown."""
-    def fits(shape, arrays, dtype=np.float32):
-        return cpu._by_channel(np.empty(shape, dtype), arrays)
+    of L2, the activation is at least 16 MiB, rows at least 1 KB and channels at least four per thread; never where
+    L2 is unknown."""
+    def fits(shape, arrays, dtype=np.float32, threads=2):
+        return cpu._by_channel(np.empty(shape, dtype), arrays, threads)
     monkeypatch.setattr(cpu, "L2_BYTES", 2 << 20)
     assert fits((32, 64, 3136), 1) and fits((32, 64, 3136), 2)
     assert fits((256, 64, 784), 2) and not fits((320, 64, 784), 2)  # 1.6 MB of x and dy per channel; 2.0 MB
     assert not fits((128, 256, 196), 1) and fits((128, 128, 196), 1, np.float64)  # 784-byte rows; 1568-byte
     assert not fits((16, 64, 3136), 1)  # 12.8 MB: the memory-order passes find it in L3
+    assert fits((32, 64, 3136), 1, threads=16) and not fits((32, 64, 3136), 1, threads=17)
     assert fits((32, 64, 3136), 2, np.float64) and not fits((40, 64, 3136), 2, np.float64)
     monkeypatch.setattr(cpu, "L2_BYTES", 512 << 10)
     assert fits((64, 128, 784), 2) and not fits((256, 64, 784), 1)

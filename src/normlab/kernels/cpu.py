@@ -365,23 +365,26 @@ L2_BYTES = _l2_bytes()
 # The (N, C, S) training passes go channel by channel (cpu_numba.bn_fwd_ncs_channels, bn_bwd_ncs_channels) when a
 # channel's rows, x's and in the backward dy's too, take at most _CHANNEL_L2_SHARE of a core's L2, so that they are
 # still there when the channel's second walk reads them; for activations of _CHANNELS_FROM bytes and more (smaller
-# ones stay in L3 between the passes of the memory-order loops), with rows of _CHANNEL_ROW_FROM bytes and more.
-# Measured on a host with 2 MB of L2 per core, kernels alone, caches cold, against the memory-order kernels at one |
-# two threads: (32, 64, 3136) forward 1.27x | 1.23x, backward 1.27x | 1.24x; (256, 64, 784) forward 1.18x | 1.05-1.09x,
-# backward (1.6 MB of x and dy per channel) 1.07x | 1.06-1.10x; rows of 784 bytes (14x14 float32 maps), each its own
-# short stream, 0.94-0.97x | 0.94-1.0x forward and at parity backward, hence the 1 KB floor (on a host with 512 KB
-# of L2, 14x14 rows channel by channel had measured 1.7-2.3x slower). Not measured on a host with a small L2.
+# ones stay in L3 between the passes of the memory-order loops), with rows of _CHANNEL_ROW_FROM bytes and more, and
+# at least _CHANNELS_PER_THREAD channels per thread (a task per channel, scheduled dynamically: fewer would leave
+# threads idle at the end, where the memory-order loops split any activation into four runs per thread).
+# benchmarks/ncs_channels.py on a host with 2 MB of L2 per core (kernels alone, inputs in turn), memory order /
+# channels at one | two threads: (32, 64, 3136) forward 1.32x | 1.26x, backward 1.33x | 1.29x; (256, 64, 784)
+# forward 1.11x | 1.13x, backward (1.6 MB of x and dy per channel) 1.10x | 1.11x; rows of 784 bytes (14x14 float32
+# maps), each its own short stream, 0.94x | 0.92x forward, 0.90x | 1.02x backward, hence the 1 KB floor (on a host
+# with 512 KB of L2, 14x14 rows channel by channel had measured 1.7-2.3x slower). Not measured on a small-L2 host.
 _CHANNEL_L2_SHARE = 0.8
 _CHANNELS_FROM = 16 << 20
 _CHANNEL_ROW_FROM = 1024
+_CHANNELS_PER_THREAD = 4
 
 
-def _by_channel(xa: np.ndarray, arrays: int) -> bool:
+def _by_channel(xa: np.ndarray, arrays: int, threads: int) -> bool:
     """Whether the (N, C, S) view ``xa`` takes the channel-by-channel kernels, ``arrays`` activations (x; x and dy)
-    read per channel."""
-    nb, _, ns = xa.shape
+    read per channel, on ``threads`` threads."""
+    nb, nc, ns = xa.shape
     return (xa.nbytes >= _CHANNELS_FROM and ns * xa.itemsize >= _CHANNEL_ROW_FROM
-            and arrays * nb * ns * xa.itemsize <= _CHANNEL_L2_SHARE * L2_BYTES)
+            and nc >= _CHANNELS_PER_THREAD * threads and arrays * nb * ns * xa.itemsize <= _CHANNEL_L2_SHARE * L2_BYTES)
 
 
 def _run(kernel, threads: int, *args) -> None:
@@ -434,7 +437,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     nchunks = _nchunks(threads, _rows(xa, layout), numel)
     if layout == "ncs" and mode == _k.MODE_EVAL:
         _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in, nchunks)
-    elif layout == "ncs" and mode == _k.MODE_TRAIN and want_y and _by_channel(xa, 1):
+    elif layout == "ncs" and mode == _k.MODE_TRAIN and want_y and _by_channel(xa, 1, threads):
         _run(_k.bn_fwd_ncs_channels, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in)
     elif layout == "ncs":
         _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks)
@@ -547,7 +550,7 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
     if layout == "rows":
         xa, dya, dxa = _lanes(xa), _lanes(dya), _lanes(dxa)
     w, b = _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0)
-    if layout == "ncs" and need_dx and _by_channel(xa, 2):
+    if layout == "ncs" and need_dx and _by_channel(xa, 2, threads):
         _run(_k.bn_bwd_ncs_channels, threads, dya, xa, w, b, mean, invstd, act_code(act), bool(training), dxa, dwa,
              dba)
         return dx, (dw if needs[1] else None), (db if needs[2] else None)

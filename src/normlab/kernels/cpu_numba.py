@@ -626,6 +626,9 @@ def _line_split(row):
 # from memory once per pass pair and win; the glue (``cpu._by_channel``) chooses by the host's L2 size.
 # The row loops take (r_lo, r_hi, step): step 1 walks the rows in memory order, step C one channel's rows.
 # ------------------------------------------------------------------------------------------------------
+_ONE = np.intp(1)  # the memory-order step: an intp like the channel kernels' C (a literal 1 compiles every loop twice)
+
+
 @njit(inline="always")
 def _next_channel(c, nc, step):
     """The channel of the next row a loop takes: of the next (n, c) row in memory order (``step`` 1), or the same
@@ -743,8 +746,8 @@ def _short_rows_sums(x2, dy2, r_lo, r_hi, step, nc, shift, s1, s2, grads):
 
 @njit(**_LOOP_OPTS)
 def _ncs_sums(x, r_lo, r_hi, step, shift, s1, s2):
-    """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi by ``step``: per block of at
-    most _BLOCK values in the compute dtype of ``shift``, merged in float64."""
+    """s1[c] += sum (x - shift[c]), s2[c] += sum (x - shift[c])**2 over the (n, c) rows r_lo..r_hi by ``step``: per
+    block of at most _BLOCK values in the compute dtype of ``shift``, merged in float64."""
     nc = x.shape[1]
     ns = x.shape[2]
     x2 = x.reshape(-1, ns)
@@ -777,7 +780,7 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
         a[c] = like(_invstd(var[c], eps, w[0]) * w[c], w[0])
         bb[c] = b[c]
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, 1, ref, a, bb, stream)
+        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, ref, a, bb, stream)
 
 
 @njit(inline="always")
@@ -861,7 +864,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     m1 = _zeros2(2, nc)
     for attempt in range(2):
         for k in prange(nchunks):
-            _ncs_sums(x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, shift, s1[k], s2[k])
+            _ncs_sums(x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, shift, s1[k], s2[k])
         redo = _merge_moments(s1, s2, cnt, m1)
         if attempt == 1 or not redo:
             break
@@ -873,7 +876,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         return
     stream = _streams_ncs(y, ns)
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, 1, shift, a, bb, stream)
+        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, shift, a, bb, stream)
 
 
 @njit(inline="always")
@@ -969,13 +972,13 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
     sg = _zeros2(nchunks, nc)
     sgd = _zeros2(nchunks, nc)
     for k in prange(nchunks):
-        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, x0, a_z, b_z, sg[k], sgd[k])
+        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, sg[k], sgd[k])
     k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
     if not need_dx:
         return
     stream = _streams_ncs(dx, ns)
     for k in prange(nchunks):
-        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, 1, x0, a_z, b_z, k_g, k_d, k_0, dx,
+        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
                 stream)
 
 
@@ -998,7 +1001,8 @@ def bn_fwd_ncs_channels(x, y, w, b, eps, act, mean, invstd):
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
     stream = _streams_ncs(y, ns)
-    for c in prange(nc):
+    for t in prange(nc):
+        c = np.intp(t)  # prange's index is unsigned: the loops would compile again for it
         d = c + 1
         for attempt in range(2):
             _ncs_sums(x, c, rows, nc, shift, s1[0], s2[0])
@@ -1023,7 +1027,8 @@ def bn_bwd_ncs_channels(dy, x, w, b, mean, invstd, act, training, dx, dw, db):
     k_d = _scratch(nc, w)
     k_0 = _scratch(nc, w)
     stream = _streams_ncs(dx, ns)
-    for c in prange(nc):
+    for t in prange(nc):
+        c = np.intp(t)
         d = c + 1
         _ncs_grad_sums(act, dy, x, c, rows, nc, x0, a_z, b_z, sg[0], sgd[0])
         _grad_finish_into(sg[:, c:d], sgd[:, c:d], invstd[c:d], w[c:d], mu[c:d], training, nb * ns, dw[c:d],
@@ -1626,7 +1631,7 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
     """:func:`bn_dx_rows` for (N, C, S)."""
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
-    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], 1, x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, x.shape[2]))
+    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, x.shape[2]))
 
 
 # ------------------------------------------------------------------------------------------------------
