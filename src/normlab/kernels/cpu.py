@@ -344,13 +344,14 @@ def _l2_bytes() -> int:
     """The L2 cache of one core in bytes (the Linux sysfs description of cpu0; glibc's sysconf elsewhere), 0 if
     unknown."""
     base = "/sys/devices/system/cpu/cpu0/cache"
+
+    def read(entry, name):
+        with open(os.path.join(base, entry, name)) as f:
+            return f.read().strip()
     try:
         for entry in sorted(os.listdir(base)):
-            def read(name, entry=entry):
-                with open(os.path.join(base, entry, name)) as f:
-                    return f.read().strip()
-            if entry.startswith("index") and read("level") == "2" and read("type") in ("Unified", "Data"):
-                size = read("size")
+            if entry.startswith("index") and read(entry, "level") == "2" and read(entry, "type") in ("Unified", "Data"):
+                size = read(entry, "size")
                 scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
                 return int(size.rstrip("KM")) * scale
     except (OSError, ValueError):
@@ -549,14 +550,13 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
     dya = _view(dy, layout)
     if layout == "rows":
         xa, dya, dxa = _lanes(xa), _lanes(dya), _lanes(dxa)
-    w, b = _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0)
+    args = (dya, xa, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0), mean, invstd, act_code(act),
+            bool(training))
     if layout == "ncs" and need_dx and _by_channel(xa, 2, threads):
-        _run(_k.bn_bwd_ncs_channels, threads, dya, xa, w, b, mean, invstd, act_code(act), bool(training), dxa, dwa,
-             dba)
-        return dx, (dw if needs[1] else None), (db if needs[2] else None)
-    args = (dya, xa, w, b, mean, invstd, act_code(act), bool(training), need_dx, dxa, dwa, dba)
-    _run(_k.bn_bwd_ncs if layout == "ncs" else _k.bn_bwd_rows, threads, *args,
-         _nchunks(threads, _rows(xa, layout), numel))
+        _run(_k.bn_bwd_ncs_channels, threads, *args, dxa, dwa, dba)
+    else:
+        _run(_k.bn_bwd_ncs if layout == "ncs" else _k.bn_bwd_rows, threads, *args, need_dx, dxa, dwa, dba,
+             _nchunks(threads, _rows(xa, layout), numel))
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 
