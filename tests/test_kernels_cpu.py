@@ -709,8 +709,8 @@ def test_batch_norm_ncs_outlier_first_value_in_parallel_runs(threads, large_path
 
 def test_channel_by_channel_where_a_channel_fits_in_l2(monkeypatch):
     """The (N, C, S) training passes go channel by channel where the channel's rows (x; x and dy) take at most 80 %
-    of L2, the activation is at least 16 MiB, rows at least 1 KB and channels at least four per thread; never where
-    L2 is unknown."""
+    of L2, the activation is at least 16 MiB, rows at least 1 KB and channels at least four per thread, on hosts of
+    2 MB of L2 per core and more; never where L2 is unknown."""
     def fits(shape, arrays, dtype=np.float32, threads=2):
         return cpu._by_channel(np.empty(shape, dtype), arrays, threads)
     monkeypatch.setattr(cpu, "L2_BYTES", 2 << 20)
@@ -720,8 +720,11 @@ def test_channel_by_channel_where_a_channel_fits_in_l2(monkeypatch):
     assert not fits((16, 64, 3136), 1)  # 12.8 MB: the memory-order passes find it in L3
     assert fits((32, 64, 3136), 1, threads=16) and not fits((32, 64, 3136), 1, threads=17)
     assert fits((32, 64, 3136), 2, np.float64) and not fits((40, 64, 3136), 2, np.float64)
-    monkeypatch.setattr(cpu, "L2_BYTES", 512 << 10)
-    assert fits((64, 128, 784), 2) and not fits((256, 64, 784), 1)
+    monkeypatch.setattr(cpu, "L2_BYTES", 4 << 20)
+    assert fits((320, 64, 784), 2) and fits((128, 128, 196), 2, np.float64)
+    for small in (1 << 20, 512 << 10):  # hosts of less L2 walk memory order, where a channel would fit too
+        monkeypatch.setattr(cpu, "L2_BYTES", small)
+        assert not fits((32, 64, 3136), 1) and not fits((64, 128, 784), 2)
     monkeypatch.setattr(cpu, "L2_BYTES", 0)
     assert not fits((32, 64, 3136), 1)
     assert cpu._l2_bytes() >= 0

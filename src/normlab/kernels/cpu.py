@@ -373,8 +373,13 @@ L2_BYTES = _l2_bytes()
 # channels at one | two threads: (32, 64, 3136) forward 1.32x | 1.26x, backward 1.33x | 1.29x; (256, 64, 784)
 # forward 1.11x | 1.13x, backward (1.6 MB of x and dy per channel) 1.10x | 1.11x; rows of 784 bytes (14x14 float32
 # maps), each its own short stream, 0.94x | 0.92x forward, 0.90x | 1.02x backward, hence the 1 KB floor (on a host
-# with 512 KB of L2, 14x14 rows channel by channel had measured 1.7-2.3x slower). Not measured on a small-L2 host.
+# with 512 KB of L2, 14x14 rows channel by channel had measured 1.7-2.3x slower). Only on hosts with _CHANNEL_L2_MIN
+# of L2 per core or more: on a Zen 4 EPYC with 1 MB of L2 (and a 32 MB L3; its memory fed one thread at 21 GB/s
+# copying, the 2 MB host's at 8), channel by channel measured 0.83x | 1.03x forward and 1.01x | 1.10x backward on
+# (32, 64, 3136) (392 / 784 KB per channel), 0.74x | 0.94x forward on (256, 64, 784), 0.70x | 0.88x and 0.76x |
+# 1.04x on (64, 128, 784): slower at one thread where a channel took 20-40 % of L2, about even at two.
 _CHANNEL_L2_SHARE = 0.8
+_CHANNEL_L2_MIN = 2 << 20
 _CHANNELS_FROM = 16 << 20
 _CHANNEL_ROW_FROM = 1024
 _CHANNELS_PER_THREAD = 4
@@ -385,7 +390,8 @@ def _by_channel(xa: np.ndarray, arrays: int, threads: int) -> bool:
     read per channel, on ``threads`` threads."""
     nb, nc, ns = xa.shape
     return (xa.nbytes >= _CHANNELS_FROM and ns * xa.itemsize >= _CHANNEL_ROW_FROM
-            and nc >= _CHANNELS_PER_THREAD * threads and arrays * nb * ns * xa.itemsize <= _CHANNEL_L2_SHARE * L2_BYTES)
+            and nc >= _CHANNELS_PER_THREAD * threads and L2_BYTES >= _CHANNEL_L2_MIN
+            and arrays * nb * ns * xa.itemsize <= _CHANNEL_L2_SHARE * L2_BYTES)
 
 
 def _run(kernel, threads: int, *args) -> None:
