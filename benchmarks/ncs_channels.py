@@ -5,9 +5,12 @@ input in cache, and the host's drift falls on both alike).
 
     .venv/bin/python benchmarks/ncs_channels.py 1          # threads: 1 (serial twins) or more (parallel)
     .venv/bin/python benchmarks/ncs_channels.py 2 32x64x3136,256x64x784
+    .venv/bin/python benchmarks/ncs_channels.py 1 --module    # normlab.BatchNorm1d forward, forward+backward
 
 Prints each kernel's median ms and the ratio memory-order / channel-by-channel (> 1: channels faster), with each
-shape's bytes per channel against this host's L2 (what ``cpu._by_channel`` decides by).
+shape's bytes per channel against this host's L2 (what ``cpu._by_channel`` decides by). ``--module`` times the
+layer as a user calls it instead (autograd, allocations), the host's L2 set to unknown (memory order) or to 1 TB
+(channel by channel wherever the other conditions hold) call by call.
 """
 from __future__ import annotations
 
@@ -70,5 +73,30 @@ def main(threads: int, shapes: str) -> None:
                   f"ratio {med['memory order'] / med['channels']:.2f}", flush=True)
 
 
+def module(threads: int, shapes: str) -> None:
+    import normlab
+    torch.set_num_threads(threads)
+    print(f"threads {threads}, L2 {cpu.L2_BYTES >> 10} KB, normlab.BatchNorm1d on (N, C, S)")
+    for spec in shapes.split(","):
+        shape = tuple(int(v) for v in spec.split("x"))
+        layer = normlab.BatchNorm1d(shape[1])
+        xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+        dy = torch.randn(shape)
+
+        def step(l2: int, backward: bool):
+            def call(i):
+                cpu.L2_BYTES = l2
+                y = layer(xs[i])
+                if backward:
+                    y.backward(dy)
+                    xs[i].grad = None
+            return call
+        for label, backward in (("forward", False), ("fwd+bwd", True)):
+            med = median_ms({"memory order": step(0, backward), "channels": step(1 << 40, backward)}, len(xs), 24)
+            print(f"{spec:14s} {label:9s} memory order {med['memory order']:7.2f} ms  channels "
+                  f"{med['channels']:7.2f} ms  ratio {med['memory order'] / med['channels']:.2f}", flush=True)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1, sys.argv[2] if len(sys.argv) > 2 else SHAPES)
+    args = [a for a in sys.argv[1:] if a != "--module"]
+    (module if "--module" in sys.argv else main)(int(args[0]) if args else 1, args[1] if len(args) > 1 else SHAPES)
