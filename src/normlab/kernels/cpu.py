@@ -387,7 +387,7 @@ _CHANNELS_PER_THREAD = 4
 
 def _by_channel(xa: np.ndarray, arrays: int, threads: int) -> bool:
     """Whether the (N, C, S) view ``xa`` takes the channel-by-channel kernels, ``arrays`` activations (x; x and dy)
-    read per channel, on ``threads`` threads."""
+    read per channel, on ``threads`` threads (see the conditions above ``_CHANNEL_L2_SHARE``)."""
     nb, nc, ns = xa.shape
     return (xa.nbytes >= _CHANNELS_FROM and ns * xa.itemsize >= _CHANNEL_ROW_FROM
             and nc >= _CHANNELS_PER_THREAD * threads and L2_BYTES >= _CHANNEL_L2_MIN
