@@ -94,11 +94,17 @@ def test_bench_plot_names_a_bad_file_and_the_fix(tmp_path):
         bench_plot.plot([{"machine": {}, "results": []}], tmp_path / "empty.png")
 
 
-def test_bench_plot_option_draws_the_run_just_measured(tmp_path):
+def test_bench_plot_option_draws_the_run_just_measured(tmp_path, capsys):
     from normlab.cli import main
+    from normlab.kernels import cpu
     out = tmp_path / "quick.png"
-    assert main(["bench", "--quick", "--sections", "layers", "--shapes", "8x4", "--plot", str(out)]) == 0
+    run = tmp_path / "quick.json"
+    assert main(["bench", "--quick", "--sections", "layers", "--shapes", "8x4", "--plot", str(out),
+                 "--json", str(run)]) == 0
     assert out.read_bytes()[:8] == PNG
+    # the header and the JSON name the L2 a core has, which decides the NCHW kernels
+    assert json.loads(run.read_text())["machine"]["l2_bytes"] == cpu.L2_BYTES
+    assert (f"L2 {cpu.L2_BYTES >> 10} KB a core, " in capsys.readouterr().out) == bool(cpu.L2_BYTES)
 
 
 def test_bench_checks_where_it_will_write_before_measuring(tmp_path, monkeypatch):

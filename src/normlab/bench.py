@@ -715,7 +715,11 @@ def machine_info(copy_gbps: float) -> dict:
     except (OSError, StopIteration):
         pass
     from normlab import kernels
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    try:  # the L2 a core has decides whether large NCHW layers go channel by channel
+        from normlab.kernels.cpu import L2_BYTES as l2_bytes
+    except ImportError:
+        l2_bytes = None
+    return {"cpu": cpu, "l2_bytes": l2_bytes, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "numba": numba.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "copy_gbps": copy_gbps, "stat": STAT["name"],
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -817,7 +821,8 @@ def run(args) -> int:
 
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
-    print(f"normlab bench -- {machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
+    l2 = f"L2 {machine['l2_bytes'] >> 10} KB a core, " if machine["l2_bytes"] else ""
+    print(f"normlab bench -- {machine['cpu']}, {l2}{machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
           f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's; "
           f"won: rounds in which normlab's call took less time than torch's in the same round; "
           f"%copy: normlab's minimum traffic per second against a same-size copy timed in the same rotation")
