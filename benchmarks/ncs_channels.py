@@ -74,6 +74,7 @@ def main(threads: int, shapes: str) -> None:
 
 
 def module(threads: int, shapes: str) -> None:
+    """``--module``: normlab.BatchNorm1d on each (N, C, S) shape, memory order against channel by channel."""
     import normlab
     torch.set_num_threads(threads)
     print(f"threads {threads}, L2 {cpu.L2_BYTES >> 10} KB, normlab.BatchNorm1d on (N, C, S)")
@@ -83,7 +84,7 @@ def module(threads: int, shapes: str) -> None:
         xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
         dy = torch.randn(shape)
 
-        def step(l2: int, backward: bool):
+        def call_with(l2: int, backward: bool):
             def call(i):
                 cpu.L2_BYTES = l2
                 y = layer(xs[i])
@@ -92,7 +93,7 @@ def module(threads: int, shapes: str) -> None:
                     xs[i].grad = None
             return call
         for label, backward in (("forward", False), ("fwd+bwd", True)):
-            med = median_ms({"memory order": step(0, backward), "channels": step(1 << 40, backward)}, len(xs), 24)
+            med = median_ms({"memory order": call_with(0, backward), "channels": call_with(1 << 40, backward)}, len(xs), 24)
             print(f"{spec:14s} {label:9s} memory order {med['memory order']:7.2f} ms  channels "
                   f"{med['channels']:7.2f} ms  ratio {med['memory order'] / med['channels']:.2f}", flush=True)
 

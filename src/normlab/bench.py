@@ -715,10 +715,8 @@ def machine_info(copy_gbps: float) -> dict:
     except (OSError, StopIteration):
         pass
     from normlab import kernels
-    try:  # the L2 a core has decides whether large NCHW layers go channel by channel
-        from normlab.kernels.cpu import L2_BYTES as l2_bytes
-    except ImportError:
-        l2_bytes = None
+    # the L2 a core has decides whether large NCHW layers go channel by channel (None without the numba backend)
+    l2_bytes = getattr(kernels._cpu, "L2_BYTES", None)
     return {"cpu": cpu, "l2_bytes": l2_bytes, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "numba": numba.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "copy_gbps": copy_gbps, "stat": STAT["name"],
