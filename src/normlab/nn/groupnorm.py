@@ -1,10 +1,10 @@
 """``GroupNorm``, drop-in for ``torch.nn.GroupNorm``: per sample, over groups of channels."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ._affine import add_affine, reset_affine
 
 
 class GroupNorm(nn.Module):
@@ -30,22 +30,11 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, num_channels, affine, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:

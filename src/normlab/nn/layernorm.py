@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numbers
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ._affine import add_affine, reset_affine
 
 
 class LayerNorm(nn.Module):
@@ -29,22 +29,11 @@ class LayerNorm(nn.Module):
         F._check_eps(eps)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, self.normalized_shape, elementwise_affine, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         params = self._parameters  # not nn.Module.__getattr__ (~0.5 us a name): small layers feel it

@@ -1,0 +1,23 @@
+"""The learnable γ (``weight``) and β (``bias``) every torch.nn norm layer declares the same way."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def add_affine(module: nn.Module, shape, affine: bool, bias: bool, device=None, dtype=None) -> None:
+    """Registers ``weight`` and ``bias`` of ``shape`` on ``module`` (uninitialized: see :func:`reset_affine`),
+    or None for each one left out: both without ``affine``, β alone with ``bias=False``."""
+    factory = {"device": device, "dtype": dtype}
+    weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
+    module.register_parameter("weight", weight)
+    module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """γ to ones and β to zeros, where the module has them."""
+    params = module._parameters
+    if params.get("weight") is not None:
+        nn.init.ones_(params["weight"])
+    if params.get("bias") is not None:
+        nn.init.zeros_(params["bias"])
