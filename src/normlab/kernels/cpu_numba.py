@@ -1061,11 +1061,15 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
     """s1[c] += sum (x - shift), s2[c] += sum (x - shift)**2 over rows lo..hi: per block of _ROW_BLOCK rows in the
     compute dtype of ``shift`` (full-width float32 lanes for float32/bfloat16/float16), merged in float64.
 
-    Each sweep over the channels takes two rows, one from each half of lo..hi: the per-channel block sums are loaded
-    and stored once per two elements, and both halves stream in order. One row per sweep (the sums' loads and
-    stores outnumbering the row's) read 25088x256 from memory in 1.6 ms, two from each half 1.0 ms (np.sum: 1.1);
-    two adjacent rows per sweep were faster from cache but slower from memory. Where ``lanes`` is not 0
-    (:func:`_reg_lanes`), in registers over rows of that many lanes instead."""
+    Each sweep over the channels takes four rows, one from each quarter of lo..hi: the per-channel block sums are
+    loaded and stored once per four elements, and the four quarters stream in order. One row per sweep (the sums'
+    loads and stores outnumbering the row's) read 25088x256 from memory in 1.6 ms, two from each half 1.0 ms
+    (np.sum: 1.1); two adjacent rows per sweep were faster from cache but slower from memory. Four quarters against
+    two halves, this pass alone on one thread (Zen 4, 2026-12-03): 25088x256 885 -> 706 us, 4096x1024 331 -> 295,
+    256x512 13.9 -> 11.4 in cache and 47.8 -> 45.0 from memory; the whole training forward 1.00-1.07x faster at 1
+    and 2 threads (BENCHMARKS.md). The gradient sums read x and dy: four rows of each, eight streams, measured no
+    faster, and slower from memory; they keep two. Where ``lanes`` is not 0 (:func:`_reg_lanes`), in registers over
+    rows of that many lanes instead."""
     if lanes:
         _reg_rows_sums(x, x, shift, lanes, lo, hi, s1, s2, False)
         return
@@ -1075,24 +1079,28 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
         sh[c] = shift[c]
     b1 = np.empty(nc, dtype=shift.dtype)
     b2 = np.empty(nc, dtype=shift.dtype)
-    half = (hi - lo) // 2
-    for p0 in range(0, half, _ROW_BLOCK // 2):
+    q = (hi - lo) // 4
+    for p0 in range(0, q, _ROW_BLOCK // 4):
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
-        for p in range(p0, min(p0 + _ROW_BLOCK // 2, half)):
+        for p in range(p0, min(p0 + _ROW_BLOCK // 4, q)):
             xa = x[lo + p]
-            xb = x[lo + half + p]
+            xb = x[lo + q + p]
+            xc = x[lo + 2 * q + p]
+            xd = x[lo + 3 * q + p]
             for c in range(nc):
                 da = up(xa[c]) - sh[c]
                 db = up(xb[c]) - sh[c]
-                b1[c] += da + db
-                b2[c] += da * da + db * db
+                dc = up(xc[c]) - sh[c]
+                dd = up(xd[c]) - sh[c]
+                b1[c] += (da + db) + (dc + dd)
+                b2[c] += (da * da + db * db) + (dc * dc + dd * dd)
         for c in range(nc):
             s1[c] += np.float64(b1[c])
             s2[c] += np.float64(b2[c])
-    if (hi - lo) % 2:  # the odd row out
-        xr = x[hi - 1]
+    for r in range(lo + 4 * q, hi):  # the rows left over (up to three)
+        xr = x[r]
         for c in range(nc):
             d = np.float64(up(xr[c]) - sh[c])
             s1[c] += d
@@ -1512,7 +1520,7 @@ def _rows_normalize(x, y, lanes, lo, hi, ref, a, bb, stream):
 def _grad_sums_loop(dy, x, x0, a_z, b_z, act, lo, hi, b1, b2, s1, s2):
     nc = x.shape[1]
     half = (hi - lo) // 2
-    for p0 in range(0, half, _ROW_BLOCK // 2):  # two rows per sweep, one from each half (as _row_sums)
+    for p0 in range(0, half, _ROW_BLOCK // 2):  # two rows per sweep, one from each half (not four: see _row_sums)
         for c in range(nc):
             b1[c] = 0
             b2[c] = 0
