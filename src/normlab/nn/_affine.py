@@ -8,10 +8,10 @@ from torch import nn
 def add_affine(module: nn.Module, shape, affine: bool, bias: bool, device=None, dtype=None) -> None:
     """Registers ``weight`` and ``bias`` of ``shape`` on ``module`` (uninitialized: see :func:`reset_affine`),
     or None for each one left out: both without ``affine``, β alone with ``bias=False``."""
-    factory = {"device": device, "dtype": dtype}
-    weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
-    module.register_parameter("weight", weight)
-    module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
+    def new():
+        return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+    module.register_parameter("weight", new() if affine else None)
+    module.register_parameter("bias", new() if affine and bias else None)
 
 
 def reset_affine(module: nn.Module) -> None:
