@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from normlab import bench_plot
+from normlab.bench import plot as bench_plot
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -108,9 +108,9 @@ def test_bench_plot_option_draws_the_run_just_measured(tmp_path, capsys):
 
 
 def test_bench_checks_where_it_will_write_before_measuring(tmp_path, monkeypatch):
-    from normlab import bench
+    from normlab.bench import cli
     from normlab.cli import main
-    monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: pytest.fail("measured before checking the paths"))
+    monkeypatch.setattr(cli, "bench_layers", lambda *a, **k: pytest.fail("measured before checking the paths"))
     with pytest.raises(SystemExit, match=r"--json '.*nowhere/run.json': its folder does not exist"):
         main(["bench", "--quick", "--sections", "layers", "--json", str(tmp_path / "nowhere" / "run.json")])
     with pytest.raises(SystemExit, match=r"--plot '.*nowhere/run.png': its folder does not exist"):

@@ -342,16 +342,17 @@ def test_bench_unknown_section_is_named():
 def test_bench_copy_is_timed_in_the_contenders_rotation(monkeypatch):
     """%copy compares with a copy of the same tensor timed among the contenders, not alone in a warm cache."""
     from normlab import bench
+    from normlab.bench import suite, timing
     seen = []
-    real = bench.timeit_interleaved
+    real = timing.timeit_interleaved
 
     def spy(fns, *args, **kwargs):
         seen.append(list(fns))
         return real(fns, *args, **kwargs)
-    monkeypatch.setattr(bench, "timeit_interleaved", spy)
+    monkeypatch.setattr(timing, "timeit_interleaved", spy)
     got, gbps = bench.timeit_with_copy({"a": lambda: None}, torch.randn(64, 64), 0.001)
     assert seen == [["a", bench.COPY]] and list(got) == ["a"] and gbps > 0
-    monkeypatch.setattr(bench, "timeit_with_copy",
+    monkeypatch.setattr(suite, "timeit_with_copy",
                         lambda fns, x, budget, log=None, rounds=None, faults=None: ({k: 1e-3 for k in fns}, 123.0))
     rows = bench.bench_layers(["8x4x6x6"], ["normlab", "torch"], 0.001, log=lambda msg: None)
     rows += bench.bench_groupnorm(True, 0.001, log=lambda msg: None)

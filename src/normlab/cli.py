@@ -13,7 +13,7 @@ import sys
 COMMAND_MODULES = [
     "normlab.lab.cli",        # train, experiment, report, demo
     "normlab.bench",          # bench
-    "normlab.bench_plot",     # bench-plot
+    "normlab.bench.plot",     # bench-plot
     "normlab.kernels.native",  # build-native
 ]
 

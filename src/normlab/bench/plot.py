@@ -5,7 +5,7 @@ GPU's kernels; fused batch norm + activation, group / instance / layer norm, the
 mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab is faster), a line from
 the lowest to the highest run (the host's spread, which a single run hides), parity and the issue's targets as
 dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
-black tick at the cap: torch's time over the fastest any batch norm could run there (``bench.roof_bound``), so
+black tick at the cap: torch's time over the fastest any batch norm could run there (``suite.roof_bound``), so
 the gap between bar and tick is what is left to win.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_format(path: str | Path) -> None:
 def collect(runs: list[dict]) -> dict:
     """``{threads: {section: {(case, mode): [ratio per run, ...]}}}``, ratio = torch's time / normlab's, cases
     and modes in the order the runs measured them; the roof section also ``{(case, "cap"): [cap per run]}``."""
-    from normlab.bench import Row, roof_bound
+    from .suite import Row, roof_bound
     out: dict = {}
     for run in runs:
         threads = run["machine"].get("torch_threads")
@@ -80,7 +80,7 @@ def collect(runs: list[dict]) -> dict:
 
 
 def _panel(ax, section: str, ratios: dict) -> None:
-    from normlab.bench import _geomean
+    from .suite import _geomean
     cases = list(dict.fromkeys(case for case, _ in ratios))
     modes = sorted({mode for _, mode in ratios if mode != "cap"},
                    key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)

@@ -1,0 +1,308 @@
+"""The suite's sections: what each measures and on which shapes, one :class:`Row` per case and mode."""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .contenders import AutogradFloor, lenet, make_layer
+from .timing import rounds_won, saved_bytes, synced, timeit_interleaved, timeit_with_copy
+
+
+DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
+                  "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
+QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
+DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet,roof"
+SECTIONS = ("layers", "fused", "groupnorm", "lenet", "roof", "gpu")
+IMPLS = ["normlab", "torch", "compile", "scratch"]
+MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
+# minimum passes over the activation, in units of its size: stats + normalize; 2x (x, dy) + dx; read + write
+MIN_PASSES = {"train_fwd": 3, "train_fwd_bwd": 3 + 5, "eval_fwd": 2, "bwd": 5}
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    mode: str
+    mbytes: float
+    ms: dict = field(default_factory=dict)          # impl -> milliseconds
+    saved_mb: dict = field(default_factory=dict)    # impl -> MB saved for backward
+    gbps: float | None = None                       # normlab's minimum traffic / time
+    copy_gbps: float | None = None                  # dst.copy_(x), same size, timed in the same rotation
+    won: dict = field(default_factory=dict)         # impl -> fraction of rounds in which normlab was faster
+    faults: dict = field(default_factory=dict)      # impl -> median page faults per call
+
+
+def _ratio(row: Row, other: str, ours: str = "normlab") -> float | None:
+    if ours in row.ms and other in row.ms:
+        return row.ms[other] / row.ms[ours]
+    return None
+
+
+def _geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
+    cl = text.endswith("cl")
+    shape = tuple(int(v) for v in text.removesuffix("cl").split("x"))
+    if len(shape) < 2 or (cl and len(shape) not in (4, 5)):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: want e.g. 32x64x56x56 or 32x64x56x56cl")
+    return shape, cl
+
+
+def _input(shape, cl):
+    x = torch.randn(shape)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return x
+
+
+def _clear_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def modes_for(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """The three timed callables for one layer and input."""
+    xg = x.detach().clone().requires_grad_()
+    params = list(layer.parameters())
+
+    def train_fwd():
+        layer.train()
+        return layer(x)
+
+    def train_fwd_bwd():
+        layer.train()
+        _clear_grads(xg, *params)
+        layer(xg).backward(dy)
+
+    def eval_fwd():
+        layer.eval()
+        with torch.no_grad():
+            return layer(x)
+
+    return {"train_fwd": train_fwd, "train_fwd_bwd": train_fwd_bwd, "eval_fwd": eval_fwd}, \
+        (lambda: layer.train()(xg))
+
+
+def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> list[Row]:
+    """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
+    its work: see :func:`synced`)."""
+    device = torch.device(device)
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl).to(device)
+        dy = torch.randn_like(x)
+        mb = x.numel() * x.element_size() / 1e6
+        by_mode = {m: Row(section, text, m, mb) for m in MODES}
+        per_impl = {}
+        for impl in impls:
+            torch.manual_seed(0)
+            layer = make_layer(impl, shape[1], len(shape)).to(device)
+            per_impl[impl] = modes_for(layer, x, dy)
+        for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
+            rounds = {}
+            got, by_mode[mode].copy_gbps = timeit_with_copy(
+                {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x, budget,
+                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"), rounds=rounds, faults=by_mode[mode].faults)
+            by_mode[mode].won = rounds_won(rounds)
+            for impl, t in got.items():
+                by_mode[mode].ms[impl] = t * 1e3
+                log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.3f} ms")
+        for impl, (_, fwd_for_saved) in per_impl.items():
+            try:
+                by_mode["train_fwd_bwd"].saved_mb[impl] = saved_bytes(fwd_for_saved) / 1e6
+            except Exception:
+                pass
+        for mode, row in by_mode.items():
+            if "normlab" in row.ms:
+                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            rows.append(row)
+    return rows
+
+
+def bench_fused(shapes, budget, log) -> list[Row]:
+    import normlab
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl)
+        dy = torch.randn_like(x)
+        mb = x.numel() * x.element_size() / 1e6
+        d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+        for act, torch_act in (("relu", nn.ReLU), ("sigmoid", nn.Sigmoid)):
+            contenders = {
+                "normlab": getattr(normlab, f"BatchNormAct{d}")(shape[1], act=act),
+                "torch": nn.Sequential(getattr(nn, f"BatchNorm{d}")(shape[1]), torch_act()),
+                "normlab_unfused": nn.Sequential(getattr(normlab, f"BatchNorm{d}")(shape[1]), torch_act()),
+            }
+            by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
+            per = {name: modes_for(layer, x, dy) for name, layer in contenders.items()}
+            for mode in MODES:
+                rounds = {}
+                got, by_mode[mode].copy_gbps = timeit_with_copy(
+                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log, rounds=rounds,
+                    faults=by_mode[mode].faults)
+                by_mode[mode].won = rounds_won(rounds)
+                for name, t in got.items():
+                    by_mode[mode].ms[name] = t * 1e3
+                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {t * 1e3:9.3f} ms")
+            for name, (_, fwd_for_saved) in per.items():
+                by_mode["train_fwd_bwd"].saved_mb[name] = saved_bytes(fwd_for_saved) / 1e6
+            for mode, row in by_mode.items():
+                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+                rows.append(row)
+    return rows
+
+
+def bench_gpu(shapes, budget, log, device="cuda") -> list[Row]:
+    """:func:`bench_layers` of normlab on its Triton kernels (``use_backend("triton")``) against ``torch.nn``
+    (cuDNN on CUDA), float32, on ``device``; ``%copy`` is then against a same-size copy on the device. Any device
+    the Triton backend takes: a CPU device in Triton's interpreter is how the tests run this section."""
+    from normlab import kernels
+    with kernels.use_backend("triton"):
+        return bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu")
+
+
+def bench_groupnorm(quick, budget, log) -> list[Row]:
+    import torch.nn.functional as TF
+
+    import normlab.functional as NF
+    cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else [
+        ("gn", (32, 64, 56, 56), 32), ("gn", (256, 64, 28, 28), 8), ("in", (32, 64, 56, 56), 64),
+        # 14x14 images: channel rows that start and end mid-line, 6 KB groups
+        ("gn", (128, 256, 14, 14), 32),
+        ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None),
+        # small layers, where per-call overhead decides; few long rows, where dweight/dbias's merge does
+        ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]
+    rows = []
+    for kind, shape, groups in cases:
+        x = torch.randn(shape)
+        dy = torch.randn_like(x)
+        mb = x.numel() * 4 / 1e6
+        c = shape[-1] if kind == "ln" else shape[1]
+        w = torch.randn(c, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        xg = x.clone().requires_grad_()
+        if kind == "ln":
+            ours = lambda t: NF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
+            theirs = lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
+        else:
+            ours = lambda t, g=groups: NF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
+            theirs = lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
+        case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+        for mode in ("train_fwd", "train_fwd_bwd"):
+            row = Row("groupnorm", case, mode, mb)
+            fns = {}
+            for name, f in (("normlab", ours), ("torch", theirs)):
+                if mode == "train_fwd":
+                    fns[name] = (lambda f=f: f(x))
+                else:
+                    def fn(f=f):
+                        _clear_grads(xg, w, b)
+                        f(xg).backward(dy)
+                    fns[name] = fn
+            rounds = {}
+            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
+            row.won = rounds_won(rounds)
+            for name, t in got.items():
+                row.ms[name] = t * 1e3
+                log(f"  {case:>24} {mode:<14} {name:<8} {row.ms[name]:9.3f} ms")
+            passes = 2 if mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
+            row.gbps = passes * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            rows.append(row)
+    return rows
+
+
+def bench_lenet(batch, budget, log) -> list[Row]:
+    """One SGD step of LeNet-BN per contender, the contenders interleaved round by round (see
+    :func:`timeit_interleaved`: timed one after the other, a few seconds apart, the host's load moved the ratio
+    by more than the difference)."""
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    row = Row("lenet", f"LeNet-BN step, batch {batch}", "train_step", x.numel() * 4 / 1e6)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make_step(kind):
+        torch.manual_seed(0)
+        model = lenet(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return step
+
+    rounds = {}
+    got = timeit_interleaved({kind: make_step(kind) for kind in ("normlab", "torch", "normlab_fused")},
+                             budget * 2, warmup=3, log=log, rounds=rounds)
+    row.won = rounds_won(rounds)
+    for kind, t in got.items():
+        row.ms[kind] = t * 1e3
+        log(f"  {row.case} {kind:<14} {row.ms[kind]:9.3f} ms  ({batch / row.ms[kind] * 1e3:,.0f} examples/s)")
+    return [row]
+
+
+def roof_bound(row: Row) -> dict:
+    """The fastest a batch-norm training forward+backward could run in ``row``'s rotation, and what that means.
+
+    * ``roof_ms``: the minimum traffic (MIN_PASSES: 3 passes forward, 5 backward) at the bandwidth of the copy
+      timed in the same rotation -- the memory roof;
+    * ``floor_ms``: the autograd floor (:class:`AutogradFloor`) on the same input -- the per-call cost of eager
+      autograd, which decides small layers; left out where its calls took page faults (freshly mapped outputs,
+      the heap's state rather than the engine's cost);
+    * ``bound_ms``: the larger of the two; ``cap``: torch's time over it, the largest ratio any batch norm could
+      reach against torch here; ``share``: normlab's ratio over that cap; ``torch_frac``: torch's minimum traffic
+      per second as a fraction of the copy's.
+
+    Not a law: a tensor that stays in cache between passes can beat the roof (normlab's 51 MB NCHW layer
+    measured 127 % of the copy), so ``share`` can exceed 1."""
+    mb, copy = row.mbytes, row.copy_gbps
+    roof = MIN_PASSES["train_fwd_bwd"] * mb / copy if copy else None  # MB / (GB/s) = ms
+    floor = row.ms.get("floor") if not row.faults.get("floor") else None
+    bound = max(v for v in (roof, floor) if v is not None) if (roof or floor) else None
+    torch_ms, ours = row.ms.get("torch"), row.ms.get("normlab")
+    cap = torch_ms / bound if torch_ms and bound else None
+    ratio = torch_ms / ours if torch_ms and ours else None
+    return {"roof_ms": roof, "floor_ms": floor, "bound_ms": bound, "cap": cap,
+            "share": ratio / cap if ratio and cap else None,
+            "torch_frac": roof / torch_ms if roof and torch_ms else None}
+
+
+def bench_roof(shapes, budget, log) -> list[Row]:
+    """Training forward+backward of normlab and torch beside the autograd floor and a copy of the input, the four
+    taking turns (no torch.compile or from-scratch contender in the rotation): each row's :func:`roof_bound`."""
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl)
+        dy = torch.randn_like(x)
+        row = Row("roof", text, "train_fwd_bwd", x.numel() * x.element_size() / 1e6)
+        fns = {}
+        for impl in ("normlab", "torch"):
+            torch.manual_seed(0)
+            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)), x, dy)[0]["train_fwd_bwd"]
+        fns["floor"] = modes_for(AutogradFloor(), x, dy)[0]["train_fwd_bwd"]
+        rounds = {}
+        got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
+        row.won = rounds_won(rounds)
+        row.ms = {name: t * 1e3 for name, t in got.items()}
+        if "normlab" in row.ms:
+            row.gbps = MIN_PASSES["train_fwd_bwd"] * row.mbytes / row.ms["normlab"]
+        bound = roof_bound(row)
+        log(f"  {text:>16} " + " ".join(f"{k} {v:.3f} ms" for k, v in row.ms.items())
+            + f"; bound {_fmt(bound['bound_ms'], '.3f')} ms, cap {_fmt(bound['cap'])}x")
+        rows.append(row)
+    return rows
