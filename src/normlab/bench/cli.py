@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import torch
 
-from .report import machine_info, render, summarize
+from .report import machine_info, render, render_targets, summarize, targets
 from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, QUICK_SHAPES, SECTIONS, Row, bench_fused, bench_gpu,
                     bench_groupnorm, bench_layers, bench_lenet, bench_roof, parse_shape)
 from .timing import STAT, copy_bandwidth, settle_allocator
@@ -115,10 +115,13 @@ def run(args) -> int:
     print("summary:")
     for k, v in summary.items():
         print(f"  {k:<38} {v if not isinstance(v, float) else round(v, 3)}")
+    checked = targets(summary)
+    if checked and not quick:
+        print(render_targets(checked))
     if quick:
         print("(--quick: tiny shapes, where per-call overhead dominates; run without --quick for the real suite)")
     data = {"args": {k: v for k, v in vars(args).items() if k != "func"},
-            "machine": machine, "summary": summary, "results": [asdict(r) for r in rows]}
+            "machine": machine, "summary": summary, "targets": checked, "results": [asdict(r) for r in rows]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)

@@ -126,3 +126,44 @@ def machine_info(copy_gbps: float) -> dict:
             "native_glue": kernels.native_batch_norm is not None,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# The issue's CPU targets, float32, as (summary key, what it says, the least value that meets it): ratios over torch
+# (or torch.compile), and the fraction of a same-size copy's bandwidth.
+TARGETS = [
+    ("train_fwd_bwd_geomean_vs_torch", "training forward+backward, geomean vs torch.nn", 2.0),
+    ("train_fwd_bwd_worst_vs_torch", "... and no shape slower (worst shape)", 1.0),
+    ("eval_geomean_vs_torch", "eval forward, geomean vs torch.nn", 1.5),
+    ("fused_relu_fwd_bwd_geomean_vs_torch", "fused BN+ReLU vs BN then ReLU", 2.5),
+    ("median_frac_copy_on_25MB_plus", "copy's bandwidth on tensors of 25 MB and more (median)", 0.7),
+    ("train_fwd_bwd_geomean_vs_compile", "forward+backward vs torch.compile of the formula", 1.0),
+    ("lenet_step_vs_torch", "LeNet-BN training step vs torch.nn", 1.0),
+    ("groupnorm_worst_vs_torch", "group / layer / instance norm, worst case vs torch", 1.0),
+]
+
+
+def targets(summary: dict) -> list[dict]:
+    """Each target of :data:`TARGETS` whose summary value this run measured: its value (the ratio, for a worst
+    case given as (ratio, case)), the case it names, the goal, and whether it was met."""
+    out = []
+    for key, label, goal in TARGETS:
+        value, case = summary.get(key), None
+        if isinstance(value, (tuple, list)):
+            value, case = value
+        if value is not None:
+            out.append({"key": key, "label": label, "value": value, "case": case, "goal": goal, "met": value >= goal})
+    return out
+
+
+def render_targets(checked: list[dict]) -> str:
+    """The targets as lines of the terminal report ("" when the run measured none of them)."""
+    if not checked:
+        return ""
+    lines = ["targets (CPU, float32): this run, on the shapes it measured"]
+    for t in checked:
+        pct = t["key"].startswith("median_frac")
+        value = f"{t['value']:.0%}" if pct else f"{t['value']:.2f}x"
+        goal = f">= {t['goal']:.0%}" if pct else f">= {t['goal']:g}x"
+        case = f" ({t['case']})" if t["case"] else ""
+        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['label']:<56} {value:>7}{case}  [{goal}]")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""``normlab bench``'s report: the issue's targets checked against a run's summary."""
+from __future__ import annotations
+
+from normlab.bench import report
+
+
+def _summary(**over):
+    s = {"train_fwd_bwd_geomean_vs_torch": 2.05, "train_fwd_bwd_worst_vs_torch": (0.99, "128x256x14x14cl"),
+         "eval_geomean_vs_torch": 1.5, "fused_relu_fwd_bwd_geomean_vs_torch": 3.1,
+         "median_frac_copy_on_25MB_plus": 0.69, "train_fwd_bwd_geomean_vs_compile": 2.4, "lenet_step_vs_torch": None,
+         "groupnorm_worst_vs_torch": 1.02, "gpu_eval_geomean_vs_torch": None}
+    s.update(over)
+    return s
+
+
+def test_targets_met_and_missed_at_their_goals():
+    got = {t["key"]: t for t in report.targets(_summary())}
+    assert "lenet_step_vs_torch" not in got  # not measured in this run: left out, not called missed
+    assert got["train_fwd_bwd_geomean_vs_torch"]["met"]
+    assert got["eval_geomean_vs_torch"]["met"]  # the goal itself meets it
+    worst = got["train_fwd_bwd_worst_vs_torch"]
+    assert not worst["met"] and worst["value"] == 0.99 and worst["case"] == "128x256x14x14cl"
+    assert not got["median_frac_copy_on_25MB_plus"]["met"]
+    assert [t["key"] for t in report.targets(_summary())] == [k for k, _, _ in report.TARGETS
+                                                              if k != "lenet_step_vs_torch"]
+
+
+def test_render_targets_names_value_case_and_goal():
+    text = report.render_targets(report.targets(_summary()))
+    lines = text.splitlines()
+    assert lines[0].startswith("targets")
+    worst = next(line for line in lines if "no shape slower" in line)
+    assert worst.split()[0] == "MISSED" and "0.99x (128x256x14x14cl)" in worst and "[>= 1x]" in worst
+    copy = next(line for line in lines if "copy's bandwidth" in line)
+    assert "69%" in copy and "[>= 70%]" in copy and copy.split()[0] == "MISSED"
+    assert next(line for line in lines if "torch.compile" in line).split()[0] == "met"
+    assert report.render_targets([]) == ""
