@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .cli import register, run
 from .contenders import AutogradFloor, CompositeBatchNorm, ScratchBatchNorm, lenet, make_layer
-from .report import TARGETS, machine_info, render, render_targets, summarize, targets
+from .report import TARGETS, machine_info, render, render_targets, summarize, targets, targets_over_runs
 from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, MIN_PASSES, MODES, QUICK_SHAPES, SECTIONS, Row,
                     bench_fused, bench_gpu, bench_groupnorm, bench_layers, bench_lenet, bench_roof, modes_for,
                     parse_shape, roof_bound)
@@ -38,7 +38,7 @@ from .timing import (COPY, STAT, copy_bandwidth, round_orders, rounds_won, saved
                      timeit, timeit_interleaved, timeit_with_copy)
 
 __all__ = ["register", "run", "AutogradFloor", "CompositeBatchNorm", "ScratchBatchNorm", "lenet", "make_layer",
-           "TARGETS", "machine_info", "render", "render_targets", "summarize", "targets", "DEFAULT_SECTIONS", "DEFAULT_SHAPES", "IMPLS", "MIN_PASSES", "MODES",
+           "TARGETS", "machine_info", "render", "render_targets", "summarize", "targets", "targets_over_runs", "DEFAULT_SECTIONS", "DEFAULT_SHAPES", "IMPLS", "MIN_PASSES", "MODES",
            "QUICK_SHAPES", "SECTIONS", "Row", "bench_fused", "bench_gpu", "bench_groupnorm", "bench_layers",
            "bench_lenet", "bench_roof", "modes_for", "parse_shape", "roof_bound", "COPY", "STAT", "copy_bandwidth",
            "round_orders", "rounds_won", "saved_bytes", "settle_allocator", "synced", "timeit", "timeit_interleaved",

@@ -155,15 +155,43 @@ def targets(summary: dict) -> list[dict]:
     return out
 
 
+def targets_over_runs(summaries: list[dict]) -> list[dict]:
+    """:func:`targets` judged over several runs: each target's median over the runs that measured it (its value),
+    the lowest and highest run, the worst cases the runs named, and whether the median meets the goal."""
+    per = {}
+    for summary in summaries:
+        for t in targets(summary):
+            per.setdefault(t["key"], []).append(t)
+    out = []
+    for key, label, goal in TARGETS:
+        got = per.get(key)
+        if not got:
+            continue
+        values = [t["value"] for t in got]
+        median = statistics.median(values)
+        cases = list(dict.fromkeys(t["case"] for t in got if t["case"]))
+        out.append({"key": key, "label": label, "value": median, "lo": min(values), "hi": max(values),
+                    "runs": len(values), "case": ", ".join(cases) or None, "goal": goal, "met": median >= goal})
+    return out
+
+
 def render_targets(checked: list[dict]) -> str:
-    """The targets as lines of the terminal report ("" when the run measured none of them)."""
+    """The targets as lines of the terminal report ("" when none was measured): one run's values, or, from
+    :func:`targets_over_runs`, the median and range of several."""
     if not checked:
         return ""
-    lines = ["targets (CPU, float32): this run, on the shapes it measured"]
+    runs = max(t.get("runs", 1) for t in checked)
+    lines = ["targets (CPU, float32): " + ("this run" if runs == 1 else f"the median of {runs} runs (lowest-highest)")
+             + ", on the shapes it measured"]
+    cells = []
     for t in checked:
         pct = t["key"].startswith("median_frac")
-        value = f"{t['value']:.0%}" if pct else f"{t['value']:.2f}x"
+        show = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.2f}x")
+        value = show(t["value"]) + (f" ({show(t['lo'])}-{show(t['hi'])})" if "lo" in t and runs > 1 else "")
         goal = f">= {t['goal']:.0%}" if pct else f">= {t['goal']:g}x"
-        case = f" ({t['case']})" if t["case"] else ""
-        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['label']:<56} {value:>7}{case}  [{goal}]")
+        cells.append((t, value, goal))
+    width = max(len(value) for _, value, _ in cells)
+    for t, value, goal in cells:
+        case = f" [{t['case']}]" if t["case"] else ""
+        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['label']:<56} {value:>{width}}  ({goal}){case}")
     return "\n".join(lines)
