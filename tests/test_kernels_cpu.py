@@ -873,6 +873,10 @@ def test_bench_interleaved_runs_the_balanced_orders():
     rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
     assert rounds == [["abcd"[i] for i in o] for o in (bench.round_orders(4) * 2)[:len(rounds)]]
     assert len(rounds) == 8  # 5 requested, rounded up to whole cycles of 4
+    calls.clear()
+    five = {k: (lambda k=k: calls.append(k)) for k in "abcde"}
+    bench.timeit_interleaved(five, budget=0.0, min_reps=5, warmup=0)
+    assert len(calls) - len(five) == 10 * 5  # never part of a cycle: five contenders' design has 10 rounds
 
 
 def test_bench_rounds_won_pairs_calls_within_a_round():

@@ -84,8 +84,10 @@ def timeit_interleaved(fns: dict, budget: float, min_reps: int = 5, max_reps: in
     faulted: dict = {name: [] for name in live}
     order = list(live)
     orders = round_orders(len(order))
-    if reps > len(orders):  # whole cycles of the design, where the budget allows more than one
-        reps = -(-reps // len(orders)) * len(orders)
+    # whole cycles of the design, at least one: a part of a cycle leaves the predecessors unbalanced (with the
+    # from-scratch layer at 0.1-0.5 s a call, the large layers' forward+backward took 5 of the 10 rounds that five
+    # contenders need, and their medians swung with which predecessors those 5 rounds happened to give)
+    reps = -(-reps // len(orders)) * len(orders)
     for r in range(reps):
         for name in (order[i] for i in orders[r % len(orders)]):
             fn = live[name][0]
