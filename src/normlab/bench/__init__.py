@@ -38,8 +38,8 @@ from .timing import (COPY, STAT, copy_bandwidth, round_orders, rounds_won, saved
                      timeit, timeit_interleaved, timeit_with_copy)
 
 __all__ = ["register", "run", "AutogradFloor", "CompositeBatchNorm", "ScratchBatchNorm", "lenet", "make_layer",
-           "TARGETS", "machine_info", "render", "render_targets", "summarize", "targets", "targets_over_runs", "DEFAULT_SECTIONS", "DEFAULT_SHAPES", "IMPLS", "MIN_PASSES", "MODES",
-           "QUICK_SHAPES", "SECTIONS", "Row", "bench_fused", "bench_gpu", "bench_groupnorm", "bench_layers",
-           "bench_lenet", "bench_roof", "modes_for", "parse_shape", "roof_bound", "COPY", "STAT", "copy_bandwidth",
-           "round_orders", "rounds_won", "saved_bytes", "settle_allocator", "synced", "timeit", "timeit_interleaved",
-           "timeit_with_copy"]
+           "TARGETS", "machine_info", "render", "render_targets", "summarize", "targets", "targets_over_runs",
+           "DEFAULT_SECTIONS", "DEFAULT_SHAPES", "IMPLS", "MIN_PASSES", "MODES", "QUICK_SHAPES", "SECTIONS", "Row",
+           "bench_fused", "bench_gpu", "bench_groupnorm", "bench_layers", "bench_lenet", "bench_roof", "modes_for",
+           "parse_shape", "roof_bound", "COPY", "STAT", "copy_bandwidth", "round_orders", "rounds_won", "saved_bytes",
+           "settle_allocator", "synced", "timeit", "timeit_interleaved", "timeit_with_copy"]

@@ -14,12 +14,9 @@ from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, QUICK_SHAPES, SECTI
 from .timing import STAT, copy_bandwidth, settle_allocator
 
 
-_DESCRIPTION = "``normlab bench``: normlab's batch norm against torch.nn, torch.compile and a from-scratch version."
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark normlab's batch norm against torch (CPU)",
-                              description=_DESCRIPTION)
+                              description=sys.modules[__package__].__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, short budget, no torch.compile (seconds): a smoke test, where per-call "
                         "overhead dominates and the ratios say nothing about real layer sizes")

@@ -14,6 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
+from . import report
+
 PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu")
 TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "fused BN+ReLU vs BN, ReLU",
           "fused_sigmoid": "fused BN+sigmoid vs BN, sigmoid", "groupnorm": "group / instance / layer norm",
@@ -25,9 +27,8 @@ MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd",
 MODE_ORDER = list(MODE_LABELS)
 COLORS = {"train_fwd_bwd": "tab:blue", "train_fwd": "tab:orange", "eval_fwd": "tab:green", "train_step": "tab:purple"}
 DPI = 80  # with the figure's size, a PNG of 100-250 KB for the docs
-# the targets, per section and mode (ratio over torch); every panel also draws parity (1x)
-TARGETS = {("layers", "train_fwd_bwd"): 2.0, ("layers", "eval_fwd"): 1.5, ("fused_relu", "train_fwd_bwd"): 2.5,
-           ("fused_relu", "train_fwd"): 2.5, ("fused_relu", "eval_fwd"): 2.5}
+# the targets, per section and mode (ratio over torch), from the report's; every panel also draws parity (1x)
+TARGETS = {panel: goal for key, _, goal in report.TARGETS for panel in report.PANELS.get(key, ())}
 
 
 def load_runs(paths) -> list[dict]:

@@ -140,6 +140,11 @@ TARGETS = [
     ("lenet_step_vs_torch", "LeNet-BN training step vs torch.nn", 1.0),
     ("groupnorm_worst_vs_torch", "group / layer / instance norm, worst case vs torch", 1.0),
 ]
+# the (section, mode) panels of ``normlab bench-plot`` that draw a target as a dashed line
+PANELS = {"train_fwd_bwd_geomean_vs_torch": [("layers", "train_fwd_bwd")],
+          "eval_geomean_vs_torch": [("layers", "eval_fwd")],
+          "fused_relu_fwd_bwd_geomean_vs_torch": [("fused_relu", mode)
+                                                  for mode in ("train_fwd_bwd", "train_fwd", "eval_fwd")]}
 
 
 def targets(summary: dict) -> list[dict]:
@@ -163,15 +168,12 @@ def targets_over_runs(summaries: list[dict]) -> list[dict]:
         for t in targets(summary):
             per.setdefault(t["key"], []).append(t)
     out = []
-    for key, label, goal in TARGETS:
-        got = per.get(key)
-        if not got:
-            continue
+    for key, got in per.items():
         values = [t["value"] for t in got]
         median = statistics.median(values)
         cases = list(dict.fromkeys(t["case"] for t in got if t["case"]))
-        out.append({"key": key, "label": label, "value": median, "lo": min(values), "hi": max(values),
-                    "runs": len(values), "case": ", ".join(cases) or None, "goal": goal, "met": median >= goal})
+        out.append({**got[0], "value": median, "lo": min(values), "hi": max(values), "runs": len(values),
+                    "case": ", ".join(cases) or None, "met": median >= got[0]["goal"]})
     return out
 
 
