@@ -221,6 +221,50 @@ def test_without_autograd_updates_running_statistics():
     close(ours.running_var, ref.running_var, 1e-5, "running_var")
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_counts_its_batches_in_the_native_call_as_torch(momentum):
+    ref, ours = torch_layer((16, 5), torch.float32, momentum=momentum)
+    versions = ours.num_batches_tracked._version, ref.num_batches_tracked._version
+    for step in range(4):  # momentum None: the running statistics are the cumulative average (weight 1 / count)
+        x = torch.randn(16, 5, requires_grad=True) * (step + 1) + step
+        yo = ours(x)
+        assert NATIVE in yo.grad_fn.name()
+        ref(x)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 4
+    assert ours.num_batches_tracked._version - versions[0] == ref.num_batches_tracked._version - versions[1] == 4
+    close(ours.running_mean, ref.running_mean, 1e-5, "running_mean")
+    close(ours.running_var, ref.running_var, 1e-5, "running_var")
+    ours.eval(), ref.eval()
+    x = torch.randn(16, 5)
+    ours(x), ref(x)
+    assert int(ours.num_batches_tracked) == 4  # evaluation does not count
+    # a batch the glue declines (one value per channel) is counted once, by the Python glue, before it raises
+    ours.train(), ref.train()
+    for layer in (ours, ref):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer(torch.randn(1, 5))
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 5
+
+
+def test_native_call_declines_counters_it_cannot_count_and_leaves_them_alone():
+    x = torch.randn(16, 5)
+    K.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, "identity")  # the loops compiled
+    for counter in (torch.zeros((), dtype=torch.float32), torch.zeros(2, dtype=torch.int64)):
+        y, _ = K.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, "identity", counter)
+        assert y is None and not counter.any()
+    # the cumulative average needs a counter
+    assert K.native_batch_norm(x, None, None, None, None, True, None, 1e-5, "identity")[0] is None
+    counter = torch.zeros((), dtype=torch.int64)
+    y, _ = K.native_batch_norm(x, None, None, None, None, False, None, 1e-5, "identity", counter)
+    assert y is None  # evaluation without running statistics: the Python glue says what is wrong
+    rm, rv = torch.zeros(5), torch.ones(5)
+    y, _ = K.native_batch_norm(x, None, None, rm, rv, False, None, 1e-5, "identity", counter)
+    assert y is not None and int(counter) == 0  # evaluation: normalized with them, not counted
+    y, _ = K.native_batch_norm(x, None, None, rm, rv, True, None, 1e-5, "identity", counter)
+    assert int(counter) == 1
+    close(rm, x.mean(0), 1e-6, "first batch's mean with weight 1 / 1")
+
+
 def test_leaves_other_inputs_to_the_python_glue():
     bn = normlab.BatchNorm1d(8)
     x = torch.randn(32, 16, requires_grad=True)

@@ -95,25 +95,28 @@ def use_backend(name: str | None):
         _select_native()
 
 
-def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act):
+def _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act, counter=None):
     """Batch norm through the native glue: ``(y, nonfinite)`` (how many channels kept their running statistics),
     or ``(None, 0)`` where it does not take the call, bad arguments included (the caller goes on with the Python
-    glue and its checks). In training the running statistics are updated only when both are given."""
+    glue and its checks). In training the running statistics are updated only when both are given, and
+    ``counter`` (a module's ``num_batches_tracked``), when given, is counted as the call is taken; momentum None
+    (with a counter): the weight of the batch is 1 / count."""
     code = _cpu._ACT_CODE.get(act)
-    if code is None or momentum is None:
+    cumulative = momentum is None
+    if code is None or (cumulative and counter is None):
         return None, 0
     if training and (running_mean is None or running_var is None):
         running_mean = running_var = None
     try:
-        y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                                       float(eps), code)
+        y, status = _native.batch_norm(x, weight, bias, running_mean, running_var, bool(training),
+                                       0.0 if cumulative else float(momentum), float(eps), code, counter, cumulative)
     except TypeError:  # arguments of other types
         return None, 0
     if status >= 0:
         return y, status
     if status == _native.NO_LOOPS:
         _native_build.set_loops(_native, x.dtype)
-        return _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act)
+        return _bn_native(x, weight, bias, running_mean, running_var, training, momentum, eps, act, counter)
     return None, 0
 
 

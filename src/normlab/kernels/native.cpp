@@ -195,6 +195,12 @@ bool vector_ok(const Tensor& t, int64_t c, at::ScalarType st) {
                           t.numel() == c && t.is_contiguous() && !t.is_neg() && !t.is_conj());
 }
 
+// num_batches_tracked as this glue counts it: a CPU int64 scalar, in place (an inference tensor has no version)
+bool counter_ok(const Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == at::kLong && t.numel() == 1 &&
+         !t.requires_grad() && !t.is_inference();
+}
+
 Tensor or_filled(const Tensor& t, int64_t c, const at::TensorOptions& opts, double fill) {
   return t.defined() ? t : at::full({c}, fill, opts);
 }
@@ -570,10 +576,15 @@ struct BatchNormBackward : NormNode {
 // y is None and nothing happened (the Python glue takes the call); kNoLoops: load the loops for x's dtype.
 // training: normalize with the batch's statistics and update running_mean/var (when given) with weight momentum
 // on the batch; evaluation: normalize with running_mean/var.
+// counter (training, a module's num_batches_tracked: a CPU int64 scalar): counted here once the call is taken, as
+// torch's layer counts before its forward; cumulative: the running statistics' weight is 1 / count instead of
+// momentum (momentum=None). A module's whole forward is then this one call: the counting alone, through Python,
+// cost as much as the rest of a small layer's forward once its code had left the caches.
 std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tensor>& weight,
                                        const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                                        const c10::optional<Tensor>& running_var, bool training, double momentum,
-                                       double eps, int64_t act) {
+                                       double eps, int64_t act, const c10::optional<Tensor>& counter,
+                                       bool cumulative) {
   Call call;
   if (!geometry(x, at::get_num_threads() == 1 ? below_one_thread : below_threads, call.g) || !(eps > 0.0) ||
       std::isinf(eps) || (training && x.numel() == x.size(1))) {  // the Python glue says what is wrong with these
@@ -597,6 +608,13 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   call.act = act;
   const bool grad = records_node(x, w, b);
   if (grad && has_forward_grad(x, w, b)) return {Tensor(), kUnsupported};
+  const Tensor count = training ? counter.value_or(Tensor()) : Tensor();
+  if (count.defined() ? !counter_ok(count) : cumulative && training) return {Tensor(), kUnsupported};
+  if (count.defined()) {
+    const int64_t batches = ++*count.data_ptr<int64_t>();
+    count.unsafeGetTensorImpl()->bump_version();  // as add_(1)
+    if (cumulative) call.momentum = 1.0 / static_cast<double>(batches);
+  }
   const auto opts = x.options();
   const Tensor w_or_ones = or_filled(w, c, opts, 1.0), b_or_zeros = or_filled(b, c, opts, 0.0);
   Tensor y = at::empty_like(x), mean, invstd;

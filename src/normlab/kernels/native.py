@@ -183,7 +183,7 @@ def _build_command(args) -> int:
     x = torch.randn(64, 24, requires_grad=True)
     w = torch.rand(24, requires_grad=True)
     b = torch.randn(24, requires_grad=True)
-    y, status = module.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0)
+    y, status = module.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, 0, None, False)
     expected = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     g = torch.randn_like(expected)
     ok = status == 0 and all(torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(
