@@ -130,8 +130,8 @@ class _BatchNorm(_NormBase):
             running_mean = running_var = None
         if K.native_batch_norm is not None and not torch.compiler.is_compiling():
             # small CPU inputs: the whole forward, the batch's count included, in one C++ call (Python between
-            # the steps cost a (256, 120) forward+backward 13-16 % in the bench's rotation, where each call
-            # finds its code evicted by the other contenders')
+            # the steps cost a (256, 120) forward+backward 10-12 %, its forward 21-23 %, in the bench's rotation,
+            # where each call finds its code evicted by the other contenders': BENCHMARKS.md)
             counter = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
             momentum = 0.0 if self.momentum is None and counter is None else self.momentum
             y = F._native_batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum,
