@@ -409,6 +409,9 @@ def test_errors():
             normlab.functional.group_norm(torch.randn(3, 4, 2), 2, eps=bad)
     # momentum plays no part in evaluation (None accepted, as torch)
     normlab.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), momentum=None)
+    # ... and is needed to update running statistics: the cumulative average (None) is the module's option
+    with pytest.raises(TypeError, match=r"momentum must be a number .* BatchNorm2d\(C, momentum=None\)"):
+        normlab.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None)
     # a batch of one is fine in evaluation and for per-sample norms
     normlab.BatchNorm1d(3).eval()(torch.randn(1, 3))
     normlab.GroupNorm(1, 3)(torch.randn(1, 3, 2))

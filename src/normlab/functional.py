@@ -217,6 +217,10 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
                          f"{input.size()}: the batch variance of a single value is 0; use a larger batch, "
                          f"eval mode, or a per-sample norm (GroupNorm, LayerNorm)")
     update = training and running_mean is not None and running_var is not None
+    if update and momentum is None:
+        raise TypeError("batch_norm's momentum must be a number (the new batch's weight in the running statistics), "
+                        "got None; the cumulative average is a module's option: BatchNorm2d(C, momentum=None) "
+                        "weighs each batch 1 / num_batches_tracked")
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
     fused_update = update and not compiling
