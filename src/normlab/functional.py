@@ -179,19 +179,21 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         >>> rm, rv = torch.zeros(3), torch.ones(3)
         >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch's
     """
-    if K.native_batch_norm is not None and not torch.compiler.is_compiling():
-        y = _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
-        if y is not None:
-            return y
+    y = _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
+    if y is not None:
+        return y
     return _batch_norm_glue(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
 
 
 def _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, counter=None):
     """Small eager CPU inputs: checks, loops, running statistics (and ``counter``, a module's batch count: see
-    :func:`normlab.kernels._bn_native`) and the autograd node in one C++ call. None where it declines, having done
-    nothing: anything :func:`_batch_norm_glue`'s checks reject, or that it does not take."""
-    y, nonfinite = K.native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, act,
-                                       counter)
+    :func:`normlab.kernels._bn_native`) and the autograd node in one C++ call. None where the native glue is not in
+    use, while compiling, or where it declines, having done nothing: anything :func:`_batch_norm_glue`'s checks
+    reject, or that it does not take."""
+    native = K.native_batch_norm
+    if native is None or torch.compiler.is_compiling():
+        return None
+    y, nonfinite = native(input, weight, bias, running_mean, running_var, training, momentum, eps, act, counter)
     if nonfinite:
         _warn_nonfinite(K.nonfinite_channels(input))
     return y

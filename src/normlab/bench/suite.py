@@ -95,6 +95,15 @@ def modes_for(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
         (lambda: layer.train()(xg))
 
 
+def _time_row(row: Row, fns: dict, x: torch.Tensor, budget: float, log) -> None:
+    """Time ``fns`` in one rotation with a same-size copy of ``x`` (:func:`timeit_with_copy`) into ``row``: its
+    milliseconds per contender, the copy's GB/s, the page faults and the fraction of rounds normlab won."""
+    rounds = {}
+    got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
+    row.won = rounds_won(rounds)
+    row.ms.update({name: t * 1e3 for name, t in got.items()})
+
+
 def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> list[Row]:
     """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
     its work: see :func:`synced`)."""
@@ -112,14 +121,10 @@ def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> 
             layer = make_layer(impl, shape[1], len(shape)).to(device)
             per_impl[impl] = modes_for(layer, x, dy)
         for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
-            rounds = {}
-            got, by_mode[mode].copy_gbps = timeit_with_copy(
-                {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x, budget,
-                log=lambda msg, mode=mode: log(f"{msg} [{mode}]"), rounds=rounds, faults=by_mode[mode].faults)
-            by_mode[mode].won = rounds_won(rounds)
-            for impl, t in got.items():
-                by_mode[mode].ms[impl] = t * 1e3
-                log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.3f} ms")
+            _time_row(by_mode[mode], {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x,
+                      budget, lambda msg, mode=mode: log(f"{msg} [{mode}]"))
+            for impl, ms in by_mode[mode].ms.items():
+                log(f"  {text:>16} {mode:<14} {impl:<8} {ms:9.3f} ms")
         for impl, (_, fwd_for_saved) in per_impl.items():
             try:
                 by_mode["train_fwd_bwd"].saved_mb[impl] = saved_bytes(fwd_for_saved) / 1e6
@@ -150,14 +155,9 @@ def bench_fused(shapes, budget, log) -> list[Row]:
             by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
             per = {name: modes_for(layer, x, dy) for name, layer in contenders.items()}
             for mode in MODES:
-                rounds = {}
-                got, by_mode[mode].copy_gbps = timeit_with_copy(
-                    {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log=log, rounds=rounds,
-                    faults=by_mode[mode].faults)
-                by_mode[mode].won = rounds_won(rounds)
-                for name, t in got.items():
-                    by_mode[mode].ms[name] = t * 1e3
-                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {t * 1e3:9.3f} ms")
+                _time_row(by_mode[mode], {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log)
+                for name, ms in by_mode[mode].ms.items():
+                    log(f"  {text:>16} bn+{act:<8} {mode:<14} {name:<16} {ms:9.3f} ms")
             for name, (_, fwd_for_saved) in per.items():
                 by_mode["train_fwd_bwd"].saved_mb[name] = saved_bytes(fwd_for_saved) / 1e6
             for mode, row in by_mode.items():
@@ -213,12 +213,9 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
                         _clear_grads(xg, w, b)
                         f(xg).backward(dy)
                     fns[name] = fn
-            rounds = {}
-            got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
-            row.won = rounds_won(rounds)
-            for name, t in got.items():
-                row.ms[name] = t * 1e3
-                log(f"  {case:>24} {mode:<14} {name:<8} {row.ms[name]:9.3f} ms")
+            _time_row(row, fns, x, budget, log)
+            for name, ms in row.ms.items():
+                log(f"  {case:>24} {mode:<14} {name:<8} {ms:9.3f} ms")
             passes = 2 if mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
             row.gbps = passes * mb / 1e3 / (row.ms["normlab"] / 1e3)
             rows.append(row)
@@ -295,10 +292,7 @@ def bench_roof(shapes, budget, log) -> list[Row]:
             torch.manual_seed(0)
             fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)), x, dy)[0]["train_fwd_bwd"]
         fns["floor"] = modes_for(AutogradFloor(), x, dy)[0]["train_fwd_bwd"]
-        rounds = {}
-        got, row.copy_gbps = timeit_with_copy(fns, x, budget, log=log, rounds=rounds, faults=row.faults)
-        row.won = rounds_won(rounds)
-        row.ms = {name: t * 1e3 for name, t in got.items()}
+        _time_row(row, fns, x, budget, log)
         if "normlab" in row.ms:
             row.gbps = MIN_PASSES["train_fwd_bwd"] * row.mbytes / row.ms["normlab"]
         bound = roof_bound(row)

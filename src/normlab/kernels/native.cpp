@@ -608,8 +608,9 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   call.act = act;
   const bool grad = records_node(x, w, b);
   if (grad && has_forward_grad(x, w, b)) return {Tensor(), kUnsupported};
-  const Tensor count = training ? counter.value_or(Tensor()) : Tensor();
-  if (count.defined() ? !counter_ok(count) : cumulative && training) return {Tensor(), kUnsupported};
+  const Tensor count = training ? counter.value_or(Tensor()) : Tensor();  // evaluation counts nothing
+  if (count.defined() && !counter_ok(count)) return {Tensor(), kUnsupported};
+  if (training && cumulative && !count.defined()) return {Tensor(), kUnsupported};  // 1 / count needs a count
   if (count.defined()) {
     const int64_t batches = ++*count.data_ptr<int64_t>();
     count.unsafeGetTensorImpl()->bump_version();  // as add_(1)

@@ -128,16 +128,15 @@ class _BatchNorm(_NormBase):
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        if K.native_batch_norm is not None and not torch.compiler.is_compiling():
-            # small CPU inputs: the whole forward, the batch's count included, in one C++ call (Python between
-            # the steps cost a (256, 120) forward+backward 10-12 %, its forward 21-23 %, in the bench's rotation,
-            # where each call finds its code evicted by the other contenders': BENCHMARKS.md)
-            counter = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
-            momentum = 0.0 if self.momentum is None and counter is None else self.momentum
-            y = F._native_batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum,
-                                     self.eps, self.act, counter)
-            if y is not None:
-                return y
+        # small eager CPU inputs: the whole forward, the batch's count included, in one C++ call (Python between
+        # the steps cost a (256, 120) forward+backward 10-12 %, its forward 21-23 %, in the bench's rotation, where
+        # each call finds its code evicted by the other contenders': BENCHMARKS.md)
+        counter = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
+        momentum = 0.0 if self.momentum is None and counter is None else self.momentum
+        y = F._native_batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
+                                 self.act, counter)
+        if y is not None:
+            return y
         # evaluation: no running-statistics update, so no momentum
         momentum = self._momentum_for_this_batch() if training and input.numel() else 0.0
         return F._batch_norm_glue(input, running_mean, running_var, weight, bias, use_batch_stats, momentum,
