@@ -322,6 +322,16 @@ def _expect_streamed(ncs, row, itemsize):
     return cpu_numba._CAN_STREAM and (row * itemsize % 64 == 0 or (ncs and row * itemsize >= 512))
 
 
+def test_a_part_of_a_large_output_streams_as_the_whole():
+    """The native glue's runs each write a part of one output: the part streams where the whole output would
+    (``whole`` bytes), not only where the part alone is large enough."""
+    part = torch.empty(cpu_numba.STREAM_FROM // 8).numpy().reshape(-1, 256)  # half the streaming size
+    assert not cpu_numba._streams(part, 256, 0) and not cpu_numba._streams_ncs(part, 256, 0)
+    whole = 2 * part.nbytes
+    assert cpu_numba._streams(part, 256, whole) == cpu_numba._CAN_STREAM
+    assert cpu_numba._streams_ncs(part, 256, whole) == cpu_numba._CAN_STREAM
+
+
 @pytest.mark.parametrize("shape,fmt,row", STREAMED, ids=lambda v: str(v))
 def test_streamed_outputs_match_float64(shape, fmt, row):
     """The loops that write y and dx of large outputs with non-temporal stores compute what the plain ones do:
@@ -334,7 +344,7 @@ def test_streamed_outputs_match_float64(shape, fmt, row):
     out = torch.empty(x.numel(), dtype=dtype).numpy().reshape(-1, row)  # torch's allocator: 64-byte aligned
     ncs = len(shape) > 2 and fmt is None
     streams = cpu._k._streams_ncs if ncs else cpu._k._streams
-    assert streams(out, row) == _expect_streamed(ncs, row, x.element_size())
+    assert streams(out, row, 0) == _expect_streamed(ncs, row, x.element_size())
     c = shape[1]
     w, b = torch.rand(c, generator=gen, dtype=dtype) + 0.5, torch.randn(c, generator=gen, dtype=dtype)
     x64, w64, b64 = x.double(), w.double(), b.double()
@@ -373,12 +383,12 @@ def test_streamed_midline_rows_any_offset_and_split(dtype, shape, offset):
     raw = torch.zeros(x.numel() + 16, dtype=dtype)
     out = raw[offset:offset + x.numel()].view(shape)
     o, xa, dya, wa, ba = out.numpy(), x.numpy(), dy.numpy(), w.numpy(), b.numpy()
-    assert cpu_numba._streams_ncs(o, shape[2]) == cpu_numba._CAN_STREAM
+    assert cpu_numba._streams_ncs(o, shape[2], 0) == cpu_numba._CAN_STREAM
     mean, second = torch.empty(c, dtype=torch.float64).numpy(), torch.empty(c, dtype=dtype).numpy()
     dw, db = torch.empty(c, dtype=dtype).numpy(), torch.empty(c, dtype=dtype).numpy()
     relu = cpu_numba.RELU
     for chunks in (1, 3, 7):
-        cpu_numba.bn_eval_ncs.serial(xa, o, wa, ba, 1e-5, relu, rm.numpy(), rv.numpy(), chunks)
+        cpu_numba.bn_eval_ncs.serial(xa, o, wa, ba, 1e-5, relu, rm.numpy(), rv.numpy(), chunks, 0)
         close(out, y_eval, TOL[dtype])
         cpu_numba.bn_fwd_ncs.serial(xa, o, wa, ba, 1e-5, relu, cpu_numba.MODE_TRAIN, mean, second, chunks)
         close(out, y_train, TOL[dtype])
@@ -403,9 +413,9 @@ def test_unaligned_output_takes_plain_stores():
     rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
     raw = torch.zeros(x.numel() * 4 + 1, dtype=torch.uint8).numpy()
     out = raw[1:].view("float32").reshape(shape)
-    assert not out.flags.aligned and not cpu_numba._streams_ncs(out, shape[2])
+    assert not out.flags.aligned and not cpu_numba._streams_ncs(out, shape[2], 0)
     cpu_numba.bn_eval_ncs.serial(x.numpy(), out, w.numpy(), b.numpy(), 1e-5, cpu_numba.IDENTITY, rm.numpy(),
-                                 rv.numpy(), 3)
+                                 rv.numpy(), 3, 0)
     close(torch.from_numpy(out.copy()), portable.bn_eval_forward(x.double(), rm.double(), rv.double(), w.double(),
                                                                 b.double(), 1e-5, "identity"), TOL[torch.float32])
 
@@ -448,7 +458,7 @@ def test_group_norm_streams_midline_rows_at_any_offset(groups, offset):
     raw = torch.zeros(x.numel() + 16)
     out = raw[offset:offset + x.numel()].view(shape)
     o, xa, dya, wa, ba = out.numpy(), x.numpy(), dy.numpy(), w.numpy(), b.numpy()
-    assert cpu_numba._streams_ncs(o, shape[2]) == cpu_numba._CAN_STREAM
+    assert cpu_numba._streams_ncs(o, shape[2], 0) == cpu_numba._CAN_STREAM
     mean, invstd = torch.empty(shape[0], groups).numpy(), torch.empty(shape[0], groups).numpy()
     dw_part, db_part = (torch.empty(shape[0], c, dtype=torch.float64).numpy() for _ in range(2))
     # the tasks in runs: uneven ones (7), one per task, all in one
@@ -721,7 +731,7 @@ def test_threading_layer_keeps_torch_thread_count():
         "import numba, normlab\n"
         "from normlab.kernels import cpu\n"
         "from normlab.kernels import native\n"
-        "n = native.BELOW_ONE_THREAD // (8 * 64 * 64) + 1\n"  # past the native glue's sizes: the parallel loops
+        "n = native.BN_BELOW_BYTES // (4 * 8 * 64 * 64) + 1\n"  # past the native glue's sizes: the parallel loops
         "normlab.BatchNorm2d(8)(torch.randn(n, 8, 64, 64)).sum().backward()\n"
         "try:\n"
         "    import numba.np.ufunc.omppool\n"  # numba's OpenMP layer needs the system's libgomp to load

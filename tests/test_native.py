@@ -13,7 +13,7 @@ import torch
 import normlab
 import normlab.functional as F
 from normlab import kernels as K
-from normlab.kernels import native
+from normlab.kernels import cpu, native
 
 TOL = {torch.float32: dict(out=1e-5, dx=1e-5, dp=1e-4), torch.float64: dict(out=1e-10, dx=1e-10, dp=1e-9)}
 NATIVE = "NormlabBatchNormBackward"  # the native glue's autograd nodes
@@ -172,6 +172,54 @@ def test_batch_norm_split_over_threads_matches_one_run_and_float64(shape, fmt, t
         close(a, o, tol * scale, f"{name} against one run")
 
 
+# From 16 MiB the loops write y and dx with streaming stores; split over threads, each run writes half the output
+# and chooses them by the whole output's size (the `whole` argument of the loops' eval and dx entries).
+STREAMED_SPLIT = [((4608, 1024), torch.contiguous_format), ((20, 64, 64, 64), torch.channels_last),
+                  ((20, 64, 64, 64), torch.contiguous_format)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,fmt", STREAMED_SPLIT, ids=[f"{s}-{str(f).split('.')[-1]}" for s, f in STREAMED_SPLIT])
+def test_streamed_split_runs_match_one_run_and_float64(shape, fmt, training):
+    """Inputs from 16 MiB up to the native glue's limit at two threads: runs that each write a streamed part of y
+    and dx compute what one run does (one thread), and what float64 does."""
+    nbytes = torch.Size(shape).numel() * 4
+    rows_below, ncs_below = native.bn_below_bytes(cpu)
+    if nbytes >= (ncs_below if fmt is torch.contiguous_format and len(shape) > 2 else rows_below):
+        pytest.skip("this host leaves the (N, C, S) layout of this size to the Python glue's channel loops")
+    assert nbytes >= cpu._k.STREAM_FROM
+    torch.manual_seed(7)
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.randn(c) + 3, torch.rand(c) + 3.5
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+
+    def run(threads_):
+        xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        rms, rvs = rm.clone(), rv.clone()
+        with threads(threads_):
+            y = F.batch_norm(xs, rms, rvs, ws, bs, training, 0.1, 1e-5, act="relu")
+            assert NATIVE in y.grad_fn.name()
+            return (y, *torch.autograd.grad(y, (xs, ws, bs), dy), rms, rvs)
+
+    xs, ws, bs = x.double().requires_grad_(), w.double().requires_grad_(), b.double().requires_grad_()
+    dims = [0] + list(range(2, len(shape)))
+    if training:
+        var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
+    else:
+        mean, var = rm.double().view(view), rv.double().view(view)
+    y64 = torch.relu((xs - mean) / torch.sqrt(var + 1e-5) * ws.view(view) + bs.view(view))
+    expected = (y64, *torch.autograd.grad(y64, (xs, ws, bs), dy.double()))
+    split, one = run(2), run(1)
+    tols = {"y": 1e-5, "dx": 1e-4, "dw": 1e-4, "db": 1e-4, "running_mean": 1e-6, "running_var": 1e-5}
+    for (name, tol), a, o, e in zip(tols.items(), split, one, expected + one[4:]):
+        scale = max(1.0, e.abs().max().item())
+        close(a, e, tol * scale, f"{name} against float64")
+        close(a, o, tol * scale, f"{name} against one run")
+
+
 @pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])
 def test_gradients_of_some_inputs_only(wants):
     torch.manual_seed(3)
@@ -272,13 +320,16 @@ def test_leaves_other_inputs_to_the_python_glue():
     assert NATIVE not in bn.to(torch.bfloat16)(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)
                                                ).grad_fn.name()
     bn2 = normlab.BatchNorm2d(16)
-    limit = {1: native.BELOW_ONE_THREAD, 2: native.BELOW_THREADS}
-    for n in (1, 2):
-        below = torch.randn(limit[n] // 16 // 4 - 1, 16, 2, 2, requires_grad=True)
-        big = torch.randn(limit[n] // 16 // 4 + 1, 16, 2, 2, requires_grad=True)
-        with threads(n):
-            assert NATIVE in bn2(below).grad_fn.name()
-            assert NATIVE not in bn2(big).grad_fn.name()  # the Python glue's output pool from 32 MiB
+    rows_below, ncs_below = native.bn_below_bytes(cpu)
+    assert rows_below == native.BN_BELOW_BYTES == 32 << 20 and ncs_below <= rows_below
+    for limit, fmt in ((rows_below, torch.channels_last), (ncs_below, torch.contiguous_format)):
+        samples = limit // (4 * 16 * 4)  # float32 (N, 16, 2, 2): 256 bytes a sample
+        below = torch.randn(samples - 1, 16, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+        big = torch.randn(samples, 16, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+        for n in (1, 2):
+            with threads(n):
+                assert NATIVE in bn2(below).grad_fn.name()
+                assert NATIVE not in bn2(big).grad_fn.name()  # the Python glue's output pool from 32 MiB
 
 
 def test_forced_backends_do_not_use_it():

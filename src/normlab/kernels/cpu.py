@@ -443,13 +443,13 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     code = act_code(act)
     nchunks = _nchunks(threads, _rows(xa, layout), numel)
     if layout == "ncs" and mode == _k.MODE_EVAL:
-        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in, nchunks)
+        _run(_k.bn_eval_ncs, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in, nchunks, 0)
     elif layout == "ncs" and mode == _k.MODE_TRAIN and want_y and _by_channel(xa, 1, threads):
         _run(_k.bn_fwd_ncs_channels, threads, xa, ya, w, b, float(eps), code, ma_in, sa_in)
     elif layout == "ncs":
         _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks)
     else:
-        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks)
+        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks, 0)
     bad = 0 if running is None else _update_running(*running, ma, sa, eps, numel // c)
     return y, ma, sa, bad, (layout, view)
 

@@ -585,25 +585,27 @@ def _address(typingctx, arr):
 
 
 @njit(inline="always")
-def _large_output(out):
-    """Whether ``out`` is an output the loops may stream at all: x86, float32 or float64, STREAM_FROM bytes."""
-    return _CAN_STREAM and out.nbytes >= STREAM_FROM and (out.itemsize == 4 or out.itemsize == 8)
+def _large_output(out, whole):
+    """Whether ``out`` is an output the loops may stream at all: x86, float32 or float64, STREAM_FROM bytes in
+    ``out`` or in the whole output it is a part of (``whole`` bytes: the native glue's runs each write a part of
+    one output; 0 where ``out`` is the whole)."""
+    return _CAN_STREAM and max(out.nbytes, whole) >= STREAM_FROM and (out.itemsize == 4 or out.itemsize == 8)
 
 
 @njit(inline="always")
-def _streams(out, row):
+def _streams(out, row, whole):
     """Whether the loops write ``out`` (rows of ``row`` elements, contiguous) with streaming stores: a large
     output (:func:`_large_output`) whose every row starts on a 64-byte boundary."""
-    return _large_output(out) and (row * out.itemsize) % 64 == 0 and _address(out) % 64 == 0
+    return _large_output(out, whole) and (row * out.itemsize) % 64 == 0 and _address(out) % 64 == 0
 
 
 @njit(inline="always")
-def _streams_ncs(out, row):
+def _streams_ncs(out, row, whole):
     """:func:`_streams` for the batch-norm (N, C, S) loops, which also stream rows that start or end mid-line
     when a row holds _STREAM_MIDLINE_FROM bytes or more (see :func:`_line_split`), if the elements lie on their
     own alignment (a buffer viewed at an odd byte offset does not: its whole lines would not start on a line)."""
-    return _streams(out, row) or (_large_output(out) and row * out.itemsize >= _STREAM_MIDLINE_FROM
-                                  and _address(out) % out.itemsize == 0)
+    return _streams(out, row, whole) or (_large_output(out, whole) and row * out.itemsize >= _STREAM_MIDLINE_FROM
+                                         and _address(out) % out.itemsize == 0)
 
 
 @njit(inline="always")
@@ -765,13 +767,14 @@ def _ncs_sums(x, r_lo, r_hi, step, shift, s1, s2):
 
 
 @_kernel
-def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks):
+def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks, whole):
     """Evaluation forward on (N, C, S): y = act((x - mean) * w / sqrt(var + eps) + b), the (n, c) rows taken
     in memory order (one streaming pass, as a copy: a channel-major walk jumps between N distant rows and
-    measured 2x slower), in ``nchunks`` contiguous runs of rows."""
+    measured 2x slower), in ``nchunks`` contiguous runs of rows. ``whole``: bytes of the output ``y`` is a part of
+    (the native glue's runs), else 0 (see :func:`_large_output`)."""
     nb, nc, ns = x.shape
     rows = nb * nc
-    stream = _streams_ncs(y, ns)
+    stream = _streams_ncs(y, ns, whole)
     ref = _scratch(nc, w)
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
@@ -874,7 +877,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     _finish_stats(shift, m1, w, b, eps, mode, mean, var_or_invstd, a, bb)
     if mode == MODE_STATS:
         return
-    stream = _streams_ncs(y, ns)
+    stream = _streams_ncs(y, ns, 0)
     for k in prange(nchunks):
         _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, shift, a, bb, stream)
 
@@ -976,7 +979,7 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
     k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
     if not need_dx:
         return
-    stream = _streams_ncs(dx, ns)
+    stream = _streams_ncs(dx, ns, 0)
     for k in prange(nchunks):
         _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
                 stream)
@@ -1000,7 +1003,7 @@ def bn_fwd_ncs_channels(x, y, w, b, eps, act, mean, invstd):
     m1 = _zeros2(2, nc)
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
-    stream = _streams_ncs(y, ns)
+    stream = _streams_ncs(y, ns, 0)
     for t in prange(nc):
         c = np.intp(t)  # prange's index is unsigned: the loops would compile again for it
         d = c + 1
@@ -1026,7 +1029,7 @@ def bn_bwd_ncs_channels(dy, x, w, b, mean, invstd, act, training, dx, dw, db):
     k_g = _scratch(nc, w)
     k_d = _scratch(nc, w)
     k_0 = _scratch(nc, w)
-    stream = _streams_ncs(dx, ns)
+    stream = _streams_ncs(dx, ns, 0)
     for t in prange(nc):
         c = np.intp(t)
         d = c + 1
@@ -1436,11 +1439,11 @@ def _fold(lanes, nc):
 
 
 @_kernel
-def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
+def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks, whole):
     """(M, C) layout, passed as (M / k, k * C): k rows of C channels make one row of k * C lanes (lane j is
     channel j % C), so that a narrow layer's loops run over a few hundred values per row, not C. The caller
     chooses k (``normlab.kernels.cpu._lanes``: 1 for small inputs); per-channel values are tiled to the lanes and
-    per-lane sums folded back to channels."""
+    per-lane sums folded back to channels. ``whole``: as :func:`bn_eval_ncs`'s."""
     m_rows, width = x.shape
     nc = w.size
     k = width // nc
@@ -1483,7 +1486,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     shift_l = _tile(shift, width)
     a_l = _tile(a, width)
     bb_l = _tile(bb, width)
-    stream = _streams(y, width)
+    stream = _streams(y, width, whole)
     for t in prange(nchunks):
         _rows_normalize(act, x, y, reg, t * step, min(t * step + step, m_rows), shift_l, a_l, bb_l, stream)
 
@@ -1615,31 +1618,33 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     k_g_l = _tile(k_g, width)
     k_d_l = _tile(k_d, width)
     k_0_l = _tile(k_0, width)
-    stream = _streams(dx, width)
+    stream = _streams(dx, width, 0)
     for t in prange(nchunks):
         _row_dx(act, dy, x, x0_l, a_z_l, b_z_l, reg, t * step, min(t * step + step, m_rows), k_g_l, k_d_l, k_0_l,
                 dx, stream)
 
 
 @njit(**_OPTS)
-def bn_dx_rows(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
+def bn_dx_rows(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx, whole):
     """The training backward's dx alone on (M / k, k * C) rows, from the whole batch's dweight and dbias (float64,
     over ``cnt`` values per channel): the native glue splits a batch into runs of rows over threads, sums their
-    dweight/dbias, then calls this on each run."""
+    dweight/dbias, then calls this on each run, with ``whole`` the bytes of the whole dx (its streaming stores are
+    chosen by the whole output's size, as the Python glue's loops choose them)."""
     width = x.shape[1]
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
     reg = _reg_lanes(x, w.size, dy, dx)
     _row_dx(act, dy, x, _tile(x0, width), _tile(a_z, width), _tile(b_z, width), reg, 0, x.shape[0],
-            _tile(k_g, width), _tile(k_d, width), _tile(k_0, width), dx, _streams(dx, width))
+            _tile(k_g, width), _tile(k_d, width), _tile(k_0, width), dx, _streams(dx, width, whole))
 
 
 @njit(**_OPTS)
-def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx):
+def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx, whole):
     """:func:`bn_dx_rows` for (N, C, S)."""
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
-    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, x.shape[2]))
+    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
+            _streams_ncs(dx, x.shape[2], whole))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1715,7 +1720,7 @@ def gn_fwd(x, y, w, b, groups, eps, mean, invstd, runs):
     threads one at a time: a preempted thread holds up little). A call per task cost ~150 ns, more than a small
     task's values (GroupNorm (32, 32, 8, 8) G=8 backward 0.14 -> 0.18 ms)."""
     nb, nc, ns = x.shape
-    stream = _streams_ncs(y, ns) and nc // groups * ns * y.itemsize >= _GROUP_STREAM_FROM
+    stream = _streams_ncs(y, ns, 0) and nc // groups * ns * y.itemsize >= _GROUP_STREAM_FROM
     tasks = nb * groups
     for t in prange(runs):
         _gn_tasks_fwd(x, y, w, b, groups, eps, mean, invstd, stream, t * tasks // runs, (t + 1) * tasks // runs)
@@ -1812,7 +1817,7 @@ def _gn_tasks_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part,
 def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part, runs):
     """dw_part, db_part: (N, C) float64 per-sample partial sums (the caller sums over N); tasks in ``runs`` runs as
     :func:`gn_fwd`."""
-    stream = need_dx and _streams_ncs(dx, x.shape[2])
+    stream = need_dx and _streams_ncs(dx, x.shape[2], 0)
     short = _short_rows_ir(x, dy)
     tasks = x.shape[0] * groups
     for t in prange(runs):
@@ -1866,7 +1871,7 @@ def ln_fwd(x, y, w, b, eps, mean, invstd, nchunks):
     """x, y: (M, K); w, b: (K,) in the compute dtype; mean, invstd: (M,) in the compute dtype."""
     m_rows, k = x.shape
     step = (m_rows + nchunks - 1) // nchunks
-    stream = _streams(y, k) and k * y.itemsize >= _LN_STREAM_FROM
+    stream = _streams(y, k, 0) and k * y.itemsize >= _LN_STREAM_FROM
     for t in prange(nchunks):
         _ln_rows_fwd(x, y, w, b, eps, mean, invstd, t * step, min(t * step + step, m_rows), stream)
 
@@ -1942,7 +1947,7 @@ def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
     else:
         dwp = _scratch2(nchunks, k, w)
         dbp = _scratch2(nchunks, k, w)
-    stream = need_dx and _streams(dx, k)
+    stream = need_dx and _streams(dx, k, 0)
     for t in prange(nchunks):
         _ln_rows_bwd(dy, x, w, mean, invstd, t * step, min(t * step + step, m_rows), need_dx, need_wb, dx, dwp[t],
                      dbp[t], stream)
@@ -2031,12 +2036,12 @@ def c_entry_points(dtype) -> tuple[int, ...]:
 
     def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act, mode):
         _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
-                  carray(mp, (c,)), carray(ip, (c,)), 1)
+                  carray(mp, (c,)), carray(ip, (c,)), 1, 0)
         return 0
 
-    def eval_rows(xp, yp, wp, bp, mp, vp, m, width, c, eps, act):
+    def eval_rows(xp, yp, wp, bp, mp, vp, m, width, c, eps, act, whole):
         _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1)
+                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1, whole)
         return 0
 
     def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act, mode):
@@ -2044,9 +2049,9 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                  carray(mp, (c,)), carray(ip, (c,)), 1)
         return 0
 
-    def eval_ncs(xp, yp, wp, bp, mp, vp, n, c, s, eps, act):
+    def eval_ncs(xp, yp, wp, bp, mp, vp, n, c, s, eps, act, whole):
         _EVAL_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                  carray(mp, (c,)), carray(vp, (c,)), 1)
+                  carray(mp, (c,)), carray(vp, (c,)), 1, whole)
         return 0
 
     def bwd_rows(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, m, width, c, act, training, need_dx):
@@ -2094,23 +2099,23 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                 _ln_serial_chunks(m))
         return 0
 
-    def dx_rows(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, m, width, c, act, cnt):
+    def dx_rows(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, m, width, c, act, cnt, whole):
         bn_dx_rows(carray(dyp, (m, width)), carray(xp, (m, width)), carray(wp, (c,)), carray(bp, (c,)),
                    carray(mp, (c,)), carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt,
-                   carray(dxp, (m, width)))
+                   carray(dxp, (m, width)), whole)
         return 0
 
-    def dx_ncs(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, n, c, s, act, cnt):
+    def dx_ncs(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, n, c, s, act, cnt, whole):
         shape = (n, c, s)
         bn_dx_ncs(carray(dyp, shape), carray(xp, shape), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
-                  carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt, carray(dxp, shape))
+                  carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt, carray(dxp, shape), whole)
         return 0
 
     sigs = {
         "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
-        "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
+        "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64, i64),
         "fwd_ncs": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
-        "eval_ncs": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64),
+        "eval_ncs": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64, i64),
         "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "running": i64(p, p, m64, p, i64, f64, i64, f64),
@@ -2118,8 +2123,8 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
         "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64),
         "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64),
-        "dx_rows": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64),
-        "dx_ncs": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64),
+        "dx_rows": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
+        "dx_ncs": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
     }
     fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
            "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running, "gn_fwd": gn_fwd_c, "gn_bwd": gn_bwd_c,

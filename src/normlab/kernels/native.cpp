@@ -39,12 +39,14 @@ struct Loops {
   // fwd_*: the last argument is the mode (kModeTrain: statistics and y; kModeStats: mean and biased variance)
   int64_t (*fwd_rows)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
                       int64_t) = nullptr;
+  // eval_*, dx_*: the last argument is the bytes of the whole output a run writes a part of (its streaming stores
+  // are chosen by that size, as for the whole output in one call)
   int64_t (*eval_rows)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
-                       int64_t) = nullptr;
+                       int64_t, int64_t) = nullptr;
   int64_t (*fwd_ncs)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
                      int64_t) = nullptr;
   int64_t (*eval_ncs)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
-                      int64_t) = nullptr;
+                      int64_t, int64_t) = nullptr;
   int64_t (*bwd_rows)(const T*, const T*, const T*, const T*, const double*, const T*, T*, T*, T*, int64_t,
                       int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*bwd_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, T*, T*, T*, int64_t,
@@ -59,9 +61,9 @@ struct Loops {
                     int64_t) = nullptr;
   // batch norm's training dx alone, from the whole batch's dweight and dbias (float64) over cnt values a channel
   int64_t (*dx_rows)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
-                     T*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+                     T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*dx_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
-                    T*, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+                    T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   std::atomic<bool> ready{false};  // set after the pointers: a thread that sees it sees them
 
   void set(const std::vector<int64_t>& a) {
@@ -100,9 +102,9 @@ void with_loops(const Tensor& x, F&& f) {
   }
 }
 
-// inputs of this many elements and more stay with the Python glue (its parallel loops), with one torch thread
-// and with more
-int64_t below_one_thread = 0, below_threads = 0;
+// inputs of this many bytes and more stay with the Python glue (its parallel loops, its output pool): batch norm's
+// rows layout ((N, C), (N, C, L) with L = 1, channels_last) and (N, C, S) layout; group, layer and instance norm
+int64_t bn_rows_below = 0, bn_ncs_below = 0, group_below = 0;
 // the rows layout as rows of up to lanes_max values (k rows of C as one of k * C) from lanes_from elements
 int64_t lanes_from = std::numeric_limits<int64_t>::max(), lanes_max = 0;
 // inputs of this many elements and more are split over torch's threads: group, layer and instance norm (forward,
@@ -161,12 +163,12 @@ void set_lanes(Geometry& g) {
   g.width = k * g.c;
 }
 
-bool geometry(const Tensor& x, int64_t limit, Geometry& g) {
+bool geometry(const Tensor& x, Geometry& g) {
   if (!x.device().is_cpu() || x.layout() != at::kStrided || x.is_neg() || x.is_conj()) return false;
   const auto st = x.scalar_type();
   if (st != at::kFloat && st != at::kDouble) return false;
   const int64_t d = x.dim(), numel = x.numel();
-  if (d < 2 || numel == 0 || numel >= limit) return false;
+  if (d < 2 || numel == 0) return false;
   g.c = x.size(1);
   if (x.is_contiguous()) {
     g.n = x.size(0);
@@ -260,6 +262,12 @@ int64_t row_size(const Geometry& g) { return g.rows ? g.width : g.c * g.s; }  //
 
 int64_t bn_runs(const Geometry& g) { return runs_for(g.n, g.n * row_size(g), bn_parallel_from); }
 
+// bytes of the whole batch's output (y or dx)
+template <typename T>
+int64_t output_bytes(const Geometry& g) {
+  return g.n * row_size(g) * static_cast<int64_t>(sizeof(T));
+}
+
 // One run's training pass (mode kModeTrain: statistics and y; kModeStats: mean and biased variance only) on rows
 // [lo, hi): the loops see the run as a batch of its own.
 template <typename T>
@@ -277,11 +285,11 @@ void forward_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T
 template <typename T>
 void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, const T* mean,
               const T* var, int64_t lo, int64_t hi, double eps, int64_t act) {
-  const int64_t off = lo * row_size(g);
+  const int64_t off = lo * row_size(g), whole = output_bytes<T>(g);
   if (g.rows) {
-    k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act);
+    k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act, whole);
   } else {
-    k.eval_ncs(x + off, y + off, w, b, mean, var, hi - lo, g.c, g.s, eps, act);
+    k.eval_ncs(x + off, y + off, w, b, mean, var, hi - lo, g.c, g.s, eps, act, whole);
   }
 }
 
@@ -414,15 +422,15 @@ void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, cons
   std::vector<double> dw64(c), db64(c);
   partial.sum_runs(runs, mp<T>(dw), mp<T>(db), dw64.data(), db64.data());
   if (!need_dx || dx_with_sums) return;
-  const int64_t count = x.numel() / c;
+  const int64_t count = x.numel() / c, whole = output_bytes<T>(g);
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
     const int64_t off = lo * per;
     if (g.rows) {
       k.dx_rows(dyp + off, xp + off, wp, bp, mp_, ip, dw64.data(), db64.data(), dxp + off, hi - lo, g.width, c, act,
-                count);
+                count, whole);
     } else {
       k.dx_ncs(dyp + off, xp + off, wp, bp, mp_, ip, dw64.data(), db64.data(), dxp + off, hi - lo, c, g.s, act,
-               count);
+               count, whole);
     }
   });
 }
@@ -539,7 +547,7 @@ struct BatchNormBackward : NormNode {
       return differentiable_backward(dy, x, weight, bias, need_dx, need_dw, need_db);
     }
     Geometry g;
-    geometry(x, std::numeric_limits<int64_t>::max(), g);
+    geometry(x, g);
     dy = laid_out_like(dy, x);
     const auto opts = x.options();
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
@@ -586,8 +594,9 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
                                        double eps, int64_t act, const c10::optional<Tensor>& counter,
                                        bool cumulative) {
   Call call;
-  if (!geometry(x, at::get_num_threads() == 1 ? below_one_thread : below_threads, call.g) || !(eps > 0.0) ||
-      std::isinf(eps) || (training && x.numel() == x.size(1))) {  // the Python glue says what is wrong with these
+  // the Python glue takes larger inputs, and says what is wrong with bad ones
+  if (!geometry(x, call.g) || x.numel() * x.element_size() >= (call.g.rows ? bn_rows_below : bn_ncs_below) ||
+      !(eps > 0.0) || std::isinf(eps) || (training && x.numel() == x.size(1))) {
     return {Tensor(), kUnsupported};
   }
   const auto st = x.scalar_type();
@@ -732,7 +741,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   const auto st = x.scalar_type();
   const int64_t numel = x.numel();
   if ((st != at::kFloat && st != at::kDouble) || numel == 0 ||
-      numel >= (at::get_num_threads() == 1 ? below_one_thread : below_threads)) {
+      numel * x.element_size() >= group_below) {
     return {none, none, none, kUnsupported};
   }
   if (!loops_ready(st)) return {none, none, none, kNoLoops};
@@ -788,10 +797,11 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
   }
 }
 
-void configure(int64_t one_thread, int64_t threads, int64_t lanes_from_numel, int64_t lanes, int64_t split_from,
-               int64_t backward_split_from, int64_t bn_split_from) {
-  below_one_thread = one_thread;
-  below_threads = threads;
+void configure(int64_t bn_rows_bytes, int64_t bn_ncs_bytes, int64_t group_bytes, int64_t lanes_from_numel,
+               int64_t lanes, int64_t split_from, int64_t backward_split_from, int64_t bn_split_from) {
+  bn_rows_below = bn_rows_bytes;
+  bn_ncs_below = bn_ncs_bytes;
+  group_below = group_bytes;
   lanes_from = lanes_from_numel;
   lanes_max = lanes;
   parallel_from = split_from;
@@ -816,10 +826,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
   m.def("configure", &configure,
-        "configure(below_one_thread, below_threads, lanes_from, lanes_max, parallel_from, backward_parallel_from, "
-        "bn_parallel_from): the sizes this glue takes (with one torch thread, with more), the lanes of the rows "
-        "layout, and the sizes from which group norm's forward and backward and batch norm's inputs are split over "
-        "torch's threads");
+        "configure(bn_rows_below, bn_ncs_below, group_below, lanes_from, lanes_max, parallel_from, "
+        "backward_parallel_from, bn_parallel_from): the bytes below which this glue takes batch norm's rows and "
+        "(N, C, S) layouts and group norm's inputs, the lanes of the rows layout, and the sizes (elements) from "
+        "which group norm's forward and backward and batch norm's inputs are split over torch's threads");
   m.attr("UNSUPPORTED") = kUnsupported;
   m.attr("NO_LOOPS") = kNoLoops;
 }

@@ -102,15 +102,20 @@ def load(build_missing: bool = False):
         return None
 
 
-# Inputs below these sizes (elements) take the native glue; larger ones the Python glue (its output pool serves
-# outputs of 32 MiB and more without page faults). With more than one torch thread, the native glue splits batch
+# Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves
+# outputs of 32 MiB and more without page faults; glibc's heap serves smaller ones without them once a program has
+# freed one such block). With more than one torch thread, the native glue splits batch
 # norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward)
 # or GROUP_BACKWARD_SPLIT_FROM (backward), into one run of rows or samples per thread on torch's own pool
 # (at::parallel_for); smaller ones run on the calling thread.
 # Measured with `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn:
 # 2 threads, (256, 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread,
 # (256, 6, 28, 28) 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs
-# measured no better than with the Python glue. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
+# had measured no better than with the Python glue while each run chose its streaming stores by its own part of the
+# output (a half, under the 16 MiB from which the loops stream); chosen by the whole output's size (2026-12-03),
+# batch norm from 16 to 32 MiB measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout
+# on hosts whose channel-by-channel loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps
+# from 16 MiB. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
 # (16K elements) measured slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two
 # alternations at 2 threads): LN (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024)
 # forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now
@@ -120,15 +125,22 @@ def load(build_missing: bool = False):
 # forward+backward 73.0-73.6 -> 69.9-70.7 us; LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8)
 # forward 16.3-20.9 -> 15.2-18.8 us; none slower beyond the runs' spread. A backward split from 4K as well cost
 # LN (16, 1024) and (8, 2048) forward+backward 73-80 us against 67-69; from 128K it helped none consistently.
-BELOW_ONE_THREAD = BELOW_THREADS = 1 << 22
+BN_BELOW_BYTES = 32 << 20
+GROUP_BELOW_BYTES = 16 << 20
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
 
 
+def bn_below_bytes(cpu) -> tuple[int, int]:
+    """The bytes below which the native glue takes batch norm's rows and (N, C, S) inputs on this host."""
+    ncs = cpu._CHANNELS_FROM if cpu.L2_BYTES >= cpu._CHANNEL_L2_MIN else BN_BELOW_BYTES
+    return BN_BELOW_BYTES, min(ncs, BN_BELOW_BYTES)
+
+
 def configure(module, cpu) -> None:
     """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
-    module.configure(BELOW_ONE_THREAD, BELOW_THREADS, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
+    module.configure(*bn_below_bytes(cpu), GROUP_BELOW_BYTES, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
                      GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM)
 
 
@@ -141,9 +153,9 @@ def set_loops(module, dtype: torch.dtype) -> None:
     module.set_loops(str(dtype).removeprefix("torch."), list(cpu_numba.c_entry_points(np_dtype)))
 
 
-__all__ = ["NAME", "SOURCE", "BELOW_ONE_THREAD", "BELOW_THREADS", "GROUP_SPLIT_FROM", "GROUP_BACKWARD_SPLIT_FROM",
-           "BN_SPLIT_FROM", "cache_dir",
-           "library_path", "build", "load", "configure", "set_loops"]
+__all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_bytes", "GROUP_SPLIT_FROM",
+           "GROUP_BACKWARD_SPLIT_FROM", "BN_SPLIT_FROM", "cache_dir", "library_path", "build", "load", "configure",
+           "set_loops"]
 
 
 def register(subparsers) -> None:
