@@ -1,7 +1,7 @@
-"""The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs below 4M elements with no
-Python between the checks, the allocations, the numba loops and the autograd node; from a few ten thousand
-elements it splits the work over torch's threads itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`,
-:data:`GROUP_BACKWARD_SPLIT_FROM`).
+"""The native glue (``native.cpp``): batch norm on CPU inputs below 32 MiB, group, layer and instance norm below
+16 MiB (:data:`BN_BELOW_BYTES`, :data:`GROUP_BELOW_BYTES`), with no Python between the checks, the allocations,
+the numba loops and the autograd node; from a few ten thousand elements it splits the work over torch's threads
+itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`, :data:`GROUP_BACKWARD_SPLIT_FROM`).
 
 Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but the Python glue of
 :mod:`normlab.kernels.cpu` around them (tensor -> numpy views, allocations, checks, a Python autograd node) took
