@@ -2027,7 +2027,8 @@ def c_entry_points(dtype) -> tuple[int, ...]:
     ``native.cpp`` declares them). Pointers to the data (batch norm's mean always float64, everything else
     ``dtype``; group and layer norm's statistics (N, G) and (M,)), then
     the sizes: (M / k, k * C, C) for the rows layout (k rows as one row of lanes, as ``bn_fwd_rows`` takes them),
-    (N, C, S) for ncs. Defined here, beside the loops they call, so that
+    (N, C, S) for ncs; batch norm's eval and dx entries end with the bytes of the whole output that a call writes a
+    part of (``whole``: their streaming stores follow its size). Defined here, beside the loops they call, so that
     numba's on-disk cache of these wrappers goes stale with this file."""
     from numba import carray, cfunc
 
