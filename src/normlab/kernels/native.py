@@ -134,8 +134,8 @@ BN_SPLIT_FROM = 1 << 16
 
 def bn_below_bytes(cpu) -> tuple[int, int]:
     """The bytes below which the native glue takes batch norm's rows and (N, C, S) inputs on this host."""
-    ncs = cpu._CHANNELS_FROM if cpu.L2_BYTES >= cpu._CHANNEL_L2_MIN else BN_BELOW_BYTES
-    return BN_BELOW_BYTES, min(ncs, BN_BELOW_BYTES)
+    channel_loops = cpu.L2_BYTES >= cpu._CHANNEL_L2_MIN  # the Python glue's, from cpu._CHANNELS_FROM
+    return BN_BELOW_BYTES, min(cpu._CHANNELS_FROM, BN_BELOW_BYTES) if channel_loops else BN_BELOW_BYTES
 
 
 def configure(module, cpu) -> None:
