@@ -7,7 +7,7 @@ VMs it was written on moved their copy bandwidth by 2x between runs a minute apa
 
 Prints each kernel's median time in ms for the base ("old") and this checkout ("new") and their ratio. The first
 run compiles the base's loops (a few minutes; numba caches them next to its sources). Kernels whose arguments
-changed between the two versions get the arguments each version takes (group norm's ``runs``).
+changed between the two versions get the arguments each version takes (group norm's ``runs``, ``whole``).
 """
 from __future__ import annotations
 
@@ -71,8 +71,11 @@ def main(base: str, threads: int) -> None:
         k = getattr(mod, name)
         return k.serial if threads == 1 else k
 
-    def takes_runs(mod, name) -> bool:
-        return "runs" in inspect.signature(getattr(mod, name).py_func).parameters
+    def takes(mod, name, arg) -> bool:
+        return arg in inspect.signature(getattr(mod, name).py_func).parameters
+
+    def whole(mod, name) -> tuple:  # loops that take it: 0, each array is the whole output
+        return (0,) if takes(mod, name, "whole") else ()
 
     def three(shape):  # three inputs in turn: the caches hold little of the one being read
         return [filled(shape, rng) for _ in range(3)]
@@ -88,12 +91,12 @@ def main(base: str, threads: int) -> None:
         turn = iter(range(1 << 62))
 
         def fwd(mod):
-            extra = (runs,) if takes_runs(mod, "gn_fwd") else ()
+            extra = ((runs,) if takes(mod, "gn_fwd", "runs") else ()) + whole(mod, "gn_fwd")
             i = next(turn) % 3
             kernel(mod, "gn_fwd")(xs[i], ys[i], w, b, g, 1e-5, mean, inv, *extra)
 
         def bwd(mod):
-            extra = (runs,) if takes_runs(mod, "gn_bwd") else ()
+            extra = ((runs,) if takes(mod, "gn_bwd", "runs") else ()) + whole(mod, "gn_bwd")
             i = next(turn) % 3
             kernel(mod, "gn_bwd")(dys[i], xs[i], w, mean, inv, g, True, ys[i], dwp, dbp, *extra)
 
@@ -109,9 +112,10 @@ def main(base: str, threads: int) -> None:
         chunks = 1 if threads == 1 else max(4 * threads, -(-shape[0] // 256))
         turn = iter(range(1 << 62))
         ab(f"ln fwd {shape}", {n: (lambda m=m: kernel(m, "ln_fwd")(xs[next(turn) % 3], y, w, b, 1e-5, mean, inv,
-                                                                    chunks)) for n, m in versions.items()})
+                                                                    chunks, *whole(m, "ln_fwd")))
+                               for n, m in versions.items()})
         ab(f"ln bwd {shape}", {n: (lambda m=m: kernel(m, "ln_bwd")(dys[next(turn) % 3], xs[0], w, mean, inv, True,
-                                                                    True, y, dw, db, chunks))
+                                                                    True, y, dw, db, chunks, *whole(m, "ln_bwd")))
                                for n, m in versions.items()})
 
     for shape in [(256, 64, 784), (32, 64, 3136), (128, 256, 196)]:

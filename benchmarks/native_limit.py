@@ -1,11 +1,13 @@
-"""A/B of the two glues on large batch-norm inputs, in one process: the native glue (C++ autograd node, the loops
+"""A/B of the two glues on large norm-layer inputs, in one process: the native glue (C++ autograd node, the loops
 split into one run per thread) against the Python glue (a Python autograd node, numba's parallel loops), with
-torch.nn beside them. The native glue's size limit is set call by call (``native.BN_BELOW_BYTES``), so both run
+torch.nn beside them. The native glue's size limit is set call by call (``native.BN_BELOW_BYTES``, with
+``--group`` ``native.GROUP_BELOW_BYTES``), so both run
 the same loops on the same inputs; a copy of 64 MB between calls leaves little of the input in cache, as in a
 network.
 
     .venv/bin/python benchmarks/native_limit.py                 # the suite's 16-32 MiB shapes, torch's threads
     .venv/bin/python benchmarks/native_limit.py 4096x1024,32x64x56x56cl --rounds 40
+    .venv/bin/python benchmarks/native_limit.py --group         # group, layer and instance norm's 16-32 MiB shapes
     .venv/bin/python benchmarks/native_limit.py --node          # a Python autograd node's cost around its backward
 
 Prints each contender's median ms (and minimum) for the training forward+backward and the forward. ``--node``
@@ -26,6 +28,7 @@ from normlab.bench.timing import round_orders, settle_allocator
 from normlab.kernels import cpu, native
 
 SHAPES = "32x64x56x56cl,128x256x14x14cl,32x64x56x56,128x256x14x14,4096x1024"
+GROUP_SHAPES = "gn:32x64x56x56:32,in:32x64x56x56,gn:128x256x14x14:32,ln:4096x1024"
 
 
 def race(fns: dict, rounds: int, flush) -> dict:
@@ -44,34 +47,58 @@ def race(fns: dict, rounds: int, flush) -> dict:
     return {n: (statistics.median(ts) * 1e3, min(ts) * 1e3) for n, ts in times.items()}
 
 
-def layers(shapes: str, rounds: int) -> None:
+def batch_norm_cases(shapes: str):
+    """(label, x, the layer's class name in normlab and torch.nn, its arguments) for batch norm on each of
+    ``shapes`` (cl: channels_last)."""
+    for spec in shapes.split(","):
+        cl = spec.endswith("cl")
+        shape = tuple(int(s) for s in spec.removesuffix("cl").split("x"))
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        name = f"BatchNorm{'2d' if len(shape) == 4 else '1d'}"
+        yield spec, torch.randn(shape).contiguous(memory_format=fmt), name, (shape[1],)
+
+
+def group_cases(shapes: str):
+    """The same for group, layer and instance norm: ``gn:32x64x56x56:32`` (G=32), ``ln:4096x1024`` (over the last
+    dimension), ``in:32x64x56x56`` (affine)."""
+    for spec in shapes.split(","):
+        kind, dims, *groups = spec.split(":")
+        shape = tuple(int(s) for s in dims.split("x"))
+        name, args = {"gn": ("GroupNorm", lambda: (int(groups[0]), shape[1])),
+                      "ln": ("LayerNorm", lambda: (shape[-1],)),
+                      "in": ("InstanceNorm2d", lambda: (shape[1], 1e-5, 0.1, True))}[kind]
+        yield spec, torch.randn(shape), name, args()
+
+
+def layers(cases, limit_name: str, rounds: int) -> None:
+    """Each case's layer through the Python glue (``native.<limit_name>`` at the input's size), through the native
+    glue (the limit past it) and torch.nn's, forward+backward and forward."""
     module = K._native
     if module is None:
         raise SystemExit("the native glue is not built: run `normlab build-native`")
     big = torch.randn(16 << 20)
     dst = torch.empty_like(big)
-    default = native.BN_BELOW_BYTES
+    default = getattr(native, limit_name)
 
     def limit(nbytes):
-        native.BN_BELOW_BYTES = nbytes
+        setattr(native, limit_name, nbytes)
         native.configure(module, cpu)
 
-    for spec in shapes.split(","):
-        cl = spec.endswith("cl")
-        shape = tuple(int(s) for s in spec.removesuffix("cl").split("x"))
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-        dy = torch.randn(shape).contiguous(memory_format=fmt)
-        ours = getattr(normlab, f"BatchNorm{'2d' if len(shape) == 4 else '1d'}")
-        theirs = getattr(torch.nn, f"BatchNorm{'2d' if len(shape) == 4 else '1d'}")
-        python_layer, native_layer, torch_layer = ours(shape[1]), ours(shape[1]), theirs(shape[1])
-        python_limit = min(x.numel() * x.element_size(), default)  # the Python glue from this input's size
+    for label, x, name, args in cases:
+        x.requires_grad_()
+        dy = torch.randn_like(x)
+        python_layer, native_layer = getattr(normlab, name)(*args), getattr(normlab, name)(*args)
+        torch_layer = getattr(torch.nn, name)(*args)
+        nbytes = x.numel() * x.element_size()
+        python_limit = min(nbytes, default)  # the Python glue from this input's size
+        native_limit = max(nbytes + 1, default)
 
         def step(layer, nbytes):
             def call():
                 limit(nbytes)
                 x.grad = None
-                layer.weight.grad = layer.bias.grad = None
+                for p in layer.parameters():
+                    p.grad = None
                 layer(x).backward(dy)
             return call
 
@@ -81,11 +108,12 @@ def layers(shapes: str, rounds: int) -> None:
                 layer(x)
             return call
 
-        print(f"{spec}: {x.numel() * 4 / 1e6:.1f} MB, {torch.get_num_threads()} threads, median (min) ms")
+        print(f"{label}: {nbytes / 1e6:.1f} MB, {torch.get_num_threads()} threads, median (min) ms")
         for mode, make in (("fwd+bwd", step), ("forward", forward)):
-            got = race({"python glue": make(python_layer, python_limit), "native glue": make(native_layer, default),
-                        "torch": make(torch_layer, default)}, rounds, lambda: dst.copy_(big))
-            print(f"  {mode:8s}" + "".join(f"  {n} {m:7.3f} ({lo:6.3f})" for n, (m, lo) in got.items()))
+            got = race({"python glue": make(python_layer, python_limit),
+                        "native glue": make(native_layer, native_limit), "torch": make(torch_layer, default)},
+                       rounds, lambda: dst.copy_(big))
+            print(f"  {mode:8s}" + "".join(f"  {n} {m:7.3f} ({lo:6.3f})" for n, (m, lo) in got.items()), flush=True)
     limit(default)
 
 
@@ -123,15 +151,19 @@ def node_overhead(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shapes", nargs="?", default=SHAPES)
+    parser.add_argument("shapes", nargs="?", help=f"default: {SHAPES}; with --group: {GROUP_SHAPES}")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--group", action="store_true", help="group, layer and instance norm instead of batch norm "
+                        "(native.GROUP_BELOW_BYTES)")
     parser.add_argument("--node", action="store_true", help="the Python autograd node's cost instead")
     args = parser.parse_args()
     settle_allocator()
     if args.node:
         node_overhead(args.rounds)
+    elif args.group:
+        layers(group_cases(args.shapes or GROUP_SHAPES), "GROUP_BELOW_BYTES", args.rounds)
     else:
-        layers(args.shapes, args.rounds)
+        layers(batch_norm_cases(args.shapes or SHAPES), "BN_BELOW_BYTES", args.rounds)
 
 
 if __name__ == "__main__":

@@ -447,7 +447,9 @@ def test_streamed_group_norm_outputs_match_float64(groups, shape):
 def test_group_norm_streams_midline_rows_at_any_offset(groups, offset):
     """Group and instance norm stream y and dx of 14x14 images (784-byte channel rows that start and end mid-line)
     at any offset of the output from a cache line, in the parallel kernels and their serial twins: against
-    float64, and nothing written outside the output. (Instance norm's 784-byte blocks keep plain stores forward.)"""
+    float64, and nothing written outside the output. (Instance norm's 784-byte blocks keep plain stores forward.)
+    Also as the native glue calls them: the serial loops on each half of the batch, a part below the streaming size
+    that streams as its whole output (``whole``)."""
     shape = (128, 256, 196)
     gen = torch.Generator().manual_seed(7)
     x, dy = make(shape, None, torch.float32, gen=gen), make(shape, None, torch.float32, scale=1.0, loc=0.0, gen=gen)
@@ -463,11 +465,16 @@ def test_group_norm_streams_midline_rows_at_any_offset(groups, offset):
     dw_part, db_part = (torch.empty(shape[0], c, dtype=torch.float64).numpy() for _ in range(2))
     # the tasks in runs: uneven ones (7), one per task, all in one
     par, serial = (cpu_numba.gn_fwd, cpu_numba.gn_bwd), (cpu_numba.gn_fwd.serial, cpu_numba.gn_bwd.serial)
-    for (fwd, bwd), runs in ((par, 7), (par, shape[0] * groups), (serial, 1)):
+    half = shape[0] // 2
+    assert o[:half].nbytes < cpu_numba.STREAM_FROM <= o.nbytes
+    for (fwd, bwd), runs, whole in ((par, 7, 0), (par, shape[0] * groups, 0), (serial, 1, 0), (serial, 1, o.nbytes)):
         out.zero_()
-        fwd(xa, o, wa, ba, groups, 1e-5, mean, invstd, runs)
+        parts = (slice(0, half), slice(half, shape[0])) if whole else (slice(None),)
+        for p in parts:
+            fwd(xa[p], o[p], wa, ba, groups, 1e-5, mean[p], invstd[p], runs, whole)
         close(out, y64, TOL[torch.float32])
-        bwd(dya, xa, wa, mean, invstd, groups, True, o, dw_part, db_part, runs)
+        for p in parts:
+            bwd(dya[p], xa[p], wa, mean[p], invstd[p], groups, True, o[p], dw_part[p], db_part[p], runs, whole)
         close(out, dx64, TOL[torch.float32], rel=True)
         assert not raw[:offset].any() and not raw[offset + x.numel():].any()
 

@@ -6,6 +6,7 @@ their largest value; float64 1e-10 / 1e-9.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -475,6 +476,56 @@ def test_group_norm_family_split_over_threads_matches_torch(name, args, kwargs, 
         expected = torch.autograd.grad(yr, inputs, dy)
     for a, b in zip(got, expected):
         close(a, b, tol["dp"] * max(1.0, b.abs().max().item()), "gradient")
+
+
+GROUP_STREAMED_SPLIT = [  # 16 MiB up to the native glue's limit: y and dx streamed, each run writing a part
+    ("GroupNorm", (32, 64), (20, 64, 64, 64)),
+    ("InstanceNorm2d", (64, 1e-5, 0.1, True), (20, 64, 64, 64)),
+    ("LayerNorm", (1024,), (4608, 1024)),
+]
+
+
+@pytest.mark.parametrize("name,args,shape", GROUP_STREAMED_SPLIT, ids=[case[0] for case in GROUP_STREAMED_SPLIT])
+def test_group_norm_family_streamed_split_runs_match_one_run_and_float64(name, args, shape):
+    """As batch norm's: runs at two threads that each write a streamed part of y and dx (by the whole output's
+    size, the loops' ``whole`` argument) compute what one run does, and what float64 does."""
+    nbytes = torch.Size(shape).numel() * 4
+    assert cpu._k.STREAM_FROM <= nbytes < native.GROUP_BELOW_BYTES
+    torch.manual_seed(11)
+    ref, ours = family_layers(name, args, {}, torch.float64)
+    x = torch.randn(shape) * 2 + 3
+    dy = torch.randn(shape)
+
+    def run(threads_):
+        layer = copy.deepcopy(ours).float()
+        xs = x.clone().requires_grad_()
+        with threads(threads_):
+            y = layer(xs)
+            assert NATIVE_GROUP in y.grad_fn.name()
+            return (y, *torch.autograd.grad(y, (xs, *layer.parameters()), dy))
+
+    xs = x.double().requires_grad_()
+    y64 = ref(xs)
+    expected = (y64, *torch.autograd.grad(y64, (xs, *ref.parameters()), dy.double()))
+    split, one = run(2), run(1)
+    for what, tol, a, o, e in zip(("y", "dx", "dw", "db"), (1e-5, 1e-4, 1e-4, 1e-4), split, one, expected):
+        scale = max(1.0, e.abs().max().item())
+        close(a, e, tol * scale, f"{what} against float64")
+        close(a, o, tol * scale, f"{what} against one run")
+
+
+def test_group_norm_family_limit_in_bytes():
+    """Inputs below native.GROUP_BELOW_BYTES take the native glue at one and two threads; from there the Python
+    glue (its output pool)."""
+    assert native.GROUP_BELOW_BYTES == 32 << 20
+    gn = normlab.GroupNorm(4, 16)
+    samples = native.GROUP_BELOW_BYTES // (4 * 16 * 4)  # float32 (N, 16, 4): 256 bytes a sample
+    below = torch.randn(samples - 1, 16, 4, requires_grad=True)
+    big = torch.randn(samples, 16, 4, requires_grad=True)
+    for n in (1, 2):
+        with threads(n):
+            assert NATIVE_GROUP in gn(below).grad_fn.name()
+            assert NATIVE_GROUP not in gn(big).grad_fn.name()
 
 
 def test_group_norm_family_leaves_channels_last_to_the_python_glue():

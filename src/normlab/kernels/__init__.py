@@ -2,8 +2,8 @@
 
 ``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
-portable one otherwise. Batch norm on CPU inputs below 32 MiB, group, layer and instance norm below 16 MiB, first
-try the native glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
+portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 32 MiB first try the native
+glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
 ``NORMLAB_BACKEND=portable|cpu|native|triton`` (or :func:`use_backend`) forces a backend, for tests and
 benchmarks. ``triton`` (:mod:`.gpu_triton`, batch norm on CUDA tensors) is opt-in until it has been measured on a
 GPU; CUDA tensors otherwise take the portable kernels.

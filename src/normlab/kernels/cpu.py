@@ -593,7 +593,7 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     mean, ma = _empty((n, groups), acc)
     invstd, ia = _empty((n, groups), acc)
     _run(_k.gn_fwd, threads, _view(x, "ncs"), ya, _param(weight, c, acc, 1.0), _param(bias, c, acc, 0.0),
-         int(groups), float(eps), ma, ia, _task_runs(threads, n * groups))
+         int(groups), float(eps), ma, ia, _task_runs(threads, n * groups), 0)
     return y, mean, invstd
 
 
@@ -618,7 +618,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     db_part = np.empty((n, c))
     _run(_k.gn_bwd, threads, _view(dy, "ncs"), xa, _param(weight, c, acc, 1.0),
          _vec(mean, acc).reshape(n, groups), _vec(invstd, acc).reshape(n, groups),
-         int(groups), need_dx, dxa, dw_part, db_part, _task_runs(threads, n * groups))
+         int(groups), need_dx, dxa, dw_part, db_part, _task_runs(threads, n * groups), 0)
     dw = torch.from_numpy(dw_part.sum(0)).to(acc) if needs[1] else None
     db = torch.from_numpy(db_part.sum(0)).to(acc) if needs[2] else None
     return dx, dw, db
@@ -645,7 +645,7 @@ def _ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: floa
     mean, ma = _empty((m, 1), acc)
     invstd, ia = _empty((m, 1), acc)
     _run(_k.ln_fwd, threads, _view(x, "rows"), ya, _param(weight, k, acc, 1.0), _param(bias, k, acc, 0.0),
-         float(eps), ma.reshape(m), ia.reshape(m), _ln_chunks(threads, m))
+         float(eps), ma.reshape(m), ia.reshape(m), _ln_chunks(threads, m), 0)
     return y, mean, invstd
 
 
@@ -664,7 +664,7 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
     dw, dwa = _empty(k, acc)
     db, dba = _empty(k, acc)
     _run(_k.ln_bwd, threads, _view(dy, "rows"), xa, _param(weight, k, acc, 1.0), _vec(mean, acc).reshape(m),
-         _vec(invstd, acc).reshape(m), need_dx, need_wb, dxa, dwa, dba, _ln_chunks(threads, m))
+         _vec(invstd, acc).reshape(m), need_dx, need_wb, dxa, dwa, dba, _ln_chunks(threads, m), 0)
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 

@@ -1715,12 +1715,12 @@ def _gn_tasks_fwd(x, y, w, b, groups, eps, mean, invstd, stream, lo, hi):
 
 
 @_kernel
-def gn_fwd(x, y, w, b, groups, eps, mean, invstd, runs):
+def gn_fwd(x, y, w, b, groups, eps, mean, invstd, runs, whole):
     """The (sample, group) tasks in ``runs`` runs of consecutive tasks, one call of the loops each (handed to the
     threads one at a time: a preempted thread holds up little). A call per task cost ~150 ns, more than a small
-    task's values (GroupNorm (32, 32, 8, 8) G=8 backward 0.14 -> 0.18 ms)."""
+    task's values (GroupNorm (32, 32, 8, 8) G=8 backward 0.14 -> 0.18 ms). ``whole``: as :func:`bn_eval_ncs`'s."""
     nb, nc, ns = x.shape
-    stream = _streams_ncs(y, ns, 0) and nc // groups * ns * y.itemsize >= _GROUP_STREAM_FROM
+    stream = _streams_ncs(y, ns, whole) and nc // groups * ns * y.itemsize >= _GROUP_STREAM_FROM
     tasks = nb * groups
     for t in prange(runs):
         _gn_tasks_fwd(x, y, w, b, groups, eps, mean, invstd, stream, t * tasks // runs, (t + 1) * tasks // runs)
@@ -1814,10 +1814,10 @@ def _gn_tasks_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part,
 
 
 @_kernel
-def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part, runs):
+def gn_bwd(dy, x, w, mean, invstd, groups, need_dx, dx, dw_part, db_part, runs, whole):
     """dw_part, db_part: (N, C) float64 per-sample partial sums (the caller sums over N); tasks in ``runs`` runs as
-    :func:`gn_fwd`."""
-    stream = need_dx and _streams_ncs(dx, x.shape[2], 0)
+    :func:`gn_fwd`; ``whole`` as :func:`bn_eval_ncs`'s."""
+    stream = need_dx and _streams_ncs(dx, x.shape[2], whole)
     short = _short_rows_ir(x, dy)
     tasks = x.shape[0] * groups
     for t in prange(runs):
@@ -1867,11 +1867,12 @@ def _ln_row_fwd(xr, yr, w, b, eps, k, stream):
 
 
 @_kernel
-def ln_fwd(x, y, w, b, eps, mean, invstd, nchunks):
-    """x, y: (M, K); w, b: (K,) in the compute dtype; mean, invstd: (M,) in the compute dtype."""
+def ln_fwd(x, y, w, b, eps, mean, invstd, nchunks, whole):
+    """x, y: (M, K); w, b: (K,) in the compute dtype; mean, invstd: (M,) in the compute dtype; ``whole`` as
+    :func:`bn_eval_ncs`'s."""
     m_rows, k = x.shape
     step = (m_rows + nchunks - 1) // nchunks
-    stream = _streams(y, k, 0) and k * y.itemsize >= _LN_STREAM_FROM
+    stream = _streams(y, k, whole) and k * y.itemsize >= _LN_STREAM_FROM
     for t in prange(nchunks):
         _ln_rows_fwd(x, y, w, b, eps, mean, invstd, t * step, min(t * step + step, m_rows), stream)
 
@@ -1933,9 +1934,9 @@ def _ln_row_bwd(dyr, xr, w, mu, inv, k, need_dx, need_wb, dxr, dwp, dbp, stream)
 
 
 @_kernel
-def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
+def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks, whole):
     """dy, x, dx: (M, K); w, dw, db: (K,) in the compute dtype; per-chunk partial sums of dw/db in the compute
-    dtype, merged in float64."""
+    dtype, merged in float64; ``whole`` as :func:`bn_eval_ncs`'s."""
     m_rows, k = x.shape
     step = (m_rows + nchunks - 1) // nchunks
     one = nchunks == 1 and need_wb  # one chunk sums straight into dw, db (its float64 merge changes nothing)
@@ -1947,7 +1948,7 @@ def ln_bwd(dy, x, w, mean, invstd, need_dx, need_wb, dx, dw, db, nchunks):
     else:
         dwp = _scratch2(nchunks, k, w)
         dbp = _scratch2(nchunks, k, w)
-    stream = need_dx and _streams(dx, k, 0)
+    stream = need_dx and _streams(dx, k, whole)
     for t in prange(nchunks):
         _ln_rows_bwd(dy, x, w, mean, invstd, t * step, min(t * step + step, m_rows), need_dx, need_wb, dx, dwp[t],
                      dbp[t], stream)
@@ -2027,9 +2028,9 @@ def c_entry_points(dtype) -> tuple[int, ...]:
     ``native.cpp`` declares them). Pointers to the data (batch norm's mean always float64, everything else
     ``dtype``; group and layer norm's statistics (N, G) and (M,)), then
     the sizes: (M / k, k * C, C) for the rows layout (k rows as one row of lanes, as ``bn_fwd_rows`` takes them),
-    (N, C, S) for ncs; batch norm's eval and dx entries end with the bytes of the whole output that a call writes a
-    part of (``whole``: their streaming stores follow its size). Defined here, beside the loops they call, so that
-    numba's on-disk cache of these wrappers goes stale with this file."""
+    (N, C, S) for ncs; batch norm's eval and dx entries and the group and layer norm entries end with the bytes of
+    the whole output that a call writes a part of (``whole``: their streaming stores follow its size). Defined
+    here, beside the loops they call, so that numba's on-disk cache of these wrappers goes stale with this file."""
     from numba import carray, cfunc
 
     t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
@@ -2072,16 +2073,17 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         return running_update(carray(rmp, (c,)), carray(rvp, (c,)), carray(mp, (c,)), carray(ip, (c,)), eps, n,
                               momentum)
 
-    def gn_fwd_c(xp, yp, wp, bp, mp, ip, n, c, s, groups, eps):
+    def gn_fwd_c(xp, yp, wp, bp, mp, ip, n, c, s, groups, eps, whole):
         _GN_FWD(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), groups, eps,
-                carray(mp, (n, groups)), carray(ip, (n, groups)), 1)
+                carray(mp, (n, groups)), carray(ip, (n, groups)), 1, whole)
         return 0
 
-    def gn_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, n, c, s, groups, need_dx):
+    def gn_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, n, c, s, groups, need_dx, whole):
         dw_part = np.empty((n, c))
         db_part = np.empty((n, c))
         _GN_BWD(carray(dyp, (n, c, s)), carray(xp, (n, c, s)), carray(wp, (c,)), carray(mp, (n, groups)),
-                carray(ip, (n, groups)), groups, need_dx != 0, carray(dxp, (n, c, s)), dw_part, db_part, 1)
+                carray(ip, (n, groups)), groups, need_dx != 0, carray(dxp, (n, c, s)), dw_part, db_part, 1,
+                whole)
         dw = carray(dwp, (c,))
         db = carray(dbp, (c,))
         for ch in range(c):
@@ -2089,15 +2091,15 @@ def c_entry_points(dtype) -> tuple[int, ...]:
             db[ch] = db_part[:, ch].sum()
         return 0
 
-    def ln_fwd_c(xp, yp, wp, bp, mp, ip, m, k, eps):
+    def ln_fwd_c(xp, yp, wp, bp, mp, ip, m, k, eps, whole):
         _LN_FWD(carray(xp, (m, k)), carray(yp, (m, k)), carray(wp, (k,)), carray(bp, (k,)), eps, carray(mp, (m,)),
-                carray(ip, (m,)), _ln_serial_chunks(m))
+                carray(ip, (m,)), _ln_serial_chunks(m), whole)
         return 0
 
-    def ln_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, m, k, need_dx, need_wb):
+    def ln_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, m, k, need_dx, need_wb, whole):
         _LN_BWD(carray(dyp, (m, k)), carray(xp, (m, k)), carray(wp, (k,)), carray(mp, (m,)), carray(ip, (m,)),
                 need_dx != 0, need_wb != 0, carray(dxp, (m, k)), carray(dwp, (k,)), carray(dbp, (k,)),
-                _ln_serial_chunks(m))
+                _ln_serial_chunks(m), whole)
         return 0
 
     def dx_rows(dyp, xp, wp, bp, mp, ip, dwp, dbp, dxp, m, width, c, act, cnt, whole):
@@ -2120,10 +2122,10 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
         "running": i64(p, p, m64, p, i64, f64, i64, f64),
-        "gn_fwd": i64(p, p, p, p, p, p, i64, i64, i64, i64, f64),
-        "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
-        "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64),
-        "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64),
+        "gn_fwd": i64(p, p, p, p, p, p, i64, i64, i64, i64, f64, i64),
+        "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64),
+        "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64, i64),
+        "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
         "dx_rows": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
         "dx_ncs": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
     }

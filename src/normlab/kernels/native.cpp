@@ -1,5 +1,5 @@
-// Native glue for batch norm and group norm (layer and instance norm too) on CPU inputs below a few million
-// elements: the autograd nodes and the calls into normlab's numba loops (their C entry points,
+// Native glue for batch norm and group norm (layer and instance norm too) on CPU inputs below 32 MiB: the
+// autograd nodes and the calls into normlab's numba loops (their C entry points,
 // normlab.kernels.cpu_numba.c_entry_points), without Python in between, split over torch's threads from a few
 // ten thousand elements (runs_for).
 //
@@ -52,13 +52,14 @@ struct Loops {
   int64_t (*bwd_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, T*, T*, T*, int64_t,
                      int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*running)(T*, T*, const double*, const T*, int64_t, double, int64_t, double) = nullptr;
-  // group norm on (N, C, S), statistics (N, G); layer norm on (M, K), statistics (M)
-  int64_t (*gn_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, double) = nullptr;
+  // group norm on (N, C, S), statistics (N, G); layer norm on (M, K), statistics (M); the last argument as eval_*'s
+  int64_t (*gn_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, double,
+                    int64_t) = nullptr;
   int64_t (*gn_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,
-                    int64_t) = nullptr;
-  int64_t (*ln_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, double) = nullptr;
+                    int64_t, int64_t) = nullptr;
+  int64_t (*ln_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, double, int64_t) = nullptr;
   int64_t (*ln_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t,
-                    int64_t) = nullptr;
+                    int64_t, int64_t) = nullptr;
   // batch norm's training dx alone, from the whole batch's dweight and dbias (float64) over cnt values a channel
   int64_t (*dx_rows)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
                      T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
@@ -653,18 +654,24 @@ struct GroupCall {
 // (see runs_for).
 int64_t group_runs(const GroupCall& g, int64_t from) { return runs_for(g.n, g.n * g.c * g.s, from); }
 
+// bytes of the whole batch's output (y or dx), which each run's streaming stores follow
+template <typename T>
+int64_t output_bytes(const GroupCall& g) {
+  return g.n * g.c * g.s * static_cast<int64_t>(sizeof(T));
+}
+
 template <typename T>
 void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
                          const Tensor& b, const Tensor& mean, const Tensor& invstd) {
-  const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups;
+  const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups, whole = output_bytes<T>(g);
   const T *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b);
   T *yp = mp<T>(y), *mp_ = mp<T>(mean), *ip = mp<T>(invstd);
   over_runs(g.n, group_runs(g, parallel_from), [&](int64_t, int64_t lo, int64_t hi) {
     if (g.layer) {
-      k.ln_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo, ip + lo, hi - lo, g.c, g.eps);
+      k.ln_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo, ip + lo, hi - lo, g.c, g.eps, whole);
     } else {
       k.gn_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo * stats, ip + lo * stats, hi - lo, g.c, g.s, g.groups,
-               g.eps);
+               g.eps, whole);
     }
   });
 }
@@ -675,7 +682,8 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
                           const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
-  const int64_t runs = group_runs(g, backward_parallel_from), per = g.c * g.s, stats = g.layer ? 1 : g.groups;
+  const int64_t runs = group_runs(g, backward_parallel_from), per = g.c * g.s, stats = g.layer ? 1 : g.groups,
+                whole = output_bytes<T>(g);
   RunPartials<T> partial(runs, g.c);
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
   T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
@@ -684,10 +692,11 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
     T* dwt = runs == 1 ? mp<T>(dw) : partial.dw(t);
     T* dbt = runs == 1 ? mp<T>(db) : partial.db(t);
     if (g.layer) {
-      k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwt, dbt, hi - lo, g.c, need_dx, need_wb);
+      k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwt, dbt, hi - lo, g.c, need_dx, need_wb,
+               whole);
     } else {
       k.gn_bwd(dyp + off, xp + off, wp, mp_ + lo * stats, ip + lo * stats, dxp + off, dwt, dbt, hi - lo, g.c, g.s,
-               g.groups, need_dx);
+               g.groups, need_dx, whole);
     }
   });
   if (runs > 1 && (need_wb || !g.layer)) partial.sum_runs(runs, mp<T>(dw), mp<T>(db));

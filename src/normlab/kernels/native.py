@@ -1,5 +1,5 @@
-"""The native glue (``native.cpp``): batch norm on CPU inputs below 32 MiB, group, layer and instance norm below
-16 MiB (:data:`BN_BELOW_BYTES`, :data:`GROUP_BELOW_BYTES`), with no Python between the checks, the allocations,
+"""The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs below 32 MiB
+(:data:`BN_BELOW_BYTES`, :data:`GROUP_BELOW_BYTES`), with no Python between the checks, the allocations,
 the numba loops and the autograd node; from a few ten thousand elements it splits the work over torch's threads
 itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`, :data:`GROUP_BACKWARD_SPLIT_FROM`).
 
@@ -115,7 +115,11 @@ def load(build_missing: bool = False):
 # output (a half, under the 16 MiB from which the loops stream); chosen by the whole output's size (2026-12-03),
 # batch norm from 16 to 32 MiB measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout
 # on hosts whose channel-by-channel loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps
-# from 16 MiB. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
+# from 16 MiB. Group, layer and instance norm from 16 to 32 MiB likewise, once their runs streamed by the whole
+# output too (2026-12-03, later; `benchmarks/native_limit.py --group --rounds 40`, fwd+bwd median ms Python glue ->
+# native glue, 2 threads | 1 thread): GN (32, 64, 56, 56) G=32 5.16 -> 4.43 | 8.23 -> 7.42, IN (32, 64, 56, 56)
+# 5.36 -> 4.67 | 7.86 -> 7.59, GN (128, 256, 14, 14) G=32 5.81 -> 4.88 | 9.44 -> 8.94, LN (4096, 1024)
+# 4.35 -> 3.84 | 6.97 -> 5.47; their forwards 9-25 % faster. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
 # (16K elements) measured slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two
 # alternations at 2 threads): LN (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024)
 # forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now
@@ -126,7 +130,7 @@ def load(build_missing: bool = False):
 # forward 16.3-20.9 -> 15.2-18.8 us; none slower beyond the runs' spread. A backward split from 4K as well cost
 # LN (16, 1024) and (8, 2048) forward+backward 73-80 us against 67-69; from 128K it helped none consistently.
 BN_BELOW_BYTES = 32 << 20
-GROUP_BELOW_BYTES = 16 << 20
+GROUP_BELOW_BYTES = 32 << 20
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
