@@ -654,6 +654,17 @@ struct GroupCall {
 // (see runs_for).
 int64_t group_runs(const GroupCall& g, int64_t from) { return runs_for(g.n, g.n * g.c * g.s, from); }
 
+// Layer norm's backward splits only where each run gets this many rows or more: every run adds dweight and dbias
+// partials of K values, merged afterwards, which on few long rows cost more than the split saves (2 threads, in a
+// rotation with torch and a 4 MB copy, fwd+bwd us split -> one run: 16x4096 184 -> 157 and 103 -> 103, 8x8192
+// 164 -> 144; 32x2048, 128x512, 256x256 within 1-2 % either way; 64x1024 115 -> 119, 128x1024 199 -> 211)
+constexpr int64_t kLayerBackwardRowsPerRun = 16;
+
+int64_t group_backward_runs(const GroupCall& g) {
+  const int64_t runs = group_runs(g, backward_parallel_from);
+  return g.layer && g.n < runs * kLayerBackwardRowsPerRun ? 1 : runs;
+}
+
 // bytes of the whole batch's output (y or dx), which each run's streaming stores follow
 template <typename T>
 int64_t output_bytes(const GroupCall& g) {
@@ -682,7 +693,7 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
                           const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
-  const int64_t runs = group_runs(g, backward_parallel_from), per = g.c * g.s, stats = g.layer ? 1 : g.groups,
+  const int64_t runs = group_backward_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups,
                 whole = output_bytes<T>(g);
   RunPartials<T> partial(runs, g.c);
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);

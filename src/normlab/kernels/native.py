@@ -106,8 +106,9 @@ def load(build_missing: bool = False):
 # outputs of 32 MiB and more without page faults; glibc's heap serves smaller ones without them once a program has
 # freed one such block). With more than one torch thread, the native glue splits batch
 # norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward)
-# or GROUP_BACKWARD_SPLIT_FROM (backward), into one run of rows or samples per thread on torch's own pool
-# (at::parallel_for); smaller ones run on the calling thread.
+# or GROUP_BACKWARD_SPLIT_FROM (backward; layer norm's only with 16 rows a run or more: native.cpp,
+# kLayerBackwardRowsPerRun), into one run of rows or samples per thread on torch's own pool (at::parallel_for);
+# smaller ones run on the calling thread.
 # Measured with `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn:
 # 2 threads, (256, 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread,
 # (256, 6, 28, 28) 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs
