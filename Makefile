@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile src/normlab/kernels/native.cpp
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
-	@# the native glue for small batch-norm layers (optional: without a C++ compiler the Python glue runs them)
+	@# the native glue for norm layers below 32 MiB (optional: without a C++ compiler the Python glue runs them)
 	-$(BIN)/normlab build-native
 	@touch $(STAMP)
 

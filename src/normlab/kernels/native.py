@@ -96,40 +96,39 @@ def load(build_missing: bool = False):
         return build() if build_missing else None
     except Exception as exc:  # noqa: BLE001 - any failure leaves the Python glue in charge, said once
         warnings.warn(f"normlab's native glue could not be {'loaded' if path.exists() else 'built'} ({exc}); "
-                      f"small batch-norm layers use the Python glue (slower, same results). Rebuild with "
+                      f"norm layers below 32 MiB use the Python glue (slower per call, same results). Rebuild with "
                       f"`normlab build-native --verbose`, or set NORMLAB_NATIVE=0 to silence this",
                       RuntimeWarning, stacklevel=2)
         return None
 
 
-# Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves
-# outputs of 32 MiB and more without page faults; glibc's heap serves smaller ones without them once a program has
-# freed one such block). With more than one torch thread, the native glue splits batch
-# norm inputs of BN_SPLIT_FROM elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward)
-# or GROUP_BACKWARD_SPLIT_FROM (backward; layer norm's only with 16 rows a run or more: native.cpp,
-# kLayerBackwardRowsPerRun), into one run of rows or samples per thread on torch's own pool (at::parallel_for);
-# smaller ones run on the calling thread.
-# Measured with `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn:
-# 2 threads, (256, 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread,
-# (256, 6, 28, 28) 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs
-# had measured no better than with the Python glue while each run chose its streaming stores by its own part of the
-# output (a half, under the 16 MiB from which the loops stream); chosen by the whole output's size (2026-12-03),
-# batch norm from 16 to 32 MiB measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout
-# on hosts whose channel-by-channel loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps
-# from 16 MiB. Group, layer and instance norm from 16 to 32 MiB likewise, once their runs streamed by the whole
-# output too (2026-12-03, later; `benchmarks/native_limit.py --group --rounds 40`, fwd+bwd median ms Python glue ->
-# native glue, 2 threads | 1 thread): GN (32, 64, 56, 56) G=32 5.16 -> 4.43 | 8.23 -> 7.42, IN (32, 64, 56, 56)
-# 5.36 -> 4.67 | 7.86 -> 7.59, GN (128, 256, 14, 14) G=32 5.81 -> 4.88 | 9.44 -> 8.94, LN (4096, 1024)
-# 4.35 -> 3.84 | 6.97 -> 5.47; their forwards 9-25 % faster. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split
-# (16K elements) measured slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two
-# alternations at 2 threads): LN (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024)
-# forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now
-# split from sizes of their own (2026-12-02, later; one process, both settings alternating call by call in the
-# bench's balanced orders, 2 threads, two runs): a forward split from 8K elements and a backward from 32K (its runs
-# add their dweight/dbias partials) against both from 32K: LN (64, 256) forward 19.0-19.2 -> 17.6-18.3 us,
-# forward+backward 73.0-73.6 -> 69.9-70.7 us; LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8)
-# forward 16.3-20.9 -> 15.2-18.8 us; none slower beyond the runs' spread. A backward split from 4K as well cost
-# LN (16, 1024) and (8, 2048) forward+backward 73-80 us against 67-69; from 128K it helped none consistently.
+# Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves outputs
+# of 32 MiB and more without page faults; glibc's heap serves smaller ones without them once a program has freed one
+# such block). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and
+# more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM (backward;
+# layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows or samples
+# per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with `normlab
+# bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn: 2 threads, (256, 512)
+# 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread, (256, 6, 28, 28) 2.58x
+# -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs had measured no better than
+# with the Python glue while each run chose its streaming stores by its own part of the output (a half, under the 16
+# MiB from which the loops stream); chosen by the whole output's size (2026-12-03), batch norm from 16 to 32 MiB
+# measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout on hosts whose
+# channel-by-channel loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps from 16 MiB.
+# Group, layer and instance norm from 16 to 32 MiB likewise, once their runs streamed by the whole output too
+# (2026-12-03, later; `benchmarks/native_limit.py --group --rounds 40`, fwd+bwd median ms Python glue -> native glue,
+# 2 threads | 1 thread): GN (32, 64, 56, 56) G=32 5.16 -> 4.43 | 8.23 -> 7.42, IN (32, 64, 56, 56) 5.36 -> 4.67 | 7.86
+# -> 7.59, GN (128, 256, 14, 14) G=32 5.81 -> 4.88 | 9.44 -> 8.94, LN (4096, 1024) 4.35 -> 3.84 | 6.97 -> 5.47; their
+# forwards 9-25 % faster. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split (16K elements) measured
+# slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two alternations at 2 threads): LN
+# (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024) forward+backward 1.00-1.03x against
+# 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now split from sizes of their own
+# (2026-12-02, later; one process, both settings alternating call by call in the bench's balanced orders, 2 threads,
+# two runs): a forward split from 8K elements and a backward from 32K (its runs add their dweight/dbias partials)
+# against both from 32K: LN (64, 256) forward 19.0-19.2 -> 17.6-18.3 us, forward+backward 73.0-73.6 -> 69.9-70.7 us;
+# LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8) forward 16.3-20.9 -> 15.2-18.8 us; none slower
+# beyond the runs' spread. A backward split from 4K as well cost LN (16, 1024) and (8, 2048) forward+backward 73-80 us
+# against 67-69; from 128K it helped none consistently.
 BN_BELOW_BYTES = 32 << 20
 GROUP_BELOW_BYTES = 32 << 20
 GROUP_SPLIT_FROM = 1 << 13
@@ -165,10 +164,10 @@ __all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_by
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "build-native", help="compile the native glue for small norm layers (once per machine and torch)",
+        "build-native", help="compile the native glue for norm layers below 32 MiB (once per machine and torch)",
         description="Compile native.cpp against the installed torch (~25 s), then the numba loops it calls for "
                     "float32 (~35 s the first time, cached by numba; float64's on first use), and check one layer "
-                    "against torch.nn. `make setup` runs this; without it small layers use the Python glue.")
+                    "against torch.nn. `make setup` runs this; without it those layers use the Python glue.")
     p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     p.set_defaults(func=_build_command)
 
@@ -185,10 +184,10 @@ def _build_command(args) -> int:
         module = load(build_missing=True) if not args.verbose else build(verbose=True)
     except Exception as exc:  # noqa: BLE001 - reported, with the way forward
         print(f"normlab build-native: failed: {exc}\n  needs a C++ compiler (g++ or clang++) and ninja "
-              f"(pip install ninja); small layers keep using the Python glue", file=sys.stderr)
+              f"(pip install ninja); norm layers keep using the Python glue", file=sys.stderr)
         return 1
     if module is None:
-        print("normlab build-native: failed (see the warning above); small layers keep using the Python glue",
+        print("normlab build-native: failed (see the warning above); norm layers keep using the Python glue",
               file=sys.stderr)
         return 1
     print(f"  built in {time.perf_counter() - t0:.0f} s; compiling the numba loops for float32 (float64's compile "
