@@ -263,12 +263,6 @@ int64_t row_size(const Geometry& g) { return g.rows ? g.width : g.c * g.s; }  //
 
 int64_t bn_runs(const Geometry& g) { return runs_for(g.n, g.n * row_size(g), bn_parallel_from); }
 
-// bytes of the whole batch's output (y or dx)
-template <typename T>
-int64_t output_bytes(const Geometry& g) {
-  return g.n * row_size(g) * static_cast<int64_t>(sizeof(T));
-}
-
 // One run's training pass (mode kModeTrain: statistics and y; kModeStats: mean and biased variance only) on rows
 // [lo, hi): the loops see the run as a batch of its own.
 template <typename T>
@@ -282,11 +276,12 @@ void forward_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T
   }
 }
 
-// One run's evaluation pass: y = act((x - mean) * w / sqrt(var + eps) + b) on rows [lo, hi)
+// One run's evaluation pass: y = act((x - mean) * w / sqrt(var + eps) + b) on rows [lo, hi); whole: the bytes of
+// all of y (its streaming stores are chosen by them; y has x's size)
 template <typename T>
 void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, const T* mean,
-              const T* var, int64_t lo, int64_t hi, double eps, int64_t act) {
-  const int64_t off = lo * row_size(g), whole = output_bytes<T>(g);
+              const T* var, int64_t lo, int64_t hi, double eps, int64_t act, int64_t whole) {
+  const int64_t off = lo * row_size(g);
   if (g.rows) {
     k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act, whole);
   } else {
@@ -300,7 +295,7 @@ void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w
 // into the bias, as in the single-run loops, so a channel with a large mean keeps its precision.
 template <typename T>
 void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x, T* y, const T* w, const T* b,
-                   double* mean, T* invstd) {
+                   double* mean, T* invstd, int64_t whole) {
   const Geometry& g = call.g;
   const int64_t c = g.c, per_channel = g.rows ? g.width / g.c : g.s;
   std::vector<double> means(runs * c);
@@ -331,7 +326,7 @@ void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x
     bias[ch] = static_cast<T>(static_cast<double>(b[ch]) - (m - static_cast<double>(ref[ch])) * a);
   }
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
-    eval_run(k, g, x, y, w, bias.data(), ref.data(), var_t.data(), lo, hi, call.eps, call.act);
+    eval_run(k, g, x, y, w, bias.data(), ref.data(), var_t.data(), lo, hi, call.eps, call.act, whole);
   });
 }
 
@@ -344,7 +339,8 @@ void forward_loops(const Loops<T>& k, Call& call, const Tensor& x, const Tensor&
   const int64_t runs = bn_runs(g);
   if (call.training) {
     if (runs > 1) {
-      forward_split(k, call, runs, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd));
+      forward_split(k, call, runs, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd),
+                    x.nbytes());
     } else {
       forward_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd), 0, g.n, call.eps,
                   call.act, kModeTrain);
@@ -357,7 +353,7 @@ void forward_loops(const Loops<T>& k, Call& call, const Tensor& x, const Tensor&
   } else {
     over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
       eval_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), cp<T>(call.running_mean), cp<T>(call.running_var), lo,
-               hi, call.eps, call.act);
+               hi, call.eps, call.act, x.nbytes());
     });
   }
 }
@@ -423,7 +419,7 @@ void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, cons
   std::vector<double> dw64(c), db64(c);
   partial.sum_runs(runs, mp<T>(dw), mp<T>(db), dw64.data(), db64.data());
   if (!need_dx || dx_with_sums) return;
-  const int64_t count = x.numel() / c, whole = output_bytes<T>(g);
+  const int64_t count = x.numel() / c, whole = x.nbytes();  // dx has x's size
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
     const int64_t off = lo * per;
     if (g.rows) {
@@ -665,16 +661,11 @@ int64_t group_backward_runs(const GroupCall& g) {
   return g.layer && g.n < runs * kLayerBackwardRowsPerRun ? 1 : runs;
 }
 
-// bytes of the whole batch's output (y or dx), which each run's streaming stores follow
-template <typename T>
-int64_t output_bytes(const GroupCall& g) {
-  return g.n * g.c * g.s * static_cast<int64_t>(sizeof(T));
-}
-
 template <typename T>
 void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
                          const Tensor& b, const Tensor& mean, const Tensor& invstd) {
-  const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups, whole = output_bytes<T>(g);
+  // whole: the bytes of all of y (x's size), which each run's streaming stores follow
+  const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups, whole = x.nbytes();
   const T *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b);
   T *yp = mp<T>(y), *mp_ = mp<T>(mean), *ip = mp<T>(invstd);
   over_runs(g.n, group_runs(g, parallel_from), [&](int64_t, int64_t lo, int64_t hi) {
@@ -694,7 +685,7 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
                           const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
   const int64_t runs = group_backward_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups,
-                whole = output_bytes<T>(g);
+                whole = x.nbytes();  // as the forward's, for dx
   RunPartials<T> partial(runs, g.c);
   const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
   T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import pool
+
 NAME = "normlab_native"
 SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -129,8 +131,7 @@ def load(build_missing: bool = False):
 # LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8) forward 16.3-20.9 -> 15.2-18.8 us; none slower
 # beyond the runs' spread. A backward split from 4K as well cost LN (16, 1024) and (8, 2048) forward+backward 73-80 us
 # against 67-69; from 128K it helped none consistently.
-BN_BELOW_BYTES = 32 << 20
-GROUP_BELOW_BYTES = 32 << 20
+BN_BELOW_BYTES = GROUP_BELOW_BYTES = pool.POOL_MIN_BYTES  # where the Python glue's output pool takes over
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
