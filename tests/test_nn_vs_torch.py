@@ -241,6 +241,60 @@ def test_reduced_precision_inputs_with_float32_parameters(name, args, shape, dty
         assert_close(ours.running_var, ref.running_var, 1e-5, "running_var")
 
 
+HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # half a unit in the last place, relative
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name,shape,fmt", [("BatchNorm1d", (64, 6), None), ("BatchNorm1d", (16, 6, 9), None),
+                                            ("BatchNorm2d", (8, 6, 5, 7), None),
+                                            ("BatchNorm2d", (8, 6, 5, 7), torch.channels_last)])
+def test_half_precision_model_takes_the_cpu_kernels_and_matches_float64(name, shape, fmt, dtype, monkeypatch):
+    """A model converted with ``.bfloat16()`` / ``.half()``: parameters and running statistics in the 16-bit type.
+
+    Two training steps and an evaluation against torch.nn's module in float64 on the same 16-bit values: each
+    result may differ by the rounding of the answer to the 16-bit type (and of the parameters' gradients, sums
+    over the batch, to it) plus the float32 computation's own error. The running statistics are updated in float64
+    and rounded once. The CPU kernels must run, not the portable torch-ops path (which took 10-25x longer)."""
+    if dtype in normlab.kernels.cpu.SUPPORTED_DTYPES:  # float16 needs F16C on the host
+        def portable_called(*_a, **_k):
+            raise AssertionError("a 16-bit model went to the portable backend")
+        for fn in ("bn_train_forward_saved", "bn_backward_saved", "bn_eval_forward", "running_update"):
+            monkeypatch.setattr(normlab.kernels.portable, fn, portable_called)
+    torch.manual_seed(7)
+    ref, ours = pair(name, (6,), {}, torch.float64)
+    ours.to(dtype)
+    ref.load_state_dict({k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
+                         for k, v in ours.state_dict().items()})  # the same (rounded) parameters
+    ulp = HALF_ULP[dtype]
+
+    def close(a, b, what, scale=None):
+        scale = b.abs().max().item() if scale is None else scale
+        assert a.dtype == dtype, what
+        assert_close(a, b, 2 * ulp * max(scale, 1.0) + 1e-4, what)
+
+    for step in range(2):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + step).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        xo, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        close(yo, yr, f"step {step} output")
+        dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+        go, gr = grads(ours, xo, yo, dy), grads(ref, xr, yr, dy.double())
+        close(go[0], gr[0], f"step {step} input grad")
+        for i, (a, b) in enumerate(zip(go[1:], gr[1:])):
+            close(a, b, f"step {step} param grad {i}")
+        # ref's running statistics rounded to the 16-bit type as ours are after each update
+        with torch.no_grad():
+            for key in ("running_mean", "running_var"):
+                close(getattr(ours, key), getattr(ref, key), f"step {step} {key}")
+                getattr(ref, key).copy_(getattr(ours, key).double())
+    assert int(ours.num_batches_tracked) == 2
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        close(ours(x), ref(x.double()), "evaluation output")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # numerics where torch is wrong
 # ------------------------------------------------------------------------------------------------------------

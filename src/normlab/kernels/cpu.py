@@ -672,9 +672,11 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
 # running statistics
 # ------------------------------------------------------------------------------------------------------
 def supports_running(*buffers: Tensor) -> bool:
-    """Whether :func:`running_update` takes these tensors: CPU, float32/float64, contiguous, no autograd."""
+    """Whether :func:`running_update` takes these tensors: CPU, of a dtype this backend takes (float32/float64 in
+    place; bfloat16/float16, a model converted with ``.bfloat16()`` / ``.half()``, through float64 copies),
+    contiguous, no autograd."""
     for t in buffers:
-        if not (t.is_cpu and t.dtype in _NP_ACC and not t.requires_grad and t.is_contiguous()):
+        if not (t.is_cpu and t.dtype in SUPPORTED_DTYPES and not t.requires_grad and t.is_contiguous()):
             return False
     return True
 
@@ -689,8 +691,15 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, invs
 
 def _update_running(running_mean: Tensor, running_var: Tensor, momentum: float, mean: np.ndarray,
                     invstd: np.ndarray, eps: float, n: int) -> int:
-    """The numba update on cached views of the buffers; returns how many channels kept their values."""
+    """The numba update on cached views of the buffers; returns how many channels kept their values. Buffers of
+    16-bit floats are updated in float64 copies and rounded once when copied back, as the portable update does."""
     c = running_mean.shape[0]
+    if running_mean.dtype not in _NP_ACC or running_var.dtype not in _NP_ACC:
+        rm, rv = running_mean.to(torch.float64), running_var.to(torch.float64)
+        bad = _k.running_update(rm.numpy(), rv.numpy(), mean, invstd, float(eps), int(n), float(momentum))
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+        return bad
     return _k.running_update(_param(running_mean, c, running_mean.dtype, 0.0),
                              _param(running_var, c, running_var.dtype, 1.0), mean, invstd, float(eps), int(n),
                              float(momentum))
