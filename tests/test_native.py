@@ -221,6 +221,93 @@ def test_streamed_split_runs_match_one_run_and_float64(shape, fmt, training):
         close(a, o, tol * scale, f"{name} against one run")
 
 
+# (shape, memory format): the rows layout, (N, C, S), channels_last, and two past native.BN_SPLIT_FROM (split over
+# threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples
+HALF_LAYOUTS = [((32, 6), torch.contiguous_format), ((8, 6, 5, 7), torch.contiguous_format),
+                ((8, 6, 5, 7), torch.channels_last), ((2048, 64), torch.contiguous_format),
+                ((15, 8, 24, 25), torch.contiguous_format)]
+HALF_ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def python_glue_twin(layer, x, dy):
+    """The training step, the running statistics and an evaluation of a copy of ``layer`` through the Python glue."""
+    twin = copy.deepcopy(layer)
+    with K.use_backend("cpu"):
+        xt = x.detach().clone().requires_grad_()
+        y = twin(xt)
+        assert NATIVE not in y.grad_fn.name() and NATIVE_GROUP not in y.grad_fn.name()
+        got = (y, *torch.autograd.grad(y, [xt, *twin.parameters()], dy))
+        with torch.no_grad():
+            evaluated = twin.eval()(x)
+    return got, twin, evaluated
+
+
+@pytest.mark.parametrize("threads_", [1, 2])
+@pytest.mark.parametrize("params", ["float32", "same"], ids=["f32-params", "16-bit-params"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape,fmt", HALF_LAYOUTS, ids=[f"{s}-{str(f).split('.')[-1]}" for s, f in HALF_LAYOUTS])
+def test_16_bit_activations_take_it_and_match_the_python_glue(shape, fmt, dtype, params, threads_):
+    """bfloat16/float16 inputs with float32 parameters and statistics (mixed precision), or of a model converted
+    with ``.bfloat16()`` / ``.half()`` (its parameters and running statistics read and written in float32 copies):
+    the same loops as the Python glue's, so the same results up to one rounding of the 16-bit outputs where the
+    two glues split a batch differently (float64 accuracy: test_nn_vs_torch). Gradients in the parameters'
+    dtype."""
+    if dtype not in cpu.SUPPORTED_DTYPES:
+        pytest.skip("float16 loops need F16C")
+    torch.manual_seed(sum(shape) + len(params))
+    _, ours = torch_layer(shape, torch.float32)
+    if params == "same":
+        ours.to(dtype)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    with threads(threads_):
+        expected, twin, evaluated = python_glue_twin(ours, x, dy)
+        xo = x.clone().requires_grad_()
+        y = ours(xo)
+        assert NATIVE in y.grad_fn.name()
+        got = (y, *torch.autograd.grad(y, [xo, *ours.parameters()], dy))
+        with torch.no_grad():
+            got_eval = ours.eval()(x)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    ulp = HALF_ULP[dtype]
+    for what, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected):
+        assert a.dtype == b.dtype, what
+        close(a, b, ulp * max(1.0, b.abs().max().item()), what)
+    for key in ("running_mean", "running_var"):
+        a, b = getattr(ours, key), getattr(twin, key)
+        assert a.dtype == b.dtype == (dtype if params == "same" else torch.float32)
+        close(a, b, ulp * max(1.0, b.abs().max().item()), key)
+    assert int(ours.num_batches_tracked) == int(twin.num_batches_tracked) == 1
+    close(got_eval, evaluated, ulp * max(1.0, evaluated.abs().max().item()), "evaluation")
+
+
+@pytest.mark.parametrize("params", ["float32", "same"], ids=["f32-params", "16-bit-params"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name,args,kwargs,shape", [("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
+                                                    ("LayerNorm", (300,), {}, (128, 300)),
+                                                    ("InstanceNorm2d", (6,), {"affine": True}, (4, 6, 5, 7))],
+                         ids=["group", "layer-split", "instance"])
+def test_group_norm_family_16_bit_activations_match_the_python_glue(name, args, kwargs, shape, dtype, params):
+    if dtype not in cpu.SUPPORTED_DTYPES:
+        pytest.skip("float16 loops need F16C")
+    torch.manual_seed(sum(shape))
+    _, ours = family_layers(name, args, kwargs, torch.float32)
+    if params == "same":
+        ours.to(dtype)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    with threads(2):
+        expected, _, evaluated = python_glue_twin(ours, x, dy)
+        xo = x.clone().requires_grad_()
+        y = ours(xo)
+        assert NATIVE_GROUP in y.grad_fn.name()
+        got = (y, *torch.autograd.grad(y, [xo, *ours.parameters()], dy))
+    ulp = HALF_ULP[dtype]
+    for what, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected):
+        assert a.dtype == b.dtype, what
+        close(a, b, ulp * max(1.0, b.abs().max().item()), what)
+
+
 @pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])
 def test_gradients_of_some_inputs_only(wants):
     torch.manual_seed(3)
@@ -318,8 +405,9 @@ def test_leaves_other_inputs_to_the_python_glue():
     bn = normlab.BatchNorm1d(8)
     x = torch.randn(32, 16, requires_grad=True)
     assert NATIVE not in bn(x[:, ::2]).grad_fn.name()  # strided
-    assert NATIVE not in bn.to(torch.bfloat16)(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)
-                                               ).grad_fn.name()
+    # parameters of another floating dtype than the input's or its compute dtype (float32 for 16-bit inputs)
+    assert NATIVE not in bn.double()(torch.randn(32, 8, requires_grad=True)).grad_fn.name()
+    assert NATIVE not in bn(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)).grad_fn.name()
     bn2 = normlab.BatchNorm2d(16)
     rows_below, ncs_below = native.bn_below_bytes(cpu)
     assert rows_below == native.BN_BELOW_BYTES == 32 << 20 and ncs_below <= rows_below

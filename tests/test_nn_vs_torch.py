@@ -244,17 +244,20 @@ def test_reduced_precision_inputs_with_float32_parameters(name, args, shape, dty
 HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # half a unit in the last place, relative
 
 
+@pytest.mark.parametrize("backend", ["native", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("name,shape,fmt", [("BatchNorm1d", (64, 6), None), ("BatchNorm1d", (16, 6, 9), None),
                                             ("BatchNorm2d", (8, 6, 5, 7), None),
                                             ("BatchNorm2d", (8, 6, 5, 7), torch.channels_last)])
-def test_half_precision_model_takes_the_cpu_kernels_and_matches_float64(name, shape, fmt, dtype, monkeypatch):
+def test_half_precision_model_takes_the_cpu_kernels_and_matches_float64(name, shape, fmt, dtype, backend,
+                                                                         backend_ctx, monkeypatch):
     """A model converted with ``.bfloat16()`` / ``.half()``: parameters and running statistics in the 16-bit type.
 
     Two training steps and an evaluation against torch.nn's module in float64 on the same 16-bit values: each
     result may differ by the rounding of the answer to the 16-bit type (and of the parameters' gradients, sums
     over the batch, to it) plus the float32 computation's own error. The running statistics are updated in float64
-    and rounded once. The CPU kernels must run, not the portable torch-ops path (which took 10-25x longer)."""
+    (the Python glue) or float32 (the native glue) and rounded. The CPU kernels must run, through either glue, not
+    the portable torch-ops path (which took 10-25x longer)."""
     if dtype in normlab.kernels.cpu.SUPPORTED_DTYPES:  # float16 needs F16C on the host
         def portable_called(*_a, **_k):
             raise AssertionError("a 16-bit model went to the portable backend")
@@ -272,6 +275,11 @@ def test_half_precision_model_takes_the_cpu_kernels_and_matches_float64(name, sh
         assert a.dtype == dtype, what
         assert_close(a, b, 2 * ulp * max(scale, 1.0) + 1e-4, what)
 
+    with backend_ctx(backend):
+        _half_precision_steps(ours, ref, shape, fmt, dtype, close)
+
+
+def _half_precision_steps(ours, ref, shape, fmt, dtype, close):
     for step in range(2):
         x = (torch.randn(shape, dtype=torch.float64) * 2 + step).to(dtype)
         if fmt is not None:

@@ -2024,17 +2024,21 @@ def _ln_serial_chunks(m):
 
 
 def c_entry_points(dtype) -> tuple[int, ...]:
-    """Addresses of the C-callable loops for float32 or float64 data, in :data:`C_ENTRY_ORDER` (the order
-    ``native.cpp`` declares them). Pointers to the data (batch norm's mean always float64, everything else
-    ``dtype``; group and layer norm's statistics (N, G) and (M,)), then
+    """Addresses of the C-callable loops for activations stored as ``dtype`` (float32, float64, or the bits of
+    bfloat16 as int16 and of float16 as uint16), in :data:`C_ENTRY_ORDER` (the order ``native.cpp`` declares
+    them). Pointers to the data (the activations in ``dtype``, batch norm's mean always float64, everything else in
+    the compute dtype: float64 for float64, else float32; group and layer norm's statistics (N, G) and (M,)), then
     the sizes: (M / k, k * C, C) for the rows layout (k rows as one row of lanes, as ``bn_fwd_rows`` takes them),
     (N, C, S) for ncs; batch norm's eval and dx entries and the group and layer norm entries end with the bytes of
     the whole output that a call writes a part of (``whole``: their streaming stores follow its size). Defined
     here, beside the loops they call, so that numba's on-disk cache of these wrappers goes stale with this file."""
     from numba import carray, cfunc
 
-    t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
-    p, m64, i64, f64 = types.CPointer(t), types.CPointer(types.float64), types.int64, types.float64
+    storage = {np.float32: types.float32, np.float64: types.float64, np.int16: types.int16,
+               np.uint16: types.uint16}[np.dtype(dtype).type]
+    p = types.CPointer(storage)  # activations
+    a = types.CPointer(types.float64 if storage == types.float64 else types.float32)  # weights, statistics
+    m64, i64, f64 = types.CPointer(types.float64), types.int64, types.float64
 
     def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act, mode):
         _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
@@ -2115,19 +2119,19 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         return 0
 
     sigs = {
-        "fwd_rows": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
-        "eval_rows": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64, i64),
-        "fwd_ncs": i64(p, p, p, p, m64, p, i64, i64, i64, f64, i64, i64),
-        "eval_ncs": i64(p, p, p, p, p, p, i64, i64, i64, f64, i64, i64),
-        "bwd_rows": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
-        "bwd_ncs": i64(p, p, p, p, m64, p, p, p, p, i64, i64, i64, i64, i64, i64),
-        "running": i64(p, p, m64, p, i64, f64, i64, f64),
-        "gn_fwd": i64(p, p, p, p, p, p, i64, i64, i64, i64, f64, i64),
-        "gn_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64),
-        "ln_fwd": i64(p, p, p, p, p, p, i64, i64, f64, i64),
-        "ln_bwd": i64(p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64),
-        "dx_rows": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
-        "dx_ncs": i64(p, p, p, p, m64, p, m64, m64, p, i64, i64, i64, i64, i64, i64),
+        "fwd_rows": i64(p, p, a, a, m64, a, i64, i64, i64, f64, i64, i64),
+        "eval_rows": i64(p, p, a, a, a, a, i64, i64, i64, f64, i64, i64),
+        "fwd_ncs": i64(p, p, a, a, m64, a, i64, i64, i64, f64, i64, i64),
+        "eval_ncs": i64(p, p, a, a, a, a, i64, i64, i64, f64, i64, i64),
+        "bwd_rows": i64(p, p, a, a, m64, a, p, a, a, i64, i64, i64, i64, i64, i64),
+        "bwd_ncs": i64(p, p, a, a, m64, a, p, a, a, i64, i64, i64, i64, i64, i64),
+        "running": i64(a, a, m64, a, i64, f64, i64, f64),
+        "gn_fwd": i64(p, p, a, a, a, a, i64, i64, i64, i64, f64, i64),
+        "gn_bwd": i64(p, p, a, a, a, p, a, a, i64, i64, i64, i64, i64, i64),
+        "ln_fwd": i64(p, p, a, a, a, a, i64, i64, f64, i64),
+        "ln_bwd": i64(p, p, a, a, a, p, a, a, i64, i64, i64, i64, i64),
+        "dx_rows": i64(p, p, a, a, m64, a, m64, m64, p, i64, i64, i64, i64, i64, i64),
+        "dx_ncs": i64(p, p, a, a, m64, a, m64, m64, p, i64, i64, i64, i64, i64, i64),
     }
     fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
            "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running, "gn_fwd": gn_fwd_c, "gn_bwd": gn_bwd_c,

@@ -33,41 +33,52 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// the numba loops' C signatures (normlab.kernels.cpu_numba.C_ENTRY_ORDER); the mean is always float64
-template <typename T>
+// the numba loops' C signatures (normlab.kernels.cpu_numba.C_ENTRY_ORDER), S the storage type of the activations
+// (x, y, dy, dx) and A the compute type of everything else (weights, statistics, running statistics, partial sums):
+// float32 and float64 compute in themselves, bfloat16 (int16_t bits) and float16 (uint16_t bits) in float32; the
+// batch-norm mean is always float64
+constexpr int kLoopsNotSet = 0, kLoopsReady = 1, kLoopsDeclined = 2;  // Loops::state
+
+template <typename S, typename A>
 struct Loops {
   // fwd_*: the last argument is the mode (kModeTrain: statistics and y; kModeStats: mean and biased variance)
-  int64_t (*fwd_rows)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
+  int64_t (*fwd_rows)(const S*, S*, const A*, const A*, double*, A*, int64_t, int64_t, int64_t, double, int64_t,
                       int64_t) = nullptr;
   // eval_*, dx_*: the last argument is the bytes of the whole output a run writes a part of (its streaming stores
   // are chosen by that size, as for the whole output in one call)
-  int64_t (*eval_rows)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
+  int64_t (*eval_rows)(const S*, S*, const A*, const A*, const A*, const A*, int64_t, int64_t, int64_t, double,
                        int64_t, int64_t) = nullptr;
-  int64_t (*fwd_ncs)(const T*, T*, const T*, const T*, double*, T*, int64_t, int64_t, int64_t, double, int64_t,
+  int64_t (*fwd_ncs)(const S*, S*, const A*, const A*, double*, A*, int64_t, int64_t, int64_t, double, int64_t,
                      int64_t) = nullptr;
-  int64_t (*eval_ncs)(const T*, T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, double,
+  int64_t (*eval_ncs)(const S*, S*, const A*, const A*, const A*, const A*, int64_t, int64_t, int64_t, double,
                       int64_t, int64_t) = nullptr;
-  int64_t (*bwd_rows)(const T*, const T*, const T*, const T*, const double*, const T*, T*, T*, T*, int64_t,
+  int64_t (*bwd_rows)(const S*, const S*, const A*, const A*, const double*, const A*, S*, A*, A*, int64_t,
                       int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
-  int64_t (*bwd_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, T*, T*, T*, int64_t,
+  int64_t (*bwd_ncs)(const S*, const S*, const A*, const A*, const double*, const A*, S*, A*, A*, int64_t,
                      int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
-  int64_t (*running)(T*, T*, const double*, const T*, int64_t, double, int64_t, double) = nullptr;
+  int64_t (*running)(A*, A*, const double*, const A*, int64_t, double, int64_t, double) = nullptr;
   // group norm on (N, C, S), statistics (N, G); layer norm on (M, K), statistics (M); the last argument as eval_*'s
-  int64_t (*gn_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, double,
+  int64_t (*gn_fwd)(const S*, S*, const A*, const A*, A*, A*, int64_t, int64_t, int64_t, int64_t, double,
                     int64_t) = nullptr;
-  int64_t (*gn_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,
+  int64_t (*gn_bwd)(const S*, const S*, const A*, const A*, const A*, S*, A*, A*, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t) = nullptr;
-  int64_t (*ln_fwd)(const T*, T*, const T*, const T*, T*, T*, int64_t, int64_t, double, int64_t) = nullptr;
-  int64_t (*ln_bwd)(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t,
+  int64_t (*ln_fwd)(const S*, S*, const A*, const A*, A*, A*, int64_t, int64_t, double, int64_t) = nullptr;
+  int64_t (*ln_bwd)(const S*, const S*, const A*, const A*, const A*, S*, A*, A*, int64_t, int64_t, int64_t,
                     int64_t, int64_t) = nullptr;
   // batch norm's training dx alone, from the whole batch's dweight and dbias (float64) over cnt values a channel
-  int64_t (*dx_rows)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
-                     T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
-  int64_t (*dx_ncs)(const T*, const T*, const T*, const T*, const double*, const T*, const double*, const double*,
-                    T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
-  std::atomic<bool> ready{false};  // set after the pointers: a thread that sees it sees them
+  int64_t (*dx_rows)(const S*, const S*, const A*, const A*, const double*, const A*, const double*, const double*,
+                     S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+  int64_t (*dx_ncs)(const S*, const S*, const A*, const A*, const double*, const A*, const double*, const double*,
+                    S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+  // kLoopsNotSet until set_loops, then kLoopsReady, or kLoopsDeclined where the host's loops do not take the
+  // dtype (float16 without F16C); stored after the pointers: a thread that sees kLoopsReady sees them
+  std::atomic<int> state{kLoopsNotSet};
 
   void set(const std::vector<int64_t>& a) {
+    if (a.empty()) {
+      state.store(kLoopsDeclined, std::memory_order_release);
+      return;
+    }
     TORCH_CHECK(a.size() == 13, "normlab native: expected 13 loop addresses, got ", a.size());
     fwd_rows = reinterpret_cast<decltype(fwd_rows)>(a[0]);
     eval_rows = reinterpret_cast<decltype(eval_rows)>(a[1]);
@@ -82,25 +93,46 @@ struct Loops {
     ln_bwd = reinterpret_cast<decltype(ln_bwd)>(a[10]);
     dx_rows = reinterpret_cast<decltype(dx_rows)>(a[11]);
     dx_ncs = reinterpret_cast<decltype(dx_ncs)>(a[12]);
-    ready.store(true, std::memory_order_release);
+    state.store(kLoopsReady, std::memory_order_release);
   }
 };
 
-Loops<float> loops32;
-Loops<double> loops64;
+Loops<float, float> loops32;
+Loops<double, double> loops64;
+Loops<int16_t, float> loops_bf16;  // torch's bfloat16 bits
+Loops<uint16_t, float> loops_f16;  // IEEE half bits
 
-bool loops_ready(at::ScalarType st) {
-  return (st == at::kFloat ? loops32.ready : loops64.ready).load(std::memory_order_acquire);
+// the dtypes this glue takes as activations
+bool storage_ok(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
 }
 
-// f(loops) with the loops of x's dtype (float32 or float64)
+// the compute dtype of activations of dtype st: weights, statistics and running statistics are read in it
+at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// f(loops) with the loops of x's dtype (one of storage_ok's)
 template <typename F>
 void with_loops(const Tensor& x, F&& f) {
-  if (x.scalar_type() == at::kFloat) {
-    f(loops32);
-  } else {
-    f(loops64);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      f(loops32);
+      break;
+    case at::kDouble:
+      f(loops64);
+      break;
+    case at::kBFloat16:
+      f(loops_bf16);
+      break;
+    default:
+      f(loops_f16);
   }
+}
+
+// the state of the loops for dtype st (Loops::state)
+int loops_state(const Tensor& x) {
+  int state = 0;
+  with_loops(x, [&](const auto& k) { state = k.state.load(std::memory_order_acquire); });
+  return state;
 }
 
 // inputs of this many bytes and more stay with the Python glue (its parallel loops, its output pool): batch norm's
@@ -166,8 +198,7 @@ void set_lanes(Geometry& g) {
 
 bool geometry(const Tensor& x, Geometry& g) {
   if (!x.device().is_cpu() || x.layout() != at::kStrided || x.is_neg() || x.is_conj()) return false;
-  const auto st = x.scalar_type();
-  if (st != at::kFloat && st != at::kDouble) return false;
+  if (!storage_ok(x.scalar_type())) return false;
   const int64_t d = x.dim(), numel = x.numel();
   if (d < 2 || numel == 0) return false;
   g.c = x.size(1);
@@ -192,10 +223,19 @@ bool geometry(const Tensor& x, Geometry& g) {
   return false;
 }
 
-// a per-channel vector the loops can read in place: absent, or CPU, contiguous, C values of the input's dtype
+// a per-channel vector the loops can read: absent, or CPU, contiguous, C values of the compute dtype of inputs of
+// dtype st (read in place) or of st itself where that is a 16-bit type (a model converted with .bfloat16() or
+// .half(): converted per call, in_acc)
 bool vector_ok(const Tensor& t, int64_t c, at::ScalarType st) {
-  return !t.defined() || (t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == st &&
-                          t.numel() == c && t.is_contiguous() && !t.is_neg() && !t.is_conj());
+  return !t.defined() ||
+         (t.device().is_cpu() && t.layout() == at::kStrided &&
+          (t.scalar_type() == acc_type(st) || t.scalar_type() == st) && t.numel() == c && t.is_contiguous() &&
+          !t.is_neg() && !t.is_conj());
+}
+
+// t in the compute dtype acc, outside autograd (itself when it already is, or undefined)
+Tensor in_acc(const Tensor& t, at::ScalarType acc) {
+  return !t.defined() || t.scalar_type() == acc ? t : t.detach().to(acc);
 }
 
 // num_batches_tracked as this glue counts it: a CPU int64 scalar, in place (an inference tensor has no version)
@@ -238,14 +278,16 @@ variable_list differentiate(const Tensor& y, const Tensor& dy, const Tensor& x, 
   return out;
 }
 
+// a tensor's data as T: the storage type S of the loops for activations (bfloat16 and float16 as their bits), the
+// compute type A or double for the rest; the dtypes are checked where a call is taken
 template <typename T>
 const T* cp(const Tensor& t) {
-  return t.data_ptr<T>();
+  return static_cast<const T*>(t.data_ptr());
 }
 
 template <typename T>
 T* mp(const Tensor& t) {
-  return t.data_ptr<T>();
+  return static_cast<T*>(t.data_ptr());
 }
 
 // what a call needs to know besides its tensors
@@ -265,9 +307,9 @@ int64_t bn_runs(const Geometry& g) { return runs_for(g.n, g.n * row_size(g), bn_
 
 // One run's training pass (mode kModeTrain: statistics and y; kModeStats: mean and biased variance only) on rows
 // [lo, hi): the loops see the run as a batch of its own.
-template <typename T>
-void forward_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, double* mean,
-                 T* second, int64_t lo, int64_t hi, double eps, int64_t act, int64_t mode) {
+template <typename S, typename A>
+void forward_run(const Loops<S, A>& k, const Geometry& g, const S* x, S* y, const A* w, const A* b, double* mean,
+                 A* second, int64_t lo, int64_t hi, double eps, int64_t act, int64_t mode) {
   const int64_t off = lo * row_size(g);
   if (g.rows) {
     k.fwd_rows(x + off, y + off, w, b, mean, second, hi - lo, g.width, g.c, eps, act, mode);
@@ -278,9 +320,9 @@ void forward_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T
 
 // One run's evaluation pass: y = act((x - mean) * w / sqrt(var + eps) + b) on rows [lo, hi); whole: the bytes of
 // all of y (its streaming stores are chosen by them; y has x's size)
-template <typename T>
-void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w, const T* b, const T* mean,
-              const T* var, int64_t lo, int64_t hi, double eps, int64_t act, int64_t whole) {
+template <typename S, typename A>
+void eval_run(const Loops<S, A>& k, const Geometry& g, const S* x, S* y, const A* w, const A* b, const A* mean,
+              const A* var, int64_t lo, int64_t hi, double eps, int64_t act, int64_t whole) {
   const int64_t off = lo * row_size(g);
   if (g.rows) {
     k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act, whole);
@@ -291,15 +333,15 @@ void eval_run(const Loops<T>& k, const Geometry& g, const T* x, T* y, const T* w
 
 // The training forward split into runs: each run's mean and biased variance (kModeStats), merged here in float64
 // (Chan et al.: the runs' second moments about the batch mean), then each run normalized by the evaluation loop
-// with the batch's statistics. Its reference point is the mean rounded to T and the rounding's remainder goes
-// into the bias, as in the single-run loops, so a channel with a large mean keeps its precision.
-template <typename T>
-void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x, T* y, const T* w, const T* b,
-                   double* mean, T* invstd, int64_t whole) {
+// with the batch's statistics. Its reference point is the mean rounded to the compute type A and the rounding's
+// remainder goes into the bias, as in the single-run loops, so a channel with a large mean keeps its precision.
+template <typename S, typename A>
+void forward_split(const Loops<S, A>& k, const Call& call, int64_t runs, const S* x, S* y, const A* w, const A* b,
+                   double* mean, A* invstd, int64_t whole) {
   const Geometry& g = call.g;
   const int64_t c = g.c, per_channel = g.rows ? g.width / g.c : g.s;
   std::vector<double> means(runs * c);
-  std::vector<T> vars(runs * c), ref(c), var_t(c), bias(c);
+  std::vector<A> vars(runs * c), ref(c), var_t(c), bias(c);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
     forward_run(k, g, x, y, w, b, &means[t * c], &vars[t * c], lo, hi, call.eps, call.act, kModeStats);
   });
@@ -317,13 +359,13 @@ void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x
       m2 += counts[t] * (static_cast<double>(vars[t * c + ch]) + d * d);
     }
     mean[ch] = m;
-    var_t[ch] = static_cast<T>(m2 / total);
-    // as the loops' _invstd: var + eps rounded to T, the root in float64
-    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<T>(var_t[ch] + static_cast<T>(call.eps))));
-    invstd[ch] = static_cast<T>(inv);
-    ref[ch] = static_cast<T>(m);
-    const double a = static_cast<double>(static_cast<T>(inv * static_cast<double>(w[ch])));
-    bias[ch] = static_cast<T>(static_cast<double>(b[ch]) - (m - static_cast<double>(ref[ch])) * a);
+    var_t[ch] = static_cast<A>(m2 / total);
+    // as the loops' _invstd: var + eps rounded to A, the root in float64
+    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<A>(var_t[ch] + static_cast<A>(call.eps))));
+    invstd[ch] = static_cast<A>(inv);
+    ref[ch] = static_cast<A>(m);
+    const double a = static_cast<double>(static_cast<A>(inv * static_cast<double>(w[ch])));
+    bias[ch] = static_cast<A>(static_cast<double>(b[ch]) - (m - static_cast<double>(ref[ch])) * a);
   }
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
     eval_run(k, g, x, y, w, bias.data(), ref.data(), var_t.data(), lo, hi, call.eps, call.act, whole);
@@ -332,27 +374,27 @@ void forward_split(const Loops<T>& k, const Call& call, int64_t runs, const T* x
 
 // Forward: y (allocated here), and in training the batch's mean (float64) and invstd into the given tensors;
 // the running statistics are updated when the call has them.
-template <typename T>
-void forward_loops(const Loops<T>& k, Call& call, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& b,
+template <typename S, typename A>
+void forward_loops(const Loops<S, A>& k, Call& call, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& b,
                    const Tensor& mean, const Tensor& invstd) {
   const Geometry& g = call.g;
   const int64_t runs = bn_runs(g);
   if (call.training) {
     if (runs > 1) {
-      forward_split(k, call, runs, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd),
+      forward_split(k, call, runs, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), mp<double>(mean), mp<A>(invstd),
                     x.nbytes());
     } else {
-      forward_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), mp<double>(mean), mp<T>(invstd), 0, g.n, call.eps,
+      forward_run(k, g, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), mp<double>(mean), mp<A>(invstd), 0, g.n, call.eps,
                   call.act, kModeTrain);
     }
     if (call.running_mean.defined()) {
       const int64_t count = x.numel() / g.c;
-      call.nonfinite = k.running(mp<T>(call.running_mean), mp<T>(call.running_var), cp<double>(mean), cp<T>(invstd),
+      call.nonfinite = k.running(mp<A>(call.running_mean), mp<A>(call.running_var), cp<double>(mean), cp<A>(invstd),
                                  g.c, call.eps, count, call.momentum);
     }
   } else {
     over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
-      eval_run(k, g, cp<T>(x), mp<T>(y), cp<T>(w), cp<T>(b), cp<T>(call.running_mean), cp<T>(call.running_var), lo,
+      eval_run(k, g, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), cp<A>(call.running_mean), cp<A>(call.running_var), lo,
                hi, call.eps, call.act, x.nbytes());
     });
   }
@@ -392,20 +434,21 @@ struct RunPartials {
 // Backward. Split into runs, each run's dweight/dbias are partial sums, added here in float64; in training dx
 // needs the whole batch's sums, so a second pass over the runs computes it (dx_rows/dx_ncs), while in evaluation
 // dx comes with the first pass.
-template <typename T>
-void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, const Tensor& x, const Tensor& w,
+template <typename S, typename A>
+void backward_loops(const Loops<S, A>& k, const Geometry& g, const Tensor& dy, const Tensor& x, const Tensor& w,
                     const Tensor& b, const Tensor& mean, const Tensor& invstd, bool training, int64_t act,
                     const Tensor& dx, const Tensor& dw, const Tensor& db) {
   const bool need_dx = dx.defined();
   const int64_t runs = bn_runs(g), c = g.c, per = row_size(g);
-  const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b), *ip = cp<T>(invstd);
+  const S *dyp = cp<S>(dy), *xp = cp<S>(x);
+  const A *wp = cp<A>(w), *bp = cp<A>(b), *ip = cp<A>(invstd);
   const double* mp_ = cp<double>(mean);
-  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
-  RunPartials<T> partial(runs, c);
+  S* dxp = need_dx ? mp<S>(dx) : const_cast<S*>(xp);  // not written without need_dx
+  RunPartials<A> partial(runs, c);
   const bool dx_with_sums = need_dx && (runs == 1 || !training);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
-    T* dwt = runs == 1 ? mp<T>(dw) : partial.dw(t);
-    T* dbt = runs == 1 ? mp<T>(db) : partial.db(t);
+    A* dwt = runs == 1 ? mp<A>(dw) : partial.dw(t);
+    A* dbt = runs == 1 ? mp<A>(db) : partial.db(t);
     const int64_t off = lo * per;
     if (g.rows) {
       k.bwd_rows(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, g.width, c, act, training,
@@ -417,7 +460,7 @@ void backward_loops(const Loops<T>& k, const Geometry& g, const Tensor& dy, cons
   });
   if (runs == 1) return;
   std::vector<double> dw64(c), db64(c);
-  partial.sum_runs(runs, mp<T>(dw), mp<T>(db), dw64.data(), db64.data());
+  partial.sum_runs(runs, mp<A>(dw), mp<A>(db), dw64.data(), db64.data());
   if (!need_dx || dx_with_sums) return;
   const int64_t count = x.numel() / c, whole = x.nbytes();  // dx has x's size
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
@@ -438,7 +481,7 @@ void forward_any(Call& call, const Tensor& x, const Tensor& y, const Tensor& w, 
   const auto opts = x.options();
   if (call.training) {
     mean = at::empty({call.g.c}, opts.dtype(at::kDouble));
-    invstd = at::empty({call.g.c}, opts);
+    invstd = at::empty({call.g.c}, opts.dtype(acc_type(x.scalar_type())));
   } else if (keep_stats) {
     mean = call.running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
     invstd = (call.running_var + call.eps).rsqrt();
@@ -546,13 +589,14 @@ struct BatchNormBackward : NormNode {
     Geometry g;
     geometry(x, g);
     dy = laid_out_like(dy, x);
-    const auto opts = x.options();
+    const auto acc = acc_type(x.scalar_type());
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
-    Tensor dw = at::empty({g.c}, opts), db = at::empty({g.c}, opts);
+    Tensor dw = at::empty({g.c}, x.options().dtype(acc)), db = at::empty({g.c}, x.options().dtype(acc));
     with_loops(x, [&](const auto& k) {
-      backward_loops(k, g, dy, x, weight, bias, mean_, invstd_, training, act, dx, dw, db);
+      backward_loops(k, g, dy, x, in_acc(weight, acc), in_acc(bias, acc), mean_, invstd_, training, act, dx, dw, db);
     });
-    return {dx, need_dw ? dw : Tensor(), need_db ? db : Tensor()};
+    // the parameters' gradients in their own dtype (a 16-bit model's: rounded once)
+    return {dx, need_dw ? dw.to(weight.scalar_type()) : Tensor(), need_db ? db.to(bias.scalar_type()) : Tensor()};
   }
 
  private:
@@ -571,7 +615,8 @@ struct BatchNormBackward : NormNode {
     } else {
       z = (x - mean_.to(x.scalar_type()).view(shape)) * invstd_.view(shape);
     }
-    const Tensor y = activation(z * weight.view(shape) + bias.view(shape), act);
+    // in x's dtype, as the forward's output (16-bit inputs with float32 parameters promote)
+    const Tensor y = activation(z * weight.view(shape) + bias.view(shape), act).to(x.scalar_type());
     return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 3);
   }
 };
@@ -596,8 +641,9 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
       !(eps > 0.0) || std::isinf(eps) || (training && x.numel() == x.size(1))) {
     return {Tensor(), kUnsupported};
   }
-  const auto st = x.scalar_type();
-  if (!loops_ready(st)) return {Tensor(), kNoLoops};
+  const auto st = x.scalar_type(), acc = acc_type(st);
+  const int state = loops_state(x);
+  if (state != kLoopsReady) return {Tensor(), state == kLoopsDeclined ? kUnsupported : kNoLoops};
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   call.running_mean = running_mean.value_or(Tensor());
   call.running_var = running_var.value_or(Tensor());
@@ -622,10 +668,18 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
     count.unsafeGetTensorImpl()->bump_version();  // as add_(1)
     if (cumulative) call.momentum = 1.0 / static_cast<double>(batches);
   }
-  const auto opts = x.options();
+  const auto opts = x.options().dtype(acc);
   const Tensor w_or_ones = or_filled(w, c, opts, 1.0), b_or_zeros = or_filled(b, c, opts, 0.0);
+  // 16-bit running statistics (a converted model's) are read and updated in float32 copies, rounded back after
+  const Tensor running_mean16 = call.running_mean, running_var16 = call.running_var;
+  call.running_mean = in_acc(running_mean16, acc);
+  call.running_var = in_acc(running_var16, acc);
   Tensor y = at::empty_like(x), mean, invstd;
-  forward_any(call, x, y, w_or_ones, b_or_zeros, mean, invstd, /*keep_stats=*/grad);
+  forward_any(call, x, y, in_acc(w_or_ones, acc), in_acc(b_or_zeros, acc), mean, invstd, /*keep_stats=*/grad);
+  if (training && running_mean16.defined() && !running_mean16.is_same(call.running_mean)) {
+    running_mean16.copy_(call.running_mean);
+    running_var16.copy_(call.running_var);
+  }
   if (grad) {
     auto [self, node] = new_node<BatchNormBackward>();
     node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
@@ -661,13 +715,15 @@ int64_t group_backward_runs(const GroupCall& g) {
   return g.layer && g.n < runs * kLayerBackwardRowsPerRun ? 1 : runs;
 }
 
-template <typename T>
-void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
+template <typename S, typename A>
+void group_forward_loops(const Loops<S, A>& k, const GroupCall& g, const Tensor& x, const Tensor& y, const Tensor& w,
                          const Tensor& b, const Tensor& mean, const Tensor& invstd) {
   // whole: the bytes of all of y (x's size), which each run's streaming stores follow
   const int64_t per = g.c * g.s, stats = g.layer ? 1 : g.groups, whole = x.nbytes();
-  const T *xp = cp<T>(x), *wp = cp<T>(w), *bp = cp<T>(b);
-  T *yp = mp<T>(y), *mp_ = mp<T>(mean), *ip = mp<T>(invstd);
+  const S* xp = cp<S>(x);
+  S* yp = mp<S>(y);
+  const A *wp = cp<A>(w), *bp = cp<A>(b);
+  A *mp_ = mp<A>(mean), *ip = mp<A>(invstd);
   over_runs(g.n, group_runs(g, parallel_from), [&](int64_t, int64_t lo, int64_t hi) {
     if (g.layer) {
       k.ln_fwd(xp + lo * per, yp + lo * per, wp, bp, mp_ + lo, ip + lo, hi - lo, g.c, g.eps, whole);
@@ -679,20 +735,21 @@ void group_forward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& x,
 }
 
 // dw and db: one run writes them, several write partials (RunPartials), summed here in float64
-template <typename T>
-void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& dy, const Tensor& x, const Tensor& w,
-                          const Tensor& mean, const Tensor& invstd, const Tensor& dx, const Tensor& dw,
-                          const Tensor& db, bool need_wb) {
+template <typename S, typename A>
+void group_backward_loops(const Loops<S, A>& k, const GroupCall& g, const Tensor& dy, const Tensor& x,
+                          const Tensor& w, const Tensor& mean, const Tensor& invstd, const Tensor& dx,
+                          const Tensor& dw, const Tensor& db, bool need_wb) {
   const bool need_dx = dx.defined();
   const int64_t runs = group_backward_runs(g), per = g.c * g.s, stats = g.layer ? 1 : g.groups,
                 whole = x.nbytes();  // as the forward's, for dx
-  RunPartials<T> partial(runs, g.c);
-  const T *dyp = cp<T>(dy), *xp = cp<T>(x), *wp = cp<T>(w), *mp_ = cp<T>(mean), *ip = cp<T>(invstd);
-  T* dxp = need_dx ? mp<T>(dx) : const_cast<T*>(xp);  // not written without need_dx
+  RunPartials<A> partial(runs, g.c);
+  const S *dyp = cp<S>(dy), *xp = cp<S>(x);
+  const A *wp = cp<A>(w), *mp_ = cp<A>(mean), *ip = cp<A>(invstd);
+  S* dxp = need_dx ? mp<S>(dx) : const_cast<S*>(xp);  // not written without need_dx
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
     const int64_t off = lo * per;
-    T* dwt = runs == 1 ? mp<T>(dw) : partial.dw(t);
-    T* dbt = runs == 1 ? mp<T>(db) : partial.db(t);
+    A* dwt = runs == 1 ? mp<A>(dw) : partial.dw(t);
+    A* dbt = runs == 1 ? mp<A>(db) : partial.db(t);
     if (g.layer) {
       k.ln_bwd(dyp + off, xp + off, wp, mp_ + lo, ip + lo, dxp + off, dwt, dbt, hi - lo, g.c, need_dx, need_wb,
                whole);
@@ -701,7 +758,7 @@ void group_backward_loops(const Loops<T>& k, const GroupCall& g, const Tensor& d
                g.groups, need_dx, whole);
     }
   });
-  if (runs > 1 && (need_wb || !g.layer)) partial.sum_runs(runs, mp<T>(dw), mp<T>(db));
+  if (runs > 1 && (need_wb || !g.layer)) partial.sum_runs(runs, mp<A>(dw), mp<A>(db));
 }
 
 struct GroupNormBackward : NormNode {
@@ -724,16 +781,20 @@ struct GroupNormBackward : NormNode {
       const Tensor centred = xr - xr.mean({2}, /*keepdim=*/true);
       const Tensor xhat = (centred * (centred.pow(2).mean({2}, /*keepdim=*/true) + g.eps).rsqrt());
       const Tensor y = (xhat.view({g.n, g.c, g.s}) * weight.reshape({1, g.c, 1}) + bias.reshape({1, g.c, 1}))
-                           .view(x.sizes());
+                           .view(x.sizes())
+                           .to(x.scalar_type());
       return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 3);
     }
     dy = laid_out_like(dy, x);
+    const auto acc = acc_type(x.scalar_type());
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
-    Tensor dw = at::empty_like(weight), db = at::empty_like(bias);  // the parameters' shapes (layer norm: any)
+    // the parameters' shapes (layer norm: any), in the compute dtype; returned in their own
+    Tensor dw = at::empty(weight.sizes(), weight.options().dtype(acc)),
+           db = at::empty(bias.sizes(), bias.options().dtype(acc));
     with_loops(x, [&](const auto& k) {
-      group_backward_loops(k, g, dy, x, weight, mean_, invstd_, dx, dw, db, need_dw || need_db);
+      group_backward_loops(k, g, dy, x, in_acc(weight, acc), mean_, invstd_, dx, dw, db, need_dw || need_db);
     });
-    return {dx, need_dw ? dw : Tensor(), need_db ? db : Tensor()};
+    return {dx, need_dw ? dw.to(weight.scalar_type()) : Tensor(), need_db ? db.to(bias.scalar_type()) : Tensor()};
   }
 };
 
@@ -749,13 +810,13 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
       x.is_conj() || !(eps > 0.0) || std::isinf(eps)) {
     return {none, none, none, kUnsupported};
   }
-  const auto st = x.scalar_type();
+  const auto st = x.scalar_type(), acc = acc_type(st);
   const int64_t numel = x.numel();
-  if ((st != at::kFloat && st != at::kDouble) || numel == 0 ||
-      numel * x.element_size() >= group_below) {
+  if (!storage_ok(st) || numel == 0 || numel * x.element_size() >= group_below) {
     return {none, none, none, kUnsupported};
   }
-  if (!loops_ready(st)) return {none, none, none, kNoLoops};
+  const int state = loops_state(x);
+  if (state != kLoopsReady) return {none, none, none, state == kLoopsDeclined ? kUnsupported : kNoLoops};
   GroupCall g;
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   if (!layer_shape.empty()) {
@@ -781,13 +842,15 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   if (groups <= 0 || g.c % groups != 0 || !vector_ok(w, g.c, st) || !vector_ok(b, g.c, st)) {
     return {none, none, none, kUnsupported};
   }
-  const auto opts = x.options();
+  const auto opts = x.options().dtype(acc);
   const Tensor w_or_ones = or_filled(w, g.c, opts, 1.0);
   const Tensor b_or_zeros = b.defined() ? b : at::zeros_like(w_or_ones);  // the weight's shape (layer norm: any)
   const bool grad = records_node(x, w, b);
   if (grad && has_forward_grad(x, w, b)) return {none, none, none, kUnsupported};
   Tensor y = at::empty_like(x), mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
-  with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_or_ones, b_or_zeros, mean, invstd); });
+  with_loops(x, [&](const auto& k) {
+    group_forward_loops(k, g, x, y, in_acc(w_or_ones, acc), in_acc(b_or_zeros, acc), mean, invstd);
+  });
   if (grad) {
     auto [self, node] = new_node<GroupNormBackward>();
     node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
@@ -798,13 +861,19 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   return {y, mean, invstd, 0};
 }
 
+// no addresses: the host's loops do not take this dtype, and calls with it go to the Python glue
 void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) {
   if (dtype == "float32") {
     loops32.set(addresses);
   } else if (dtype == "float64") {
     loops64.set(addresses);
+  } else if (dtype == "bfloat16") {
+    loops_bf16.set(addresses);
+  } else if (dtype == "float16") {
+    loops_f16.set(addresses);
   } else {
-    TORCH_CHECK(false, "normlab native: no loops for dtype ", dtype, "; expected float32 or float64");
+    TORCH_CHECK(false, "normlab native: no loops for dtype ", dtype,
+                "; expected float32, float64, bfloat16 or float16");
   }
 }
 
@@ -835,7 +904,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "group norm of a contiguous (N, C, *) input, or layer norm over its trailing layer_shape: (y, mean, invstd, "
         "status)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype");
+  m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype (none: not on this host)");
   m.def("configure", &configure,
         "configure(bn_rows_below, bn_ncs_below, group_below, lanes_from, lanes_max, parallel_from, "
         "backward_parallel_from, bn_parallel_from): the bytes below which this glue takes batch norm's rows and "

@@ -150,12 +150,19 @@ def configure(module, cpu) -> None:
 
 
 def set_loops(module, dtype: torch.dtype) -> None:
-    """Hand the numba loops for ``dtype`` (float32 or float64) to the module: compiled on first use (about half a
-    minute per dtype once per machine, cached on disk by numba), so only the dtypes a program uses are compiled."""
-    from . import cpu_numba
+    """Hand the numba loops for activations of ``dtype`` (float32, float64, bfloat16, float16) to the module:
+    compiled on first use (about half a minute per dtype once per machine, cached on disk by numba), so only the
+    dtypes a program uses are compiled. A dtype the host's loops do not take (float16 without F16C) is declined:
+    the module leaves its calls to the Python glue."""
+    from . import cpu, cpu_numba
 
-    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
-    module.set_loops(str(dtype).removeprefix("torch."), list(cpu_numba.c_entry_points(np_dtype)))
+    name = str(dtype).removeprefix("torch.")
+    if dtype not in cpu.SUPPORTED_DTYPES:
+        module.set_loops(name, [])
+        return
+    storage = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
+               torch.float16: np.uint16}[dtype]
+    module.set_loops(name, list(cpu_numba.c_entry_points(storage)))
 
 
 __all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_bytes", "GROUP_SPLIT_FROM",
