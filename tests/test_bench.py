@@ -88,6 +88,19 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert "normlab" in out and "torch %copy" in out
 
 
+def test_bench_dtype_runs_every_section_in_it(tmp_path, capsys):
+    """``--dtype bfloat16``: inputs, layers and LeNet as ``model.to(torch.bfloat16)``; MB counted in its bytes."""
+    from normlab.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--dtype", "bfloat16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["args"]["dtype"] == "bfloat16"
+    assert {r["section"] for r in data["results"]} >= {"layers", "fused_relu", "groupnorm", "lenet", "roof"}
+    layer = next(r for r in data["results"] if r["section"] == "layers" and r["case"] == "16x12")
+    assert layer["mbytes"] == 16 * 12 * 2 / 1e6 and layer["ms"]["normlab"] > 0
+    assert "bfloat16" in capsys.readouterr().out
+
+
 def test_bench_roof_bound_is_the_larger_of_memory_roof_and_autograd_floor():
     """bound = max(minimum traffic at the copy's rate, the x * 2 floor); cap = torch / bound; a floor that paid
     page faults (fresh outputs: the heap's state) is left out."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,6 +308,31 @@ def test_group_norm_family_16_bit_activations_match_the_python_glue(name, args, 
     for what, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected):
         assert a.dtype == b.dtype, what
         close(a, b, ulp * max(1.0, b.abs().max().item()), what)
+
+
+def test_set_loops_declines_a_dtype_the_cpu_loops_do_not_take(monkeypatch):
+    """float16 on a host without F16C: the module is told there are no loops (no addresses), not handed none."""
+    calls = []
+
+    class Module:
+        def set_loops(self, name, addresses):
+            calls.append((name, addresses))
+
+    monkeypatch.setattr(cpu, "SUPPORTED_DTYPES", cpu.SUPPORTED_DTYPES - {torch.float16})
+    native.set_loops(Module(), torch.float16)
+    assert calls == [("float16", [])]
+
+
+def test_a_declined_dtype_goes_to_the_python_glue_for_good():
+    """After set_loops(dtype, []) the glue declines that dtype's calls (they take the Python glue) instead of
+    asking for its loops again; in a fresh process, as a declined dtype stays declined."""
+    code = ("import torch, normlab; from normlab import kernels as K; assert K._native is not None; "
+            "K._native.set_loops('float16', []); "
+            "x = torch.randn(8, 4, dtype=torch.float16, requires_grad=True); "
+            "print(normlab.BatchNorm1d(4).half()(x).grad_fn.name(), normlab.LayerNorm(4).half()(x).grad_fn.name(), "
+            "normlab.BatchNorm1d(4)(x.float()).grad_fn.name())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert NATIVE not in out[0] and NATIVE_GROUP not in out[1] and NATIVE in out[2], out
 
 
 @pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])

@@ -13,6 +13,8 @@ from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, QUICK_SHAPES, SECTI
                     bench_groupnorm, bench_layers, bench_lenet, bench_roof, parse_shape)
 from .timing import STAT, copy_bandwidth, settle_allocator
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark normlab's batch norm against torch (CPU)",
@@ -31,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--stat", choices=["median", "min"], default="median",
                    help="statistic of the repeats (median; min on a busy host)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the activations', parameters' and running statistics' dtype of every contender, as "
+                        "model.to(dtype) (default float32, the dtype the targets are set for)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the whole measurement N times in a row (a shared host's load moves single runs by "
                         "10-20 %%), then judge each target by the median of the runs; --json PATH writes "
@@ -102,6 +107,7 @@ def run(args) -> int:
 def _measure(args, sections: set, shapes: list, impls: list, budget: float, log) -> dict:
     """One run of the chosen sections: the table, summary and targets on stdout; the run as ``--json`` writes it."""
     quick = args.quick
+    dtype = DTYPES[getattr(args, "dtype", "float32")]
     log("measuring copy bandwidth ...")
     copy_gbps = copy_bandwidth((16 if quick else 512) * 2**20, budget * 2)
     machine = machine_info(copy_gbps)
@@ -109,29 +115,30 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
     rows: list[Row] = []
     if "layers" in sections:
         log("batch norm layers:")
-        rows += bench_layers(shapes, impls, budget, log)
+        rows += bench_layers(shapes, impls, budget, log, dtype=dtype)
     if "fused" in sections:
         log("fused batch norm + activation:")
         fused_shapes = QUICK_SHAPES[:1] if quick else ["256x6x28x28", "32x64x56x56", "256x64x28x28",
                                                         "32x64x56x56cl", "256x512"]
-        rows += bench_fused(fused_shapes, budget, log)
+        rows += bench_fused(fused_shapes, budget, log, dtype)
     if "groupnorm" in sections:
         log("group / instance / layer norm:")
-        rows += bench_groupnorm(quick, budget, log)
+        rows += bench_groupnorm(quick, budget, log, dtype)
     if "lenet" in sections:
         log("LeNet-BN training step:")
-        rows += bench_lenet(16 if quick else 256, budget, log)
+        rows += bench_lenet(16 if quick else 256, budget, log, dtype)
     if "roof" in sections:
         log("roof (normlab and torch beside the autograd floor and a copy):")
-        rows += bench_roof(shapes, budget, log)
+        rows += bench_roof(shapes, budget, log, dtype)
     if "gpu" in sections:
         log(f"GPU ({torch.cuda.get_device_name()}), Triton kernels:")
-        rows += bench_gpu(shapes, budget, log)
+        rows += bench_gpu(shapes, budget, log, dtype=dtype)
 
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
     l2 = f"L2 {machine['l2_bytes'] >> 10} KB a core, " if machine["l2_bytes"] else ""
     print(f"normlab bench -- {machine['cpu']}, {l2}{machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
+          f"{str(dtype).removeprefix('torch.')}, "
           f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's; "
           f"won: rounds in which normlab's call took less time than torch's in the same round; "
           f"%copy: normlab's minimum traffic per second against a same-size copy timed in the same rotation")
@@ -142,6 +149,8 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
     checked = targets(summary)
     if checked and not quick:
         print(render_targets(checked))
+        if dtype is not torch.float32:
+            print(f"(the targets are set for float32; this run measured {str(dtype).removeprefix('torch.')})")
     if quick:
         print("(--quick: tiny shapes, where per-call overhead dominates; run without --quick for the real suite)")
     data = {"args": {k: v for k, v in vars(args).items() if k != "func"},

@@ -60,8 +60,8 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], bool]:
     return shape, cl
 
 
-def _input(shape, cl):
-    x = torch.randn(shape)
+def _input(shape, cl, dtype=torch.float32):
+    x = torch.randn(shape).to(dtype)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     return x
@@ -104,21 +104,21 @@ def _time_row(row: Row, fns: dict, x: torch.Tensor, budget: float, log) -> None:
     row.ms.update({name: t * 1e3 for name, t in got.items()})
 
 
-def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> list[Row]:
+def bench_layers(shapes, impls, budget, log, device="cpu", section="layers", dtype=torch.float32) -> list[Row]:
     """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
-    its work: see :func:`synced`)."""
+    its work: see :func:`synced`); inputs and layers in ``dtype`` (as ``model.to(dtype)``)."""
     device = torch.device(device)
     rows = []
     for text in shapes:
         shape, cl = parse_shape(text)
-        x = _input(shape, cl).to(device)
+        x = _input(shape, cl, dtype).to(device)
         dy = torch.randn_like(x)
         mb = x.numel() * x.element_size() / 1e6
         by_mode = {m: Row(section, text, m, mb) for m in MODES}
         per_impl = {}
         for impl in impls:
             torch.manual_seed(0)
-            layer = make_layer(impl, shape[1], len(shape)).to(device)
+            layer = make_layer(impl, shape[1], len(shape)).to(device=device, dtype=dtype)
             per_impl[impl] = modes_for(layer, x, dy)
         for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
             _time_row(by_mode[mode], {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x,
@@ -137,12 +137,12 @@ def bench_layers(shapes, impls, budget, log, device="cpu", section="layers") -> 
     return rows
 
 
-def bench_fused(shapes, budget, log) -> list[Row]:
+def bench_fused(shapes, budget, log, dtype=torch.float32) -> list[Row]:
     import normlab
     rows = []
     for text in shapes:
         shape, cl = parse_shape(text)
-        x = _input(shape, cl)
+        x = _input(shape, cl, dtype)
         dy = torch.randn_like(x)
         mb = x.numel() * x.element_size() / 1e6
         d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
@@ -153,7 +153,7 @@ def bench_fused(shapes, budget, log) -> list[Row]:
                 "normlab_unfused": nn.Sequential(getattr(normlab, f"BatchNorm{d}")(shape[1]), torch_act()),
             }
             by_mode = {m: Row(f"fused_{act}", text, m, mb) for m in MODES}
-            per = {name: modes_for(layer, x, dy) for name, layer in contenders.items()}
+            per = {name: modes_for(layer.to(dtype), x, dy) for name, layer in contenders.items()}
             for mode in MODES:
                 _time_row(by_mode[mode], {name: fns[mode] for name, (fns, _) in per.items()}, x, budget, log)
                 for name, ms in by_mode[mode].ms.items():
@@ -166,16 +166,16 @@ def bench_fused(shapes, budget, log) -> list[Row]:
     return rows
 
 
-def bench_gpu(shapes, budget, log, device="cuda") -> list[Row]:
+def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32) -> list[Row]:
     """:func:`bench_layers` of normlab on its Triton kernels (``use_backend("triton")``) against ``torch.nn``
-    (cuDNN on CUDA), float32, on ``device``; ``%copy`` is then against a same-size copy on the device. Any device
+    (cuDNN on CUDA), in ``dtype``, on ``device``; ``%copy`` is then against a same-size copy on the device. Any device
     the Triton backend takes: a CPU device in Triton's interpreter is how the tests run this section."""
     from normlab import kernels
     with kernels.use_backend("triton"):
-        return bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu")
+        return bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu", dtype=dtype)
 
 
-def bench_groupnorm(quick, budget, log) -> list[Row]:
+def bench_groupnorm(quick, budget, log, dtype=torch.float32) -> list[Row]:
     import torch.nn.functional as TF
 
     import normlab.functional as NF
@@ -188,12 +188,12 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
         ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]
     rows = []
     for kind, shape, groups in cases:
-        x = torch.randn(shape)
+        x = torch.randn(shape).to(dtype)
         dy = torch.randn_like(x)
-        mb = x.numel() * 4 / 1e6
+        mb = x.numel() * x.element_size() / 1e6
         c = shape[-1] if kind == "ln" else shape[1]
-        w = torch.randn(c, requires_grad=True)
-        b = torch.randn(c, requires_grad=True)
+        w = torch.randn(c).to(dtype).requires_grad_()
+        b = torch.randn(c).to(dtype).requires_grad_()
         xg = x.clone().requires_grad_()
         if kind == "ln":
             ours = lambda t: NF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
@@ -222,18 +222,18 @@ def bench_groupnorm(quick, budget, log) -> list[Row]:
     return rows
 
 
-def bench_lenet(batch, budget, log) -> list[Row]:
+def bench_lenet(batch, budget, log, dtype=torch.float32) -> list[Row]:
     """One SGD step of LeNet-BN per contender, the contenders interleaved round by round (see
     :func:`timeit_interleaved`: timed one after the other, a few seconds apart, the host's load moved the ratio
-    by more than the difference)."""
-    x = torch.randn(batch, 1, 28, 28)
+    by more than the difference); model and input in ``dtype``."""
+    x = torch.randn(batch, 1, 28, 28).to(dtype)
     y = torch.randint(0, 10, (batch,))
-    row = Row("lenet", f"LeNet-BN step, batch {batch}", "train_step", x.numel() * 4 / 1e6)
+    row = Row("lenet", f"LeNet-BN step, batch {batch}", "train_step", x.numel() * x.element_size() / 1e6)
     loss_fn = nn.CrossEntropyLoss()
 
     def make_step(kind):
         torch.manual_seed(0)
-        model = lenet(kind)
+        model = lenet(kind).to(dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.9)
 
         def step():
@@ -278,19 +278,19 @@ def roof_bound(row: Row) -> dict:
             "torch_frac": roof / torch_ms if roof and torch_ms else None}
 
 
-def bench_roof(shapes, budget, log) -> list[Row]:
+def bench_roof(shapes, budget, log, dtype=torch.float32) -> list[Row]:
     """Training forward+backward of normlab and torch beside the autograd floor and a copy of the input, the four
     taking turns (no torch.compile or from-scratch contender in the rotation): each row's :func:`roof_bound`."""
     rows = []
     for text in shapes:
         shape, cl = parse_shape(text)
-        x = _input(shape, cl)
+        x = _input(shape, cl, dtype)
         dy = torch.randn_like(x)
         row = Row("roof", text, "train_fwd_bwd", x.numel() * x.element_size() / 1e6)
         fns = {}
         for impl in ("normlab", "torch"):
             torch.manual_seed(0)
-            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)), x, dy)[0]["train_fwd_bwd"]
+            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)).to(dtype), x, dy)[0]["train_fwd_bwd"]
         fns["floor"] = modes_for(AutogradFloor(), x, dy)[0]["train_fwd_bwd"]
         _time_row(row, fns, x, budget, log)
         if "normlab" in row.ms:
