@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -221,118 +219,6 @@ def test_streamed_split_runs_match_one_run_and_float64(shape, fmt, training):
         scale = max(1.0, e.abs().max().item())
         close(a, e, tol * scale, f"{name} against float64")
         close(a, o, tol * scale, f"{name} against one run")
-
-
-# (shape, memory format): the rows layout, (N, C, S), channels_last, and two past native.BN_SPLIT_FROM (split over
-# threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples
-HALF_LAYOUTS = [((32, 6), torch.contiguous_format), ((8, 6, 5, 7), torch.contiguous_format),
-                ((8, 6, 5, 7), torch.channels_last), ((2048, 64), torch.contiguous_format),
-                ((15, 8, 24, 25), torch.contiguous_format)]
-HALF_ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
-
-
-def python_glue_twin(layer, x, dy):
-    """The training step, the running statistics and an evaluation of a copy of ``layer`` through the Python glue."""
-    twin = copy.deepcopy(layer)
-    with K.use_backend("cpu"):
-        xt = x.detach().clone().requires_grad_()
-        y = twin(xt)
-        assert NATIVE not in y.grad_fn.name() and NATIVE_GROUP not in y.grad_fn.name()
-        got = (y, *torch.autograd.grad(y, [xt, *twin.parameters()], dy))
-        with torch.no_grad():
-            evaluated = twin.eval()(x)
-    return got, twin, evaluated
-
-
-@pytest.mark.parametrize("threads_", [1, 2])
-@pytest.mark.parametrize("params", ["float32", "same"], ids=["f32-params", "16-bit-params"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("shape,fmt", HALF_LAYOUTS, ids=[f"{s}-{str(f).split('.')[-1]}" for s, f in HALF_LAYOUTS])
-def test_16_bit_activations_take_it_and_match_the_python_glue(shape, fmt, dtype, params, threads_):
-    """bfloat16/float16 inputs with float32 parameters and statistics (mixed precision), or of a model converted
-    with ``.bfloat16()`` / ``.half()`` (its parameters and running statistics read and written in float32 copies):
-    the same loops as the Python glue's, so the same results up to one rounding of the 16-bit outputs where the
-    two glues split a batch differently (float64 accuracy: test_nn_vs_torch). Gradients in the parameters'
-    dtype."""
-    if dtype not in cpu.SUPPORTED_DTYPES:
-        pytest.skip("float16 loops need F16C")
-    torch.manual_seed(sum(shape) + len(params))
-    _, ours = torch_layer(shape, torch.float32)
-    if params == "same":
-        ours.to(dtype)
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
-    dy = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
-    with threads(threads_):
-        expected, twin, evaluated = python_glue_twin(ours, x, dy)
-        xo = x.clone().requires_grad_()
-        y = ours(xo)
-        assert NATIVE in y.grad_fn.name()
-        got = (y, *torch.autograd.grad(y, [xo, *ours.parameters()], dy))
-        with torch.no_grad():
-            got_eval = ours.eval()(x)
-    assert y.dtype == dtype and y.stride() == x.stride()
-    ulp = HALF_ULP[dtype]
-    for what, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected):
-        assert a.dtype == b.dtype, what
-        close(a, b, ulp * max(1.0, b.abs().max().item()), what)
-    for key in ("running_mean", "running_var"):
-        a, b = getattr(ours, key), getattr(twin, key)
-        assert a.dtype == b.dtype == (dtype if params == "same" else torch.float32)
-        close(a, b, ulp * max(1.0, b.abs().max().item()), key)
-    assert int(ours.num_batches_tracked) == int(twin.num_batches_tracked) == 1
-    close(got_eval, evaluated, ulp * max(1.0, evaluated.abs().max().item()), "evaluation")
-
-
-@pytest.mark.parametrize("params", ["float32", "same"], ids=["f32-params", "16-bit-params"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("name,args,kwargs,shape", [("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
-                                                    ("LayerNorm", (300,), {}, (128, 300)),
-                                                    ("InstanceNorm2d", (6,), {"affine": True}, (4, 6, 5, 7))],
-                         ids=["group", "layer-split", "instance"])
-def test_group_norm_family_16_bit_activations_match_the_python_glue(name, args, kwargs, shape, dtype, params):
-    if dtype not in cpu.SUPPORTED_DTYPES:
-        pytest.skip("float16 loops need F16C")
-    torch.manual_seed(sum(shape))
-    _, ours = family_layers(name, args, kwargs, torch.float32)
-    if params == "same":
-        ours.to(dtype)
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
-    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
-    with threads(2):
-        expected, _, evaluated = python_glue_twin(ours, x, dy)
-        xo = x.clone().requires_grad_()
-        y = ours(xo)
-        assert NATIVE_GROUP in y.grad_fn.name()
-        got = (y, *torch.autograd.grad(y, [xo, *ours.parameters()], dy))
-    ulp = HALF_ULP[dtype]
-    for what, a, b in zip(("y", "dx", "dweight", "dbias"), got, expected):
-        assert a.dtype == b.dtype, what
-        close(a, b, ulp * max(1.0, b.abs().max().item()), what)
-
-
-def test_set_loops_declines_a_dtype_the_cpu_loops_do_not_take(monkeypatch):
-    """float16 on a host without F16C: the module is told there are no loops (no addresses), not handed none."""
-    calls = []
-
-    class Module:
-        def set_loops(self, name, addresses):
-            calls.append((name, addresses))
-
-    monkeypatch.setattr(cpu, "SUPPORTED_DTYPES", cpu.SUPPORTED_DTYPES - {torch.float16})
-    native.set_loops(Module(), torch.float16)
-    assert calls == [("float16", [])]
-
-
-def test_a_declined_dtype_goes_to_the_python_glue_for_good():
-    """After set_loops(dtype, []) the glue declines that dtype's calls (they take the Python glue) instead of
-    asking for its loops again; in a fresh process, as a declined dtype stays declined."""
-    code = ("import torch, normlab; from normlab import kernels as K; assert K._native is not None; "
-            "K._native.set_loops('float16', []); "
-            "x = torch.randn(8, 4, dtype=torch.float16, requires_grad=True); "
-            "print(normlab.BatchNorm1d(4).half()(x).grad_fn.name(), normlab.LayerNorm(4).half()(x).grad_fn.name(), "
-            "normlab.BatchNorm1d(4)(x.float()).grad_fn.name())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert NATIVE not in out[0] and NATIVE_GROUP not in out[1] and NATIVE in out[2], out
 
 
 @pytest.mark.parametrize("wants", ["x", "weight", "x+bias"])
