@@ -26,10 +26,12 @@ def _native(backend_ctx):
 
 
 # (shape, memory format): the rows layout, (N, C, S), channels_last, and two past native.BN_SPLIT_FROM (split over
-# threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples
+# threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples; 4096 channels: float16 vectors of that length
+# are converted by ATen's kernel (native.cpp, kHalfByAtenFrom), shorter ones by the glue's loop
 HALF_LAYOUTS = [((32, 6), torch.contiguous_format), ((8, 6, 5, 7), torch.contiguous_format),
                 ((8, 6, 5, 7), torch.channels_last), ((2048, 64), torch.contiguous_format),
-                ((15, 8, 24, 25), torch.contiguous_format)]
+                ((15, 8, 24, 25), torch.contiguous_format),
+                ((8, 4096), torch.contiguous_format)]  # a 16-bit model's vectors long enough for ATen's conversion
 HALF_ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 
@@ -89,8 +91,9 @@ def test_16_bit_activations_take_it_and_match_the_python_glue(shape, fmt, dtype,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("name,args,kwargs,shape", [("GroupNorm", (3, 6), {}, (4, 6, 5, 7)),
                                                     ("LayerNorm", (300,), {}, (128, 300)),
-                                                    ("InstanceNorm2d", (6,), {"affine": True}, (4, 6, 5, 7))],
-                         ids=["group", "layer-split", "instance"])
+                                                    ("InstanceNorm2d", (6,), {"affine": True}, (4, 6, 5, 7)),
+                                                    ("LayerNorm", (4096,), {}, (4, 4096))],
+                         ids=["group", "layer-split", "instance", "layer-4096"])
 def test_group_norm_family_16_bit_activations_match_the_python_glue(name, args, kwargs, shape, dtype, params):
     if dtype not in cpu.SUPPORTED_DTYPES:
         pytest.skip("float16 loops need F16C")
