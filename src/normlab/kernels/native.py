@@ -25,7 +25,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import pool
@@ -160,9 +159,7 @@ def set_loops(module, dtype: torch.dtype) -> None:
     if dtype not in cpu.SUPPORTED_DTYPES:
         module.set_loops(name, [])
         return
-    storage = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
-               torch.float16: np.uint16}[dtype]
-    module.set_loops(name, list(cpu_numba.c_entry_points(storage)))
+    module.set_loops(name, list(cpu_numba.c_entry_points(cpu._NP_STORAGE[dtype])))  # 16-bit floats as their bits
 
 
 __all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_bytes", "GROUP_SPLIT_FROM",
