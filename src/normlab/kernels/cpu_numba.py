@@ -2032,10 +2032,9 @@ def c_entry_points(dtype) -> tuple[int, ...]:
     (N, C, S) for ncs; batch norm's eval and dx entries and the group and layer norm entries end with the bytes of
     the whole output that a call writes a part of (``whole``: their streaming stores follow its size). Defined
     here, beside the loops they call, so that numba's on-disk cache of these wrappers goes stale with this file."""
-    from numba import carray, cfunc
+    from numba import carray, cfunc, from_dtype
 
-    storage = {np.float32: types.float32, np.float64: types.float64, np.int16: types.int16,
-               np.uint16: types.uint16}[np.dtype(dtype).type]
+    storage = from_dtype(np.dtype(dtype))
     p = types.CPointer(storage)  # activations
     a = types.CPointer(types.float64 if storage == types.float64 else types.float32)  # weights, statistics
     m64, i64, f64 = types.CPointer(types.float64), types.int64, types.float64

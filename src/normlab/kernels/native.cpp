@@ -128,13 +128,6 @@ void with_loops(const Tensor& x, F&& f) {
   }
 }
 
-// the state of the loops for dtype st (Loops::state)
-int loops_state(const Tensor& x) {
-  int state = 0;
-  with_loops(x, [&](const auto& k) { state = k.state.load(std::memory_order_acquire); });
-  return state;
-}
-
 // inputs of this many bytes and more stay with the Python glue (its parallel loops, its output pool): batch norm's
 // rows layout ((N, C), (N, C, L) with L = 1, channels_last) and (N, C, S) layout; group, layer and instance norm
 int64_t bn_rows_below = 0, bn_ncs_below = 0, group_below = 0;
@@ -148,6 +141,13 @@ int64_t parallel_from = std::numeric_limits<int64_t>::max(), backward_parallel_f
 constexpr int64_t kUnsupported = -1;  // status: the Python glue takes this call
 constexpr int64_t kNoLoops = -2;      // status: load this dtype's loops (set_loops), then call again
 constexpr int64_t kModeTrain = 0, kModeStats = 1;  // normlab.kernels.cpu_numba.MODE_TRAIN, MODE_STATS
+
+// 0 where the loops for x's dtype are ready, kNoLoops before set_loops, kUnsupported where it declined the dtype
+int64_t loops_status(const Tensor& x) {
+  int state = kLoopsNotSet;
+  with_loops(x, [&](const auto& k) { state = k.state.load(std::memory_order_acquire); });
+  return state == kLoopsReady ? 0 : state == kLoopsDeclined ? kUnsupported : kNoLoops;
+}
 
 // A child forked after this process ran a parallel region stays on one thread: GNU OpenMP's pool does not survive
 // fork(), and a parallel region in such a child hangs (as torch's own operators there).
@@ -225,7 +225,7 @@ bool geometry(const Tensor& x, Geometry& g) {
 
 // a per-channel vector the loops can read: absent, or CPU, contiguous, C values of the compute dtype of inputs of
 // dtype st (read in place) or of st itself where that is a 16-bit type (a model converted with .bfloat16() or
-// .half(): converted per call, in_acc)
+// .half(): converted per call, in_dtype)
 bool vector_ok(const Tensor& t, int64_t c, at::ScalarType st) {
   return !t.defined() ||
          (t.device().is_cpu() && t.layout() == at::kStrided &&
@@ -269,17 +269,10 @@ void convert_into(const Tensor& from, const Tensor& to) {
   }
 }
 
-// t in the compute dtype acc (itself when it already is, or undefined)
-Tensor in_acc(const Tensor& t, at::ScalarType acc) {
-  if (!t.defined() || t.scalar_type() == acc) return t;
-  Tensor out = at::empty(t.sizes(), t.options().dtype(acc));
-  convert_into(t, out);
-  return out;
-}
-
-// t (compute dtype) in dtype st, a parameter's (itself when it already is)
+// t in dtype st (itself when it already is, or undefined): a 16-bit vector in the compute dtype, or a
+// compute-dtype gradient in its 16-bit parameter's dtype
 Tensor in_dtype(const Tensor& t, at::ScalarType st) {
-  if (t.scalar_type() == st) return t;
+  if (!t.defined() || t.scalar_type() == st) return t;
   Tensor out = at::empty(t.sizes(), t.options().dtype(st));
   convert_into(t, out);
   return out;
@@ -583,14 +576,17 @@ bool has_forward_grad(const Tensor& x, const Tensor& w, const Tensor& b) {
 }
 
 // What both nodes keep for the backward: the inputs (weight and bias defined: ones and zeros stand in for absent
-// ones, as the next edges need an input each) and the forward's statistics. Next edges: x, weight, bias.
+// ones, as the next edges need an input each), the forward's statistics, and a 16-bit model's weight and bias in
+// the compute dtype as the forward converted them (the loops read them so; undefined where they read the
+// parameters in place). Next edges: x, weight, bias.
 struct NormNode : Node {
   SavedVariable x_, weight_, bias_;
-  Tensor mean_, invstd_;
+  Tensor mean_, invstd_, weight_acc_, bias_acc_;
 
-  // the next edges to the inputs, y's history on this node, and what the backward needs
+  // the next edges to the inputs, y's history on this node, and what the backward needs; weight_acc and bias_acc:
+  // weight and bias as the loops read them
   void record(const NodePtr& self, const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y,
-              const Tensor& mean, const Tensor& invstd) {
+              const Tensor& mean, const Tensor& invstd, const Tensor& weight_acc, const Tensor& bias_acc) {
     set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
     torch::autograd::set_history(y, self);
     x_ = SavedVariable(x, /*is_output=*/false);
@@ -598,7 +594,13 @@ struct NormNode : Node {
     bias_ = SavedVariable(bias, /*is_output=*/false);
     mean_ = mean;
     invstd_ = invstd;
+    if (!weight_acc.is_same(weight)) weight_acc_ = weight_acc;
+    if (!bias_acc.is_same(bias)) bias_acc_ = bias_acc;
   }
+
+  // weight or bias (unpacked, checked against in-place changes) as the loops read them
+  Tensor weight_acc(const Tensor& weight) const { return weight_acc_.defined() ? weight_acc_ : weight; }
+  Tensor bias_acc(const Tensor& bias) const { return bias_acc_.defined() ? bias_acc_ : bias; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -607,6 +609,8 @@ struct NormNode : Node {
     bias_.reset_data();
     mean_.reset();
     invstd_.reset();
+    weight_acc_.reset();
+    bias_acc_.reset();
   }
 
   variable_list apply(variable_list&& grads) final {
@@ -640,7 +644,7 @@ struct BatchNormBackward : NormNode {
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
     Tensor dw = at::empty({g.c}, x.options().dtype(acc)), db = at::empty({g.c}, x.options().dtype(acc));
     with_loops(x, [&](const auto& k) {
-      backward_loops(k, g, dy, x, in_acc(weight, acc), in_acc(bias, acc), mean_, invstd_, training, act, dx, dw, db);
+      backward_loops(k, g, dy, x, weight_acc(weight), bias_acc(bias), mean_, invstd_, training, act, dx, dw, db);
     });
     // the parameters' gradients in their own dtype (a 16-bit model's: rounded once)
     return {dx, need_dw ? in_dtype(dw, weight.scalar_type()) : Tensor(),
@@ -690,8 +694,7 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
     return {Tensor(), kUnsupported};
   }
   const auto st = x.scalar_type(), acc = acc_type(st);
-  const int state = loops_state(x);
-  if (state != kLoopsReady) return {Tensor(), state == kLoopsDeclined ? kUnsupported : kNoLoops};
+  if (const int64_t status = loops_status(x); status != 0) return {Tensor(), status};
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   call.running_mean = running_mean.value_or(Tensor());
   call.running_var = running_var.value_or(Tensor());
@@ -720,10 +723,11 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   const Tensor w_or_ones = or_filled(w, c, opts, 1.0), b_or_zeros = or_filled(b, c, opts, 0.0);
   // 16-bit running statistics (a converted model's) are read and updated in float32 copies, rounded back after
   const Tensor running_mean16 = call.running_mean, running_var16 = call.running_var;
-  call.running_mean = in_acc(running_mean16, acc);
-  call.running_var = in_acc(running_var16, acc);
+  call.running_mean = in_dtype(running_mean16, acc);
+  call.running_var = in_dtype(running_var16, acc);
   Tensor y = at::empty_like(x), mean, invstd;
-  forward_any(call, x, y, in_acc(w_or_ones, acc), in_acc(b_or_zeros, acc), mean, invstd, /*keep_stats=*/grad);
+  const Tensor w_acc = in_dtype(w_or_ones, acc), b_acc = in_dtype(b_or_zeros, acc);
+  forward_any(call, x, y, w_acc, b_acc, mean, invstd, /*keep_stats=*/grad);
   if (training && running_mean16.defined() && !running_mean16.is_same(call.running_mean)) {
     convert_into(call.running_mean, running_mean16);
     convert_into(call.running_var, running_var16);
@@ -732,7 +736,7 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   }
   if (grad) {
     auto [self, node] = new_node<BatchNormBackward>();
-    node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
+    node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd, w_acc, b_acc);
     node->training = training;
     node->eps = eps;
     node->act = act;
@@ -842,7 +846,7 @@ struct GroupNormBackward : NormNode {
     Tensor dw = at::empty(weight.sizes(), weight.options().dtype(acc)),
            db = at::empty(bias.sizes(), bias.options().dtype(acc));
     with_loops(x, [&](const auto& k) {
-      group_backward_loops(k, g, dy, x, in_acc(weight, acc), mean_, invstd_, dx, dw, db, need_dw || need_db);
+      group_backward_loops(k, g, dy, x, weight_acc(weight), mean_, invstd_, dx, dw, db, need_dw || need_db);
     });
     return {dx, need_dw ? in_dtype(dw, weight.scalar_type()) : Tensor(),
             need_db ? in_dtype(db, bias.scalar_type()) : Tensor()};
@@ -866,8 +870,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   if (!storage_ok(st) || numel == 0 || numel * x.element_size() >= group_below) {
     return {none, none, none, kUnsupported};
   }
-  const int state = loops_state(x);
-  if (state != kLoopsReady) return {none, none, none, state == kLoopsDeclined ? kUnsupported : kNoLoops};
+  if (const int64_t status = loops_status(x); status != 0) return {none, none, none, status};
   GroupCall g;
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   if (!layer_shape.empty()) {
@@ -899,12 +902,11 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   const bool grad = records_node(x, w, b);
   if (grad && has_forward_grad(x, w, b)) return {none, none, none, kUnsupported};
   Tensor y = at::empty_like(x), mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
-  with_loops(x, [&](const auto& k) {
-    group_forward_loops(k, g, x, y, in_acc(w_or_ones, acc), in_acc(b_or_zeros, acc), mean, invstd);
-  });
+  const Tensor w_acc = in_dtype(w_or_ones, acc), b_acc = in_dtype(b_or_zeros, acc);
+  with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_acc, b_acc, mean, invstd); });
   if (grad) {
     auto [self, node] = new_node<GroupNormBackward>();
-    node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd);
+    node->record(self, x, w_or_ones, b_or_zeros, y, mean, invstd, w_acc, b_acc);
     node->groups = g.groups;
     node->s = g.s;
     node->eps = g.eps;
