@@ -235,18 +235,50 @@ def test_supports():
     (torch.float32, (10, 48), 48, 48), (torch.float32, (10, 128), 128, 128), (torch.float32, (10, 32), 32, 32),
     (torch.float32, (10, 480), 120, 120), (torch.float32, (10, 384), 3, 96), (torch.float32, (10, 130), 130, 0),
     (torch.float64, (10, 32), 32, 32), (torch.float64, (10, 64), 64, 64), (torch.float64, (10, 120), 120, 0),
-    (torch.float64, (10, 320), 40, 40), (torch.bfloat16, (10, 128), 64, 0)],
+    (torch.float64, (10, 320), 40, 40), (torch.bfloat16, (10, 128), 64, 64), (torch.float16, (10, 480), 120, 120),
+    (torch.float16, (10, 130), 130, 0)],
     ids=str)
 def test_register_loops_take_rows_of_up_to_512_bytes(dtype, shape, c, lanes):
-    """The (M, C) register loops take float32/float64 arrays as rows of 256 bytes where C divides that and the
-    arrays' rows hold whole ones, else as rows of C times the largest power of two that fits 512 bytes and divides
-    the arrays' rows (the last vectors masked); wider channels, other dtypes and strided arrays keep the memory
-    loops."""
+    """The (M, C) register loops take arrays as rows of 256 bytes of compute-dtype lanes (float32 for 16-bit
+    storage) where C divides that and the arrays' rows hold whole ones, else as rows of C times the largest power of
+    two that fits 512 bytes and divides the arrays' rows (the last vectors masked); wider channels and strided
+    arrays keep the memory loops."""
     a = cpu._np(torch.zeros(shape, dtype=dtype))
     assert cpu_numba._reg_lanes(a, c, a, a) == lanes
     if lanes:
         assert cpu_numba._reg_lanes(a, c, a[:, ::2], a) == 0  # a strided output: the memory loops
         assert cpu_numba._reg_lanes(a, c, a, a.view(a.dtype)[:, :shape[1]]) == lanes
+
+
+# 16-bit inputs of the register loops (full rows of 64 lanes; masked rows of 120 and of 3 * 32 lanes; channels_last
+# C = 64 and C = 3) and of the short (N, C, S) rows' sums (S = 100: pairs of vectors and a masked one)
+LOW_REGISTER = [((130, 64), None), ((67, 120), None), ((64, 3), None), ((8, 64, 4, 4), torch.channels_last),
+                ((16, 3, 5, 5), torch.channels_last), ((6, 5, 10, 10), None)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape,fmt", LOW_REGISTER, ids=str)
+def test_16bit_loops_round_their_float32_twins_once(shape, fmt, dtype, large_paths):
+    """bfloat16 and float16 loops compute in float32: on the same values held in float32 storage, the float32 loops
+    take the same paths, sums and coefficients, so each 16-bit output is the float32 output rounded once (to
+    nearest even), bit for bit, and the statistics and parameter gradients are equal."""
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
+    x = make(shape, fmt, dtype, gen=gen)
+    dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen) + 1, torch.randn(c, generator=gen)
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+    x32, dy32 = x.float(), dy.float()
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
+    y32, mean32, invstd32 = cpu.bn_train_forward(x32, w, b, 1e-5)
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
+    assert torch.equal(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5), cpu.bn_eval_forward(x32, rm, rv, w, b, 1e-5).to(dtype))
+    for training in (True, False):
+        got = cpu.bn_backward(dy, x, w, b, mean, invstd, "identity", training)
+        want = cpu.bn_backward(dy32, x32, w, b, mean, invstd, "identity", training)
+        assert torch.equal(got[0], want[0].to(dtype))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)

@@ -651,16 +651,17 @@ def _next_channel(c, nc, step):
 def _row_sums_ir_codegen(grads):
     """Codegen of ``_row_sums_ir(x2, dy2, r, shift)`` -> (sum d, sum d * d) or, if ``grads``, (sum g, sum g * d)
     with d = x2[r, i] - shift and g = dy2[r, i] (identity activation), in x's element type, returned as float64.
-    x2, dy2: (rows, S) C-contiguous float32 or float64 arrays (other element types return zeros: the callers do
-    not take this path for them)."""
+    x2, dy2: (rows, S) C-contiguous arrays of one storage type (:class:`_RegTypes`; other combinations return
+    zeros: the callers do not take this path for them)."""
     def codegen(context, builder, signature, args):
         xt, dyt = signature.args[0], signature.args[1]
         x2, dy2, r, shift = args
         f64 = ir.DoubleType()
-        if xt.dtype not in (types.float32, types.float64) or dyt.dtype != xt.dtype:
+        if xt.dtype not in _REG_STORAGE or dyt.dtype != xt.dtype:
             zero = ir.Constant(f64, 0.0)
             return context.make_tuple(builder, signature.return_type, [zero, zero])
-        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
+        st = _RegTypes(context, xt.dtype)
+        elem, lanes, vt, item = st.elem, st.lanes, st.vt, st.item
         intp = context.get_value_type(types.intp)
         xa = context.make_array(xt)(context, builder, x2)
         ns = builder.extract_value(xa.shape, 1)
@@ -668,7 +669,7 @@ def _row_sums_ir_codegen(grads):
         start = builder.mul(r, ns)
         xrow = builder.gep(xa.data, [start])
         dyrow = builder.gep(context.make_array(dyt)(context, builder, dy2).data, [start])
-        sh = context.cast(builder, shift, signature.args[3], xt.dtype)
+        sh = context.cast(builder, shift, signature.args[3], types.float32 if st.narrow else xt.dtype)
         shv = _splat(builder, sh, vt)
         zero = ir.Constant(vt, None)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # (sum, second) x two chains
@@ -680,7 +681,7 @@ def _row_sums_ir_codegen(grads):
             _accumulate(builder, acc[2 * chain], acc[2 * chain + 1], gv if grads else d, d)
 
         def load(row, at):
-            return builder.load(_vec_ptr(builder, row, at, vt), align=item)
+            return st.load(builder, row, at)
 
         step = ir.Constant(intp, lanes)
         full = builder.sdiv(ns, step)
@@ -698,8 +699,8 @@ def _row_sums_ir_codegen(grads):
         rest = builder.sub(ns, done)
         with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(intp, 0))):
             mask = _lane_masks(builder, rest, 1, lanes, intp)[0]
-            xv = _vload(builder, xrow, done, vt, item, mask, shv)
-            add(1, xv, _vload(builder, dyrow, done, vt, item, mask) if grads else None)
+            xv = st.load(builder, xrow, done, mask, shv)
+            add(1, xv, st.load(builder, dyrow, done, mask) if grads else None)
         reduce = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(elem, [elem, vt]),
             f"llvm.vector.reduce.fadd.{_llvm_suffix(vt)}")
@@ -726,9 +727,9 @@ def _row_grad_sums_ir(typingctx, x2, dy2, r, shift):
 
 @njit(inline="always")
 def _short_rows_ir(x, other):
-    """Whether the (N, C, S) sums take :func:`_row_sums_ir`: float32/float64 rows of at most _BLOCK values, ``other``
-    (dy, or x itself) of the same element type."""
-    return (x.itemsize == 4 or x.itemsize == 8) and other.itemsize == x.itemsize and x.shape[2] <= _BLOCK
+    """Whether the (N, C, S) sums take :func:`_row_sums_ir`: rows of at most _BLOCK values, ``other`` (dy, or x
+    itself) of the same element size (the glues give dy x's dtype)."""
+    return other.itemsize == x.itemsize and x.shape[2] <= _BLOCK
 
 
 @njit(inline="always")
@@ -1131,16 +1132,69 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
 # ------------------------------------------------------------------------------------------------------
 _REG_ROW_BYTES = 256  # a full row of the register view: four 64-byte vectors per sum
 _REG_WIDE_BYTES = 512  # the widest row it takes: eight vectors, the last ones masked where the row is shorter
+_REG_STORAGE = (types.float32, types.float64, types.int16, types.uint16)  # bfloat16 as int16, float16 as uint16
 _REG_VECTOR_BYTES = 64  # LLVM vectors of this size (one zmm; two ymm or four xmm where the target has no zmm)
 _CONTRACT = ("contract",)  # a * b + c may become one fused multiply-add, as in the loops' fastmath
 
 
-def _reg_geometry(context, dtype):
-    """(element IR type, lanes per vector, vector IR type, element bytes) of the register view."""
-    elem = context.get_value_type(dtype)
-    item = dtype.bitwidth // 8
-    lanes = _REG_VECTOR_BYTES // item
-    return elem, lanes, ir.VectorType(elem, lanes), item
+class _RegTypes:
+    """The register loops' types for arrays of storage type ``dtype``: compute vectors ``vt`` of ``lanes``
+    elements ``elem`` (``item`` bytes: float32 for float32, bfloat16 and float16 storage, float64 for float64) in
+    one _REG_VECTOR_BYTES register, and the storage vectors ``svt`` of as many storage elements (``sitem`` bytes:
+    a 16-bit type's vector is half a register wide, widened on load and narrowed on store as :func:`up` and
+    :func:`down` do one element)."""
+
+    def __init__(self, context, dtype):
+        self.dtype = dtype
+        self.narrow = dtype in (types.int16, types.uint16)
+        compute = types.float32 if self.narrow else dtype
+        self.elem = context.get_value_type(compute)
+        self.item = compute.bitwidth // 8
+        self.lanes = _REG_VECTOR_BYTES // self.item
+        self.vt = ir.VectorType(self.elem, self.lanes)
+        self.sitem = dtype.bitwidth // 8
+        self.svt = ir.VectorType(context.get_value_type(dtype), self.lanes)
+
+    def load(self, builder, base, index, mask=None, fill=None):
+        """The compute vector of the storage elements at ``index`` of ``base`` (as :func:`_vload`; lanes left out
+        by ``mask`` read ``fill``, zeros if None)."""
+        if not self.narrow:
+            return _vload(builder, base, index, self.vt, self.item, mask, fill)
+        bits = _vload(builder, base, index, self.svt, self.sitem, mask)
+        if self.dtype == types.int16:  # bfloat16: the bits are a float32's high half
+            wide = builder.zext(bits, ir.VectorType(ir.IntType(32), self.lanes))
+            v = builder.bitcast(builder.shl(wide, _splat(builder, ir.Constant(ir.IntType(32), 16), wide.type)),
+                                self.vt)
+        else:
+            v = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), self.lanes)), self.vt)
+        return v if mask is None or fill is None else builder.select(mask, v, fill)
+
+    def store(self, builder, value, base, index, mask=None, nontemporal=False):
+        """Stores the compute vector ``value`` as storage elements at ``index`` of ``base`` (as :func:`_vstore`;
+        a streaming store takes a vector-aligned address)."""
+        if self.narrow:
+            value = _narrow(builder, value, self.dtype, self.lanes)
+        vt = self.svt if self.narrow else self.vt
+        whole = self.lanes * self.sitem
+        _vstore(builder, value, base, index, vt, whole if nontemporal else self.sitem, mask, nontemporal)
+
+
+def _narrow(builder, value, dtype, lanes):
+    """float32 vector -> the 16-bit storage vector of ``dtype``: bfloat16 (int16) rounded to nearest even with
+    NaN kept NaN, as :func:`_f32_to_bf16`; float16 (uint16) by LLVM's ``half``, as :func:`_f32_to_f16`."""
+    if dtype == types.uint16:
+        return builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), lanes)),
+                               ir.VectorType(ir.IntType(16), lanes))
+    i32 = ir.VectorType(ir.IntType(32), lanes)
+
+    def const(v):
+        return _splat(builder, ir.Constant(ir.IntType(32), v), i32)
+
+    bits = builder.bitcast(value, i32)
+    lsb = builder.and_(builder.lshr(bits, const(16)), const(1))
+    rounded = builder.add(bits, builder.add(lsb, const(0x7FFF)))
+    out = builder.select(builder.fcmp_unordered("uno", value, value), const(0x7FC0 << 16), rounded)
+    return builder.trunc(builder.lshr(out, const(16)), ir.VectorType(ir.IntType(16), lanes))
 
 
 def _splat(builder, value, vt):
@@ -1151,8 +1205,10 @@ def _splat(builder, value, vt):
 
 
 def _llvm_suffix(vt):
-    """LLVM's overload suffix of vector type ``vt`` (v16f32, v8f64) for intrinsics such as llvm.masked.load."""
-    return f"v{vt.count}{'f32' if vt.element == ir.FloatType() else 'f64'}"
+    """LLVM's overload suffix of vector type ``vt`` (v16f32, v8f64, v16i16) for intrinsics such as
+    llvm.masked.load."""
+    kind = {ir.FloatType(): "f32", ir.DoubleType(): "f64", ir.IntType(16): "i16"}[vt.element]
+    return f"v{vt.count}{kind}"
 
 
 def _vec_ptr(builder, base, index, vt):
@@ -1225,22 +1281,24 @@ def _accumulate(builder, first_acc, second_acc, first, d):
 
 def _reg_sums_codegen(grads):
     """Codegen of ``_reg_sums`` (``grads`` False) and ``_reg_grad_sums`` (True): over rows lo..hi of ``width``
-    lanes of x's memory (row r at element r * width; width at most _REG_WIDE_BYTES, C-contiguous, float32 or
-    float64: other element types emit nothing, the callers never take this path for them), with
-    d = x - shift[l]:
+    lanes of x's memory (row r at element r * width; width at most _REG_WIDE_BYTES of compute-dtype lanes,
+    C-contiguous, x and dy of one storage type of :class:`_RegTypes`: other element types emit nothing, the callers
+    never take this path for them), with d = x - shift[l]:
 
     * sums:      s1[l] += sum d,  s2[l] += sum d * d
     * grad sums: s1[l] += sum g,  s2[l] += sum g * d, with g = dy (identity activation)
 
-    the sums in the element type (float32 lanes for float32 storage), added to the float64 s1, s2 at the end.
+    the sums in the compute dtype (float32 lanes for float32 and 16-bit storage), added to the float64 s1, s2 at
+    the end.
     Lanes past ``width`` in a row's last vectors are masked off: x reads as the shift there and dy as zero, so they
     add nothing, and s1, s2 keep their values."""
     def codegen(context, builder, signature, args):
         xt = signature.args[0]
         x, dy, lo, hi, width, shift, s1, s2 = args
-        if xt.dtype not in (types.float32, types.float64) or signature.args[1].dtype != xt.dtype:
+        if xt.dtype not in _REG_STORAGE or signature.args[1].dtype != xt.dtype:
             return context.get_dummy_value()
-        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
+        st = _RegTypes(context, xt.dtype)
+        elem, lanes, vt, item = st.elem, st.lanes, st.vt, st.item
         v64 = ir.VectorType(ir.DoubleType(), lanes)
         intp = context.get_value_type(types.intp)
 
@@ -1263,8 +1321,8 @@ def _reg_sums_codegen(grads):
                 start = builder.mul(r, width_v)
                 for k in range(nvec):
                     at = builder.add(start, ir.Constant(intp, k * lanes))
-                    d = builder.fsub(_vload(builder, xs, at, vt, item, mask[k], sh[k]), sh[k])
-                    first = _vload(builder, dys, at, vt, item, mask[k]) if grads else d
+                    d = builder.fsub(st.load(builder, xs, at, mask[k], sh[k]), sh[k])
+                    first = st.load(builder, dys, at, mask[k]) if grads else d
                     _accumulate(builder, acc1[k], acc2[k], first, d)
             for k in range(nvec):
                 at = ir.Constant(intp, k * lanes)
@@ -1296,8 +1354,8 @@ def _reg_grad_sums(typingctx, x, dy, lo, hi, width, shift, s1, s2):
 def _reg_map_codegen(kind):
     """Codegen of ``_reg_normalize`` (``kind`` "y") and ``_reg_dx`` ("dx"): elementwise over rows lo..hi of
     ``width`` lanes (see :func:`_reg_sums_codegen`), the per-lane coefficients held in registers, identity
-    activation, the output in x's element type; with streaming stores where ``stream`` (64-byte aligned rows of
-    256 or 512 bytes; rows with masked lanes store plainly):
+    activation, the output in x's storage type; with streaming stores where ``stream`` (rows of 64-byte aligned
+    vectors; rows with masked lanes store plainly):
 
     * y:  out = (x - ref[l]) * a[l] + bb[l]                  args (x, out, lo, hi, width, ref, a, bb, stream)
     * dx: out = dy * k_g[l] + (x - x0[l]) * k_d[l] + k_0[l]  args (dy, x, out, lo, hi, width, x0, k_g, k_d, k_0, stream)
@@ -1307,9 +1365,10 @@ def _reg_map_codegen(kind):
     def codegen(context, builder, signature, args):
         arrays = signature.args[:n_in + 1]
         xt = arrays[n_in - 1]
-        if xt.dtype not in (types.float32, types.float64) or any(a.dtype != xt.dtype for a in arrays):
+        if xt.dtype not in _REG_STORAGE or any(a.dtype != xt.dtype for a in arrays):
             return context.get_dummy_value()
-        elem, lanes, vt, item = _reg_geometry(context, xt.dtype)
+        st = _RegTypes(context, xt.dtype)
+        lanes, vt, item = st.lanes, st.vt, st.item
         intp = context.get_value_type(types.intp)
         data = [context.make_array(t)(context, builder, v).data for t, v in zip(signature.args, args)
                 if isinstance(t, types.Array)]
@@ -1325,7 +1384,7 @@ def _reg_map_codegen(kind):
                 start = builder.mul(r, width)
                 for k in range(nvec):
                     at = builder.add(start, ir.Constant(intp, k * lanes))
-                    v = [_vload(builder, p, at, vt, item, mask[k]) for p in ins]
+                    v = [st.load(builder, p, at, mask[k]) for p in ins]
                     if kind == "y":
                         ref, a, bb = (c[k] for c in coef)
                         res = builder.fadd(builder.fmul(builder.fsub(v[0], ref), a, flags=_CONTRACT), bb,
@@ -1336,7 +1395,7 @@ def _reg_map_codegen(kind):
                         res = builder.fadd(builder.fmul(v[0], kg, flags=_CONTRACT),
                                            builder.fadd(builder.fmul(d, kd, flags=_CONTRACT), k0, flags=_CONTRACT),
                                            flags=_CONTRACT)
-                    _vstore(builder, res, out, at, vt, 64 if nontemporal else item, mask[k], nontemporal)
+                    st.store(builder, res, out, at, mask[k], nontemporal)
 
         def emit(nvec, masks):
             if masks is not None:
@@ -1374,21 +1433,21 @@ def _dense(a):
 @njit(inline="always")
 def _reg_lanes(x, nc, other1, other2):
     """The register view's row width (lanes) for (M, width) rows arrays of C = ``nc`` channels, 0 where it does not
-    apply: float32/float64 storage, all three arrays (x and the pass's other two: y; dy, dx) of that element size
-    and C-contiguous. The register loops take the arrays' memory as rows of that many lanes, lane l holding channel
-    l % C, whatever their shape: a full row of 256 bytes where C divides it and the rows hold whole ones, else
+    apply: all three arrays (x and the pass's other two: y; dy, dx) of one element size (the glues give them x's
+    dtype) and C-contiguous. The register loops take the arrays' memory as rows of that many lanes, lane l holding
+    channel l % C, whatever their shape: a full row of 256 bytes of compute-dtype lanes (64 float32 lanes for
+    float32, bfloat16 and float16 storage, 32 float64 ones) where C divides it and the rows hold whole ones, else
     rows of j * C lanes up to 512 bytes (j the largest power of two that divides the rows' width over C, the last
     vectors of a row masked)."""
-    if x.itemsize != 4 and x.itemsize != 8:
-        return 0
     if other1.itemsize != x.itemsize or other2.itemsize != x.itemsize:
         return 0
     if not (_dense(x) and _dense(other1) and _dense(other2)):
         return 0
-    full = _REG_ROW_BYTES // x.itemsize
+    item = max(x.itemsize, 4)  # the compute dtype's
+    full = _REG_ROW_BYTES // item
     if full % nc == 0 and x.shape[1] % full == 0:
         return full
-    widest = _REG_WIDE_BYTES // x.itemsize
+    widest = _REG_WIDE_BYTES // item
     if nc > widest:
         return 0
     lanes = nc
