@@ -1,9 +1,11 @@
-"""A/B of the numba loops of two checkouts in one process: group, layer and batch norm kernels called directly on
-numpy arrays, the two versions alternating call by call, so that the host's drift (this file's reason to exist: the
-VMs it was written on moved their copy bandwidth by 2x between runs a minute apart) falls on both alike.
+"""A/B of the numba loops of two checkouts in one process: group, layer and batch norm kernels (batch norm's (M, C)
+loops also on bfloat16 and float16 storage) called directly on numpy arrays, the two versions alternating call by
+call, so that the host's drift (this file's reason to exist: the VMs it was written on moved their copy bandwidth by
+2x between runs a minute apart) falls on both alike.
 
     git worktree add /tmp/base <commit>                        # the loops to compare against
     .venv/bin/python benchmarks/ab_loops.py /tmp/base 1        # threads: 1 (serial twins) or more (parallel)
+    .venv/bin/python benchmarks/ab_loops.py /tmp/base 1 "bn rows"   # only the kernels whose label has this text
 
 Prints each kernel's median time in ms for the base ("old") and this checkout ("new") and their ratio. The first
 run compiles the base's loops (a few minutes; numba caches them next to its sources). Kernels whose arguments
@@ -40,14 +42,26 @@ def aligned(shape, dtype=np.float32) -> np.ndarray:
     return buf[off:off + n].reshape(shape)
 
 
-def filled(shape, rng) -> np.ndarray:
-    a = aligned(shape)
-    a[...] = rng.standard_normal(shape, dtype=np.float32)
+def filled(shape, rng, storage=np.float32) -> np.ndarray:
+    """Normal values in ``storage``: float32, or bfloat16 / float16 as the loops take them (int16 / uint16 bits)."""
+    v = rng.standard_normal(shape, dtype=np.float32)
+    a = aligned(shape, storage)
+    if storage == np.uint16:
+        a[...] = v.astype(np.float16).view(np.uint16)
+    elif storage == np.int16:
+        a[...] = (v.view(np.uint32) >> 16).astype(np.int16)  # truncated to bfloat16: fine for timing
+    else:
+        a[...] = v
     return a
+
+
+ONLY = ""  # the third argument: only kernels whose label contains it
 
 
 def ab(label: str, calls: dict, reps: int = 25, warmup: int = 3) -> None:
     """Median ms of each of ``calls`` ({"old": fn, "new": fn}), alternating which goes first every round."""
+    if ONLY not in label:
+        return
     times = {k: [] for k in calls}
     for r in range(reps + warmup):
         for k in (list(calls) if r % 2 else list(calls)[::-1]):
@@ -77,8 +91,11 @@ def main(base: str, threads: int) -> None:
     def whole(mod, name) -> tuple:  # loops that take it: 0, each array is the whole output
         return (0,) if takes(mod, name, "whole") else ()
 
-    def three(shape):  # three inputs in turn: the caches hold little of the one being read
-        return [filled(shape, rng) for _ in range(3)]
+    def three_of(shape, storage):  # three inputs in turn: the caches hold little of the one being read
+        return [filled(shape, rng, storage) for _ in range(3)]
+
+    def three(shape):
+        return three_of(shape, np.float32)
 
     for shape, g in [((128, 256, 196), 32), ((32, 64, 3136), 32), ((32, 64, 3136), 64), ((32, 32, 64), 8)]:
         xs, dys, ys = three(shape), three(shape), [aligned(shape) for _ in range(3)]
@@ -132,8 +149,30 @@ def main(base: str, threads: int) -> None:
                                                                         0, True, True, y, dw, db, chunks))
                                for n, m in versions.items()})
 
+    # the (M, C) loops as the glue calls them on channels_last and (N, C) inputs: (M / k, k * C) rows (cpu._lanes)
+    for storage in (np.float32, np.uint16, np.int16):
+        for rows, c, k in [(100352, 64, 8), (4096, 64, 8), (256, 120, 1)]:
+            shape = (rows // k, k * c)
+            xs, dys, y = three_of(shape, storage), three_of(shape, storage), aligned(shape, storage)
+            w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+            mean, second = np.empty(c), np.empty(c, np.float32)
+            dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
+            chunks = 1 if threads == 1 else 4 * threads
+            turn = iter(range(1 << 62))
+            label = f"{np.dtype(storage).name} ({rows}, {c})"
+            for mode, what in ((0, "train"), (2, "eval")):  # MODE_TRAIN writes mean and invstd, MODE_EVAL reads
+                ab(f"bn rows {what} {label}",
+                   {n: (lambda m=m, mode=mode: kernel(m, "bn_fwd_rows")(xs[next(turn) % 3], y, w, b, 1e-5, 0, mode,
+                                                                         mean, second, chunks, *whole(m, "bn_fwd_rows")))
+                    for n, m in versions.items()})
+            versions["new"].bn_fwd_rows(xs[0], y, w, b, 1e-5, 0, 0, mean, second, 1, 0)  # the batch's statistics
+            ab(f"bn rows bwd {label}",
+               {n: (lambda m=m: kernel(m, "bn_bwd_rows")(dys[next(turn) % 3], xs[0], w, b, mean, second, 0, True, True,
+                                                         y, dw, db, chunks)) for n, m in versions.items()})
+
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: ab_loops.py BASE_CHECKOUT [THREADS]")
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 1)
+    if len(sys.argv) not in (2, 3, 4):
+        sys.exit("usage: ab_loops.py BASE_CHECKOUT [THREADS [LABEL_TEXT]]")
+    ONLY = sys.argv[3] if len(sys.argv) == 4 else ""
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) >= 3 else 1)

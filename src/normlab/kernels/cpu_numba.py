@@ -647,7 +647,7 @@ def _next_channel(c, nc, step):
 # form's accumulators (rows of 100 float32 took ~19 ns each beside ~7 ns for their values in cache: 131,072 values
 # summed in 33 us as rows of 100, 9 us as rows of 3136). The sums of a row of at most _BLOCK values are written as
 # LLVM IR instead: 64-byte vectors two at a time, the last partial one a masked load (its missing lanes read as
-# the shift, so they add zero), one reduction per row.
+# the shift, so they add zero), one reduction per row; 16-bit rows widened to float32 vectors (:class:`_RegTypes`).
 def _row_sums_ir_codegen(grads):
     """Codegen of ``_row_sums_ir(x2, dy2, r, shift)`` -> (sum d, sum d * d) or, if ``grads``, (sum g, sum g * d)
     with d = x2[r, i] - shift and g = dy2[r, i] (identity activation), in x's element type, returned as float64.
@@ -1129,6 +1129,14 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
 # lanes over tiles of 8-64 rows: (4096, 1024) 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9 against 1.5; strips
 # over whole runs of rows: (4096, 1024) 2.2 ms against 0.74), faster only from L2 ((256, 512) 11 us against 14,
 # but 43 against 32 when the input comes from L3).
+#
+# bfloat16 and float16 storage take the same rows of float32 lanes (:class:`_RegTypes`): a 16-bit vector half a
+# register wide in memory, widened on load and narrowed on store, each output rounded once as the loops above do.
+# In those loops the per-lane coefficients of the 16-bit passes came from memory beside every vector, and a 16-bit
+# channels_last evaluation ran slower than torch's (0.81-0.92x). Old and new loops alternating in one process, one
+# thread, caches mostly cold (benchmarks/ab_loops.py BASE 1 "bn rows", Zen 4, 2026-12-04), ms: float16
+# (100352, 64) training forward 2.59 -> 1.97, evaluation 1.48 -> 1.10, backward 2.87 -> 2.15; bfloat16 1.67 ->
+# 1.41, 1.08 -> 0.90, 2.54 -> 2.08; float32 unchanged.
 # ------------------------------------------------------------------------------------------------------
 _REG_ROW_BYTES = 256  # a full row of the register view: four 64-byte vectors per sum
 _REG_WIDE_BYTES = 512  # the widest row it takes: eight vectors, the last ones masked where the row is shorter
