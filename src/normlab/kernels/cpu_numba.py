@@ -101,39 +101,59 @@ MODE_TRAIN, MODE_STATS, MODE_EVAL = 0, 1, 2
 # ------------------------------------------------------------------------------------------------------
 # element conversion
 # ------------------------------------------------------------------------------------------------------
+def _shaped(like, elem):
+    """``elem``, or a vector of it as long as ``like`` where that IR type is a vector."""
+    return ir.VectorType(elem, like.count) if isinstance(like, ir.VectorType) else elem
+
+
+def _widen(builder, bits, bfloat):
+    """16-bit storage bits (i16, or a vector of them) -> float32: bfloat16 (``bfloat``) the high half of a float32,
+    float16 by LLVM's ``half`` (one instruction with F16C)."""
+    if not bfloat:
+        return builder.fpext(builder.bitcast(bits, _shaped(bits.type, ir.HalfType())),
+                             _shaped(bits.type, ir.FloatType()))
+    i32 = _shaped(bits.type, ir.IntType(32))
+    wide = builder.zext(bits, i32)
+    return builder.bitcast(builder.shl(wide, _int_constant(i32, 16)), _shaped(bits.type, ir.FloatType()))
+
+
+def _narrow(builder, value, bfloat):
+    """float32 (or a vector of them) -> 16-bit storage bits: bfloat16 (``bfloat``) rounded to nearest even, NaN
+    kept NaN; float16 by LLVM's ``half``."""
+    i16 = _shaped(value.type, ir.IntType(16))
+    if not bfloat:
+        return builder.bitcast(builder.fptrunc(value, _shaped(value.type, ir.HalfType())), i16)
+    i32 = _shaped(value.type, ir.IntType(32))
+    bits = builder.bitcast(value, i32)
+    lsb = builder.and_(builder.lshr(bits, _int_constant(i32, 16)), _int_constant(i32, 1))
+    rounded = builder.add(bits, builder.add(lsb, _int_constant(i32, 0x7FFF)))
+    out = builder.select(builder.fcmp_unordered("uno", value, value), _int_constant(i32, 0x7FC0 << 16), rounded)
+    return builder.trunc(builder.lshr(out, _int_constant(i32, 16)), i16)
+
+
+def _int_constant(t, v):
+    """The integer constant ``v`` of IR type ``t`` (every lane of a vector type)."""
+    return ir.Constant(t, [v] * t.count if isinstance(t, ir.VectorType) else v)
+
+
 @intrinsic
 def _bf16_to_f32(typingctx, u):
-    def codegen(context, builder, signature, args):
-        wide = builder.zext(args[0], ir.IntType(32))
-        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
-    return types.float32(u), codegen
+    return types.float32(u), lambda context, builder, signature, args: _widen(builder, args[0], True)
 
 
 @intrinsic
 def _f32_to_bf16(typingctx, f):
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        out = builder.select(is_nan, ir.Constant(i32, 0x7FC0 << 16), rounded)
-        return builder.trunc(builder.lshr(out, ir.Constant(i32, 16)), ir.IntType(16))
-    return types.int16(types.float32), codegen
+    return types.int16(types.float32), lambda context, builder, signature, args: _narrow(builder, args[0], True)
 
 
 @intrinsic
 def _f16_to_f32(typingctx, u):
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(u), codegen
+    return types.float32(u), lambda context, builder, signature, args: _widen(builder, args[0], False)
 
 
 @intrinsic
 def _f32_to_f16(typingctx, f):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(types.float32), codegen
+    return types.uint16(types.float32), lambda context, builder, signature, args: _narrow(builder, args[0], False)
 
 
 def up(v):
@@ -1168,41 +1188,17 @@ class _RegTypes:
         by ``mask`` read ``fill``, zeros if None)."""
         if not self.narrow:
             return _vload(builder, base, index, self.vt, self.item, mask, fill)
-        bits = _vload(builder, base, index, self.svt, self.sitem, mask)
-        if self.dtype == types.int16:  # bfloat16: the bits are a float32's high half
-            wide = builder.zext(bits, ir.VectorType(ir.IntType(32), self.lanes))
-            v = builder.bitcast(builder.shl(wide, _splat(builder, ir.Constant(ir.IntType(32), 16), wide.type)),
-                                self.vt)
-        else:
-            v = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), self.lanes)), self.vt)
-        return v if mask is None or fill is None else builder.select(mask, v, fill)
+        v = _widen(builder, _vload(builder, base, index, self.svt, self.sitem, mask), self.dtype == types.int16)
+        return v if mask is None or fill is None else builder.select(mask, v, fill)  # the fill after widening
 
     def store(self, builder, value, base, index, mask=None, nontemporal=False):
         """Stores the compute vector ``value`` as storage elements at ``index`` of ``base`` (as :func:`_vstore`;
         a streaming store takes a vector-aligned address)."""
         if self.narrow:
-            value = _narrow(builder, value, self.dtype, self.lanes)
+            value = _narrow(builder, value, self.dtype == types.int16)
         vt = self.svt if self.narrow else self.vt
         whole = self.lanes * self.sitem
         _vstore(builder, value, base, index, vt, whole if nontemporal else self.sitem, mask, nontemporal)
-
-
-def _narrow(builder, value, dtype, lanes):
-    """float32 vector -> the 16-bit storage vector of ``dtype``: bfloat16 (int16) rounded to nearest even with
-    NaN kept NaN, as :func:`_f32_to_bf16`; float16 (uint16) by LLVM's ``half``, as :func:`_f32_to_f16`."""
-    if dtype == types.uint16:
-        return builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), lanes)),
-                               ir.VectorType(ir.IntType(16), lanes))
-    i32 = ir.VectorType(ir.IntType(32), lanes)
-
-    def const(v):
-        return _splat(builder, ir.Constant(ir.IntType(32), v), i32)
-
-    bits = builder.bitcast(value, i32)
-    lsb = builder.and_(builder.lshr(bits, const(16)), const(1))
-    rounded = builder.add(bits, builder.add(lsb, const(0x7FFF)))
-    out = builder.select(builder.fcmp_unordered("uno", value, value), const(0x7FC0 << 16), rounded)
-    return builder.trunc(builder.lshr(out, const(16)), ir.VectorType(ir.IntType(16), lanes))
 
 
 def _splat(builder, value, vt):
