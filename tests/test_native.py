@@ -375,6 +375,45 @@ def test_build_command_checks_against_torch(capsys):
     assert "ok" in capsys.readouterr().out
 
 
+def test_slow_work_says_so_on_stderr_and_quick_work_says_nothing(capsys):
+    """A first use's loops compile for a minute or more: past the delay a line says what is under way, and one when
+    it is done; loops from numba's cache come back before the delay and print nothing."""
+    import time
+
+    with native._note_if_slow("compiling the loops", 0.05):
+        time.sleep(0.3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "normlab: compiling the loops (once per machine, cached afterwards) ..."
+    assert err[1].startswith("normlab: compiling the loops: done in") and len(err) == 2
+    with native._note_if_slow("compiling the loops", 5.0):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_set_loops_notes_a_slow_compile(monkeypatch, capsys):
+    """set_loops runs the loops' compile (here a slow stand-in) under the note, then hands the module its entries."""
+    import time
+
+    from normlab.kernels import cpu_numba
+
+    calls = []
+
+    class Module:
+        def set_loops(self, name, addresses):
+            calls.append((name, addresses))
+
+    def slow_entries(storage):
+        time.sleep(0.3)
+        return iter([1, 2, 3])
+
+    monkeypatch.setattr(cpu_numba, "c_entry_points", slow_entries)
+    monkeypatch.setattr(native, "SLOW_LOOPS_NOTE_S", 0.05)
+    native.set_loops(Module(), torch.bfloat16)
+    assert calls == [("bfloat16", [1, 2, 3])]
+    err = capsys.readouterr().err
+    assert "compiling the CPU norm loops for bfloat16 inputs (once per machine" in err and "done in" in err
+
+
 def family_layers(name, args, kwargs, dtype):
     """torch.nn's layer ``name`` with random parameters, and normlab's with its state_dict."""
     ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)

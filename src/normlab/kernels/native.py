@@ -17,11 +17,14 @@ glue does the same work with the same loops.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import platform
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -148,18 +151,48 @@ def configure(module, cpu) -> None:
                      GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM)
 
 
+# a first use whose loops take longer than this to compile (not yet in numba's cache) says so on stderr
+SLOW_LOOPS_NOTE_S = 3.0
+
+
+@contextlib.contextmanager
+def _note_if_slow(what: str, after_s: float):
+    """Says on stderr that ``what`` is under way once it has taken ``after_s`` seconds, and when it is done; quick
+    work (loops from numba's cache) prints nothing."""
+    t0 = time.perf_counter()
+    noted = threading.Event()
+
+    def note():
+        print(f"normlab: {what} (once per machine, cached afterwards) ...", file=sys.stderr, flush=True)
+        noted.set()
+
+    timer = threading.Timer(after_s, note)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a note being printed is finished before the last line
+        if noted.is_set():
+            print(f"normlab: {what}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
 def set_loops(module, dtype: torch.dtype) -> None:
     """Hand the numba loops for activations of ``dtype`` (float32, float64, bfloat16, float16) to the module:
-    compiled on first use (about half a minute per dtype once per machine, cached on disk by numba), so only the
-    dtypes a program uses are compiled. A dtype the host's loops do not take (float16 without F16C) is declined:
-    the module leaves its calls to the Python glue."""
+    compiled on first use (half a minute to a minute and a half per dtype once per machine, cached on disk by
+    numba; stderr says so when it takes more than :data:`SLOW_LOOPS_NOTE_S`), so only the dtypes a program uses
+    are compiled. A dtype the host's loops do not take (float16 without F16C) is declined: the module leaves its
+    calls to the Python glue."""
     from . import cpu, cpu_numba
 
     name = str(dtype).removeprefix("torch.")
     if dtype not in cpu.SUPPORTED_DTYPES:
         module.set_loops(name, [])
         return
-    module.set_loops(name, list(cpu_numba.c_entry_points(cpu._NP_STORAGE[dtype])))  # 16-bit floats as their bits
+    with _note_if_slow(f"compiling the CPU norm loops for {name} inputs", SLOW_LOOPS_NOTE_S):
+        entries = list(cpu_numba.c_entry_points(cpu._NP_STORAGE[dtype]))  # 16-bit floats as their bits
+    module.set_loops(name, entries)
 
 
 __all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_bytes", "GROUP_SPLIT_FROM",
@@ -178,8 +211,6 @@ def register(subparsers) -> None:
 
 
 def _build_command(args) -> int:
-    import time
-
     from . import cpu as _cpu_glue
 
     t0 = time.perf_counter()
@@ -195,8 +226,8 @@ def _build_command(args) -> int:
         print("normlab build-native: failed (see the warning above); norm layers keep using the Python glue",
               file=sys.stderr)
         return 1
-    print(f"  built in {time.perf_counter() - t0:.0f} s; compiling the numba loops for float32 (float64's compile "
-          f"on first use) ...", flush=True)
+    print(f"  built in {time.perf_counter() - t0:.0f} s; the numba loops for float32 (other dtypes' on first use) ...",
+          flush=True)
     t1 = time.perf_counter()
     configure(module, _cpu_glue)
     set_loops(module, torch.float32)
