@@ -1,7 +1,7 @@
-"""A/B of the numba loops of two checkouts in one process: group, layer and batch norm kernels (batch norm's (M, C)
-loops also on bfloat16 and float16 storage) called directly on numpy arrays, the two versions alternating call by
-call, so that the host's drift (this file's reason to exist: the VMs it was written on moved their copy bandwidth by
-2x between runs a minute apart) falls on both alike.
+"""A/B of the numba loops of two checkouts in one process: group, layer and batch norm kernels (batch norm's fused
+SiLU and sigmoid, and its (M, C) loops, also on 16-bit storage) called directly on numpy arrays, the two versions
+alternating call by call, so that the host's drift (this file's reason to exist: the VMs it was written on moved
+their copy bandwidth by 2x between runs a minute apart) falls on both alike.
 
     git worktree add /tmp/base <commit>                        # the loops to compare against
     .venv/bin/python benchmarks/ab_loops.py /tmp/base 1        # threads: 1 (serial twins) or more (parallel)
@@ -149,6 +149,24 @@ def main(base: str, threads: int) -> None:
                                                                         0, True, True, y, dw, db, chunks))
                                for n, m in versions.items()})
 
+    # the fused activations' loops (SiLU 2, sigmoid 3), whose exp costs more than the values' memory traffic
+    shape = (32, 64, 3136)
+    for storage in (np.float32, np.int16):
+        xs, dys, y = three_of(shape, storage), three_of(shape, storage), aligned(shape, storage)
+        c = shape[1]
+        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        mean, inv = np.empty(c), np.empty(c, np.float32)
+        dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
+        chunks = 1 if threads == 1 else 16 * threads
+        turn = iter(range(1 << 62))
+        for act in (2, 3):
+            label = f"{np.dtype(storage).name} {shape} act {act}"
+            ab(f"bn act fwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_fwd_ncs")(
+                xs[next(turn) % 3], y, w, b, 1e-5, act, 0, mean, inv, chunks)) for n, m in versions.items()})
+            ab(f"bn act bwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_bwd_ncs")(
+                dys[next(turn) % 3], xs[0], w, b, mean, inv, act, True, True, y, dw, db, chunks))
+                for n, m in versions.items()})
+
     # the (M, C) loops as the glue calls them on channels_last and (N, C) inputs: (M / k, k * C) rows (cpu._lanes)
     for storage in (np.float32, np.uint16, np.int16):
         for rows, c, k in [(100352, 64, 8), (4096, 64, 8), (256, 120, 1)]:
@@ -161,9 +179,8 @@ def main(base: str, threads: int) -> None:
             turn = iter(range(1 << 62))
             label = f"{np.dtype(storage).name} ({rows}, {c})"
             for mode, what in ((0, "train"), (2, "eval")):  # MODE_TRAIN writes mean and invstd, MODE_EVAL reads
-                ab(f"bn rows {what} {label}",
-                   {n: (lambda m=m, mode=mode: kernel(m, "bn_fwd_rows")(xs[next(turn) % 3], y, w, b, 1e-5, 0, mode,
-                                                                         mean, second, chunks, *whole(m, "bn_fwd_rows")))
+                ab(f"bn rows {what} {label}", {n: (lambda m=m, mode=mode: kernel(m, "bn_fwd_rows")(
+                    xs[next(turn) % 3], y, w, b, 1e-5, 0, mode, mean, second, chunks, *whole(m, "bn_fwd_rows")))
                     for n, m in versions.items()})
             versions["new"].bn_fwd_rows(xs[0], y, w, b, 1e-5, 0, 0, mean, second, 1, 0)  # the batch's statistics
             ab(f"bn rows bwd {label}",

@@ -273,7 +273,8 @@ def test_16bit_loops_round_their_float32_twins_once(shape, fmt, dtype, large_pat
     y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
     y32, mean32, invstd32 = cpu.bn_train_forward(x32, w, b, 1e-5)
     assert torch.equal(y, y32.to(dtype)) and torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
-    assert torch.equal(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5), cpu.bn_eval_forward(x32, rm, rv, w, b, 1e-5).to(dtype))
+    y_eval32 = cpu.bn_eval_forward(x32, rm, rv, w, b, 1e-5)
+    assert torch.equal(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5), y_eval32.to(dtype))
     for training in (True, False):
         got = cpu.bn_backward(dy, x, w, b, mean, invstd, "identity", training)
         want = cpu.bn_backward(dy32, x32, w, b, mean, invstd, "identity", training)
@@ -326,6 +327,29 @@ def test_short_row_sums_against_float64(dtype, s):
         for got, want in ((s1, d.sum((0, 2))), (s2, (d * d).sum((0, 2))), (g1, g.sum((0, 2))),
                           (g2, (g * d).sum((0, 2)))):
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_float32_exp_and_sigmoid_within_their_ulps():
+    """The activations' vectorizing float32 exp (cpu_numba._exp32) over its whole clamped range [-87, 88], where
+    2**k is built from exponent bits for k from -126 to 127, and the sigmoid on it (one division more), against
+    float64; NaN stays NaN."""
+    from numba import njit
+
+    @njit
+    def both(z, e, s):
+        for i in range(z.size):
+            e[i] = cpu_numba._exp32(z[i])
+            s[i] = cpu_numba._sigmoid(z[i])
+
+    z = np.concatenate([np.linspace(-87, 88, 200_001), [-87.0, 88.0, 0.0, np.nan]]).astype(np.float32)
+    e, s = np.empty_like(z), np.empty_like(z)
+    both(z, e, s)
+    z64 = z.astype(np.float64)
+    for got, want, bound in ((e, np.exp(z64), 1.25), (s, 1 / (1 + np.exp(-z64)), 2.5)):  # measured: 1.16, 2.35
+        ok = ~np.isnan(z)
+        ulps = np.abs(got[ok] - want[ok]) / np.spacing(want[ok].astype(np.float32)).astype(np.float64)
+        assert ulps.max() <= bound, f"{ulps.max():.2f} ulps at z = {z[ok][ulps.argmax()]}"
+        assert np.isnan(got[~ok]).all()
 
 
 def test_dispatcher_prefers_cpu_backend():
