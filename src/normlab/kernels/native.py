@@ -9,8 +9,8 @@ Why: on a (256, 120) layer the loops take ~5 us forward and ~11 us backward, but
 points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
 
 It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it): it
-needs a C++ compiler and ninja, and takes ~25 s, then ~35 s per dtype to compile the loops' entry points once (numba
-caches them). The library is kept in :func:`cache_dir` under a tag of its source and flags, torch, Python and the
+needs a C++ compiler and ninja, and takes ~25 s, then half a minute to two minutes per dtype to compile the loops'
+entry points once (numba caches them). The library is kept in :func:`cache_dir` under a tag of its source and flags, torch, Python and the
 machine, so an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it
 is not built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python
 glue does the same work with the same loops.
@@ -180,7 +180,7 @@ def _note_if_slow(what: str, after_s: float):
 
 def set_loops(module, dtype: torch.dtype) -> None:
     """Hand the numba loops for activations of ``dtype`` (float32, float64, bfloat16, float16) to the module:
-    compiled on first use (half a minute to a minute and a half per dtype once per machine, cached on disk by
+    compiled on first use (half a minute to two minutes per dtype once per machine, cached on disk by
     numba; stderr says so when it takes more than :data:`SLOW_LOOPS_NOTE_S`), so only the dtypes a program uses
     are compiled. A dtype the host's loops do not take (float16 without F16C) is declined: the module leaves its
     calls to the Python glue."""
