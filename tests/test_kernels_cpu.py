@@ -256,12 +256,14 @@ LOW_REGISTER = [((130, 64), None), ((67, 120), None), ((64, 3), None), ((8, 64, 
                 ((16, 3, 5, 5), torch.channels_last), ((6, 5, 10, 10), None)]
 
 
+@pytest.mark.parametrize("act", ["identity", "relu"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("shape,fmt", LOW_REGISTER, ids=str)
-def test_16bit_loops_round_their_float32_twins_once(shape, fmt, dtype, large_paths):
+def test_16bit_loops_round_their_float32_twins_once(shape, fmt, dtype, act, large_paths):
     """bfloat16 and float16 loops compute in float32: on the same values held in float32 storage, the float32 loops
     take the same paths, sums and coefficients, so each 16-bit output is the float32 output rounded once (to
-    nearest even), bit for bit, and the statistics and parameter gradients are equal."""
+    nearest even), bit for bit, and the statistics and parameter gradients are equal (the fused ReLU's forward
+    runs in the register loops too)."""
     _skip_unsupported(dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
     x = make(shape, fmt, dtype, gen=gen)
@@ -270,14 +272,14 @@ def test_16bit_loops_round_their_float32_twins_once(shape, fmt, dtype, large_pat
     w, b = torch.randn(c, generator=gen) + 1, torch.randn(c, generator=gen)
     rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
     x32, dy32 = x.float(), dy.float()
-    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5)
-    y32, mean32, invstd32 = cpu.bn_train_forward(x32, w, b, 1e-5)
+    y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
+    y32, mean32, invstd32 = cpu.bn_train_forward(x32, w, b, 1e-5, act)
     assert torch.equal(y, y32.to(dtype)) and torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
-    y_eval32 = cpu.bn_eval_forward(x32, rm, rv, w, b, 1e-5)
-    assert torch.equal(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5), y_eval32.to(dtype))
+    y_eval32 = cpu.bn_eval_forward(x32, rm, rv, w, b, 1e-5, act)
+    assert torch.equal(cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), y_eval32.to(dtype))
     for training in (True, False):
-        got = cpu.bn_backward(dy, x, w, b, mean, invstd, "identity", training)
-        want = cpu.bn_backward(dy32, x32, w, b, mean, invstd, "identity", training)
+        got = cpu.bn_backward(dy, x, w, b, mean, invstd, act, training)
+        want = cpu.bn_backward(dy32, x32, w, b, mean, invstd, act, training)
         assert torch.equal(got[0], want[0].to(dtype))
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 

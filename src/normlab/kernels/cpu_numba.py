@@ -1340,15 +1340,16 @@ def _reg_grad_sums(typingctx, x, dy, lo, hi, width, shift, s1, s2):
 
 
 def _reg_map_codegen(kind):
-    """Codegen of ``_reg_normalize`` (``kind`` "y") and ``_reg_dx`` ("dx"): elementwise over rows lo..hi of
-    ``width`` lanes (see :func:`_reg_sums_codegen`), the per-lane coefficients held in registers, identity
-    activation, the output in x's storage type; with streaming stores where ``stream`` (rows of 64-byte aligned
+    """Codegen of ``_reg_normalize`` (``kind`` "y"), ``_reg_normalize_relu`` ("y_relu") and ``_reg_dx`` ("dx"):
+    elementwise over rows lo..hi of ``width`` lanes (see :func:`_reg_sums_codegen`), the per-lane coefficients held
+    in registers, the output in x's storage type; with streaming stores where ``stream`` (rows of 64-byte aligned
     vectors; rows with masked lanes store plainly):
 
     * y:  out = (x - ref[l]) * a[l] + bb[l]                  args (x, out, lo, hi, width, ref, a, bb, stream)
+    * y_relu: the same, negative values 0 (NaN stays NaN, as :func:`act_fwd`)
     * dx: out = dy * k_g[l] + (x - x0[l]) * k_d[l] + k_0[l]  args (dy, x, out, lo, hi, width, x0, k_g, k_d, k_0, stream)
     """
-    n_in = 1 if kind == "y" else 2
+    n_in = 2 if kind == "dx" else 1
 
     def codegen(context, builder, signature, args):
         arrays = signature.args[:n_in + 1]
@@ -1373,10 +1374,13 @@ def _reg_map_codegen(kind):
                 for k in range(nvec):
                     at = builder.add(start, ir.Constant(intp, k * lanes))
                     v = [st.load(builder, p, at, mask[k]) for p in ins]
-                    if kind == "y":
+                    if kind != "dx":
                         ref, a, bb = (c[k] for c in coef)
                         res = builder.fadd(builder.fmul(builder.fsub(v[0], ref), a, flags=_CONTRACT), bb,
                                            flags=_CONTRACT)
+                        if kind == "y_relu":
+                            zero = ir.Constant(vt, None)
+                            res = builder.select(builder.fcmp_ordered("<", res, zero), zero, res)
                     else:
                         x0, kg, kd, k0 = (c[k] for c in coef)
                         d = builder.fsub(v[1], x0)
@@ -1404,6 +1408,12 @@ def _reg_map_codegen(kind):
 def _reg_normalize(typingctx, x, y, lo, hi, width, ref, a, bb, stream):
     """y = (x - ref) * a + bb over rows lo..hi of ``width`` lanes (see :func:`_reg_map_codegen`)."""
     return types.void(x, y, lo, hi, width, ref, a, bb, stream), _reg_map_codegen("y")
+
+
+@intrinsic
+def _reg_normalize_relu(typingctx, x, y, lo, hi, width, ref, a, bb, stream):
+    """y = max((x - ref) * a + bb, 0) over rows lo..hi of ``width`` lanes: the fused ReLU's forward."""
+    return types.void(x, y, lo, hi, width, ref, a, bb, stream), _reg_map_codegen("y_relu")
 
 
 @intrinsic
@@ -1555,11 +1565,14 @@ def _rows_normalize_loop(x, y, lo, hi, ref, a, bb, act, stream):
 
 @_per_act
 def _rows_normalize(x, y, lanes, lo, hi, ref, a, bb, stream):
-    """y[r] = act((x[r] - ref) * a + bb) for rows lo..hi (streaming stores if ``stream``); with the identity
+    """y[r] = act((x[r] - ref) * a + bb) for rows lo..hi (streaming stores if ``stream``); with the identity or ReLU
     activation and the coefficients in registers over rows of ``lanes`` where that is not 0 (:func:`_reg_lanes`)."""
-    if ACT == IDENTITY and lanes:
+    if (ACT == IDENTITY or ACT == RELU) and lanes:
         q = x.shape[1] // lanes
-        _reg_normalize(x, y, lo * q, hi * q, lanes, ref, a, bb, stream)
+        if ACT == RELU:
+            _reg_normalize_relu(x, y, lo * q, hi * q, lanes, ref, a, bb, stream)
+        else:
+            _reg_normalize(x, y, lo * q, hi * q, lanes, ref, a, bb, stream)
         if stream:
             _stream_fence()
         return
