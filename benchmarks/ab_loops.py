@@ -27,10 +27,22 @@ HERE = Path(__file__).resolve().parents[1] / "src" / "normlab" / "kernels" / "cp
 
 
 def load(name: str, path: Path):
+    """The base checkout's loops as module ``name``. numba caches compiled loops beside their source under the
+    module's name, so this checkout's own loops are imported as ``normlab.kernels.cpu_numba`` (:func:`this`):
+    loaded under another name they left cache entries that normlab itself could not load afterwards
+    (ModuleNotFoundError until the source changed)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def this():
+    """This checkout's loops, imported under their own name (see :func:`load`)."""
+    module = importlib.import_module("normlab.kernels.cpu_numba")
+    if Path(module.__file__).resolve() != HERE:
+        sys.exit(f"normlab here is {module.__file__}, not this checkout's {HERE}: run with this checkout's venv")
     return module
 
 
@@ -76,7 +88,7 @@ def ab(label: str, calls: dict, reps: int = 25, warmup: int = 3) -> None:
 
 def main(base: str, threads: int) -> None:
     versions = {"old": load("base_cpu_numba", Path(base) / "src/normlab/kernels/cpu_numba.py"),
-                "new": load("this_cpu_numba", HERE)}
+                "new": this()}
     numba.set_num_threads(threads)
     numba.set_parallel_chunksize(1)
     rng = np.random.default_rng(0)
@@ -178,9 +190,10 @@ def main(base: str, threads: int) -> None:
             chunks = 1 if threads == 1 else 4 * threads
             turn = iter(range(1 << 62))
             label = f"{np.dtype(storage).name} ({rows}, {c})"
-            for mode, what in ((0, "train"), (2, "eval")):  # MODE_TRAIN writes mean and invstd, MODE_EVAL reads
-                ab(f"bn rows {what} {label}", {n: (lambda m=m, mode=mode: kernel(m, "bn_fwd_rows")(
-                    xs[next(turn) % 3], y, w, b, 1e-5, 0, mode, mean, second, chunks, *whole(m, "bn_fwd_rows")))
+            # MODE_TRAIN (0) writes mean and invstd, MODE_EVAL (2) reads them; act 1: the fused ReLU
+            for mode, act, what in ((0, 0, "train"), (2, 0, "eval"), (0, 1, "train relu"), (2, 1, "eval relu")):
+                ab(f"bn rows {what} {label}", {n: (lambda m=m, mode=mode, act=act: kernel(m, "bn_fwd_rows")(
+                    xs[next(turn) % 3], y, w, b, 1e-5, act, mode, mean, second, chunks, *whole(m, "bn_fwd_rows")))
                     for n, m in versions.items()})
             versions["new"].bn_fwd_rows(xs[0], y, w, b, 1e-5, 0, 0, mean, second, 1, 0)  # the batch's statistics
             ab(f"bn rows bwd {label}",
