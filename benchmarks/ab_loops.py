@@ -147,36 +147,24 @@ def main(base: str, threads: int) -> None:
                                                                     True, y, dw, db, chunks, *whole(m, "ln_bwd")))
                                for n, m in versions.items()})
 
-    for shape in [(256, 64, 784), (32, 64, 3136), (128, 256, 196)]:
-        xs, dys, y = three(shape), three(shape), aligned(shape)
+    # (N, C, S) batch norm: identity on float32; the fused SiLU (2) and sigmoid (3), whose exp costs more than the
+    # values' memory traffic, on float32 and bfloat16 (int16 bits)
+    for shape, storage, acts in [((256, 64, 784), np.float32, (0,)), ((32, 64, 3136), np.float32, (0, 2, 3)),
+                                 ((128, 256, 196), np.float32, (0,)), ((32, 64, 3136), np.int16, (2, 3))]:
+        xs, dys, y = three_of(shape, storage), three_of(shape, storage), aligned(shape, storage)
         c = shape[1]
         w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
         mean, var = np.empty(c), np.empty(c, np.float32)
         dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
         chunks = 1 if threads == 1 else 16 * threads
         turn = iter(range(1 << 62))
-        ab(f"bn fwd {shape}", {n: (lambda m=m: kernel(m, "bn_fwd_ncs")(xs[next(turn) % 3], y, w, b, 1e-5, 0, 0, mean,
-                                                                        var, chunks)) for n, m in versions.items()})
-        ab(f"bn bwd {shape}", {n: (lambda m=m: kernel(m, "bn_bwd_ncs")(dys[next(turn) % 3], xs[0], w, b, mean, var,
-                                                                        0, True, True, y, dw, db, chunks))
-                               for n, m in versions.items()})
-
-    # the fused activations' loops (SiLU 2, sigmoid 3), whose exp costs more than the values' memory traffic
-    shape = (32, 64, 3136)
-    for storage in (np.float32, np.int16):
-        xs, dys, y = three_of(shape, storage), three_of(shape, storage), aligned(shape, storage)
-        c = shape[1]
-        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-        mean, inv = np.empty(c), np.empty(c, np.float32)
-        dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
-        chunks = 1 if threads == 1 else 16 * threads
-        turn = iter(range(1 << 62))
-        for act in (2, 3):
-            label = f"{np.dtype(storage).name} {shape} act {act}"
-            ab(f"bn act fwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_fwd_ncs")(
-                xs[next(turn) % 3], y, w, b, 1e-5, act, 0, mean, inv, chunks)) for n, m in versions.items()})
-            ab(f"bn act bwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_bwd_ncs")(
-                dys[next(turn) % 3], xs[0], w, b, mean, inv, act, True, True, y, dw, db, chunks))
+        for act in acts:
+            label = f"{shape}" if act == 0 else f"{np.dtype(storage).name} {shape} act {act}"
+            kind = "bn" if act == 0 else "bn act"
+            ab(f"{kind} fwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_fwd_ncs")(
+                xs[next(turn) % 3], y, w, b, 1e-5, act, 0, mean, var, chunks)) for n, m in versions.items()})
+            ab(f"{kind} bwd {label}", {n: (lambda m=m, act=act: kernel(m, "bn_bwd_ncs")(
+                dys[next(turn) % 3], xs[0], w, b, mean, var, act, True, True, y, dw, db, chunks))
                 for n, m in versions.items()})
 
     # the (M, C) loops as the glue calls them on channels_last and (N, C) inputs: (M / k, k * C) rows (cpu._lanes)
