@@ -673,7 +673,7 @@ def _row_sums_ir_codegen(grads):
         start = builder.mul(r, ns)
         xrow = builder.gep(xa.data, [start])
         dyrow = builder.gep(context.make_array(dyt)(context, builder, dy2).data, [start])
-        sh = context.cast(builder, shift, signature.args[3], types.float32 if st.narrow else xt.dtype)
+        sh = context.cast(builder, shift, signature.args[3], st.compute)
         shv = _splat(builder, sh, vt)
         zero = ir.Constant(vt, None)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # (sum, second) x two chains
@@ -1159,9 +1159,10 @@ class _RegTypes:
     def __init__(self, context, dtype):
         self.dtype = dtype
         self.narrow = dtype in (types.int16, types.uint16)
-        compute = types.float32 if self.narrow else dtype
-        self.elem = context.get_value_type(compute)
-        self.item = compute.bitwidth // 8
+        self.bfloat = dtype == types.int16
+        self.compute = types.float32 if self.narrow else dtype
+        self.elem = context.get_value_type(self.compute)
+        self.item = self.compute.bitwidth // 8
         self.lanes = _REG_VECTOR_BYTES // self.item
         self.vt = ir.VectorType(self.elem, self.lanes)
         self.sitem = dtype.bitwidth // 8
@@ -1172,14 +1173,14 @@ class _RegTypes:
         by ``mask`` read ``fill``, zeros if None)."""
         if not self.narrow:
             return _vload(builder, base, index, self.vt, self.item, mask, fill)
-        v = _widen(builder, _vload(builder, base, index, self.svt, self.sitem, mask), self.dtype == types.int16)
+        v = _widen(builder, _vload(builder, base, index, self.svt, self.sitem, mask), self.bfloat)
         return v if mask is None or fill is None else builder.select(mask, v, fill)  # the fill after widening
 
     def store(self, builder, value, base, index, mask=None, nontemporal=False):
         """Stores the compute vector ``value`` as storage elements at ``index`` of ``base`` (as :func:`_vstore`;
         a streaming store takes a vector-aligned address)."""
         if self.narrow:
-            value = _narrow(builder, value, self.dtype == types.int16)
+            value = _narrow(builder, value, self.bfloat)
         vt = self.svt if self.narrow else self.vt
         whole = self.lanes * self.sitem
         _vstore(builder, value, base, index, vt, whole if nontemporal else self.sitem, mask, nontemporal)
@@ -1441,7 +1442,7 @@ def _reg_lanes(x, nc, other1, other2):
         return 0
     if not (_dense(x) and _dense(other1) and _dense(other2)):
         return 0
-    item = max(x.itemsize, 4)  # the compute dtype's
+    item = max(x.itemsize, 4)  # the compute dtype's, as _RegTypes.item (float32 for 16-bit storage)
     full = _REG_ROW_BYTES // item
     if full % nc == 0 and x.shape[1] % full == 0:
         return full

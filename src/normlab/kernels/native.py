@@ -10,10 +10,10 @@ points, :func:`normlab.kernels.cpu_numba.c_entry_points`) from C++.
 
 It is optional and built once per machine, torch and Python (``normlab build-native``; ``make setup`` runs it): it
 needs a C++ compiler and ninja, and takes ~25 s, then half a minute to two minutes per dtype to compile the loops'
-entry points once (numba caches them). The library is kept in :func:`cache_dir` under a tag of its source and flags, torch, Python and the
-machine, so an upgrade builds afresh instead of loading a stale binary (until then the Python glue runs). Where it
-is not built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced (:func:`normlab.kernels.use_backend`), the Python
-glue does the same work with the same loops.
+entry points once (numba caches them). The library is kept in :func:`cache_dir` under a tag of its source and
+flags, torch, Python and the machine, so an upgrade builds afresh instead of loading a stale binary (until then the
+Python glue runs). Where it is not built, ``NORMLAB_NATIVE=0`` is set, or a backend is forced
+(:func:`normlab.kernels.use_backend`), the Python glue does the same work with the same loops.
 """
 from __future__ import annotations
 
@@ -226,12 +226,12 @@ def _build_command(args) -> int:
         print("normlab build-native: failed (see the warning above); norm layers keep using the Python glue",
               file=sys.stderr)
         return 1
-    print(f"  built in {time.perf_counter() - t0:.0f} s; the numba loops for float32 (other dtypes' on first use) ...",
-          flush=True)
+    print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)  # set_loops says when the loops compile
     t1 = time.perf_counter()
     configure(module, _cpu_glue)
     set_loops(module, torch.float32)
-    print(f"  loops ready in {time.perf_counter() - t1:.0f} s; checking against torch.nn ...", flush=True)
+    print(f"  the float32 loops ready in {time.perf_counter() - t1:.0f} s (other dtypes' on first use); checking "
+          f"against torch.nn ...", flush=True)
     x = torch.randn(64, 24, requires_grad=True)
     w = torch.rand(24, requires_grad=True)
     b = torch.randn(24, requires_grad=True)
