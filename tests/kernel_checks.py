@@ -1,4 +1,4 @@
-"""What the kernel backends' tests share (``test_kernels_cpu.py``, ``triton_interpreted.py``): dtypes, per-dtype
+"""What the kernel backends' tests share (``test_kernels_cpu.py``, ``triton_backend.py``): dtypes, per-dtype
 tolerances, activations, a seeded input maker and the closeness check.
 
 Tolerances (absolute, on outputs of unit scale; gradients are compared relative to their largest entry):
@@ -23,7 +23,7 @@ def make(shape, fmt, dtype, scale=2.0, loc=0.5, gen=None):
 
 def close(a, b, tol, rel=False):
     """max |a - b| <= tol (times max(1, max |b|) if ``rel``), in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     scale = max(1.0, b.abs().max().item()) if rel else 1.0
     err = (a - b).abs().max().item()
     assert err <= tol * scale, f"max abs error {err:.3g} > {tol * scale:.3g}"

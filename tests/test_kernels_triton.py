@@ -1,7 +1,9 @@
-"""The Triton backend's tests (``triton_interpreted.py``) in a child process with Triton's interpreter on.
+"""The Triton backend's tests (``triton_backend.py``) in a child process: in Triton's interpreter on CPU, and
+compiled on CUDA where a GPU is available.
 
 The interpreter has to be on before triton is first imported and then stays on for the whole process, so these
-tests cannot share the main test process (where torch.compile may import triton for itself).
+tests cannot share the main test process (where torch.compile may import triton for itself); the CUDA run gets a
+process of its own for the same reason (no interpreter there).
 """
 from __future__ import annotations
 
@@ -11,17 +13,26 @@ import sys
 from pathlib import Path
 
 import pytest
-
-# the interpreters of triton 3.0-3.6 (older torch's pins) fail on these kernels (tl.arange; numpy 2.4)
-pytest.importorskip("triton", minversion="3.8")
+import torch
 
 
-def test_triton_backend_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _run_checks(**env_vars) -> None:
     here = Path(__file__).parent
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:warnings",
-                           str(here / "triton_interpreted.py")], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=here.parent)
+                           str(here / "triton_backend.py")], env=dict(os.environ, **env_vars),
+                          capture_output=True, text=True, timeout=900, cwd=here.parent)
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+def test_triton_backend_in_the_interpreter():
+    # the interpreters of triton 3.0-3.6 (older torch's pins) fail on these kernels (tl.arange; numpy 2.4)
+    pytest.importorskip("triton", minversion="3.8")
+    _run_checks(TRITON_INTERPRET="1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_backend_compiled_on_cuda():
+    pytest.importorskip("triton")
+    _run_checks(TRITON_INTERPRET="0", NORMLAB_TRITON_CUDA="1")

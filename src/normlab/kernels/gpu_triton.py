@@ -34,7 +34,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "sigmoid": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_PROGRAMS_PER_CHANNEL_BLOCK = 64  # programs along N * S for one block of channels (partial sums merged after)
+# launch geometry (see _launch), module attributes so that a tuning sweep can set them
+PROGRAMS = 1024  # programs per pass to aim for: channel blocks x runs along N * S (partial sums merged after)
+MAX_RUNS = 1024
+NCHW_BLOCK_K = 1024  # values of one channel per tile where they are adjacent in memory
+CL_BLOCKS = (64, 16)  # (channels, values) per tile where channels are adjacent (channels_last, (M, C))
+NUM_WARPS = 4
+COEF_BLOCK = 128  # channels per program of the per-channel kernels
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -66,6 +72,32 @@ def _activate_grad(g, z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _f64(hi, lo):
+    """A float64 scalar passed as two float32 arguments (Triton passes a Python float as float32)."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def _rsqrt(v):
+    """1 / sqrt(v), each step correctly rounded (within one ulp of torch.rsqrt): float32's plain sqrt and division
+    are approximate on a GPU, float64's are exact."""
+    if v.dtype == tl.float64:
+        r = 1.0 / tl.sqrt(v)
+    else:
+        r = tl.div_rn(tl.full(v.shape, 1.0, v.dtype), tl.sqrt_rn(v))
+    return r
+
+
+@triton.jit
+def _narrow(v, DT: tl.constexpr):
+    """float64 ``v`` in ``DT`` as torch converts it: through float32 unless ``DT`` is float64 (and no direct
+    float64 -> 16-bit conversion is needed)."""
+    if DT != tl.float64:
+        v = v.to(tl.float32).to(DT)
+    return v
+
+
+@triton.jit
 def _program(C, K, k_per_program, BLOCK_C: tl.constexpr):
     """This program's channels (and their mask) and its run k_lo..k_hi of each channel's N * S values."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -84,9 +116,139 @@ def _tile(cs, cm, k_start, k_end, S, sN, sC, sS, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _store_partial(ptr, a, cs, cm, C):
-    """Row ``program_id(1)`` of a (runs, C) buffer of partial sums: the tile's sums over its values."""
-    tl.store(ptr + tl.program_id(1) * C + cs, tl.sum(a, 1), mask=cm)
+def _firsts(x_ptr, cs, cm, sC, ACC: tl.constexpr):
+    """Each channel's first value (sample 0, position 0): the shift of its sums, as in the portable kernels."""
+    return tl.load(x_ptr + cs.to(tl.int64) * sC, mask=cm, other=0.0).to(ACC)
+
+
+@triton.jit
+def _vec(ptr, cs, cm, fill, HAS: tl.constexpr, DT: tl.constexpr):
+    """A per-channel vector (weight, bias) in ``DT``, or ``fill`` where the layer has none."""
+    if HAS:
+        v = tl.load(ptr + cs, mask=cm, other=fill).to(DT)
+    else:
+        v = tl.full(cs.shape, fill, DT)
+    return v
+
+
+@triton.jit
+def _store_partials(part_ptr, a1, a2, cs, cm, C):
+    """Row ``program_id(1)`` of both halves of a (2, runs, C) buffer: the tile sums' totals over their values."""
+    row = tl.program_id(1)
+    tl.store(part_ptr + row * C + cs, tl.sum(a1, 1), mask=cm)
+    tl.store(part_ptr + (tl.num_programs(1) + row) * C + cs, tl.sum(a2, 1), mask=cm)
+
+
+@triton.jit
+def _merge_partials(part_ptr, cs, cm, C, R):
+    """Both halves of a (2, R, C) buffer of partial sums, summed over the R runs in float64."""
+    s1 = tl.zeros(cs.shape, tl.float64)
+    s2 = tl.zeros(cs.shape, tl.float64)
+    for r in range(0, R):
+        s1 += tl.load(part_ptr + r * C + cs, mask=cm, other=0.0).to(tl.float64)
+        s2 += tl.load(part_ptr + (R + r) * C + cs, mask=cm, other=0.0).to(tl.float64)
+    return s1, s2
+
+
+@triton.jit
+def _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program,
+                   ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = act((x - shift) * scale + offset) over this program's run of values."""
+    for i in range(0, k_per_program, BLOCK_K):
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(shift.dtype)
+        z = _activate((v - shift[:, None]) * scale[:, None] + offset[:, None], ACT)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, part_ptr, C, S, K, sN, sC, sS, k_per_program,
+                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums of (x - shift) and (x - shift)**2 of BLOCK_C channels over one run of their N * S values."""
+    cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
+    shift = _firsts(x_ptr, cs, cm, sC, ACC)
+    a1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+    a2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+    for i in range(0, k_per_program, BLOCK_K):
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        d = tl.where(mask, v - shift[:, None], 0.0)
+        a1 += d
+        a2 += d * d
+    _store_partials(part_ptr, a1, a2, cs, cm, C)
+
+
+@triton.jit
+def _train_coef_kernel(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, coef_ptr, rm_ptr, rv_ptr, C, sC, R, K,
+                       eps_hi, eps_lo, mom_hi, mom_lo, ACC: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per channel, from the partial sums: the mean (float64), and in the (5, C) table ``coef`` the shift, scale
+    and offset of the normalize pass, invstd and the biased variance; with UPDATE, the running statistics too
+    (unbiased variance; a channel whose mean or variance is not finite keeps its running values)."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = cs < C
+    shift = _firsts(x_ptr, cs, cm, sC, ACC)
+    s1, s2 = _merge_partials(part_ptr, cs, cm, C, R)
+    n = tl.cast(K, tl.float64)
+    mean_s = s1 / n
+    var = tl.maximum(s2 / n - mean_s * mean_s, 0.0)
+    eps = _f64(eps_hi, eps_lo)
+    invstd = _rsqrt(var.to(ACC) + eps.to(ACC))
+    scale = invstd.to(tl.float64) * _vec(w_ptr, cs, cm, 1.0, HAS_W, tl.float64)
+    offset = _vec(b_ptr, cs, cm, 0.0, HAS_B, tl.float64) - mean_s * scale
+    mean = shift.to(tl.float64) + mean_s
+    tl.store(mean_ptr + cs, mean, mask=cm)
+    tl.store(coef_ptr + cs, shift, mask=cm)
+    tl.store(coef_ptr + C + cs, scale.to(ACC), mask=cm)
+    tl.store(coef_ptr + 2 * C + cs, offset.to(ACC), mask=cm)
+    tl.store(coef_ptr + 3 * C + cs, invstd, mask=cm)
+    tl.store(coef_ptr + 4 * C + cs, var.to(ACC), mask=cm)
+    if UPDATE:
+        momentum = _f64(mom_hi, mom_lo)
+        unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+        finite = (tl.abs(mean) < float("inf")) & (unbiased < float("inf"))  # NaN compares False
+        old_m = tl.load(rm_ptr + cs, mask=cm, other=0.0).to(tl.float64)
+        old_v = tl.load(rv_ptr + cs, mask=cm, other=0.0).to(tl.float64)
+        new_m = tl.where(finite, old_m * (1.0 - momentum) + mean * momentum, old_m)
+        new_v = tl.where(finite, old_v * (1.0 - momentum) + unbiased * momentum, old_v)
+        tl.store(rm_ptr + cs, _narrow(new_m, rm_ptr.dtype.element_ty), mask=cm)
+        tl.store(rv_ptr + cs, _narrow(new_v, rv_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, y_ptr, coef_ptr, C, S, K, sN, sC, sS, k_per_program,
+                      ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = act((x - shift) * scale + offset), the per-channel terms in rows 0-2 of ``coef``."""
+    cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
+    shift = tl.load(coef_ptr + cs, mask=cm, other=0.0)
+    scale = tl.load(coef_ptr + C + cs, mask=cm, other=0.0)
+    offset = tl.load(coef_ptr + 2 * C + cs, mask=cm, other=0.0)
+    _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program, ACT,
+                   BLOCK_K)
+
+
+@triton.jit
+def _eval_kernel(x_ptr, y_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, K, sN, sC, sS, k_per_program, eps_hi, eps_lo,
+                 ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = act((x - running_mean) * rsqrt(running_var + eps) * weight + bias), all in one launch."""
+    cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
+    shift = tl.load(rm_ptr + cs, mask=cm, other=0.0).to(ACC)
+    var = tl.load(rv_ptr + cs, mask=cm, other=1.0).to(ACC)
+    scale = _rsqrt(var + _f64(eps_hi, eps_lo).to(ACC)) * _vec(w_ptr, cs, cm, 1.0, HAS_W, ACC)
+    offset = _vec(b_ptr, cs, cm, 0.0, HAS_B, ACC)
+    _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program, ACT,
+                   BLOCK_K)
+
+
+@triton.jit
+def _grad_terms(x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, cs, cm, sC, ACC: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr):
+    """x0 (each channel's first value), rel = mean - x0, invstd, w and b of the channels ``cs``, in ``ACC``."""
+    x0 = _firsts(x_ptr, cs, cm, sC, ACC)
+    rel = (tl.load(mean_ptr + cs, mask=cm, other=0.0).to(tl.float64) - x0.to(tl.float64)).to(ACC)
+    inv = tl.load(invstd_ptr + cs, mask=cm, other=0.0).to(ACC)
+    return x0, rel, inv, _vec(w_ptr, cs, cm, 1.0, HAS_W, ACC), _vec(b_ptr, cs, cm, 0.0, HAS_B, ACC)
 
 
 @triton.jit
@@ -99,79 +261,58 @@ def _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT: tl.conste
 
 
 @triton.jit
-def _stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, C, S, K, sN, sC, sS, k_per_program,
-                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial sums of (x - shift) and (x - shift)**2 of BLOCK_C channels over one run of their N * S values."""
-    cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
-    shift = tl.load(shift_ptr + cs, mask=cm, other=0.0)
-    a1 = tl.zeros([BLOCK_C, BLOCK_K], shift.dtype)
-    a2 = tl.zeros([BLOCK_C, BLOCK_K], shift.dtype)
-    for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(shift.dtype)
-        d = tl.where(mask, v - shift[:, None], 0.0)
-        a1 += d
-        a2 += d * d
-    _store_partial(s1_ptr, a1, cs, cm, C)
-    _store_partial(s2_ptr, a2, cs, cm, C)
-
-
-@triton.jit
-def _normalize_kernel(x_ptr, y_ptr, shift_ptr, scale_ptr, offset_ptr, C, S, K, sN, sC, sS, k_per_program,
-                      ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = act((x - shift) * scale + offset), per-channel shift, scale and offset (in the accumulation dtype)."""
-    cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
-    shift = tl.load(shift_ptr + cs, mask=cm, other=0.0)
-    scale = tl.load(scale_ptr + cs, mask=cm, other=0.0)
-    offset = tl.load(offset_ptr + cs, mask=cm, other=0.0)
-    for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(shift.dtype)
-        z = _activate((v - shift[:, None]) * scale[:, None] + offset[:, None], ACT)
-        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _channel_row(table_ptr, row, cs, cm, C):
-    """Row ``row`` of a (rows, C) table of per-channel values, for the channels ``cs``."""
-    return tl.load(table_ptr + row * C + cs, mask=cm, other=0.0)
-
-
-@triton.jit
-def _grad_terms(table_ptr, cs, cm, C):
-    """x0, rel, invstd, w, b of the channels ``cs``: rows 0-4 of the backward's per-channel table."""
-    return (_channel_row(table_ptr, 0, cs, cm, C), _channel_row(table_ptr, 1, cs, cm, C),
-            _channel_row(table_ptr, 2, cs, cm, C), _channel_row(table_ptr, 3, cs, cm, C),
-            _channel_row(table_ptr, 4, cs, cm, C))
-
-
-@triton.jit
-def _grad_sums_kernel(dy_ptr, x_ptr, table_ptr, sg_ptr, sgx_ptr, C, S, K, sN, sC, sS, k_per_program,
-                      ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, C, S, K, sN, sC, sS,
+                      k_per_program, ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial sums of g and g * xhat, g = dL/dz, xhat = ((x - x0) - rel) * invstd."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
-    x0, rel, inv, w, b = _grad_terms(table_ptr, cs, cm, C)
-    a1 = tl.zeros([BLOCK_C, BLOCK_K], x0.dtype)
-    a2 = tl.zeros([BLOCK_C, BLOCK_K], x0.dtype)
+    x0, rel, inv, w, b = _grad_terms(x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, cs, cm, sC, ACC, HAS_W, HAS_B)
+    a1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+    a2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     for i in range(0, k_per_program, BLOCK_K):
         offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
         xhat, g = _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT)
         g = tl.where(mask, g, 0.0)
         a1 += g
         a2 += g * xhat
-    _store_partial(sg_ptr, a1, cs, cm, C)
-    _store_partial(sgx_ptr, a2, cs, cm, C)
+    _store_partials(part_ptr, a1, a2, cs, cm, C)
 
 
 @triton.jit
-def _dx_kernel(dy_ptr, x_ptr, dx_ptr, table_ptr, C, S, K, sN, sC, sS, k_per_program,
-               ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx = kg * g + kx * xhat + k0, the per-channel coefficients in rows 5-7 of the table (see ``bn_backward``)."""
+def _grad_coef_kernel(part_ptr, invstd_ptr, w_ptr, grads_ptr, coef_ptr, C, R, K, ACC: tl.constexpr,
+                      HAS_W: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    """Per channel, from the partial sums: dweight and dbias (rows 0, 1 of ``grads``) and the coefficients of
+    dx = kg * g + kx * xhat + k0 (rows 0-2 of ``coef``): kg = w * invstd; in training kx = -kg * dw / n and
+    k0 = -kg * db / n, else 0 (the statistics are constants)."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = cs < C
+    db, dw = _merge_partials(part_ptr, cs, cm, C, R)
+    tl.store(grads_ptr + cs, dw.to(ACC), mask=cm)
+    tl.store(grads_ptr + C + cs, db.to(ACC), mask=cm)
+    kg = tl.load(invstd_ptr + cs, mask=cm, other=0.0).to(ACC).to(tl.float64) * _vec(w_ptr, cs, cm, 1.0, HAS_W,
+                                                                                     ACC).to(tl.float64)
+    if TRAINING:
+        n = tl.cast(K, tl.float64)
+        kx = -kg * dw / n
+        k0 = -kg * db / n
+    else:
+        kx = tl.zeros(cs.shape, tl.float64)
+        k0 = tl.zeros(cs.shape, tl.float64)
+    tl.store(coef_ptr + cs, kg.to(ACC), mask=cm)
+    tl.store(coef_ptr + C + cs, kx.to(ACC), mask=cm)
+    tl.store(coef_ptr + 2 * C + cs, k0.to(ACC), mask=cm)
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr, C, S, K, sN, sC, sS,
+               k_per_program, ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx = kg * g + kx * xhat + k0, the per-channel coefficients in rows 0-2 of ``coef``."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
-    x0, rel, inv, w, b = _grad_terms(table_ptr, cs, cm, C)
-    kg = _channel_row(table_ptr, 5, cs, cm, C)
-    kx = _channel_row(table_ptr, 6, cs, cm, C)
-    k0 = _channel_row(table_ptr, 7, cs, cm, C)
+    x0, rel, inv, w, b = _grad_terms(x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, cs, cm, sC, ACC, HAS_W, HAS_B)
+    kg = tl.load(coef_ptr + cs, mask=cm, other=0.0)
+    kx = tl.load(coef_ptr + C + cs, mask=cm, other=0.0)
+    k0 = tl.load(coef_ptr + 2 * C + cs, mask=cm, other=0.0)
     for i in range(0, k_per_program, BLOCK_K):
         offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
         xhat, g = _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT)
@@ -220,58 +361,49 @@ def supports(x: Tensor) -> bool:
 
 
 class _Launch(NamedTuple):
-    """One launch geometry for every kernel on ``x``: the grid, the kernels' size arguments (C, S, K = N * S, the
-    three strides, values per program) and their tile sizes."""
+    """One launch geometry for the kernels over ``x``: the grid, the kernels' size arguments (C, S, K = N * S,
+    the three strides, values per program), their tile sizes and warps; the runs R per channel block (grid[1])
+    and, for the per-channel kernels, their grid."""
     grid: tuple[int, int]
     args: tuple[int, ...]
     blocks: dict
-    count: int  # N * S, the values per channel
+    runs: int
+    coef_grid: tuple[int]
 
 
 def _launch(x: Tensor) -> _Launch:
     """Channels adjacent in memory (sC == 1) take wide channel blocks, else one channel per block and wide value
-    runs; up to _PROGRAMS_PER_CHANNEL_BLOCK runs per channel block."""
+    runs; each channel block split into enough runs for about PROGRAMS programs in all (a few per multiprocessor:
+    64 channels channels_last are one block)."""
     n, c, s, s_n, s_c, s_s = _strides3(x)
     k = n * s
     if s_c == 1 and c > 1:
-        block_c = min(64, triton.next_power_of_2(c))
-        block_k = 16
+        block_c = min(CL_BLOCKS[0], triton.next_power_of_2(c))
+        block_k = CL_BLOCKS[1]
     else:
         block_c = 1
-        block_k = min(1024, triton.next_power_of_2(max(k, 16)))
-    runs = max(1, min(_PROGRAMS_PER_CHANNEL_BLOCK, triton.cdiv(k, block_k)))
+        block_k = min(NCHW_BLOCK_K, triton.next_power_of_2(max(k, 16)))
+    runs = max(1, min(MAX_RUNS, triton.cdiv(PROGRAMS, triton.cdiv(c, block_c)), triton.cdiv(k, block_k)))
     per = triton.cdiv(triton.cdiv(k, runs), block_k) * block_k
-    return _Launch((triton.cdiv(c, block_c), triton.cdiv(k, per)), (c, s, k, s_n, s_c, s_s, per),
-                   {"BLOCK_C": block_c, "BLOCK_K": block_k}, k)
+    runs = triton.cdiv(k, per)
+    return _Launch((triton.cdiv(c, block_c), runs), (c, s, k, s_n, s_c, s_s, per),
+                   {"BLOCK_C": block_c, "BLOCK_K": block_k, "num_warps": NUM_WARPS}, runs,
+                   (triton.cdiv(c, COEF_BLOCK),))
 
 
-def _acc_vec(t: Tensor | None, c: int, acc: torch.dtype, fill: float, device) -> Tensor:
-    if t is None:
-        return torch.full((c,), fill, dtype=acc, device=device)
-    return t.detach().to(acc).contiguous()
+def _split(v: float) -> tuple[float, float]:
+    """``v`` as float32 ``(hi, lo)`` with hi + lo == v to about 48 bits (the kernels add them in float64)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(v - hi)
 
 
-def _channel_firsts(x: Tensor, acc: torch.dtype) -> Tensor:
-    """Each channel's first value (sample 0, position 0), as the portable kernels shift by."""
-    return x.detach().select(0, 0).reshape(x.shape[1], -1)[:, 0].to(acc).contiguous()
+def _tl_acc(x: Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _shifted_stats(x: Tensor, g: _Launch) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel ``(shift, mean - shift, biased var)``: shift in ``acc_dtype``, the others in float64."""
-    acc = acc_dtype(x.dtype)
-    shift = _channel_firsts(x, acc)
-    s1 = torch.empty((g.grid[1], x.shape[1]), dtype=acc, device=x.device)
-    s2 = torch.empty_like(s1)
-    _stats_kernel[g.grid](x, shift, s1, s2, *g.args, **g.blocks)
-    mean_s = s1.double().sum(0) / g.count
-    var = (s2.double().sum(0) / g.count - mean_s * mean_s).clamp_min(0)
-    return shift, mean_s, var
-
-
-def _normalize(x: Tensor, g: _Launch, shift: Tensor, scale: Tensor, offset: Tensor, act: str) -> Tensor:
-    y = torch.empty_like(x)
-    _normalize_kernel[g.grid](x, y, shift, scale, offset, *g.args, ACT=_act_code(act), **g.blocks)
-    return y
+def _opt(t: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
+    """A per-channel tensor argument and whether it is there (a kernel never reads the stand-in ``x``)."""
+    return (x, False) if t is None else (t.detach(), True)
 
 
 def _act_code(act: str) -> int:
@@ -281,45 +413,58 @@ def _act_code(act: str) -> int:
         raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODES)}") from None
 
 
+def _train_stats(x: Tensor, g: _Launch, weight, bias, eps, running_mean=None, running_var=None,
+                 momentum=0.0) -> tuple[Tensor, Tensor]:
+    """The statistics pass and the per-channel kernel: ``(mean, coef)``, mean in float64 and coef the (5, C)
+    table of shift, scale, offset, invstd and biased variance in ``acc_dtype``; the running statistics
+    updated in place when given."""
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    part = torch.empty((2, g.runs, c), dtype=acc, device=x.device)
+    _stats_kernel[g.grid](x, part, *g.args, ACC=_tl_acc(x), **g.blocks)
+    mean = torch.empty(c, dtype=torch.float64, device=x.device)
+    coef = torch.empty((5, c), dtype=acc, device=x.device)
+    w, has_w = _opt(weight, x)
+    b, has_b = _opt(bias, x)
+    update = running_mean is not None and running_var is not None
+    rm, rv = (running_mean, running_var) if update else (x, x)
+    _train_coef_kernel[g.coef_grid](x, part, w, b, mean, coef, rm, rv, c, g.args[4], g.runs, g.args[2],
+                                    *_split(eps), *_split(momentum), ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b,
+                                    UPDATE=update, BLOCK=COEF_BLOCK)
+    return mean, coef
+
+
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *), in ``acc_dtype``."""
-    shift, mean_s, var = _shifted_stats(x, _launch(x))
-    acc = acc_dtype(x.dtype)
-    return (shift.double() + mean_s).to(acc), var.to(acc)
+    mean, coef = _train_stats(x, _launch(x), None, None, 1.0)
+    return mean.to(acc_dtype(x.dtype)), coef[4]
 
 
 def bn_train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                      act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
-    """Training forward ``(y, mean, invstd)``: mean in float64, invstd in ``acc_dtype``; 2 reads, 1 write."""
-    _act_code(act)
-    acc = acc_dtype(x.dtype)
-    c = x.shape[1]
-    g = _launch(x)
-    shift, mean_s, var = _shifted_stats(x, g)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    w = _acc_vec(weight, c, torch.float64, 1.0, x.device)
-    b = _acc_vec(bias, c, torch.float64, 0.0, x.device)
-    scale = invstd.double() * w
-    # z = ((x - shift) - mean_s) * scale + b, with the per-channel part folded into one offset
-    offset = (b - mean_s * scale).to(acc)
-    y = _normalize(x, g, shift, scale.to(acc), offset, act)
-    return y, shift.double() + mean_s, invstd
+    """Training forward ``(y, mean, invstd)``: mean in float64, invstd in ``acc_dtype``; 2 reads, 1 write, in 3
+    launches (partial sums, per-channel terms, normalize)."""
+    y, (mean, invstd), _ = bn_train_forward_saved(x, weight, bias, eps, act, None, None, 0.0)
+    return y, mean, invstd
 
 
 def bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var, momentum):
-    """:func:`bn_train_forward`, then the portable running-statistics update: ``(y, mean, invstd, nonfinite)``."""
+    """:func:`bn_train_forward` that also updates the running statistics: ``(y, mean, invstd, None)`` (a channel
+    whose statistics are not finite keeps its running values; no warning, which would wait for the device)."""
     y, (mean, invstd), nonfinite = bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var,
                                                           momentum)
     return y, mean, invstd, nonfinite
 
 
 def bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var, momentum):
-    """The training forward as an autograd node calls it: ``(y, (mean, invstd), nonfinite)``."""
-    y, mean, invstd = bn_train_forward(x, weight, bias, eps, act)
-    if running_mean is None or running_var is None:
-        return y, (mean, invstd), None
-    n = x.numel() // x.shape[1]
-    return y, (mean, invstd), portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+    """The training forward as an autograd node calls it: ``(y, (mean, invstd), None)``; the running statistics
+    (unless None) updated in the per-channel kernel."""
+    code = _act_code(act)
+    g = _launch(x)
+    mean, coef = _train_stats(x, g, weight, bias, eps, running_mean, running_var, momentum)
+    y = torch.empty_like(x)
+    _normalize_kernel[g.grid](x, y, coef, *g.args, ACT=code, **g.blocks)
+    return y, (mean, coef[3]), None
 
 
 def bn_backward_saved(dy, x, weight, bias, saved, act, needs=(True, True, True)):
@@ -329,48 +474,43 @@ def bn_backward_saved(dy, x, weight, bias, saved, act, needs=(True, True, True))
 
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
-    """Evaluation forward with the running statistics: 1 read, 1 write."""
-    acc = acc_dtype(x.dtype)
-    c = x.shape[1]
-    invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-    scale = invstd * _acc_vec(weight, c, acc, 1.0, x.device)
-    return _normalize(x, _launch(x), running_mean.detach().to(acc).contiguous(), scale.contiguous(),
-                      _acc_vec(bias, c, acc, 0.0, x.device), act)
+    """Evaluation forward with the running statistics: 1 read, 1 write, one launch."""
+    code = _act_code(act)
+    g = _launch(x)
+    w, has_w = _opt(weight, x)
+    b, has_b = _opt(bias, x)
+    y = torch.empty_like(x)
+    _eval_kernel[g.grid](x, y, running_mean.detach(), running_var.detach(), w, b, *g.args, *_split(eps), ACT=code,
+                         ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b, **g.blocks)
+    return y
 
 
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                 invstd: Tensor, act: str, training: bool, needs=(True, True, True)):
     """Closed-form backward ``(dx, dweight, dbias)`` (as :func:`normlab.kernels.portable.bn_backward`): one pass
-    for the per-channel sums of g and g * xhat, one for dx = w * invstd * (g - db / n - xhat * dw / n)."""
+    for the per-channel sums of g and g * xhat, a per-channel kernel for dweight, dbias and dx's coefficients,
+    one pass for dx = w * invstd * (g - db / n - xhat * dw / n)."""
     code = _act_code(act)
-    acc = acc_dtype(x.dtype)
     if dy.dtype != x.dtype or dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     c = x.shape[1]
+    acc = acc_dtype(x.dtype)
     g = _launch(x)
-    x0 = _channel_firsts(x, acc)
-    rel = (mean.detach().double() - x0.double()).to(acc)
-    inv = invstd.detach().to(acc).contiguous()
-    w = _acc_vec(weight, c, acc, 1.0, x.device)
-    b = _acc_vec(bias, c, acc, 0.0, x.device)
-    table = torch.stack([x0, rel, inv, w, b])  # per channel: x0, rel, invstd, w, b (rows 0-4)
-    sg = torch.empty((g.grid[1], c), dtype=acc, device=x.device)
-    sgx = torch.empty_like(sg)
-    _grad_sums_kernel[g.grid](dy, x, table, sg, sgx, *g.args, ACT=code, **g.blocks)
-    db = sg.double().sum(0)
-    dw = sgx.double().sum(0)
+    w, has_w = _opt(weight, x)
+    b, has_b = _opt(bias, x)
+    mean, invstd = mean.detach(), invstd.detach()
+    terms = dict(ACT=code, ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b, **g.blocks)
+    part = torch.empty((2, g.runs, c), dtype=acc, device=x.device)
+    _grad_sums_kernel[g.grid](dy, x, mean, invstd, w, b, part, *g.args, **terms)
+    grads = torch.empty((2, c), dtype=acc, device=x.device)
+    coef = torch.empty((3, c), dtype=acc, device=x.device)
+    _grad_coef_kernel[g.coef_grid](part, invstd, w, grads, coef, c, g.runs, g.args[2], ACC=_tl_acc(x),
+                                   HAS_W=has_w, TRAINING=bool(training), BLOCK=COEF_BLOCK)
     dx = None
     if needs[0]:
-        kg = inv.double() * w.double()
-        if training:
-            kx = -kg * dw / g.count
-            k0 = -kg * db / g.count
-        else:
-            kx = k0 = torch.zeros_like(kg)
         dx = torch.empty_like(x)
-        table = torch.cat([table, torch.stack([kg, kx, k0]).to(acc)])  # rows 5-7: kg, kx, k0
-        _dx_kernel[g.grid](dy, x, dx, table, *g.args, ACT=code, **g.blocks)
-    return (dx, dw.to(acc) if needs[1] else None, db.to(acc) if needs[2] else None)
+        _dx_kernel[g.grid](dy, x, dx, mean, invstd, w, b, coef, *g.args, **terms)
+    return (dx, grads[0] if needs[1] else None, grads[1] if needs[2] else None)
 
 
 # not batch norm: the portable kernels

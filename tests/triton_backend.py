@@ -1,11 +1,11 @@
-"""The Triton backend (batch norm on GPU) in Triton's interpreter, on CPU tensors: against the portable backend
-(the contract), against float64 and the NumPy reference, and through the layers as ``use_backend("triton")``.
+"""The Triton backend (batch norm on GPU): against the portable backend (the contract) on CPU, against float64
+and the NumPy reference, and through the layers as ``use_backend("triton")``.
 
-Run by ``test_kernels_triton.py`` in a child process with ``TRITON_INTERPRET=1``: the interpreter must be on
-before triton is first imported, and stays on for the whole process. The interpreter runs the same kernel source
-on NumPy, program by program, so these tests check the indexing, masks, tiling, layouts, dtypes and numerics of
-the kernels, not their speed or their compiled code on a GPU. Tolerances: ``kernel_checks.py`` (bfloat16 to one
-rounding of the output: the interpreter's conversion may round differently from a GPU's).
+Run by ``test_kernels_triton.py`` in a child process, two ways: with ``TRITON_INTERPRET=1`` on CPU tensors (the
+interpreter must be on before triton is first imported, and stays on for the whole process; it runs the same
+kernel source on NumPy, program by program, so it checks the indexing, masks, tiling, layouts, dtypes and
+numerics of the kernels, not their speed), and, where CUDA is available, compiled, on CUDA tensors. Tolerances:
+``kernel_checks.py`` (bfloat16 to one rounding of the output: conversions may round differently on a GPU).
 """
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ import pytest
 import torch
 from kernel_checks import ACTS, DTYPES, LOW, TOL, close, make
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("run by test_kernels_triton.py with TRITON_INTERPRET=1", allow_module_level=True)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRETED and os.environ.get("NORMLAB_TRITON_CUDA") != "1":
+    pytest.skip("run by test_kernels_triton.py (TRITON_INTERPRET=1, or NORMLAB_TRITON_CUDA=1 on a GPU)",
+                allow_module_level=True)
 pytest.importorskip("triton")
+DEVICE = "cpu" if INTERPRETED else "cuda"
 
 import normlab  # noqa: E402
 from normlab import kernels  # noqa: E402
@@ -37,8 +40,14 @@ LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), N
 def T():
     """The Triton backend, its kernels defined for the interpreter."""
     from normlab.kernels import gpu_triton
-    assert gpu_triton.INTERPRETED
+    assert gpu_triton.INTERPRETED == INTERPRETED
     return gpu_triton
+
+
+def on(*tensors):
+    """The tensors on the device under test (CPU in the interpreter)."""
+    out = tuple(None if t is None else t.to(DEVICE) for t in tensors)
+    return out if len(out) > 1 else out[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -46,14 +55,15 @@ def T():
 def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
     x = make(shape, fmt, dtype, gen=gen)
-    assert T.supports(x)
     c = shape[1]
     w = torch.randn(c, generator=gen) + 1
     b = torch.randn(c, generator=gen)
+    xd, wd, bd = on(x, w, b)
+    assert T.supports(xd)
     tol, low = TOL[dtype], dtype in LOW
     x64, w64, b64 = x.double(), w.double(), b.double()
     for act in ACTS:
-        y, mean, invstd = T.bn_train_forward(x, w, b, 1e-5, act)
+        y, mean, invstd = T.bn_train_forward(xd, wd, bd, 1e-5, act)
         y_p, mean_p, invstd_p = portable.bn_train_forward(x, w, b, 1e-5, act)
         y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
         assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
@@ -65,18 +75,18 @@ def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
 
         rv = torch.rand(c, generator=gen) + 0.5
         rm = torch.randn(c, generator=gen)
-        ye = T.bn_eval_forward(x, rm, rv, w, b, 1e-5, act)
+        ye = T.bn_eval_forward(xd, *on(rm, rv, w, b), 1e-5, act)
         assert ye.stride() == x.stride() and ye.dtype == dtype
         close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4, rel=low)
 
         dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
         for training in (True, False):
-            got = T.bn_backward(dy, x, w, b, mean, invstd, act, training)
+            got = T.bn_backward(*on(dy, x, w, b), mean, invstd, act, training)
             ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
             assert got[0].stride() == x.stride() and got[0].dtype == dtype
             for g, r64 in zip(got, ref64):
                 close(g, r64, tol * 4, rel=True)
-        dx, dw, db = T.bn_backward(dy, x, w, b, mean, invstd, act, True, (False, True, False))
+        dx, dw, db = T.bn_backward(*on(dy, x, w, b), mean, invstd, act, True, (False, True, False))
         assert dx is None and db is None and dw is not None
 
 
@@ -88,44 +98,44 @@ def test_against_the_numpy_reference(T):
     dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     y_ref, cache, _ = ref.batch_norm_forward(x.numpy(), w.numpy(), b.numpy(), 1e-5)
     dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy.numpy(), cache)
-    y, mean, invstd = T.bn_train_forward(x, w, b, 1e-5)
-    dx, dw, db = T.bn_backward(dy, x, w, b, mean, invstd, "identity", True)
+    y, mean, invstd = T.bn_train_forward(*on(x, w, b), 1e-5)
+    dx, dw, db = T.bn_backward(*on(dy, x, w, b), mean, invstd, "identity", True)
     for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-10, atol=1e-10)
 
 
 def test_edge_cases(T):
     # a constant channel gives exactly the bias, and its statistics exactly (value, 0)
     x = torch.full((4, 2, 3, 3), 7.25)
     x[:, 1] = torch.randn(4, 3, 3)
-    y, mean, invstd = T.bn_train_forward(x, torch.full((2,), 3.0), torch.tensor([0.5, -1.0]), 1e-5)
-    assert torch.equal(y[:, 0], torch.full((4, 3, 3), 0.5)) and mean[0].item() == 7.25
-    m, v = T.bn_stats(x)
+    y, mean, invstd = T.bn_train_forward(*on(x, torch.full((2,), 3.0), torch.tensor([0.5, -1.0])), 1e-5)
+    assert torch.equal(y[:, 0].cpu(), torch.full((4, 3, 3), 0.5)) and mean[0].item() == 7.25
+    m, v = T.bn_stats(on(x))
     assert m[0].item() == 7.25 and v[0].item() == 0.0
     # a large mean with a small spread, float32: as float64 on the same values
     gen = torch.Generator().manual_seed(2)
     x = (1e4 + torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64)).float()
-    y, mean, invstd = T.bn_train_forward(x, None, None, 1e-5)
+    y, mean, invstd = T.bn_train_forward(on(x), None, None, 1e-5)
     y64, mean64, invstd64 = portable.bn_train_forward(x.double(), None, None, 1e-5)
     close(y, y64, 1e-3)
     close(mean, mean64, 1e-9)
     dy = torch.randn(x.shape, generator=gen)
-    got = T.bn_backward(dy, x, None, None, mean, invstd, "identity", True)
+    got = T.bn_backward(*on(dy, x), None, None, mean, invstd, "identity", True)
     want = portable.bn_backward(dy.double(), x.double(), None, None, mean64, invstd64, "identity", True)
     for g, w in zip(got, want):
         close(g, w, 1e-3, rel=True)
     # dy in another layout than x is taken as x's
     x = make((3, 4, 5, 5), torch.channels_last, torch.float32, gen=gen)
-    y, mean, invstd = T.bn_train_forward(x, None, None, 1e-5)
+    y, mean, invstd = T.bn_train_forward(on(x), None, None, 1e-5)
     dy = torch.randn(x.shape, generator=gen)
-    close(T.bn_backward(dy, x, None, None, mean, invstd, "identity", True)[0],
-           portable.bn_backward(dy, x, None, None, mean, invstd, "identity", True)[0], 1e-5)
+    close(T.bn_backward(*on(dy, x), None, None, mean, invstd, "identity", True)[0],
+          portable.bn_backward(dy, x, None, None, mean.cpu(), invstd.cpu(), "identity", True)[0], 1e-5)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
-        T.bn_train_forward(x, None, None, 1e-5, "gelu")
+        T.bn_train_forward(on(x), None, None, 1e-5, "gelu")
 
 
 def test_supports(T):
-    x = torch.randn(4, 3, 8, 8)
+    x = on(torch.randn(4, 3, 8, 8))
     assert T.supports(x) and T.supports(x.to(memory_format=torch.channels_last))
     assert not T.supports(x[:, :, ::2])  # trailing dimensions with gaps
     assert not T.supports(x.int()) and not T.supports(torch.empty(0, 3))
@@ -137,7 +147,8 @@ def test_layers_through_the_triton_backend(T, fmt):
     gen = torch.Generator().manual_seed(5)
     x = make((6, 4, 5, 5), fmt, torch.float32, gen=gen)
     dy = torch.randn(x.shape, generator=gen)
-    ours, theirs = normlab.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x, dy = on(x, dy)
+    ours, theirs = normlab.BatchNorm2d(4).to(DEVICE), torch.nn.BatchNorm2d(4).to(DEVICE)
     with torch.no_grad():
         for m in (ours, theirs):
             m.weight.copy_(torch.linspace(0.5, 2, 4))
@@ -170,14 +181,14 @@ def test_layers_through_the_triton_backend(T, fmt):
     close(ours.running_var, theirs.running_var, 1e-6)
     close(ea, eb, 1e-5)
 
-    fused = normlab.BatchNormAct2d(4, act="silu")
+    fused = normlab.BatchNormAct2d(4, act="silu").to(DEVICE)
     xs = x.clone().requires_grad_()
     with kernels.use_backend("triton"):
         out = fused(xs)
         out.backward(dy)
     xr = x.clone().requires_grad_()
     with kernels.use_backend("portable"):
-        want = normlab.BatchNormAct2d(4, act="silu")(xr)
+        want = normlab.BatchNormAct2d(4, act="silu").to(DEVICE)(xr)
         want.backward(dy)
     close(out, want, 1e-5)
     close(xs.grad, xr.grad, 1e-5)
@@ -185,7 +196,7 @@ def test_layers_through_the_triton_backend(T, fmt):
 
 def test_backend_is_opt_in(T):
     """Without use_backend("triton") the automatic choice never takes the Triton backend."""
-    x = torch.randn(2, 3, 4)
+    x = on(torch.randn(2, 3, 4))
     assert T.supports(x) and kernels.backend_for(x) is not T
     with kernels.use_backend("triton"):
         assert kernels.backend_for(x) is T
@@ -193,17 +204,64 @@ def test_backend_is_opt_in(T):
 
 
 def test_bench_gpu_section_runs_the_triton_kernels(T, monkeypatch):
-    """``normlab bench``'s gpu section, on a CPU device in the interpreter: normlab's rows come from the Triton
+    """``normlab bench``'s gpu section (on a CPU device in the interpreter): normlab's rows come from the Triton
     kernels, every mode has both contenders, a same-size copy and a summary."""
     from normlab import bench
     calls = []
     for name in ("bn_train_forward_saved", "bn_eval_forward"):
         real = getattr(T, name)
         monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device="cpu")
+    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device=DEVICE)
     assert [(r.case, r.mode) for r in rows] == [(c, m) for c in ("4x3x5x5", "6x5") for m in bench.MODES]
     assert all(set(r.ms) == {"normlab", "torch"} and r.copy_gbps > 0 and r.gbps > 0 for r in rows)
     assert {"bn_train_forward_saved", "bn_eval_forward"} <= set(calls)
     summary = bench.summarize(rows, 1.0)
     assert summary["gpu_train_fwd_bwd_geomean_vs_torch"] > 0 and summary["gpu_eval_geomean_vs_torch"] > 0
     assert "== gpu ==" in bench.render(rows, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_running_statistics_update(T, dtype):
+    """The per-channel kernel's update of the running statistics (in their own dtype) against the portable
+    update; a channel with a non-finite value keeps its running values."""
+    gen = torch.Generator().manual_seed(9)
+    x = make((6, 3, 4, 4), None, dtype, gen=gen)
+    x[2, 1, 1, 1] = float("inf")
+    rm, rv = torch.randn(3, generator=gen).to(dtype), (torch.rand(3, generator=gen) + 0.5).to(dtype)
+    rm_d, rv_d = on(rm.clone(), rv.clone())
+    y, mean, invstd, nonfinite = T.bn_train_forward_update(on(x), None, None, 1e-5, "identity", rm_d, rv_d, 0.3)
+    want_m, want_v = rm.clone(), rv.clone()
+    portable.bn_train_forward_update(x, None, None, 1e-5, "identity", want_m, want_v, 0.3)
+    tol = 1e-12 if dtype == torch.float64 else (1e-6 if dtype == torch.float32 else 1e-2)
+    close(rm_d, want_m, tol, rel=True)
+    close(rv_d, want_v, tol, rel=True)
+    assert rm_d[1].item() == rm[1].item() and rv_d[1].item() == rv[1].item()
+
+
+def _convnet():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="relu"),
+                               torch.nn.Conv2d(8, 8, 3, padding=1), normlab.BatchNorm2d(8), torch.nn.SiLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4), normlab.BatchNorm1d(4))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="torch.compile compiles for a GPU; the interpreter runs on CPU")
+def test_torch_compile_fullgraph_on_cuda(T):
+    """torch.compile(fullgraph=True) of a model with normlab layers, its batch norms on the Triton kernels (the
+    custom operators), against the same model eager: outputs, gradients, running statistics, train and eval."""
+    import copy
+    torch.manual_seed(0)
+    eager = _convnet().to(DEVICE)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = on(torch.randn(6, 3, 8, 8))
+    with kernels.use_backend("triton"):
+        ye, yc = eager(x), compiled(x)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        close(yc, ye, 1e-4)
+        for p, q in zip(eager.parameters(), compiled_model.parameters()):
+            close(q.grad, p.grad, 1e-3, rel=True)
+        for a, b in zip(eager.buffers(), compiled_model.buffers()):
+            close(b, a, 1e-5)
+        eager.eval(), compiled_model.eval()
+        close(compiled(x), eager(x), 1e-4)

@@ -1,0 +1,221 @@
+"""Batch norm on a CUDA GPU: normlab's Triton kernels (``use_backend("triton")``) against torch.nn (cuDNN or
+torch's own CUDA kernels, whichever ``torch.batch_norm`` picks), layer against layer, timed two ways:
+
+* ``graph``: the calls captured in a CUDA graph and replayed, so the GPU's time alone (no Python, no launch
+  latency): what the kernels cost, as a fraction of a same-size device copy timed the same way;
+* ``eager``: back-to-back calls timed with CUDA events, host overhead included: what a training loop sees.
+
+    python benchmarks/gpu_kernels.py --json gpu.json                 # the suite's shapes and larger ones, f32, bf16
+    python benchmarks/gpu_kernels.py --sweep --json sweep.json       # launch geometry of the Triton kernels
+
+Modes as ``normlab bench``'s: ``train_fwd``, ``train_fwd_bwd``, ``eval_fwd``; GB/s counts each mode's minimum
+traffic (3, 8 and 2 passes over the activation). Shapes above the GPU's L2 (60 MB on an H200) measure memory;
+below it, the passes after the first find much of the tensor in L2, for both contenders alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+import normlab
+from normlab import kernels
+from normlab.bench.suite import DEFAULT_SHAPES, MIN_PASSES, MODES, _input, modes_for, parse_shape
+from normlab.kernels import gpu_triton
+
+LARGE = ["64x256x56x56", "64x256x56x56cl", "256x128x28x28cl", "32768x1024", "16x64x224x224", "16x64x224x224cl"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INNER = 10  # calls per captured graph (amortizes a replay's own launch)
+DEVICE = "cuda"
+
+
+def _events_ms(run, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _reps_for(run, budget: float) -> int:
+    t = _events_ms(run, 3)
+    return max(5, min(2000, int(budget * 1e3 / max(t, 1e-3))))
+
+
+def time_eager(fn, budget: float) -> float:
+    """Median over 5 rounds of the mean ms of back-to-back calls (the host's overhead included)."""
+    for _ in range(3):
+        fn()
+    reps = _reps_for(fn, budget / 5)
+    return sorted(_events_ms(fn, reps) for _ in range(5))[2]
+
+
+def time_graph(fn, budget: float) -> float | None:
+    """Median over 5 rounds of the ms per call of a CUDA graph of INNER calls, replayed; None where the calls
+    cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(INNER):
+                fn()
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"  (not captured: {type(err).__name__}: {str(err)[:120]})", file=sys.stderr)
+        return None
+    graph.replay()
+    reps = _reps_for(graph.replay, budget / 5)
+    return sorted(_events_ms(graph.replay, reps) for _ in range(5))[2] / INNER
+
+
+def layers(shape, cl, dtype):
+    x = _input(shape, cl, dtype).to(DEVICE)
+    dy = torch.randn_like(x)
+    d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+    torch.manual_seed(0)
+    ours = getattr(normlab, f"BatchNorm{d}")(shape[1]).to(DEVICE, dtype)
+    theirs = getattr(torch.nn, f"BatchNorm{d}")(shape[1]).to(DEVICE, dtype)
+    return x, dy, {"normlab": modes_for(ours, x, dy)[0], "torch": modes_for(theirs, x, dy)[0]}
+
+
+def measure(text: str, dtype, budget: float, ways=("graph", "eager")) -> list[dict]:
+    shape, cl = parse_shape(text)
+    x, dy, fns = layers(shape, cl, dtype)
+    mb = x.numel() * x.element_size() / 1e6
+    dst = torch.empty_like(x)
+    copy = {way: (time_graph if way == "graph" else time_eager)(lambda: dst.copy_(x), budget) for way in ways}
+    rows = []
+    with kernels.use_backend("triton"):
+        for mode in MODES:
+            for way in ways:
+                timer = time_graph if way == "graph" else time_eager
+                ms = {impl: timer(f[mode], budget) for impl, f in fns.items()}
+                gbps = MIN_PASSES[mode] * mb / 1e3 / (ms["normlab"] / 1e3) if ms["normlab"] else None
+                copy_gbps = 2 * mb / 1e3 / (copy[way] / 1e3) if copy[way] else None
+                row = {"case": text, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "way": way,
+                       "mb": round(mb, 1), "ms": ms, "x_vs_torch": _ratio(ms), "gbps": gbps,
+                       "copy_gbps": copy_gbps, "frac_copy": gbps / copy_gbps if gbps and copy_gbps else None}
+                rows.append(row)
+                print(_line(row), flush=True)
+    return rows
+
+
+def _ratio(ms: dict) -> float | None:
+    return ms["torch"] / ms["normlab"] if ms.get("torch") and ms.get("normlab") else None
+
+
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+HEADER = (f"{'case':<18} {'dtype':<9} {'mode':<14} {'way':<6} {'MB':>7} {'normlab ms':>11} {'torch ms':>9} "
+          f"{'x vs torch':>10} {'GB/s':>7} {'%copy':>6}")
+
+
+def _line(r: dict) -> str:
+    return (f"{r['case']:<18} {r['dtype']:<9} {r['mode']:<14} {r['way']:<6} {r['mb']:>7.1f} "
+            f"{_f(r['ms']['normlab'], '11.4f')} {_f(r['ms']['torch'], '9.4f')} {_f(r['x_vs_torch'], '10.2f')} "
+            f"{_f(r['gbps'], '7.0f')} {_f(r['frac_copy'] and 100 * r['frac_copy'], '5.0f')}%")
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for way in ("graph", "eager"):
+            for mode in MODES:
+                sel = [r for r in rows if r["dtype"] == dtype and r["way"] == way and r["mode"] == mode]
+                out[f"{dtype}_{way}_{mode}_geomean_vs_torch"] = geomean([r["x_vs_torch"] for r in sel])
+                big = [r["frac_copy"] for r in sel if r["mb"] >= 100 and r["frac_copy"]]
+                out[f"{dtype}_{way}_{mode}_median_frac_copy_100MB_plus"] = sorted(big)[len(big) // 2] if big else None
+    return out
+
+
+SWEEP_SHAPES = ["64x256x56x56", "64x256x56x56cl", "32x64x56x56cl", "32768x1024"]
+
+
+def sweep(budget: float) -> list[dict]:
+    """train_fwd_bwd (graph-timed) of normlab on each SWEEP_SHAPES over the Triton kernels' launch geometry."""
+    base = (gpu_triton.PROGRAMS, gpu_triton.NUM_WARPS, gpu_triton.NCHW_BLOCK_K, gpu_triton.CL_BLOCKS)
+    rows = []
+    for text in SWEEP_SHAPES:
+        shape, cl = parse_shape(text)
+        channels_adjacent = cl or len(shape) == 2
+        x, dy, fns = layers(shape, cl, torch.float32)
+        blocks = [(64, 16), (32, 32), (128, 8), (16, 64)] if channels_adjacent else [(1024,), (2048,), (4096,)]
+        for block in blocks:
+            for warps in (4, 8):
+                for programs in (512, 1024, 2048, 4096):
+                    gpu_triton.PROGRAMS, gpu_triton.NUM_WARPS = programs, warps
+                    if channels_adjacent:
+                        gpu_triton.CL_BLOCKS = block
+                    else:
+                        gpu_triton.NCHW_BLOCK_K = block[0]
+                    with kernels.use_backend("triton"):
+                        ms = {m: time_graph(fns["normlab"][m], budget) for m in ("train_fwd", "train_fwd_bwd")}
+                    row = {"case": text, "block": block, "warps": warps, "programs": programs, "ms": ms}
+                    rows.append(row)
+                    print(f"{text:<18} block={str(block):<10} warps={warps} programs={programs:<5} "
+                          f"fwd {_f(ms['train_fwd'], '.4f')} ms  fwd+bwd {_f(ms['train_fwd_bwd'], '.4f')} ms",
+                          flush=True)
+        gpu_triton.PROGRAMS, gpu_triton.NUM_WARPS, gpu_triton.NCHW_BLOCK_K, gpu_triton.CL_BLOCKS = base
+        with kernels.use_backend("triton"):
+            ref = time_graph(fns["torch"]["train_fwd_bwd"], budget)
+        print(f"{text:<18} torch fwd+bwd {_f(ref, '.4f')} ms", flush=True)
+        rows.append({"case": text, "torch_train_fwd_bwd_ms": ref})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=None, help="comma-separated shapes (default: the suite's, then LARGE)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--budget", type=float, default=0.1, help="seconds per timing (default 0.1)")
+    p.add_argument("--ways", default="graph,eager")
+    p.add_argument("--sweep", action="store_true", help="time the launch geometries instead")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_kernels: needs a CUDA device")
+    t0 = time.time()
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "cudnn": torch.backends.cudnn.version(),
+            "launch": {"PROGRAMS": gpu_triton.PROGRAMS, "NUM_WARPS": gpu_triton.NUM_WARPS,
+                       "NCHW_BLOCK_K": gpu_triton.NCHW_BLOCK_K, "CL_BLOCKS": gpu_triton.CL_BLOCKS}}
+    print(info, flush=True)
+    if args.sweep:
+        result = {"info": info, "sweep": sweep(args.budget)}
+    else:
+        shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES + LARGE
+        rows = []
+        print(HEADER, flush=True)
+        for name in args.dtypes.split(","):
+            for text in shapes:
+                rows += measure(text, DTYPES[name], args.budget, tuple(args.ways.split(",")))
+                torch.cuda.empty_cache()
+        result = {"info": info, "rows": rows, "summary": summary(rows)}
+        for k, v in result["summary"].items():
+            print(f"  {k:<56} {_f(v, '.3f')}")
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

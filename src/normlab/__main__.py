@@ -1,0 +1,6 @@
+"""``python -m normlab``: the ``normlab`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
