@@ -18,8 +18,8 @@ if has info; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
 fi
-has test && step test 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/triton_backend.py
-has kernels && step kernels 170 python3 benchmarks/gpu_kernels.py --budget 0.06 --json "$out/kernels.json"
-has sweep && step sweep 150 python3 benchmarks/gpu_kernels.py --sweep --budget 0.04 --json "$out/sweep.json"
-has bench && step bench 120 python3 -m normlab bench --sections gpu --budget 0.2 --json "$out/bench_gpu.json"
+has test && step test 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests/triton_backend.py
+has kernels && step kernels 150 python3 benchmarks/gpu_kernels.py --budget 0.06 --json "$out/kernels.json"
+has sweep && step sweep 120 python3 benchmarks/gpu_kernels.py --sweep --budget 0.04 --json "$out/sweep.json"
+has bench && step bench 90 python3 -m normlab bench --sections gpu --budget 0.2 --json "$out/bench_gpu.json"
 exit 0
