@@ -165,6 +165,7 @@ def sweep(budget: float) -> list[dict]:
                         gpu_triton.CL_BLOCKS = block
                     else:
                         gpu_triton.NCHW_BLOCK_K = block[0]
+                    gpu_triton._LAUNCHES.clear()
                     with kernels.use_backend("triton"):
                         ms = {m: time_graph(fns["normlab"][m], budget) for m in ("train_fwd", "train_fwd_bwd")}
                     row = {"case": text, "block": block, "warps": warps, "programs": programs, "ms": ms}
@@ -173,6 +174,7 @@ def sweep(budget: float) -> list[dict]:
                           f"fwd {_f(ms['train_fwd'], '.4f')} ms  fwd+bwd {_f(ms['train_fwd_bwd'], '.4f')} ms",
                           flush=True)
         gpu_triton.PROGRAMS, gpu_triton.NUM_WARPS, gpu_triton.NCHW_BLOCK_K, gpu_triton.CL_BLOCKS = base
+        gpu_triton._LAUNCHES.clear()
         with kernels.use_backend("triton"):
             ref = time_graph(fns["torch"]["train_fwd_bwd"], budget)
         print(f"{text:<18} torch fwd+bwd {_f(ref, '.4f')} ms", flush=True)

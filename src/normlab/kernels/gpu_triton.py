@@ -18,7 +18,9 @@ tile sizes below are first choices, to be tuned there.
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
 from typing import NamedTuple
 
 import torch
@@ -40,7 +42,8 @@ MAX_RUNS = 1024
 NCHW_BLOCK_K = 1024  # values of one channel per tile where they are adjacent in memory
 CL_BLOCKS = (64, 16)  # (channels, values) per tile where channels are adjacent (channels_last, (M, C))
 NUM_WARPS = 4
-COEF_BLOCK = 128  # channels per program of the per-channel kernels
+COEF_BLOCK = 64  # channels per program of the per-channel kernels
+COEF_BLOCK_R = 16  # runs of partial sums they merge at a time
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -140,14 +143,18 @@ def _store_partials(part_ptr, a1, a2, cs, cm, C):
 
 
 @triton.jit
-def _merge_partials(part_ptr, cs, cm, C, R):
-    """Both halves of a (2, R, C) buffer of partial sums, summed over the R runs in float64."""
-    s1 = tl.zeros(cs.shape, tl.float64)
-    s2 = tl.zeros(cs.shape, tl.float64)
-    for r in range(0, R):
-        s1 += tl.load(part_ptr + r * C + cs, mask=cm, other=0.0).to(tl.float64)
-        s2 += tl.load(part_ptr + (R + r) * C + cs, mask=cm, other=0.0).to(tl.float64)
-    return s1, s2
+def _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R: tl.constexpr):
+    """Both halves of a (2, R, C) buffer of partial sums, summed over the R runs in float64, BLOCK_R runs at a
+    time (a run at a time, a program waited on a thousand dependent loads where 64 channels take 1024 runs)."""
+    s1 = tl.zeros([BLOCK_R, cs.shape[0]], tl.float64)
+    s2 = tl.zeros([BLOCK_R, cs.shape[0]], tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        offs = rs[:, None] * C + cs[None, :]
+        mask = (rs < R)[:, None] & cm[None, :]
+        s1 += tl.load(part_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        s2 += tl.load(part_ptr + R * C + offs, mask=mask, other=0.0).to(tl.float64)
+    return tl.sum(s1, 0), tl.sum(s2, 0)
 
 
 @triton.jit
@@ -181,14 +188,14 @@ def _stats_kernel(x_ptr, part_ptr, C, S, K, sN, sC, sS, k_per_program,
 @triton.jit
 def _train_coef_kernel(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, coef_ptr, rm_ptr, rv_ptr, C, sC, R, K,
                        eps_hi, eps_lo, mom_hi, mom_lo, ACC: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per channel, from the partial sums: the mean (float64), and in the (5, C) table ``coef`` the shift, scale
     and offset of the normalize pass, invstd and the biased variance; with UPDATE, the running statistics too
     (unbiased variance; a channel whose mean or variance is not finite keeps its running values)."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = cs < C
     shift = _firsts(x_ptr, cs, cm, sC, ACC)
-    s1, s2 = _merge_partials(part_ptr, cs, cm, C, R)
+    s1, s2 = _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R)
     n = tl.cast(K, tl.float64)
     mean_s = s1 / n
     var = tl.maximum(s2 / n - mean_s * mean_s, 0.0)
@@ -280,13 +287,13 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_pt
 
 @triton.jit
 def _grad_coef_kernel(part_ptr, invstd_ptr, w_ptr, grads_ptr, coef_ptr, C, R, K, ACC: tl.constexpr,
-                      HAS_W: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_W: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per channel, from the partial sums: dweight and dbias (rows 0, 1 of ``grads``) and the coefficients of
     dx = kg * g + kx * xhat + k0 (rows 0-2 of ``coef``): kg = w * invstd; in training kx = -kg * dw / n and
     k0 = -kg * db / n, else 0 (the statistics are constants)."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = cs < C
-    db, dw = _merge_partials(part_ptr, cs, cm, C, R)
+    db, dw = _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R)
     tl.store(grads_ptr + cs, dw.to(ACC), mask=cm)
     tl.store(grads_ptr + C + cs, db.to(ACC), mask=cm)
     kg = tl.load(invstd_ptr + cs, mask=cm, other=0.0).to(ACC).to(tl.float64) * _vec(w_ptr, cs, cm, 1.0, HAS_W,
@@ -369,31 +376,58 @@ class _Launch(NamedTuple):
     blocks: dict
     runs: int
     coef_grid: tuple[int]
+    coef_blocks: dict
+
+
+_LAUNCHES: dict = {}  # (shape, strides) -> _Launch; cleared by whoever changes the geometry above
 
 
 def _launch(x: Tensor) -> _Launch:
+    """:func:`_geometry` of ``x``, cached by shape and strides (the host's time per call counts on a GPU: a
+    small layer's kernels take microseconds)."""
+    key = (x.shape, x.stride())
+    g = _LAUNCHES.get(key)
+    if g is None:
+        g = _LAUNCHES[key] = _geometry(x)
+    return g
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The least power of 2 >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _geometry(x: Tensor) -> _Launch:
     """Channels adjacent in memory (sC == 1) take wide channel blocks, else one channel per block and wide value
     runs; each channel block split into enough runs for about PROGRAMS programs in all (a few per multiprocessor:
     64 channels channels_last are one block)."""
     n, c, s, s_n, s_c, s_s = _strides3(x)
     k = n * s
     if s_c == 1 and c > 1:
-        block_c = min(CL_BLOCKS[0], triton.next_power_of_2(c))
+        block_c = min(CL_BLOCKS[0], _pow2(c))
         block_k = CL_BLOCKS[1]
     else:
         block_c = 1
-        block_k = min(NCHW_BLOCK_K, triton.next_power_of_2(max(k, 16)))
-    runs = max(1, min(MAX_RUNS, triton.cdiv(PROGRAMS, triton.cdiv(c, block_c)), triton.cdiv(k, block_k)))
-    per = triton.cdiv(triton.cdiv(k, runs), block_k) * block_k
-    runs = triton.cdiv(k, per)
-    return _Launch((triton.cdiv(c, block_c), runs), (c, s, k, s_n, s_c, s_s, per),
+        block_k = min(NCHW_BLOCK_K, _pow2(max(k, 16)))
+    runs = max(1, min(MAX_RUNS, _cdiv(PROGRAMS, _cdiv(c, block_c)), _cdiv(k, block_k)))
+    per = _cdiv(_cdiv(k, runs), block_k) * block_k
+    runs = _cdiv(k, per)
+    return _Launch((_cdiv(c, block_c), runs), (c, s, k, s_n, s_c, s_s, per),
                    {"BLOCK_C": block_c, "BLOCK_K": block_k, "num_warps": NUM_WARPS}, runs,
-                   (triton.cdiv(c, COEF_BLOCK),))
+                   (_cdiv(c, COEF_BLOCK),), {"BLOCK": COEF_BLOCK, "BLOCK_R": COEF_BLOCK_R})
 
 
+@functools.lru_cache(maxsize=64)
 def _split(v: float) -> tuple[float, float]:
     """``v`` as float32 ``(hi, lo)`` with hi + lo == v to about 48 bits (the kernels add them in float64)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
+    try:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond float32's range: the kernels see inf, as a float32 layer would
+        return v, 0.0
     return hi, float(v - hi)
 
 
@@ -430,7 +464,7 @@ def _train_stats(x: Tensor, g: _Launch, weight, bias, eps, running_mean=None, ru
     rm, rv = (running_mean, running_var) if update else (x, x)
     _train_coef_kernel[g.coef_grid](x, part, w, b, mean, coef, rm, rv, c, g.args[4], g.runs, g.args[2],
                                     *_split(eps), *_split(momentum), ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b,
-                                    UPDATE=update, BLOCK=COEF_BLOCK)
+                                    UPDATE=update, **g.coef_blocks)
     return mean, coef
 
 
@@ -505,7 +539,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     grads = torch.empty((2, c), dtype=acc, device=x.device)
     coef = torch.empty((3, c), dtype=acc, device=x.device)
     _grad_coef_kernel[g.coef_grid](part, invstd, w, grads, coef, c, g.runs, g.args[2], ACC=_tl_acc(x),
-                                   HAS_W=has_w, TRAINING=bool(training), BLOCK=COEF_BLOCK)
+                                   HAS_W=has_w, TRAINING=bool(training), **g.coef_blocks)
     dx = None
     if needs[0]:
         dx = torch.empty_like(x)

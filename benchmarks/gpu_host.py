@@ -1,0 +1,85 @@
+"""Where the host's time goes when normlab's batch norm runs eagerly on a CUDA GPU: microseconds per call of
+back-to-back calls on a small tensor (the GPU idle-waits on the host), from a plain torch op and a bare Triton
+launch up to the layer's forward+backward, against torch.nn's; then a profile of the layer's calls.
+
+    python benchmarks/gpu_host.py [--shape 256x64x8x8] [--profile 300]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+
+import torch
+
+import normlab
+from normlab import kernels
+from normlab.bench.suite import _input, modes_for, parse_shape
+from normlab.kernels import gpu_triton as T
+
+
+def per_call_us(fn, reps: int = 400) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / reps)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="256x64x8x8")
+    p.add_argument("--profile", type=int, default=300, help="layer fwd+bwd calls to profile (0: none)")
+    args = p.parse_args(argv)
+    shape, cl = parse_shape(args.shape)
+    x = _input(shape, cl).cuda()
+    dy = torch.randn_like(x)
+    c = shape[1]
+    w, b = torch.ones(c, device="cuda"), torch.zeros(c, device="cuda")
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    small = torch.zeros(16, device="cuda")
+    y, (mean, invstd), _ = T.bn_train_forward_saved(x, w, b, 1e-5, "identity", rm, rv, 0.1)
+    g = T._launch(x)
+    yb = torch.empty_like(x)
+    d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+    ours = modes_for(getattr(normlab, f"BatchNorm{d}")(c).cuda(), x, dy)[0]
+    theirs = modes_for(getattr(torch.nn, f"BatchNorm{d}")(c).cuda(), x, dy)[0]
+    cases = {
+        "torch: small.add_(1)": lambda: small.add_(1),
+        "torch: empty_like(x)": lambda: torch.empty_like(x),
+        "triton: _eval_kernel[grid](...) bare": lambda: T._eval_kernel[g.grid](
+            x, yb, rm, rv, w, b, *g.args, 1e-5, 0.0, ACT=0, ACC=T.tl.float32, HAS_W=True, HAS_B=True, **g.blocks),
+        "normlab: _launch(x)": lambda: T._launch(x),
+        "normlab: _split(1e-5)": lambda: T._split(1e-5),
+        "normlab: bn_eval_forward": lambda: T.bn_eval_forward(x, rm, rv, w, b, 1e-5),
+        "normlab: bn_train_forward_saved": lambda: T.bn_train_forward_saved(x, w, b, 1e-5, "identity", rm, rv, 0.1),
+        "normlab: bn_backward": lambda: T.bn_backward(dy, x, w, b, mean, invstd, "identity", True),
+    }
+    with kernels.use_backend("triton"):
+        for name, fn in cases.items():
+            print(f"{name:<40} {per_call_us(fn):8.1f} us", flush=True)
+        for mode in ("eval_fwd", "train_fwd", "train_fwd_bwd"):
+            for who, fns in (("normlab", ours), ("torch", theirs)):
+                print(f"{who + ' layer: ' + mode:<40} {per_call_us(fns[mode], 200):8.1f} us", flush=True)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.profile):
+                ours["train_fwd_bwd"]()
+            torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
