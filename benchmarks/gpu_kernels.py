@@ -145,7 +145,7 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-SWEEP_SHAPES = ["32x64x56x56cl", "256x64x28x28cl", "64x256x56x56cl", "128x256x14x14"]
+SWEEP_SHAPES = ["32x64x56x56cl", "256x64x28x28cl", "64x256x56x56cl", "16x64x224x224cl"]
 
 
 def sweep(budget: float) -> list[dict]:
@@ -156,10 +156,10 @@ def sweep(budget: float) -> list[dict]:
         shape, cl = parse_shape(text)
         channels_adjacent = cl or len(shape) == 2
         x, dy, fns = layers(shape, cl, torch.float32)
-        blocks = [(16, 64), (32, 32), (8, 128)] if channels_adjacent else [(1024,), (2048,)]
+        blocks = [(16, 64), (32, 32), (64, 16)] if channels_adjacent else [(1024,), (2048,)]
         for block in blocks:
-            for warps in (4, 8):
-                for programs in (512, 1024, 2048):
+            for warps in (4,):
+                for programs in (1024, 2048):
                     gpu_triton.PROGRAMS, gpu_triton.NUM_WARPS = programs, warps
                     if channels_adjacent:
                         gpu_triton.CL_BLOCKS = block

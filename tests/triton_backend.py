@@ -265,3 +265,23 @@ def test_torch_compile_fullgraph_on_cuda(T):
             close(b, a, 1e-5)
         eager.eval(), compiled_model.eval()
         close(compiled(x), eager(x), 1e-4)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_int64_offsets(T, fmt, monkeypatch):
+    """The kernels' int64 offsets (tensors of 2**31 elements and more) on a small input: as the int32 ones."""
+    gen = torch.Generator().manual_seed(4)
+    x = make((3, 5, 4, 6), fmt, torch.float32, gen=gen)
+    x, dy, rm, rv = on(x, torch.randn(x.shape, generator=gen), torch.zeros(5), torch.ones(5))
+
+    def run():
+        y, mean, invstd = T.bn_train_forward(x, None, None, 1e-5)
+        return y, T.bn_eval_forward(x, rm, rv, None, None, 1e-5), *T.bn_backward(dy, x, None, None, mean, invstd,
+                                                                                   "relu", True)
+    want = run()
+    assert not T._launch(x).blocks["BIG"]
+    monkeypatch.setattr(T, "INT32_OFFSETS_BELOW", 0)
+    monkeypatch.setattr(T, "_LAUNCHES", {})
+    assert T._launch(x).blocks["BIG"]
+    for got, w in zip(run(), want):
+        assert torch.equal(got, w)

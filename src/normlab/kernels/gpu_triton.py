@@ -42,6 +42,7 @@ MAX_RUNS = 1024
 NCHW_BLOCK_K = 1024  # values of one channel per tile where they are adjacent in memory
 CL_BLOCKS = (16, 64)  # (channels, values) per tile where channels are adjacent (channels_last, (M, C))
 NUM_WARPS = 4
+INT32_OFFSETS_BELOW = 2**31 - 2**24  # elements: int32 offsets below (masked lanes a tile past the end included)
 COEF_BLOCK = 16  # channels per program of the per-channel kernels
 COEF_BLOCK_R = 128  # runs of partial sums they merge at a time
 
@@ -109,12 +110,16 @@ def _program(C, K, k_per_program, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tile(cs, cm, k_start, k_end, S, sN, sC, sS, BLOCK_K: tl.constexpr):
-    """Offsets and mask of the tile of values k_start.. of the channels ``cs``."""
+def _tile(cs, cm, k_start, k_end, S, sN, sC, sS, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
+    """Offsets and mask of the tile of values k_start.. of the channels ``cs``: in int64 where the tensor spans
+    2**31 elements or more (BIG), else in int32 (half the arithmetic)."""
     ks = k_start + tl.arange(0, BLOCK_K)
     n = ks // S
     s = ks - n * S
-    offs = cs.to(tl.int64)[:, None] * sC + (n.to(tl.int64) * sN + s.to(tl.int64) * sS)[None, :]
+    if BIG:
+        offs = cs.to(tl.int64)[:, None] * sC + (n.to(tl.int64) * sN + s.to(tl.int64) * sS)[None, :]
+    else:
+        offs = cs[:, None] * sC + (n * sN + s * sS)[None, :]
     return offs, cm[:, None] & (ks < k_end)[None, :]
 
 
@@ -160,10 +165,10 @@ def _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program,
-                   ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ACT: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """y = act((x - shift) * scale + offset) over this program's run of values."""
     for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K, BIG)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(shift.dtype)
         z = _activate((v - shift[:, None]) * scale[:, None] + offset[:, None], ACT)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -171,14 +176,14 @@ def _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN
 
 @triton.jit
 def _stats_kernel(x_ptr, part_ptr, C, S, K, sN, sC, sS, k_per_program,
-                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """Partial sums of (x - shift) and (x - shift)**2 of BLOCK_C channels over one run of their N * S values."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
     shift = _firsts(x_ptr, cs, cm, sC, ACC)
     a1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     a2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K, BIG)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, v - shift[:, None], 0.0)
         a1 += d
@@ -225,20 +230,20 @@ def _train_coef_kernel(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, coef_ptr, rm_ptr
 
 @triton.jit
 def _normalize_kernel(x_ptr, y_ptr, coef_ptr, C, S, K, sN, sC, sS, k_per_program,
-                      ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """y = act((x - shift) * scale + offset), the per-channel terms in rows 0-2 of ``coef``."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
     shift = tl.load(coef_ptr + cs, mask=cm, other=0.0)
     scale = tl.load(coef_ptr + C + cs, mask=cm, other=0.0)
     offset = tl.load(coef_ptr + 2 * C + cs, mask=cm, other=0.0)
     _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program, ACT,
-                   BLOCK_K)
+                   BLOCK_K, BIG)
 
 
 @triton.jit
 def _eval_kernel(x_ptr, y_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, K, sN, sC, sS, k_per_program, eps_hi, eps_lo,
                  ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """y = act((x - running_mean) * rsqrt(running_var + eps) * weight + bias), all in one launch."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
     shift = tl.load(rm_ptr + cs, mask=cm, other=0.0).to(ACC)
@@ -246,7 +251,7 @@ def _eval_kernel(x_ptr, y_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, K, sN, sC, sS
     scale = _rsqrt(var + _f64(eps_hi, eps_lo).to(ACC)) * _vec(w_ptr, cs, cm, 1.0, HAS_W, ACC)
     offset = _vec(b_ptr, cs, cm, 0.0, HAS_B, ACC)
     _normalize_run(x_ptr, y_ptr, shift, scale, offset, cs, cm, k_lo, k_hi, S, sN, sC, sS, k_per_program, ACT,
-                   BLOCK_K)
+                   BLOCK_K, BIG)
 
 
 @triton.jit
@@ -271,14 +276,14 @@ def _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT: tl.conste
 @triton.jit
 def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, C, S, K, sN, sC, sS,
                       k_per_program, ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """Partial sums of g and g * xhat, g = dL/dz, xhat = ((x - x0) - rel) * invstd."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
     x0, rel, inv, w, b = _grad_terms(x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, cs, cm, sC, ACC, HAS_W, HAS_B)
     a1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     a2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K, BIG)
         xhat, g = _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT)
         g = tl.where(mask, g, 0.0)
         a1 += g
@@ -314,7 +319,7 @@ def _grad_coef_kernel(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, C, 
 @triton.jit
 def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_ptr, C, S, K, sN, sC, sS,
                k_per_program, ACT: tl.constexpr, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BIG: tl.constexpr):
     """dx = kg * g + kx * xhat + k0, the per-channel coefficients in rows 0-2 of ``coef``."""
     cs, cm, k_lo, k_hi = _program(C, K, k_per_program, BLOCK_C)
     x0, rel, inv, w, b = _grad_terms(x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, cs, cm, sC, ACC, HAS_W, HAS_B)
@@ -322,7 +327,7 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, coef_p
     kx = tl.load(coef_ptr + C + cs, mask=cm, other=0.0)
     k0 = tl.load(coef_ptr + 2 * C + cs, mask=cm, other=0.0)
     for i in range(0, k_per_program, BLOCK_K):
-        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K)
+        offs, mask = _tile(cs, cm, k_lo + i, k_hi, S, sN, sC, sS, BLOCK_K, BIG)
         xhat, g = _xhat_and_grad(dy_ptr, x_ptr, offs, mask, x0, rel, inv, w, b, ACT)
         dx = kg[:, None] * g + kx[:, None] * xhat + k0[:, None]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -408,6 +413,9 @@ def _geometry(x: Tensor) -> _Launch:
     64 channels channels_last are one block)."""
     n, c, s, s_n, s_c, s_s = _strides3(x)
     k = n * s
+    if s > 1 and s_n == s * s_s:  # channels_last: the (n, s) pairs are one run of rows (no division by S)
+        n, s, s_n, s_s = k, 1, s_s, 1
+    big = x.numel() >= INT32_OFFSETS_BELOW
     if s_c == 1 and c > 1:
         block_c = min(CL_BLOCKS[0], _pow2(c))
         block_k = CL_BLOCKS[1]
@@ -418,7 +426,7 @@ def _geometry(x: Tensor) -> _Launch:
     per = _cdiv(_cdiv(k, runs), block_k) * block_k
     runs = _cdiv(k, per)
     return _Launch((_cdiv(c, block_c), runs), (c, s, k, s_n, s_c, s_s, per),
-                   {"BLOCK_C": block_c, "BLOCK_K": block_k, "num_warps": NUM_WARPS}, runs,
+                   {"BLOCK_C": block_c, "BLOCK_K": block_k, "BIG": big, "num_warps": NUM_WARPS}, runs,
                    (_cdiv(c, COEF_BLOCK),), {"BLOCK": COEF_BLOCK, "BLOCK_R": COEF_BLOCK_R})
 
 
