@@ -36,3 +36,14 @@ def test_triton_backend_in_the_interpreter():
 def test_triton_backend_compiled_on_cuda():
     pytest.importorskip("triton")
     _run_checks(TRITON_INTERPRET="0", NORMLAB_TRITON_CUDA="1")
+
+
+def test_cpu_work_never_imports_triton():
+    """The automatic choice looks for Triton only on a CUDA tensor: CPU layers never pay for importing it."""
+    code = ("import sys, torch, normlab\n"
+            "m = normlab.BatchNorm2d(3); x = torch.randn(4, 3, 5, 5, requires_grad=True)\n"
+            "m(x).sum().backward(); m.eval(); m(x)\n"
+            "normlab.kernels.backend_for(x)\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

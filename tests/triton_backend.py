@@ -194,13 +194,17 @@ def test_layers_through_the_triton_backend(T, fmt):
     close(xs.grad, xr.grad, 1e-5)
 
 
-def test_backend_is_opt_in(T):
-    """Without use_backend("triton") the automatic choice never takes the Triton backend."""
+def test_automatic_choice(T):
+    """The automatic choice takes the Triton kernels for CUDA tensors they support, never for CPU tensors (in the
+    interpreter, only use_backend("triton") sends CPU tensors to them)."""
     x = on(torch.randn(2, 3, 4))
-    assert T.supports(x) and kernels.backend_for(x) is not T
+    assert T.supports(x)
+    assert (kernels.backend_for(x) is T) == x.is_cuda
     with kernels.use_backend("triton"):
         assert kernels.backend_for(x) is T
         assert kernels.backend_for(x[:, :, ::2]) is not T  # unsupported layouts: the other backends
+    with kernels.use_backend("portable"):
+        assert kernels.backend_for(x) is kernels.portable
 
 
 def test_bench_gpu_section_runs_the_triton_kernels(T, monkeypatch):

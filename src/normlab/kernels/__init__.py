@@ -4,9 +4,10 @@
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
 portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 32 MiB first try the native
 glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
+Batch norm on CUDA tensors takes the Triton kernels (:mod:`.gpu_triton`) where triton imports (``pip install
+'normlab[gpu]'``; measured on an H200: BENCHMARKS.md), else the portable ones.
 ``NORMLAB_BACKEND=portable|cpu|native|triton`` (or :func:`use_backend`) forces a backend, for tests and
-benchmarks. ``triton`` (:mod:`.gpu_triton`, batch norm on CUDA tensors) is opt-in until it has been measured on a
-GPU; CUDA tensors otherwise take the portable kernels.
+benchmarks.
 """
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ _forced: str | None = os.environ.get("NORMLAB_BACKEND") or None
 if _forced not in BACKENDS:
     raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native, triton")
 _triton = None  # the Triton backend once loaded (see _load_triton)
+_triton_missing = False  # triton failed to import once: CUDA tensors take the portable kernels
+
+
+def _triton_for_cuda():
+    """The Triton backend for the automatic choice on a CUDA tensor, or None where triton does not import (then
+    once, quietly: the portable kernels run everywhere)."""
+    global _triton_missing
+    if _triton is None and not _triton_missing:
+        try:
+            _load_triton()
+        except RuntimeError:
+            _triton_missing = True
+    return _triton
 
 
 def _load_triton():
@@ -73,7 +87,8 @@ def use_backend(name: str | None):
     ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
     ``"triton"`` (batch norm's Triton kernels on the CUDA tensors they support; other inputs take the cpu backend
     where it supports them, else portable).
-    ``None``: the automatic choice (native where built, then cpu, then portable)."""
+    ``None``: the automatic choice (native where built, then cpu, then portable; Triton for CUDA tensors where
+    triton imports)."""
     global _forced, _native
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'portable', 'cpu', 'native', 'triton' or None")
@@ -142,6 +157,8 @@ _select_native()
 def backend_for(x: Tensor):
     """The module implementing the kernel contract for ``x``."""
     if _forced == "triton" and _load_triton().supports(x):
+        return _triton
+    if _forced is None and x.is_cuda and _triton_for_cuda() is not None and _triton.supports(x):
         return _triton
     if _forced in (None, "triton"):
         return _cpu if _cpu is not None and _cpu.supports(x) else portable
