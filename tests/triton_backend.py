@@ -289,3 +289,33 @@ def test_int64_offsets(T, fmt, monkeypatch):
     assert T._launch(x).blocks["BIG"]
     for got, w in zip(run(), want):
         assert torch.equal(got, w)
+
+
+def test_strided_per_channel_tensors(T):
+    """Weight, bias and running statistics that are strided views (every other element of a longer tensor): read
+    and, for the running statistics, updated in place as adjacent ones."""
+    gen = torch.Generator().manual_seed(6)
+    x = make((4, 3, 5, 5), None, torch.float32, gen=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    w, b = torch.randn(6, generator=gen)[::2], torch.randn(6, generator=gen)[::2]
+    rm, rv = torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5
+    rm_d, rv_d = on(rm.clone(), rv.clone())
+    assert not w.is_contiguous()
+    y, mean, invstd, _ = T.bn_train_forward_update(on(x), *on(w, b), 1e-5, "silu", rm_d[::2], rv_d[::2], 0.1)
+    want_m, want_v = rm.clone(), rv.clone()
+    y_p, mean_p, invstd_p, _ = portable.bn_train_forward_update(x, w, b, 1e-5, "silu", want_m[::2], want_v[::2], 0.1)
+    close(y, y_p, 1e-5)
+    close(rm_d, want_m, 1e-6)
+    close(rv_d, want_v, 1e-6)
+    close(T.bn_eval_forward(on(x), rm_d[::2], rv_d[::2], *on(w, b), 1e-5, "silu"),
+          portable.bn_eval_forward(x, want_m[::2], want_v[::2], w, b, 1e-5, "silu"), 1e-5)
+    for got, want in zip(T.bn_backward(*on(dy, x, w, b), mean, invstd, "silu", True),
+                         portable.bn_backward(dy, x, w, b, mean_p, invstd_p, "silu", True)):
+        close(got, want, 1e-4, rel=True)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="one device in the interpreter")
+def test_per_channel_tensors_on_another_device(T):
+    x = on(torch.randn(4, 3, 5))
+    with pytest.raises(RuntimeError, match="same device"):
+        T.bn_train_forward(x, torch.ones(3), None, 1e-5)

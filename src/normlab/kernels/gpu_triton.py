@@ -393,10 +393,12 @@ _LAUNCHES: dict = {}  # (shape, strides) -> _Launch; cleared by whoever changes 
 
 def _launch(x: Tensor) -> _Launch:
     """:func:`_geometry` of ``x``, cached by shape and strides (the host's time per call counts on a GPU: a
-    small layer's kernels take microseconds)."""
+    small layer's kernels take microseconds); the cache starts over past 4096 layouts."""
     key = (x.shape, x.stride())
     g = _LAUNCHES.get(key)
     if g is None:
+        if len(_LAUNCHES) >= 4096:
+            _LAUNCHES.clear()
         g = _LAUNCHES[key] = _geometry(x)
     return g
 
@@ -449,7 +451,18 @@ def _tl_acc(x: Tensor):
 
 def _opt(t: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
     """A per-channel tensor argument and whether it is there (a kernel never reads the stand-in ``x``)."""
-    return (x, False) if t is None else (t.detach(), True)
+    return (x, False) if t is None else (_vector(t, x), True)
+
+
+def _vector(t: Tensor, x: Tensor) -> Tensor:
+    """A per-channel tensor as the kernels read it: on x's device (else the error torch would raise), its C
+    values adjacent."""
+    if t.device != x.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device: the input is on {x.device}, a "
+                           f"per-channel tensor (weight, bias or running statistics) on {t.device}; move the "
+                           f"module with .to({str(x.device)!r})")
+    t = t.detach()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _act_code(act: str) -> int:
@@ -473,10 +486,16 @@ def _train_stats(x: Tensor, g: _Launch, weight, bias, eps, running_mean=None, ru
     w, has_w = _opt(weight, x)
     b, has_b = _opt(bias, x)
     update = running_mean is not None and running_var is not None
-    rm, rv = (running_mean, running_var) if update else (x, x)
+    # the kernel writes the running statistics in place: strided ones through adjacent copies, copied back
+    rm, rv = (_vector(running_mean, x), _vector(running_var, x)) if update else (x, x)
     _train_coef_kernel[g.coef_grid](x, part, w, b, mean, coef, rm, rv, c, g.args[4], g.runs, g.args[2],
                                     *_split(eps), *_split(momentum), ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b,
                                     UPDATE=update, **g.coef_blocks)
+    if update:
+        for dst, src in ((running_mean, rm), (running_var, rv)):
+            if src.data_ptr() != dst.data_ptr():
+                with torch.no_grad():
+                    dst.copy_(src)
     return mean, coef
 
 
@@ -526,8 +545,9 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     w, has_w = _opt(weight, x)
     b, has_b = _opt(bias, x)
     y = torch.empty_like(x)
-    _eval_kernel[g.grid](x, y, running_mean.detach(), running_var.detach(), w, b, *g.args, *_split(eps), ACT=code,
-                         ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b, **g.blocks)
+    rm, rv = _vector(running_mean, x), _vector(running_var, x)
+    _eval_kernel[g.grid](x, y, rm, rv, w, b, *g.args, *_split(eps), ACT=code, ACC=_tl_acc(x), HAS_W=has_w,
+                         HAS_B=has_b, **g.blocks)
     return y
 
 
@@ -544,7 +564,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     g = _launch(x)
     w, has_w = _opt(weight, x)
     b, has_b = _opt(bias, x)
-    mean, invstd = mean.detach(), invstd.detach()
+    mean, invstd = _vector(mean, x), _vector(invstd, x)
     terms = dict(ACT=code, ACC=_tl_acc(x), HAS_W=has_w, HAS_B=has_b, **g.blocks)
     part = torch.empty((2, g.runs, c), dtype=acc, device=x.device)
     _grad_sums_kernel[g.grid](dy, x, mean, invstd, w, b, part, *g.args, **terms)
