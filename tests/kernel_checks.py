@@ -27,3 +27,55 @@ def close(a, b, tol, rel=False):
     scale = max(1.0, b.abs().max().item()) if rel else 1.0
     err = (a - b).abs().max().item()
     assert err <= tol * scale, f"max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+def check_batch_norm_contract(backend, shape, fmt, dtype, device="cpu"):
+    """``backend``'s batch norm (training forward, evaluation, backward in training and eval, a subset of the
+    gradients) on ``device`` against the portable kernels on CPU, in ``dtype`` and float64, for every activation:
+    what :mod:`normlab.kernels.portable` defines, checked for each fast backend."""
+    import zlib
+
+    from normlab.kernels import portable
+
+    def on(*tensors):
+        return [t.to(device) for t in tensors]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
+    x = make(shape, fmt, dtype, gen=gen)
+    c = shape[1]
+    w = torch.randn(c, generator=gen) + 1
+    b = torch.randn(c, generator=gen)
+    xd, wd, bd = on(x, w, b)
+    assert backend.supports(xd)
+    tol, low = TOL[dtype], dtype in LOW
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    for act in ACTS:
+        y, mean, invstd = backend.bn_train_forward(xd, wd, bd, 1e-5, act)
+        y_p, mean_p, invstd_p = portable.bn_train_forward(x, w, b, 1e-5, act)
+        y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+        assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
+        close(y, y_p, tol, rel=low)
+        close(y, y64, tol, rel=low)
+        close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
+        close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
+
+        # eval forward with running statistics
+        rv = torch.rand(c, generator=gen) + 0.5
+        rm = torch.randn(c, generator=gen)
+        ye = backend.bn_eval_forward(xd, *on(rm, rv, w, b), 1e-5, act)
+        assert ye.stride() == x.stride() and ye.dtype == dtype
+        close(ye, portable.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), tol * 4, rel=low)
+        close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4, rel=low)
+
+        # backward, training and eval, with every subset of needed gradients that matters
+        dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
+        for training in (True, False):
+            got = backend.bn_backward(*on(dy, x, w, b), mean, invstd, act, training)
+            ref = portable.bn_backward(dy, x, w, b, mean.cpu(), invstd.cpu(), act, training)
+            ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
+            assert got[0].stride() == x.stride() and got[0].dtype == dtype
+            for g, r, r64 in zip(got, ref, ref64):
+                close(g, r, tol * 4, rel=True)
+                close(g, r64, tol * 4, rel=True)
+        dx, dw, db = backend.bn_backward(*on(dy, x, w, b), mean, invstd, act, True, (False, True, False))
+        assert dx is None and db is None and dw is not None

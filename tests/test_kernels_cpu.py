@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from kernel_checks import ACTS, DTYPES, LOW, TOL, close, make
+from kernel_checks import DTYPES, LOW, TOL, check_batch_norm_contract, close, make
 
 from normlab.kernels import cpu, cpu_numba, portable
 
@@ -57,46 +57,7 @@ def large_paths(request, monkeypatch):
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
 def test_batch_norm_matches_portable_and_float64(shape, fmt, dtype, large_paths):
     _skip_unsupported(dtype)
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
-    x = make(shape, fmt, dtype, gen=gen)
-    assert cpu.supports(x)
-    c = shape[1]
-    w = torch.randn(c, generator=gen) + 1
-    b = torch.randn(c, generator=gen)
-    tol, low = TOL[dtype], dtype in LOW
-    x64, w64, b64 = x.double(), w.double(), b.double()
-    for act in ACTS:
-        y, mean, invstd = cpu.bn_train_forward(x, w, b, 1e-5, act)
-        y_p, mean_p, invstd_p = portable.bn_train_forward(x, w, b, 1e-5, act)
-        y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
-        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
-        assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
-        close(y, y_p, tol, rel=low)
-        close(y, y64, tol, rel=low)
-        close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
-        close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
-
-        # eval forward with running statistics
-        rv = torch.rand(c, generator=gen) + 0.5
-        rm = torch.randn(c, generator=gen)
-        ye = cpu.bn_eval_forward(x, rm, rv, w, b, 1e-5, act)
-        assert ye.stride() == x.stride()
-        close(ye, portable.bn_eval_forward(x, rm, rv, w, b, 1e-5, act), tol * 4, rel=low)
-        close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4,
-               rel=low)
-
-        # backward, training and eval, with every subset of needed gradients that matters
-        dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
-        for training in (True, False):
-            got = cpu.bn_backward(dy, x, w, b, mean, invstd, act, training)
-            ref = portable.bn_backward(dy, x, w, b, mean, invstd, act, training)
-            ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
-            assert got[0].stride() == x.stride() and got[0].dtype == dtype
-            for g, r, r64 in zip(got, ref, ref64):
-                close(g, r, tol * 4, rel=True)
-                close(g, r64, tol * 4, rel=True)
-        dx, dw, db = cpu.bn_backward(dy, x, w, b, mean, invstd, act, True, (False, True, False))
-        assert dx is None and db is None and dw is not None
+    check_batch_norm_contract(cpu, shape, fmt, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

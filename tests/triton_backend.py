@@ -10,12 +10,11 @@ numerics of the kernels, not their speed), and, where CUDA is available, compile
 from __future__ import annotations
 
 import os
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from kernel_checks import ACTS, DTYPES, LOW, TOL, close, make
+from kernel_checks import DTYPES, check_batch_norm_contract, close, make
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and os.environ.get("NORMLAB_TRITON_CUDA") != "1":
@@ -53,41 +52,7 @@ def on(*tensors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=lambda v: str(v))
 def test_batch_norm_matches_portable_and_float64(T, shape, fmt, dtype):
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, fmt, dtype)).encode()))
-    x = make(shape, fmt, dtype, gen=gen)
-    c = shape[1]
-    w = torch.randn(c, generator=gen) + 1
-    b = torch.randn(c, generator=gen)
-    xd, wd, bd = on(x, w, b)
-    assert T.supports(xd)
-    tol, low = TOL[dtype], dtype in LOW
-    x64, w64, b64 = x.double(), w.double(), b.double()
-    for act in ACTS:
-        y, mean, invstd = T.bn_train_forward(xd, wd, bd, 1e-5, act)
-        y_p, mean_p, invstd_p = portable.bn_train_forward(x, w, b, 1e-5, act)
-        y64, mean64, invstd64 = portable.bn_train_forward(x64, w64, b64, 1e-5, act)
-        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
-        assert mean.dtype == mean_p.dtype and invstd.dtype == invstd_p.dtype
-        close(y, y_p, tol, rel=low)
-        close(y, y64, tol, rel=low)
-        close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
-        close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
-
-        rv = torch.rand(c, generator=gen) + 0.5
-        rm = torch.randn(c, generator=gen)
-        ye = T.bn_eval_forward(xd, *on(rm, rv, w, b), 1e-5, act)
-        assert ye.stride() == x.stride() and ye.dtype == dtype
-        close(ye, portable.bn_eval_forward(x64, rm.double(), rv.double(), w64, b64, 1e-5, act), tol * 4, rel=low)
-
-        dy = make(shape, fmt, dtype, scale=1.0, loc=0.0, gen=gen)
-        for training in (True, False):
-            got = T.bn_backward(*on(dy, x, w, b), mean, invstd, act, training)
-            ref64 = portable.bn_backward(dy.double(), x64, w64, b64, mean64, invstd64, act, training)
-            assert got[0].stride() == x.stride() and got[0].dtype == dtype
-            for g, r64 in zip(got, ref64):
-                close(g, r64, tol * 4, rel=True)
-        dx, dw, db = T.bn_backward(*on(dy, x, w, b), mean, invstd, act, True, (False, True, False))
-        assert dx is None and db is None and dw is not None
+    check_batch_norm_contract(T, shape, fmt, dtype, DEVICE)
 
 
 def test_against_the_numpy_reference(T):
