@@ -24,6 +24,7 @@ import torch
 
 import normlab
 from normlab import kernels
+from normlab.bench import timing
 from normlab.bench.suite import DEFAULT_SHAPES, MIN_PASSES, MODES, _input, modes_for, parse_shape
 from normlab.kernels import gpu_triton
 
@@ -57,25 +58,9 @@ def time_eager(fn, budget: float) -> float:
 
 
 def time_graph(fn, budget: float) -> float | None:
-    """Median over 5 rounds of the ms per call of a CUDA graph of INNER calls, replayed; None where the calls
-    cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(INNER):
-                fn()
-    except Exception as err:  # noqa: BLE001 - report and go on
-        print(f"  (not captured: {type(err).__name__}: {str(err)[:120]})", file=sys.stderr)
-        return None
-    graph.replay()
-    reps = _reps_for(graph.replay, budget / 5)
-    return sorted(_events_ms(graph.replay, reps) for _ in range(5))[2] / INNER
+    """ms per call, the GPU's time alone (:func:`normlab.bench.timing.time_graph`, INNER calls a graph)."""
+    t = timing.time_graph(fn, budget, INNER)
+    return t * 1e3 if t else None
 
 
 def layers(shape, cl, dtype):

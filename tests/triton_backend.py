@@ -180,13 +180,17 @@ def test_bench_gpu_section_runs_the_triton_kernels(T, monkeypatch):
     for name in ("bn_train_forward_saved", "bn_eval_forward"):
         real = getattr(T, name)
         monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device=DEVICE)
-    assert [(r.case, r.mode) for r in rows] == [(c, m) for c in ("4x3x5x5", "6x5") for m in bench.MODES]
+    timer = None if DEVICE == "cuda" else (lambda fn, budget: bench.timeit(fn, budget))  # CUDA: graph replay
+    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device=DEVICE, timer=timer)
+    assert [(r.section, r.case, r.mode) for r in rows] == [
+        (s, c, m) for s in ("gpu", "gpu_graph") for c in ("4x3x5x5", "6x5") for m in bench.MODES]
     assert all(set(r.ms) == {"normlab", "torch"} and r.copy_gbps > 0 and r.gbps > 0 for r in rows)
     assert {"bn_train_forward_saved", "bn_eval_forward"} <= set(calls)
     summary = bench.summarize(rows, 1.0)
-    assert summary["gpu_train_fwd_bwd_geomean_vs_torch"] > 0 and summary["gpu_eval_geomean_vs_torch"] > 0
-    assert "== gpu ==" in bench.render(rows, 1.0)
+    for section in ("gpu", "gpu_graph"):
+        assert summary[f"{section}_train_fwd_bwd_geomean_vs_torch"] > 0
+        assert summary[f"{section}_eval_geomean_vs_torch"] > 0
+        assert f"== {section} ==" in bench.render(rows, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

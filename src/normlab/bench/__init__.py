@@ -20,7 +20,8 @@ Saved-for-backward memory is counted with ``torch.autograd.graph.saved_tensors_h
 Other sections: fused BN+ReLU (and sigmoid) vs BN then the activation; GroupNorm / LayerNorm vs torch; the whole
 LeNet-BN training step (d2l's network) in examples per second; ``roof``: how fast any batch norm could be on this
 machine, and so the largest ratio over torch any could reach (see :func:`roof_bound`); where CUDA is available,
-normlab's Triton kernels against torch.nn on the GPU (``gpu``). ``--json PATH`` writes every number.
+normlab's Triton kernels against torch.nn on the GPU, eager with a synchronization after every call (``gpu``) and
+with the host taken out by a CUDA graph (``gpu_graph``, :func:`time_graph`). ``--json PATH`` writes every number.
 
 The package: :mod:`.timing` (how a number is taken), :mod:`.contenders` (the layers besides normlab's and torch's),
 :mod:`.suite` (the sections and their shapes), :mod:`.report` (table, summary, machine), :mod:`.cli` (``normlab
@@ -35,11 +36,11 @@ from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, MIN_PASSES, MODES, 
                     bench_fused, bench_gpu, bench_groupnorm, bench_layers, bench_lenet, bench_roof, modes_for,
                     parse_shape, roof_bound)
 from .timing import (COPY, STAT, copy_bandwidth, round_orders, rounds_won, saved_bytes, settle_allocator, synced,
-                     timeit, timeit_interleaved, timeit_with_copy)
+                     time_graph, timeit, timeit_interleaved, timeit_with_copy)
 
 __all__ = ["register", "run", "AutogradFloor", "CompositeBatchNorm", "ScratchBatchNorm", "lenet", "make_layer",
            "TARGETS", "machine_info", "render", "render_targets", "summarize", "targets", "targets_over_runs",
            "DEFAULT_SECTIONS", "DEFAULT_SHAPES", "IMPLS", "MIN_PASSES", "MODES", "QUICK_SHAPES", "SECTIONS", "Row",
            "bench_fused", "bench_gpu", "bench_groupnorm", "bench_layers", "bench_lenet", "bench_roof", "modes_for",
            "parse_shape", "roof_bound", "COPY", "STAT", "copy_bandwidth", "round_orders", "rounds_won", "saved_bytes",
-           "settle_allocator", "synced", "timeit", "timeit_interleaved", "timeit_with_copy"]
+           "settle_allocator", "synced", "time_graph", "timeit", "timeit_interleaved", "timeit_with_copy"]

@@ -1,10 +1,10 @@
 """``normlab bench-plot``: the ratios over torch of one or more ``normlab bench --json`` runs, as one figure.
 
 Two lines of panels per thread count found in the runs, one panel per section (batch norm layers, the roof, the
-GPU's kernels; fused batch norm + activation, group / instance / layer norm, the LeNet step); in each, for every case and
-mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab is faster), a line from
-the lowest to the highest run (the host's spread, which a single run hides), parity and the issue's targets as
-dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
+GPU's layers eager and graph-timed; fused batch norm + activation, group / instance / layer norm, the LeNet step); in
+each, for every case and mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab
+is faster), a line from the lowest to the highest run (the host's spread, which a single run hides), parity and the
+issue's targets as dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
 black tick at the cap: torch's time over the fastest any batch norm could run there (``suite.roof_bound``), so
 the gap between bar and tick is what is left to win.
 """
@@ -16,12 +16,13 @@ from pathlib import Path
 
 from . import report
 
-PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu")
+PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu", "gpu_graph")
 TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "fused BN+ReLU vs BN, ReLU",
           "fused_sigmoid": "fused BN+sigmoid vs BN, sigmoid", "groupnorm": "group / instance / layer norm",
-          "lenet": "LeNet-BN step", "roof": "fwd+bwd beside the roof (tick: cap)", "gpu": "GPU: Triton vs torch"}
+          "lenet": "LeNet-BN step", "roof": "fwd+bwd beside the roof (tick: cap)", "gpu": "GPU eager: Triton vs torch",
+          "gpu_graph": "GPU time (CUDA graph): Triton vs torch"}
 # the panels of one thread count, line by line
-LINES = [["layers", "roof", "gpu"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"]]
+LINES = [["layers", "roof", "gpu", "gpu_graph"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"]]
 MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
                "train_step": "step"}
 MODE_ORDER = list(MODE_LABELS)

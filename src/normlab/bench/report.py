@@ -74,12 +74,15 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
     fused = [r for r in rows if r.section == "fused_relu" and r.mode == "train_fwd_bwd"]
     gn = [r for r in rows if r.section == "groupnorm"]
     le = [r for r in rows if r.section == "lenet"]
-    gpu = [r for r in rows if r.section == "gpu"]
     roof = [r for r in rows if r.section == "roof"]
 
-    def gpu_gm(mode):
-        return _geomean([_ratio(r, "torch") for r in gpu if r.mode == mode])
-    gpu_frac = [r.gbps / r.copy_gbps for r in gpu if r.gbps and r.copy_gbps and r.mbytes >= 25]
+    def gpu_gm(section, mode):
+        return _geomean([_ratio(r, "torch") for r in rows if r.section == section and r.mode == mode])
+
+    def gpu_frac(section):
+        fracs = [r.gbps / r.copy_gbps for r in rows
+                 if r.section == section and r.gbps and r.copy_gbps and r.mbytes >= 25]
+        return statistics.median(fracs) if fracs else None
     return {
         "train_fwd_bwd_geomean_vs_torch": gm("train_fwd_bwd", "torch"),
         "train_fwd_bwd_worst_vs_torch": worst("train_fwd_bwd", "torch"),
@@ -100,10 +103,11 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
         "lenet_fused_step_vs_torch": _ratio(le[0], "torch", "normlab_fused") if le else None,
         "roof_train_fwd_bwd_geomean_vs_torch": _geomean([_ratio(r, "torch") for r in roof]),
         "roof_cap_geomean_vs_torch": _geomean([roof_bound(r)["cap"] for r in roof]),
-        "gpu_train_fwd_bwd_geomean_vs_torch": gpu_gm("train_fwd_bwd"),
-        "gpu_train_fwd_geomean_vs_torch": gpu_gm("train_fwd"),
-        "gpu_eval_geomean_vs_torch": gpu_gm("eval_fwd"),
-        "gpu_median_frac_copy_on_25MB_plus": statistics.median(gpu_frac) if gpu_frac else None,
+        **{f"{section}_{key}": value for section in ("gpu", "gpu_graph") for key, value in (
+            ("train_fwd_bwd_geomean_vs_torch", gpu_gm(section, "train_fwd_bwd")),
+            ("train_fwd_geomean_vs_torch", gpu_gm(section, "train_fwd")),
+            ("eval_geomean_vs_torch", gpu_gm(section, "eval_fwd")),
+            ("median_frac_copy_on_25MB_plus", gpu_frac(section)))},
     }
 
 

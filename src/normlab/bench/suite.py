@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .contenders import AutogradFloor, lenet, make_layer
-from .timing import rounds_won, saved_bytes, synced, timeit_interleaved, timeit_with_copy
+from .timing import rounds_won, saved_bytes, synced, time_graph, timeit_interleaved, timeit_with_copy
 
 
 DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
@@ -166,13 +166,51 @@ def bench_fused(shapes, budget, log, dtype=torch.float32) -> list[Row]:
     return rows
 
 
-def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32) -> list[Row]:
+def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32, timer=None) -> list[Row]:
     """:func:`bench_layers` of normlab on its Triton kernels (``use_backend("triton")``) against ``torch.nn``
-    (cuDNN on CUDA), in ``dtype``, on ``device``; ``%copy`` is then against a same-size copy on the device. Any device
-    the Triton backend takes: a CPU device in Triton's interpreter is how the tests run this section."""
+    (cuDNN on CUDA), in ``dtype``, on ``device``, eager and synchronized after every call (section ``gpu``; ``%copy``
+    against a same-size copy on the device); then the same layers timed by ``timer(fn, budget)`` (seconds per call;
+    on CUDA :func:`.timing.time_graph`: the GPU's time alone, the host's taken out by a CUDA graph) as section
+    ``gpu_graph``. Any device the Triton backend takes: a CPU device in Triton's interpreter is how the tests run
+    this section (with a wall-clock timer for the second part)."""
     from normlab import kernels
+    device = torch.device(device)
+    if timer is None and device.type == "cuda":
+        timer = time_graph
     with kernels.use_backend("triton"):
-        return bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu", dtype=dtype)
+        rows = bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu", dtype=dtype)
+        if timer is not None:
+            rows += _timed_rows(shapes, ["normlab", "torch"], budget, log, device, "gpu_graph", dtype, timer)
+    return rows
+
+
+def _timed_rows(shapes, impls, budget, log, device, section, dtype, timer) -> list[Row]:
+    """One row per shape and mode of each contender's seconds per call by ``timer(fn, budget)``, and a same-size
+    copy's GB/s timed the same way."""
+    rows = []
+    for text in shapes:
+        shape, cl = parse_shape(text)
+        x = _input(shape, cl, dtype).to(device)
+        dy = torch.randn_like(x)
+        mb = x.numel() * x.element_size() / 1e6
+        fns = {}
+        for impl in impls:
+            torch.manual_seed(0)
+            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)).to(device=device, dtype=dtype), x, dy)[0]
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x), budget)
+        for mode in MODES:
+            row = Row(section, text, mode, mb)
+            for impl, f in fns.items():
+                t = timer(f[mode], budget)
+                if t:
+                    row.ms[impl] = t * 1e3
+                    log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.4f} ms ({section})")
+            row.copy_gbps = 2 * mb / 1e3 / t_copy if t_copy else None
+            if "normlab" in row.ms:
+                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            rows.append(row)
+    return rows
 
 
 def bench_groupnorm(quick, budget, log, dtype=torch.float32) -> list[Row]:
