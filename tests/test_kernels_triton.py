@@ -47,3 +47,26 @@ def test_cpu_work_never_imports_triton():
             "assert 'triton' not in sys.modules, 'triton imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_automatic_choice_on_cuda_devices(monkeypatch):
+    """Which CUDA devices the automatic choice sends to the Triton kernels: NVIDIA of compute capability 7.0 and
+    later, not ROCm builds, not older GPUs (device properties faked: no GPU is needed)."""
+    from types import SimpleNamespace
+
+    from normlab import kernels
+    sentinel = object()
+
+    def fake_load():
+        kernels._triton = sentinel
+        return sentinel
+    monkeypatch.setattr(kernels, "_load_triton", fake_load)
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_missing", False)
+    x = SimpleNamespace(device=SimpleNamespace(index=0))
+    for hip, capability, takes in ((None, (9, 0), True), (None, (7, 0), True), (None, (6, 1), False),
+                                   ("6.2", (9, 4), False)):
+        monkeypatch.setattr(kernels, "_triton_devices", {})
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        assert (kernels._triton_for(x) is sentinel) == takes, (hip, capability)

@@ -5,7 +5,8 @@ Every public function here dispatches on the input: the fast CPU backend where i
 portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 32 MiB first try the native
 glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
 Batch norm on CUDA tensors takes the Triton kernels (:mod:`.gpu_triton`) where triton imports (``pip install
-'normlab[gpu]'``; measured on an H200: BENCHMARKS.md), else the portable ones.
+'normlab[gpu]'``) on NVIDIA GPUs of compute capability 7.0 and later (measured on an H200: BENCHMARKS.md), else
+the portable ones.
 ``NORMLAB_BACKEND=portable|cpu|native|triton`` (or :func:`use_backend`) forces a backend, for tests and
 benchmarks.
 """
@@ -33,12 +34,21 @@ if _forced not in BACKENDS:
     raise ValueError(f"NORMLAB_BACKEND={_forced!r} is not a backend; expected one of portable, cpu, native, triton")
 _triton = None  # the Triton backend once loaded (see _load_triton)
 _triton_missing = False  # triton failed to import once: CUDA tensors take the portable kernels
+_triton_devices: dict = {}  # CUDA device index -> whether the automatic choice takes the Triton kernels there
 
 
-def _triton_for_cuda():
-    """The Triton backend for the automatic choice on a CUDA tensor, or None where triton does not import (then
-    once, quietly: the portable kernels run everywhere)."""
+def _triton_for(x: Tensor):
+    """The Triton backend for the automatic choice on the CUDA tensor ``x``, or None: where triton does not import
+    (then quietly, once), on ROCm builds and on NVIDIA GPUs older than compute capability 7.0 (where the kernels
+    were neither measured nor are they sure to compile); ``use_backend("triton")`` forces them anywhere."""
     global _triton_missing
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _triton_devices.get(index)
+    if ok is None:
+        ok = _triton_devices[index] = (torch.version.hip is None
+                                       and torch.cuda.get_device_capability(index) >= (7, 0))
+    if not ok:
+        return None
     if _triton is None and not _triton_missing:
         try:
             _load_triton()
@@ -158,7 +168,7 @@ def backend_for(x: Tensor):
     """The module implementing the kernel contract for ``x``."""
     if _forced == "triton" and _load_triton().supports(x):
         return _triton
-    if _forced is None and x.is_cuda and _triton_for_cuda() is not None and _triton.supports(x):
+    if _forced is None and x.is_cuda and _triton_for(x) is not None and _triton.supports(x):
         return _triton
     if _forced in (None, "triton"):
         return _cpu if _cpu is not None and _cpu.supports(x) else portable
