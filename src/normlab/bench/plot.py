@@ -164,7 +164,8 @@ def plot(runs: list[dict], path: str | Path) -> str:
                                   f"(bar: median of {n} run{'s' if n != 1 else ''}, line: range)", fontsize=8)
     machine = runs[0]["machine"]
     dates = sorted(run["machine"].get("date", "") for run in runs)
-    fig.suptitle(f"normlab bench: {machine.get('cpu', '?')}, torch {machine.get('torch', '?')}, "
+    gpu = f" + {machine['gpu']}" if machine.get("gpu") and present & {"gpu", "gpu_graph"} else ""
+    fig.suptitle(f"normlab bench: {machine.get('cpu', '?')}{gpu}, torch {machine.get('torch', '?')}, "
                  f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {dates[0]}"
                  + (f" .. {dates[-1]}" if dates[-1] != dates[0] else "")
                  + "\nabove 1x normlab is faster; dashed lines: the targets", fontsize=10)
