@@ -45,8 +45,10 @@ def in_thread(fn):
     return out[0]
 
 
-class _Passthrough(torch.autograd.Function):
-    """The cheapest Python autograd node: a new tensor forward (no kernel), dy backward."""
+class _Node(torch.autograd.Function):
+    """The cheapest Python autograd node: a new tensor forward (no kernel); its backward runs ``_Node.work`` and
+    returns dy."""
+    work = staticmethod(lambda: None)
 
     @staticmethod
     def forward(ctx, x):
@@ -54,6 +56,7 @@ class _Passthrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _Node.work()
         return dy
 
 
@@ -76,31 +79,19 @@ def main(argv=None) -> int:
     ours = modes_for(getattr(normlab, f"BatchNorm{d}")(c).cuda(), x, dy)[0]
     theirs = modes_for(getattr(torch.nn, f"BatchNorm{d}")(c).cuda(), x, dy)[0]
     xg = x.detach().clone().requires_grad_()
-
-    def passthrough():
-        xg.grad = None
-        _Passthrough.apply(xg).backward(dy)
-
     bare = lambda: T._eval_kernel[g.grid](  # noqa: E731
         x, yb, rm, rv, w, b, *g.args, 1e-5, 0.0, ACT=0, ACC=T.tl.float32, HAS_W=True, HAS_B=True, **g.blocks)
 
-    class LaunchInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return torch.empty_like(x)
-
-        @staticmethod
-        def backward(ctx, dy):
-            bare()
-            return dy
-
-    def launch_in_backward():
-        xg.grad = None
-        LaunchInBackward.apply(xg).backward(dy)
+    def node(work):
+        def run():
+            _Node.work = work
+            xg.grad = None
+            _Node.apply(xg).backward(dy)
+        return run
 
     cases = {
-        "python autograd.Function fwd+bwd, no kernels": passthrough,
-        "the same, its backward one bare Triton launch": launch_in_backward,
+        "python autograd.Function fwd+bwd, no kernels": node(lambda: None),
+        "the same, its backward one bare Triton launch": node(bare),
         "normlab: bn_backward in another thread": lambda: in_thread(
             lambda: per_call_us(lambda: T.bn_backward(dy, x, w, b, mean, invstd, "identity", True))),
         "torch: small.add_(1)": lambda: small.add_(1),

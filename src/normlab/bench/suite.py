@@ -104,16 +104,20 @@ def _time_row(row: Row, fns: dict, x: torch.Tensor, budget: float, log) -> None:
     row.ms.update({name: t * 1e3 for name, t in got.items()})
 
 
+def _case(text: str, dtype, device):
+    """A shape's input (laid out as the text says), a gradient for it, and its size in MB: ``(shape, x, dy, mb)``."""
+    shape, cl = parse_shape(text)
+    x = _input(shape, cl, dtype).to(device)
+    return shape, x, torch.randn_like(x), x.numel() * x.element_size() / 1e6
+
+
 def bench_layers(shapes, impls, budget, log, device="cpu", section="layers", dtype=torch.float32) -> list[Row]:
     """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
     its work: see :func:`synced`); inputs and layers in ``dtype`` (as ``model.to(dtype)``)."""
     device = torch.device(device)
     rows = []
     for text in shapes:
-        shape, cl = parse_shape(text)
-        x = _input(shape, cl, dtype).to(device)
-        dy = torch.randn_like(x)
-        mb = x.numel() * x.element_size() / 1e6
+        shape, x, dy, mb = _case(text, dtype, device)
         by_mode = {m: Row(section, text, m, mb) for m in MODES}
         per_impl = {}
         for impl in impls:
@@ -189,10 +193,7 @@ def _timed_rows(shapes, impls, budget, log, device, section, dtype, timer) -> li
     copy's GB/s timed the same way."""
     rows = []
     for text in shapes:
-        shape, cl = parse_shape(text)
-        x = _input(shape, cl, dtype).to(device)
-        dy = torch.randn_like(x)
-        mb = x.numel() * x.element_size() / 1e6
+        shape, x, dy, mb = _case(text, dtype, device)
         fns = {}
         for impl in impls:
             torch.manual_seed(0)
