@@ -25,10 +25,10 @@ import torch
 import normlab
 from normlab import kernels
 from normlab.bench import timing
-from normlab.bench.suite import DEFAULT_SHAPES, MIN_PASSES, MODES, _input, modes_for, parse_shape
+from normlab.bench.suite import DEFAULT_SHAPES, GPU_SHAPES, MIN_PASSES, MODES, _input, modes_for, parse_shape
 from normlab.kernels import gpu_triton
 
-LARGE = ["64x256x56x56", "64x256x56x56cl", "256x128x28x28cl", "32768x1024", "16x64x224x224", "16x64x224x224cl"]
+LARGE = GPU_SHAPES[:2] + ["256x128x28x28cl"] + GPU_SHAPES[2:]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INNER = 10  # calls per captured graph (amortizes a replay's own launch)
 DEVICE = "cuda"

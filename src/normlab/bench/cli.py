@@ -9,8 +9,8 @@ from dataclasses import asdict
 import torch
 
 from .report import machine_info, render, render_targets, summarize, targets, targets_over_runs
-from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, IMPLS, QUICK_SHAPES, SECTIONS, Row, bench_fused, bench_gpu,
-                    bench_groupnorm, bench_layers, bench_lenet, bench_roof, parse_shape)
+from .suite import (DEFAULT_SECTIONS, DEFAULT_SHAPES, GPU_SHAPES, IMPLS, QUICK_SHAPES, SECTIONS, Row, bench_fused,
+                    bench_gpu, bench_groupnorm, bench_layers, bench_lenet, bench_roof, parse_shape)
 from .timing import STAT, copy_bandwidth, settle_allocator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,7 +132,8 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
         rows += bench_roof(shapes, budget, log, dtype)
     if "gpu" in sections:
         log(f"GPU ({torch.cuda.get_device_name()}), Triton kernels:")
-        rows += bench_gpu(shapes, budget, log, dtype=dtype)
+        gpu_shapes = shapes if args.shapes or quick else shapes + GPU_SHAPES
+        rows += bench_gpu(gpu_shapes, budget, log, dtype=dtype)
 
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"

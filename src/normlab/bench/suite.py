@@ -15,6 +15,8 @@ from .timing import rounds_won, saved_bytes, synced, time_graph, timeit_interlea
 DEFAULT_SHAPES = ["256x6x28x28", "256x16x10x10", "256x120", "256x84", "32x64x56x56", "128x256x14x14",
                   "256x64x28x28", "256x512", "4096x1024", "32x64x56x56cl", "128x256x14x14cl", "256x64x28x28cl"]
 QUICK_SHAPES = ["8x4x6x6", "8x4x6x6cl", "16x12"]
+# the gpu section's extra shapes (without --shapes): 100-205 MB, several times a GPU's L2, where memory decides
+GPU_SHAPES = ["64x256x56x56", "64x256x56x56cl", "32768x1024", "16x64x224x224", "16x64x224x224cl"]
 DEFAULT_SECTIONS = "layers,fused,groupnorm,lenet,roof"
 SECTIONS = ("layers", "fused", "groupnorm", "lenet", "roof", "gpu")
 IMPLS = ["normlab", "torch", "compile", "scratch"]
