@@ -145,8 +145,9 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
           f"%copy: normlab's minimum traffic per second against a same-size copy timed in the same rotation")
     print(render(rows, copy_gbps))
     print("summary:")
+    width = max(map(len, summary))
     for k, v in summary.items():
-        print(f"  {k:<38} {v if not isinstance(v, float) else round(v, 3)}")
+        print(f"  {k:<{width}} {v if not isinstance(v, float) else round(v, 3)}")
     checked = targets(summary)
     if checked and not quick:
         print(render_targets(checked))
