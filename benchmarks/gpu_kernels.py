@@ -7,6 +7,7 @@ torch's own CUDA kernels, whichever ``torch.batch_norm`` picks), layer against l
 
     python benchmarks/gpu_kernels.py --json gpu.json                 # the suite's shapes and larger ones, f32, bf16
     python benchmarks/gpu_kernels.py --sweep --json sweep.json       # launch geometry of the Triton kernels
+    python benchmarks/gpu_kernels.py --norms                         # group / instance / layer norm
 
 Modes as ``normlab bench``'s: ``train_fwd``, ``train_fwd_bwd``, ``eval_fwd``; GB/s counts each mode's minimum
 traffic (3, 8 and 2 passes over the activation). Shapes above the GPU's L2 (60 MB on an H200) measure memory;
@@ -25,7 +26,8 @@ import torch
 import normlab
 from normlab import kernels
 from normlab.bench import timing
-from normlab.bench.suite import DEFAULT_SHAPES, GPU_SHAPES, MIN_PASSES, MODES, _input, modes_for, parse_shape
+from normlab.bench.suite import (DEFAULT_SHAPES, GPU_SHAPES, GROUPNORM_CASES, MIN_PASSES, MODES, _input, modes_for,
+                                 parse_shape)
 from normlab.kernels import gpu_triton
 
 LARGE = GPU_SHAPES[:2] + ["256x128x28x28cl"] + GPU_SHAPES[2:]
@@ -167,6 +169,43 @@ def sweep(budget: float) -> list[dict]:
     return rows
 
 
+def norms(budget: float) -> list[dict]:
+    """Group, instance and layer norm (``normlab.functional``, portable torch ops on CUDA) against torch's, float32,
+    forward and forward+backward, graph-timed and eager: the suite's group-norm cases on the GPU."""
+    import torch.nn.functional as TF
+
+    import normlab.functional as NF
+    rows = []
+    for kind, shape, groups in GROUPNORM_CASES:
+        x = torch.randn(shape, device=DEVICE)
+        dy = torch.randn_like(x)
+        c = shape[-1] if kind == "ln" else shape[1]
+        w = torch.randn(c, device=DEVICE, requires_grad=True)
+        b = torch.randn(c, device=DEVICE, requires_grad=True)
+        xg = x.clone().requires_grad_()
+        if kind == "ln":
+            pair = {"normlab": lambda t: NF.layer_norm(t, (c,), w, b, 1e-5),
+                    "torch": lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)}
+        else:
+            pair = {"normlab": lambda t, g=groups: NF.group_norm(t, g, w, b, 1e-5),
+                    "torch": lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)}
+
+        def fwd_bwd(f):
+            def run():
+                xg.grad = w.grad = b.grad = None
+                f(xg).backward(dy)
+            return run
+        case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+        for mode, make in (("train_fwd", lambda f: (lambda: f(x))), ("train_fwd_bwd", fwd_bwd)):
+            for way, timer in (("graph", time_graph), ("eager", time_eager)):
+                ms = {name: timer(make(f), budget) for name, f in pair.items()}
+                row = {"case": case, "mode": mode, "way": way, "ms": ms, "x_vs_torch": _ratio(ms)}
+                rows.append(row)
+                print(f"{case:<24} {mode:<14} {way:<6} normlab {_f(ms['normlab'], '.4f')} ms  torch "
+                      f"{_f(ms['torch'], '.4f')} ms  x {_f(row['x_vs_torch'], '.2f')}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=None, help="comma-separated shapes (default: the suite's, then LARGE)")
@@ -174,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.1, help="seconds per timing (default 0.1)")
     p.add_argument("--ways", default="graph,eager")
     p.add_argument("--sweep", action="store_true", help="time the launch geometries instead")
+    p.add_argument("--norms", action="store_true", help="time group, instance and layer norm instead")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -186,6 +226,8 @@ def main(argv=None) -> int:
     print(info, flush=True)
     if args.sweep:
         result = {"info": info, "sweep": sweep(args.budget)}
+    elif args.norms:
+        result = {"info": info, "norms": norms(args.budget)}
     else:
         shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES + LARGE
         rows = []

@@ -216,17 +216,21 @@ def _timed_rows(shapes, impls, budget, log, device, section, dtype, timer) -> li
     return rows
 
 
+# (kind, shape, groups): group norm, instance norm (G = C) and layer norm over the last dimension
+GROUPNORM_CASES = [
+    ("gn", (32, 64, 56, 56), 32), ("gn", (256, 64, 28, 28), 8), ("in", (32, 64, 56, 56), 64),
+    # 14x14 images: channel rows that start and end mid-line, 6 KB groups
+    ("gn", (128, 256, 14, 14), 32),
+    ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None),
+    # small layers, where per-call overhead decides; few long rows, where dweight/dbias's merge does
+    ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]
+
+
 def bench_groupnorm(quick, budget, log, dtype=torch.float32) -> list[Row]:
     import torch.nn.functional as TF
 
     import normlab.functional as NF
-    cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else [
-        ("gn", (32, 64, 56, 56), 32), ("gn", (256, 64, 28, 28), 8), ("in", (32, 64, 56, 56), 64),
-        # 14x14 images: channel rows that start and end mid-line, 6 KB groups
-        ("gn", (128, 256, 14, 14), 32),
-        ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None),
-        # small layers, where per-call overhead decides; few long rows, where dweight/dbias's merge does
-        ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]
+    cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else GROUPNORM_CASES
     rows = []
     for kind, shape, groups in cases:
         x = torch.randn(shape).to(dtype)
