@@ -39,9 +39,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "sigmoid": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# launch geometry (see _launch), module attributes so that a tuning sweep can set them
+# launch geometry (see _geometry), module attributes so that a tuning sweep can set them (then clear _LAUNCHES);
+# defaults from the H200 sweeps (BENCHMARKS.md, "GPU")
 PROGRAMS = 1024  # programs per pass to aim for: channel blocks x runs along N * S (partial sums merged after)
-MAX_RUNS = 1024
+MAX_RUNS = 1024  # runs per channel block at most (the partial sums take 2 x runs x C values)
 NCHW_BLOCK_K = 1024  # values of one channel per tile where they are adjacent in memory
 CL_BLOCKS = (16, 64)  # (channels, values) per tile where channels are adjacent (channels_last, (M, C))
 NUM_WARPS = 4
