@@ -70,3 +70,30 @@ def test_automatic_choice_on_cuda_devices(monkeypatch):
         monkeypatch.setattr(torch.version, "hip", hip)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
         assert (kernels._triton_for(x) is sentinel) == takes, (hip, capability)
+
+
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    """The Triton entry points switch to the input's CUDA device when another one is current (Triton launches on
+    the current device), and leave it alone otherwise (device calls faked: no GPU is needed)."""
+    from types import SimpleNamespace
+    pytest.importorskip("triton", minversion="3.6")
+    from normlab.kernels import gpu_triton
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    launch = gpu_triton._on_device_of(1)(lambda dy, x: "ran")
+    for index, switches in ((0, False), (1, True)):
+        entered.clear()
+        x = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=index))
+        assert launch(None, x) == "ran"
+        assert entered == ([x.device] if switches else [])

@@ -473,6 +473,21 @@ def _act_code(act: str) -> int:
         raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODES)}") from None
 
 
+def _on_device_of(index: int):
+    """Run the decorated function on the CUDA device of its argument ``index`` (Triton launches on the current
+    device: a tensor on another GPU would be handed to kernels running on the wrong one)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            x = args[index]
+            if x.is_cuda and x.device.index != torch.cuda.current_device():
+                with torch.cuda.device(x.device):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return run
+    return wrap
+
+
 def _train_stats(x: Tensor, g: _Launch, weight, bias, eps, running_mean=None, running_var=None,
                  momentum=0.0) -> tuple[Tensor, Tensor]:
     """The statistics pass and the per-channel kernel: ``(mean, coef)``, mean in float64 and coef the (5, C)
@@ -500,6 +515,7 @@ def _train_stats(x: Tensor, g: _Launch, weight, bias, eps, running_mean=None, ru
     return mean, coef
 
 
+@_on_device_of(0)
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of ``x`` (N, C, *), in ``acc_dtype``."""
     mean, coef = _train_stats(x, _launch(x), None, None, 1.0)
@@ -522,6 +538,7 @@ def bn_train_forward_update(x, weight, bias, eps, act, running_mean, running_var
     return y, mean, invstd, nonfinite
 
 
+@_on_device_of(0)
 def bn_train_forward_saved(x, weight, bias, eps, act, running_mean, running_var, momentum):
     """The training forward as an autograd node calls it: ``(y, (mean, invstd), None)``; the running statistics
     (unless None) updated in the per-channel kernel."""
@@ -538,6 +555,7 @@ def bn_backward_saved(dy, x, weight, bias, saved, act, needs=(True, True, True))
     return bn_backward(dy, x, weight, bias, *saved, act, True, needs)
 
 
+@_on_device_of(0)
 def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                     bias: Tensor | None, eps: float, act: str = "identity") -> Tensor:
     """Evaluation forward with the running statistics: 1 read, 1 write, one launch."""
@@ -552,6 +570,7 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
     return y
 
 
+@_on_device_of(1)
 def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                 invstd: Tensor, act: str, training: bool, needs=(True, True, True)):
     """Closed-form backward ``(dx, dweight, dbias)`` (as :func:`normlab.kernels.portable.bn_backward`): one pass
