@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import torch
 
-import normlab
 from normlab import kernels
 from normlab.bench import timing
-from normlab.bench.suite import (DEFAULT_SHAPES, GPU_SHAPES, GROUPNORM_CASES, MIN_PASSES, MODES, _input, modes_for,
-                                 parse_shape)
+from normlab.bench.suite import (DEFAULT_SHAPES, GPU_SHAPES, GROUPNORM_CASES, MODES, _case, _contenders, _geomean,
+                                 _ratio, _timed_rows, parse_shape)
 from normlab.kernels import gpu_triton
 
 LARGE = GPU_SHAPES[:2] + ["256x128x28x28cl"] + GPU_SHAPES[2:]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INNER = 10  # calls per captured graph (amortizes a replay's own launch)
 DEVICE = "cuda"
+CONTENDERS = ["normlab", "torch"]
 
 
 def _events_ms(run, reps: int) -> float:
@@ -65,40 +64,27 @@ def time_graph(fn, budget: float) -> float | None:
     return t * 1e3 if t else None
 
 
-def layers(shape, cl, dtype):
-    x = _input(shape, cl, dtype).to(DEVICE)
-    dy = torch.randn_like(x)
-    d = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
-    torch.manual_seed(0)
-    ours = getattr(normlab, f"BatchNorm{d}")(shape[1]).to(DEVICE, dtype)
-    theirs = getattr(torch.nn, f"BatchNorm{d}")(shape[1]).to(DEVICE, dtype)
-    return x, dy, {"normlab": modes_for(ours, x, dy)[0], "torch": modes_for(theirs, x, dy)[0]}
+def layers(text: str, dtype):
+    """A shape's input and gradient on the GPU and normlab's and torch's layers' timed modes (as the bench's)."""
+    shape, x, dy, _ = _case(text, dtype, DEVICE)
+    return x, dy, {impl: modes for impl, (modes, _) in _contenders(CONTENDERS, shape, x, dy, DEVICE, dtype).items()}
 
 
 def measure(text: str, dtype, budget: float, ways=("graph", "eager")) -> list[dict]:
-    shape, cl = parse_shape(text)
-    x, dy, fns = layers(shape, cl, dtype)
-    mb = x.numel() * x.element_size() / 1e6
-    dst = torch.empty_like(x)
-    copy = {way: (time_graph if way == "graph" else time_eager)(lambda: dst.copy_(x), budget) for way in ways}
+    """The bench's timed rows (:func:`normlab.bench.suite._timed_rows`) of one shape, each way, as dicts."""
+    timers = {"graph": time_graph, "eager": time_eager}
     rows = []
     with kernels.use_backend("triton"):
-        for mode in MODES:
-            for way in ways:
-                timer = time_graph if way == "graph" else time_eager
-                ms = {impl: timer(f[mode], budget) for impl, f in fns.items()}
-                gbps = MIN_PASSES[mode] * mb / 1e3 / (ms["normlab"] / 1e3) if ms["normlab"] else None
-                copy_gbps = 2 * mb / 1e3 / (copy[way] / 1e3) if copy[way] else None
-                row = {"case": text, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "way": way,
-                       "mb": round(mb, 1), "ms": ms, "x_vs_torch": _ratio(ms), "gbps": gbps,
-                       "copy_gbps": copy_gbps, "frac_copy": gbps / copy_gbps if gbps and copy_gbps else None}
+        for way in ways:
+            for r in _timed_rows([text], CONTENDERS, budget, lambda msg: None, DEVICE, way, dtype,
+                                 lambda fn, b, t=timers[way]: (t(fn, b) or 0) / 1e3 or None):
+                row = {"case": text, "dtype": str(dtype).removeprefix("torch."), "mode": r.mode, "way": way,
+                       "mb": round(r.mbytes, 1), "ms": {impl: r.ms.get(impl) for impl in CONTENDERS},
+                       "x_vs_torch": _ratio(r, "torch"), "gbps": r.gbps, "copy_gbps": r.copy_gbps,
+                       "frac_copy": r.gbps / r.copy_gbps if r.gbps and r.copy_gbps else None}
                 rows.append(row)
                 print(_line(row), flush=True)
     return rows
-
-
-def _ratio(ms: dict) -> float | None:
-    return ms["torch"] / ms["normlab"] if ms.get("torch") and ms.get("normlab") else None
 
 
 def _f(v, spec):
@@ -115,18 +101,13 @@ def _line(r: dict) -> str:
             f"{_f(r['gbps'], '7.0f')} {_f(r['frac_copy'] and 100 * r['frac_copy'], '5.0f')}%")
 
 
-def geomean(values):
-    values = [v for v in values if v]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
 def summary(rows: list[dict]) -> dict:
     out = {}
     for dtype in sorted({r["dtype"] for r in rows}):
         for way in ("graph", "eager"):
             for mode in MODES:
                 sel = [r for r in rows if r["dtype"] == dtype and r["way"] == way and r["mode"] == mode]
-                out[f"{dtype}_{way}_{mode}_geomean_vs_torch"] = geomean([r["x_vs_torch"] for r in sel])
+                out[f"{dtype}_{way}_{mode}_geomean_vs_torch"] = _geomean([r["x_vs_torch"] for r in sel])
                 big = [r["frac_copy"] for r in sel if r["mb"] >= 100 and r["frac_copy"]]
                 out[f"{dtype}_{way}_{mode}_median_frac_copy_100MB_plus"] = sorted(big)[len(big) // 2] if big else None
     return out
@@ -142,7 +123,7 @@ def sweep(budget: float) -> list[dict]:
     for text in SWEEP_SHAPES:
         shape, cl = parse_shape(text)
         channels_adjacent = cl or len(shape) == 2
-        x, dy, fns = layers(shape, cl, torch.float32)
+        x, dy, fns = layers(text, torch.float32)
         blocks = [(16, 64), (32, 32), (64, 16)] if channels_adjacent else [(1024,), (2048,)]
         for block in blocks:
             for warps in (4,):
@@ -199,7 +180,8 @@ def norms(budget: float) -> list[dict]:
         for mode, make in (("train_fwd", lambda f: (lambda: f(x))), ("train_fwd_bwd", fwd_bwd)):
             for way, timer in (("graph", time_graph), ("eager", time_eager)):
                 ms = {name: timer(make(f), budget) for name, f in pair.items()}
-                row = {"case": case, "mode": mode, "way": way, "ms": ms, "x_vs_torch": _ratio(ms)}
+                ratio = ms["torch"] / ms["normlab"] if ms["torch"] and ms["normlab"] else None
+                row = {"case": case, "mode": mode, "way": way, "ms": ms, "x_vs_torch": ratio}
                 rows.append(row)
                 print(f"{case:<24} {mode:<14} {way:<6} normlab {_f(ms['normlab'], '.4f')} ms  torch "
                       f"{_f(ms['torch'], '.4f')} ms  x {_f(row['x_vs_torch'], '.2f')}", flush=True)

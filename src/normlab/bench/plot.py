@@ -4,9 +4,9 @@ Two lines of panels per thread count found in the runs, one panel per section (b
 GPU's layers eager and graph-timed; fused batch norm + activation, group / instance / layer norm, the LeNet step); in
 each, for every case and mode, a bar at the median ratio over the runs (torch's time / normlab's: above 1, normlab
 is faster), a line from the lowest to the highest run (the host's spread, which a single run hides), parity and the
-issue's targets as dashed lines, and each mode's geometric mean. The roof panel draws, over each case's forward+backward bar, a
-black tick at the cap: torch's time over the fastest any batch norm could run there (``suite.roof_bound``), so
-the gap between bar and tick is what is left to win.
+issue's targets as dashed lines, and each mode's geometric mean. The roof panel draws, over each case's
+forward+backward bar, a black tick at the cap: torch's time over the fastest any batch norm could run there
+(``suite.roof_bound``), so the gap between bar and tick is what is left to win.
 """
 from __future__ import annotations
 

@@ -113,6 +113,16 @@ def _case(text: str, dtype, device):
     return shape, x, torch.randn_like(x), x.numel() * x.element_size() / 1e6
 
 
+def _contenders(impls, shape, x, dy, device="cpu", dtype=torch.float32) -> dict:
+    """Each contender's layer for ``shape`` (seeded alike, on ``device`` in ``dtype``) as :func:`modes_for` gives
+    it: ``{impl: (modes, forward_for_saved)}``."""
+    out = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        out[impl] = modes_for(make_layer(impl, shape[1], len(shape)).to(device=device, dtype=dtype), x, dy)
+    return out
+
+
 def bench_layers(shapes, impls, budget, log, device="cpu", section="layers", dtype=torch.float32) -> list[Row]:
     """Each batch-norm contender of ``impls`` on each shape, in each mode, on ``device`` (timed to the end of
     its work: see :func:`synced`); inputs and layers in ``dtype`` (as ``model.to(dtype)``)."""
@@ -121,11 +131,7 @@ def bench_layers(shapes, impls, budget, log, device="cpu", section="layers", dty
     for text in shapes:
         shape, x, dy, mb = _case(text, dtype, device)
         by_mode = {m: Row(section, text, m, mb) for m in MODES}
-        per_impl = {}
-        for impl in impls:
-            torch.manual_seed(0)
-            layer = make_layer(impl, shape[1], len(shape)).to(device=device, dtype=dtype)
-            per_impl[impl] = modes_for(layer, x, dy)
+        per_impl = _contenders(impls, shape, x, dy, device, dtype)
         for mode in MODES:  # contenders interleaved round by round (see timeit_interleaved)
             _time_row(by_mode[mode], {impl: synced(fns[mode], device) for impl, (fns, _) in per_impl.items()}, x,
                       budget, lambda msg, mode=mode: log(f"{msg} [{mode}]"))
@@ -196,10 +202,7 @@ def _timed_rows(shapes, impls, budget, log, device, section, dtype, timer) -> li
     rows = []
     for text in shapes:
         shape, x, dy, mb = _case(text, dtype, device)
-        fns = {}
-        for impl in impls:
-            torch.manual_seed(0)
-            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)).to(device=device, dtype=dtype), x, dy)[0]
+        fns = {impl: modes for impl, (modes, _) in _contenders(impls, shape, x, dy, device, dtype).items()}
         dst = torch.empty_like(x)
         t_copy = timer(lambda: dst.copy_(x), budget)
         for mode in MODES:
@@ -332,10 +335,8 @@ def bench_roof(shapes, budget, log, dtype=torch.float32) -> list[Row]:
         x = _input(shape, cl, dtype)
         dy = torch.randn_like(x)
         row = Row("roof", text, "train_fwd_bwd", x.numel() * x.element_size() / 1e6)
-        fns = {}
-        for impl in ("normlab", "torch"):
-            torch.manual_seed(0)
-            fns[impl] = modes_for(make_layer(impl, shape[1], len(shape)).to(dtype), x, dy)[0]["train_fwd_bwd"]
+        fns = {impl: modes["train_fwd_bwd"]
+               for impl, (modes, _) in _contenders(("normlab", "torch"), shape, x, dy, dtype=dtype).items()}
         fns["floor"] = modes_for(AutogradFloor(), x, dy)[0]["train_fwd_bwd"]
         _time_row(row, fns, x, budget, log)
         if "normlab" in row.ms:

@@ -106,11 +106,18 @@ def _narrow(v, DT: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(C, BLOCK: tl.constexpr):
+    """The channels of block ``program_id(0)`` and their mask."""
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return cs, cs < C
+
+
+@triton.jit
 def _program(C, K, k_per_program, BLOCK_C: tl.constexpr):
     """This program's channels (and their mask) and its run k_lo..k_hi of each channel's N * S values."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs, cm = _channel_block(C, BLOCK_C)
     k_lo = tl.program_id(1) * k_per_program
-    return cs, cs < C, k_lo, tl.minimum(k_lo + k_per_program, K)
+    return cs, cm, k_lo, tl.minimum(k_lo + k_per_program, K)
 
 
 @triton.jit
@@ -202,8 +209,7 @@ def _train_coef_kernel(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, coef_ptr, rm_ptr
     """Per channel, from the partial sums: the mean (float64), and in the (5, C) table ``coef`` the shift, scale
     and offset of the normalize pass, invstd and the biased variance; with UPDATE, the running statistics too
     (unbiased variance; a channel whose mean or variance is not finite keeps its running values)."""
-    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cm = cs < C
+    cs, cm = _channel_block(C, BLOCK)
     shift = _firsts(x_ptr, cs, cm, sC, ACC)
     s1, s2 = _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R)
     n = tl.cast(K, tl.float64)
@@ -301,13 +307,13 @@ def _grad_coef_kernel(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, C, 
     """Per channel, from the partial sums: dweight and dbias and the coefficients of
     dx = kg * g + kx * xhat + k0 (rows 0-2 of ``coef``): kg = w * invstd; in training kx = -kg * dw / n and
     k0 = -kg * db / n, else 0 (the statistics are constants)."""
-    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cm = cs < C
+    cs, cm = _channel_block(C, BLOCK)
     db, dw = _merge_partials(part_ptr, cs, cm, C, R, BLOCK_R)
     tl.store(dw_ptr + cs, dw.to(ACC), mask=cm)
     tl.store(db_ptr + cs, db.to(ACC), mask=cm)
-    kg = tl.load(invstd_ptr + cs, mask=cm, other=0.0).to(ACC).to(tl.float64) * _vec(w_ptr, cs, cm, 1.0, HAS_W,
-                                                                                     ACC).to(tl.float64)
+    # invstd and w in ACC (as the portable kernels take them), their product in float64
+    inv = tl.load(invstd_ptr + cs, mask=cm, other=0.0).to(ACC)
+    kg = inv.to(tl.float64) * _vec(w_ptr, cs, cm, 1.0, HAS_W, ACC).to(tl.float64)
     if TRAINING:
         n = tl.cast(K, tl.float64)
         kx = -kg * dw / n
@@ -462,8 +468,8 @@ def _vector(t: Tensor, x: Tensor) -> Tensor:
         raise RuntimeError(f"Expected all tensors to be on the same device: the input is on {x.device}, a "
                            f"per-channel tensor (weight, bias or running statistics) on {t.device}; move the "
                            f"module with .to({str(x.device)!r})")
-    t = t.detach()
-    return t if t.is_contiguous() else t.contiguous()
+    # a kernel takes the storage as it is (no detach needed); only a strided one is copied, outside autograd
+    return t if t.is_contiguous() else t.detach().contiguous()
 
 
 def _act_code(act: str) -> int:
