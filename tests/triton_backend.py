@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from kernel_checks import DTYPES, check_batch_norm_contract, close, make
+from kernel_checks import DTYPES, LOW, TOL, check_batch_norm_contract, close, make
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and os.environ.get("NORMLAB_TRITON_CUDA") != "1":
@@ -288,3 +288,231 @@ def test_per_channel_tensors_on_another_device(T):
     x = on(torch.randn(4, 3, 5))
     with pytest.raises(RuntimeError, match="same device"):
         T.bn_train_forward(x, torch.ones(3), None, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# group norm (layer and instance norm through it): gpu_triton_gn
+# ------------------------------------------------------------------------------------------------------
+# (shape (N, C, S), groups): layer norm's form (S == 1, one group), instance norm's (G == C), group norm, group norm
+# of an (N, C) input (S == 1 with groups: the column kernel's group lookup), one sample (dweight and dbias written
+# by the row kernel itself), rows of one value (variance 0), S = CHANNEL_TILES_FROM (the channel-tiled forward and
+# dx)
+GN_CASES = [((6, 40, 1), 1), ((4, 6, 5), 6), ((3, 6, 10), 3), ((5, 4, 1), 2), ((1, 6, 4), 2), ((4, 3, 1), 3),
+            ((2, 4, 64), 2)]
+GN_NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+            (False, True, True)]
+
+
+@pytest.fixture(scope="module")
+def GN(T):
+    """The group-norm kernels (imported by the Triton backend, after its helpers)."""
+    from normlab.kernels import gpu_triton_gn
+    return gpu_triton_gn
+
+
+@pytest.fixture
+def small_blocks(GN, monkeypatch):
+    """Blocks small enough that tiny inputs run every path: rows longer than a tile (chunk loops), short rows
+    packed four to a program, channel and position loops, several runs of rows summed in several steps; the
+    channel-tiled forward and dx from S = 8."""
+    for name, value in (("BLOCK", 16), ("TILE", 64), ("MIN_PROGRAMS", 1), ("COL_BLOCKS", (2, 16)),
+                        ("COL_PROGRAMS", 16), ("SUM_BLOCKS", (16, 2)), ("CHANNEL_TILES_FROM", 8),
+                        ("_GEOMETRIES", {})):
+        monkeypatch.setattr(GN, name, value)
+
+
+def _gn_inputs(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = make(shape, None, dtype, gen=gen)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen) + 1, torch.randn(c, generator=gen)
+    return x, w, b, make(shape, None, dtype, scale=1.0, loc=0.0, gen=gen)
+
+
+def check_group_norm(GN, shape, groups, dtype, affine=((True, True), (True, False), (False, True), (False, False)),
+                     needs=GN_NEEDS, seed=0):
+    """gn_forward / gn_backward on DEVICE against the portable kernels on CPU, in ``dtype`` and in float64; every
+    ``needs`` with weight and bias, the full backward with the other ``affine`` choices."""
+    x, w, b, dy = _gn_inputs(shape, dtype, seed)
+    tol, low = TOL[dtype], dtype in LOW
+    x64, dy64 = x.double(), dy.double()
+    for has_w, has_b in affine:
+        wa, ba = (w if has_w else None), (b if has_b else None)
+        y, mean, invstd = GN.gn_forward(*on(x, wa, ba), groups, 1e-5)
+        y_p, mean_p, invstd_p = portable.gn_forward(x, wa, ba, groups, 1e-5)
+        w64, b64 = (None if wa is None else wa.double()), (None if ba is None else ba.double())
+        y64, mean64, invstd64 = portable.gn_forward(x64, w64, b64, groups, 1e-5)
+        assert y.dtype == dtype and y.shape == x.shape and mean.shape == invstd.shape == (shape[0], groups)
+        assert mean.dtype == invstd.dtype == mean_p.dtype
+        close(y, y_p, tol, rel=low)
+        close(y, y64, tol, rel=low)
+        close(mean, mean64, 1e-6 if dtype != torch.float64 else 1e-12, rel=True)
+        close(invstd, invstd64, 1e-5 if dtype != torch.float64 else 1e-12, rel=True)
+        for need in (needs if (has_w and has_b) else needs[:1]):
+            got = GN.gn_backward(*on(dy, x, wa), mean, invstd, groups, need)
+            ref = portable.gn_backward(dy, x, wa, mean.cpu(), invstd.cpu(), groups, need)
+            ref64 = portable.gn_backward(dy64, x64, w64, mean64, invstd64, groups, need)
+            for k, (g, r, r64) in enumerate(zip(got, ref, ref64)):
+                if not need[k]:
+                    assert g is None
+                    continue
+                assert g.dtype == (dtype if k == 0 else mean_p.dtype) and g.shape == r.shape
+                close(g, r, tol * 4, rel=True)
+                close(g, r64, tol * 4, rel=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", GN_CASES, ids=lambda v: str(v))
+def test_group_norm_matches_portable_and_float64(GN, shape, groups, dtype):
+    # every affine choice and needs subset in float32; the full backward with weight and bias in the others
+    if dtype == torch.float32:
+        check_group_norm(GN, shape, groups, dtype)
+    else:
+        check_group_norm(GN, shape, groups, dtype, affine=((True, True), (False, False)), needs=GN_NEEDS[:1])
+
+
+# (shape, groups) under small_blocks: layer-norm rows of 40 (three chunks) and three runs of rows for dweight;
+# group-norm rows of 20 (two chunks; two channels of 10 looped one at a time); positions of 24 (two position
+# chunks); rows of 5 and of 6 values packed four to a program (the last program part empty); S >= 8 takes the
+# channel-tiled forward and dx
+GN_LOOP_CASES = [((6, 40, 1), 1), ((3, 6, 10), 3), ((2, 4, 24), 1), ((9, 5, 1), 1), ((9, 4, 3), 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,groups", GN_LOOP_CASES, ids=lambda v: str(v))
+def test_group_norm_chunk_loops_and_packed_rows(GN, small_blocks, shape, groups, dtype):
+    n, c, s = shape
+    g = GN._geometry(n, c, s, groups, False)
+    length = c // groups * s
+    assert g.rows_blocks["ONE"] == (length <= 16)
+    assert g.rows_blocks["ROWS"] == (4 if length <= 16 else 1)
+    if s > 1:
+        assert g.chan_blocks["ONE"] == (length <= 16)
+    else:
+        assert g.parts > 1  # partial sums of several runs of rows
+    check_group_norm(GN, shape, groups, dtype, affine=((True, True),), needs=GN_NEEDS[:3])
+
+
+def test_group_norm_edge_cases(GN):
+    # a constant group (S > 1) and a constant layer-norm row (S == 1): its mean exactly, variance 0 (invstd as
+    # rsqrt(eps)), y exactly the bias
+    for shape, groups, const in (((3, 4, 5), 2, (1, slice(0, 2))), ((4, 8, 1), 1, (2, slice(None)))):
+        x, w, b, dy = _gn_inputs(shape, torch.float32, seed=3)
+        x[const] = 7.25
+        y, mean, invstd = GN.gn_forward(*on(x, w, b), groups, 1e-5)
+        n, g = const[0], (const[1].start or 0) // (shape[1] // groups)
+        assert mean[n, g].item() == 7.25
+        close(invstd[n, g], torch.rsqrt(torch.tensor(1e-5)), 1e-6, rel=True)
+        assert torch.equal(y[const].cpu(), b[const[1], None].expand_as(x[const]))
+        for got, want in zip(GN.gn_backward(*on(dy, x, w), mean, invstd, groups),
+                             portable.gn_backward(dy, x, w, mean.cpu(), invstd.cpu(), groups)):
+            close(got, want, 1e-4, rel=True)
+    # groups of mean 1e6 and a small spread: statistics as float64's on the same values (the shift keeps them)
+    gen = torch.Generator().manual_seed(8)
+    for dtype, shape, groups in ((torch.float64, (3, 4, 6), 2), (torch.float32, (3, 4, 6), 2),
+                                 (torch.float32, (5, 12, 1), 1)):
+        x = (1e6 + torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+        y, mean, invstd = GN.gn_forward(on(x), None, None, groups, 1e-5)
+        xg = x.double().reshape(shape[0], groups, -1)
+        mean64 = xg.mean(2)
+        invstd64 = ((xg - mean64[:, :, None]).square().mean(2) + 1e-5).rsqrt()
+        exact = dtype == torch.float64
+        close(mean, mean64, 1e-15 if exact else 6e-8, rel=True)
+        close(invstd, invstd64, 1e-12 if exact else 1e-6, rel=True)
+        close(y, portable.gn_forward(x.double(), None, None, groups, 1e-5)[0], 1e-10 if exact else 1e-5)
+        if exact:
+            dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+            for got, want in zip(GN.gn_backward(*on(dy, x), None, mean, invstd, groups),
+                                 portable.gn_backward(dy, x, None, mean64, invstd64, groups)):
+                close(got, want, 1e-9, rel=True)
+    # dy non-contiguous and of another dtype: taken as x's dtype, contiguous
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, _ = _gn_inputs((3, 6, 10), dtype, seed=4)
+        dy = torch.randn(3, 10, 6, generator=gen, dtype=torch.float64).transpose(1, 2)
+        y, mean, invstd = GN.gn_forward(*on(x, w, b), 3, 1e-5)
+        want = portable.gn_backward(dy.to(dtype), x, w, mean.cpu(), invstd.cpu(), 3)
+        for got, r in zip(GN.gn_backward(*on(dy, x, w), mean, invstd, 3), want):
+            close(got, r, 4 * TOL[dtype], rel=True)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 6, 10), 3), ((6, 40, 1), 1), ((2, 4, 24), 1)], ids=lambda v: str(v))
+def test_group_norm_int64_offsets(T, GN, small_blocks, monkeypatch, shape, groups):
+    """The kernels' int64 offsets (tensors of 2**31 elements and more) on a small input: as the int32 ones."""
+    x, w, b, dy = on(*_gn_inputs(shape, torch.float32, seed=5))
+
+    def run():
+        y, mean, invstd = GN.gn_forward(x, w, b, groups, 1e-5)
+        return y, mean, invstd, *GN.gn_backward(dy, x, w, mean, invstd, groups)
+    want = run()
+    assert not GN._geometry_of(x, groups).rows_blocks["BIG"]
+    monkeypatch.setattr(T, "INT32_OFFSETS_BELOW", 0)
+    monkeypatch.setattr(GN, "_GEOMETRIES", {})
+    assert GN._geometry_of(x, groups).rows_blocks["BIG"]
+    for got, w_ in zip(run(), want):
+        assert torch.equal(got, w_)
+
+
+def test_group_layer_instance_norm_layers_through_the_triton_backend(T, GN, monkeypatch):
+    """normlab.GroupNorm, LayerNorm and InstanceNorm2d(affine=True) with use_backend("triton") against torch.nn,
+    forward and backward: through the Triton group-norm kernels (not the portable ones)."""
+    assert T.gn_forward is GN.gn_forward and T.gn_backward is GN.gn_backward
+    calls = []
+    for name in ("gn_forward", "gn_backward"):
+        real = getattr(GN, name)
+        monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    gen = torch.Generator().manual_seed(12)
+    for ours, theirs, shape in ((normlab.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6), (4, 6, 5, 5)),
+                                (normlab.LayerNorm((3, 4)), torch.nn.LayerNorm((3, 4)), (6, 5, 3, 4)),
+                                (normlab.InstanceNorm2d(4, affine=True), torch.nn.InstanceNorm2d(4, affine=True),
+                                 (3, 4, 5, 5))):
+        ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.weight.copy_(torch.linspace(0.5, 2, m.weight.numel()).reshape(m.weight.shape))
+                m.bias.copy_(torch.linspace(-1, 1, m.bias.numel()).reshape(m.bias.shape))
+        x, dy = on(make(shape, None, torch.float32, gen=gen), torch.randn(shape, generator=gen))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        calls.clear()
+        with kernels.use_backend("triton"):
+            ya = ours(xa)
+            ya.backward(dy)
+        yb = theirs(xb)
+        yb.backward(dy)
+        assert calls == ["gn_forward", "gn_backward"], (type(ours).__name__, calls)
+        close(ya, yb, 1e-5)
+        close(xa.grad, xb.grad, 1e-4, rel=True)
+        close(ours.weight.grad, theirs.weight.grad, 1e-4, rel=True)
+        close(ours.bias.grad, theirs.bias.grad, 1e-4, rel=True)
+
+
+def test_direct_launches(T, monkeypatch):
+    """From the second launch of a specialization on, the kernels go through the compiled kernel's own launcher
+    (compiled Triton 3.3+; never in the interpreter): the results of Triton's own launch, bit for bit, on an
+    input 16-byte aligned and on one that is not (a pointer's alignment is part of the specialization: a kernel
+    compiled for aligned loads would fault or misread on the other)."""
+    if INTERPRETED:
+        assert T._launcher() is None
+    elif T._launcher() is None:
+        pytest.skip(f"triton {T.triton.__version__}: Triton's own launch only")
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(2 * 3 * 4 * 5 + 1, generator=gen)
+    dy = on(torch.randn(2, 3, 4, 5, generator=gen))
+    w, b, rm, rv = on(torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen), torch.zeros(3),
+                      torch.ones(3))
+
+    def run(x):
+        y, mean, invstd = T.bn_train_forward(x, w, b, 1e-5, "relu")
+        return (y, mean, invstd, T.bn_eval_forward(x, rm, rv, w, b, 1e-5, "silu"),
+                *T.bn_backward(dy, x, w, b, mean, invstd, "relu", True))
+
+    for offset in (0, 1):  # 1: a view 4 bytes past an aligned start
+        x = on(base)[offset:offset + dy.numel()].view(dy.shape)
+        assert (x.data_ptr() % 16 == 0) == (offset == 0)
+        monkeypatch.setattr(T, "FAST_LAUNCH", False)
+        want = run(x)
+        monkeypatch.setattr(T, "FAST_LAUNCH", True)
+        T._BINARIES.clear()
+        for _ in range(3):  # the first: Triton's launch (the binary kept); then direct
+            for got, expected in zip(run(x), want):
+                assert torch.equal(got, expected)
+        assert len(T._BINARIES) == (0 if INTERPRETED else 7)

@@ -4,9 +4,9 @@
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
 portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 32 MiB first try the native
 glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
-Batch norm on CUDA tensors takes the Triton kernels (:mod:`.gpu_triton`) where triton imports (``pip install
-'normlab[gpu]'``) on NVIDIA GPUs of compute capability 7.0 and later (measured on an H200: BENCHMARKS.md), else
-the portable ones.
+Batch, group, layer and instance norm on CUDA tensors take the Triton kernels (:mod:`.gpu_triton`,
+:mod:`.gpu_triton_gn`) where triton imports (``pip install 'normlab[gpu]'``) on NVIDIA GPUs of compute capability
+7.0 and later (measured on an H200: BENCHMARKS.md), else the portable ones.
 ``NORMLAB_BACKEND=portable|cpu|native|triton`` (or :func:`use_backend`) forces a backend, for tests and
 benchmarks.
 """
@@ -95,7 +95,7 @@ def _select_native() -> None:
 def use_backend(name: str | None):
     """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue),
     ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
-    ``"triton"`` (batch norm's Triton kernels on the CUDA tensors they support; other inputs take the cpu backend
+    ``"triton"`` (the Triton kernels on the CUDA tensors they support; other inputs take the cpu backend
     where it supports them, else portable).
     ``None``: the automatic choice (native where built, then cpu, then portable; Triton for CUDA tensors where
     triton imports)."""

@@ -521,7 +521,6 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Closed-form backward (see :func:`normlab.kernels.portable.bn_backward`): 2 reads of (x, dy), 1 write."""
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    c = x.shape[1]
     return _bn_backward(dy, x, weight, bias, _vec(mean, torch.float64), _vec(invstd, acc), act, training,
                         needs)
 

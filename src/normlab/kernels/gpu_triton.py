@@ -3,7 +3,7 @@
 Same signatures, same numerics as the portable contract: statistics of ``x - shift`` (shift = the channel's first
 value) summed in ``acc_dtype`` per program and merged in float64; the forward subtracts the shift before scaling,
 so a large mean costs no precision; the backward recomputes the pre-activation from ``x`` (activations fused both
-ways). Group, layer and instance norm stay with the portable kernels.
+ways). Group norm (layer and instance norm through it) has its kernels in :mod:`.gpu_triton_gn`.
 
 Passes over the activation, as on CPU: training forward 2 reads + 1 write, backward 2 reads of (x, dy) + 1 write,
 eval 1 read + 1 write. Launches: the training forward 3 (partial sums per channel block and run; a per-channel
@@ -658,7 +658,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     return (dx, dw if needs[1] else None, db if needs[2] else None)
 
 
-# not batch norm: the portable kernels
+# the running statistics' update on its own (outside the training forward): the portable one
 running_update = portable.running_update
-gn_forward = portable.gn_forward
-gn_backward = portable.gn_backward
+# group norm (layer and instance norm through it): its own kernels, which import the helpers above
+from .gpu_triton_gn import gn_forward, gn_backward  # noqa: E402, F401
