@@ -150,14 +150,18 @@ def sweep(budget: float) -> list[dict]:
     return rows
 
 
+GPU_NORM_CASES = [("gn", (64, 128, 56, 56), 32), ("ln", (8192, 4096), None)]  # 103 MB, 134 MB
+
+
 def norms(budget: float) -> list[dict]:
-    """Group, instance and layer norm (``normlab.functional``, portable torch ops on CUDA) against torch's, float32,
-    forward and forward+backward, graph-timed and eager: the suite's group-norm cases on the GPU."""
+    """Group, instance and layer norm (``normlab.functional``: the Triton kernels on CUDA) against torch's, float32,
+    forward and forward+backward, graph-timed and eager: the suite's group-norm cases on the GPU, then two of over
+    100 MB."""
     import torch.nn.functional as TF
 
     import normlab.functional as NF
     rows = []
-    for kind, shape, groups in GROUPNORM_CASES:
+    for kind, shape, groups in GROUPNORM_CASES + GPU_NORM_CASES:
         x = torch.randn(shape, device=DEVICE)
         dy = torch.randn_like(x)
         c = shape[-1] if kind == "ln" else shape[1]
