@@ -490,6 +490,8 @@ def test_direct_launches(T, monkeypatch):
     (compiled Triton 3.3+; never in the interpreter): the results of Triton's own launch, bit for bit, on an
     input 16-byte aligned and on one that is not (a pointer's alignment is part of the specialization: a kernel
     compiled for aligned loads would fault or misread on the other)."""
+    from triton import knobs
+    assert not T._hooked(knobs.runtime.launch_enter_hook)  # no profiler's hook: None, or an empty chain (3.5+)
     if INTERPRETED:
         assert T._launcher() is None
     elif T._launcher() is None:

@@ -467,12 +467,17 @@ def _launcher():
     return driver.active.get_current_device, driver.active.get_current_stream, knobs.runtime
 
 
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: None, or (Triton 3.5 on) an empty chain of hooks, is none."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _run(kernel, grid: tuple, *args, **consts) -> None:
     """``kernel[grid](*args, **consts)``; from the second launch of a specialization on, through the compiled
     kernel's launcher. The key holds what Triton specializes on (each tensor's dtype and 16-byte alignment, each
     int's value, the constexprs and launch options) and the device; floats are not specialized."""
     fast = _launcher() if FAST_LAUNCH else None
-    if fast is None or fast[2].launch_enter_hook is not None:  # a profiler's hooks: Triton's own launch
+    if fast is None or _hooked(fast[2].launch_enter_hook):  # a profiler's hooks: Triton's own launch
         kernel[grid](*args, **consts)
         return
     device = fast[0]()
