@@ -475,13 +475,14 @@ def _hooked(hook) -> bool:
 def _run(kernel, grid: tuple, *args, **consts) -> None:
     """``kernel[grid](*args, **consts)``; from the second launch of a specialization on, through the compiled
     kernel's launcher. The key holds what Triton specializes on (each tensor's dtype and 16-byte alignment, each
-    int's value, the constexprs and launch options) and the device; floats are not specialized."""
+    int's value, the constexprs and launch options), the kernel (the module's, never freed) and the device; floats
+    are not specialized."""
     fast = _launcher() if FAST_LAUNCH else None
     if fast is None or _hooked(fast[2].launch_enter_hook):  # a profiler's hooks: Triton's own launch
         kernel[grid](*args, **consts)
         return
     device = fast[0]()
-    key = (kernel, device, tuple(consts.items()),
+    key = (id(kernel), device, tuple(consts.items()),  # id: a JITFunction's own hash costs 0.4-2 us
            *[(a.dtype, a.data_ptr() & 15) if isinstance(a, Tensor) else a if isinstance(a, int) else float
              for a in args])
     hit = _BINARIES.get(key)
