@@ -376,12 +376,21 @@ def _dense_layout(x: Tensor) -> bool:
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+_LAYOUTS: dict = {}  # (shape, strides) -> whether the kernels take that layout (supports' answers)
+
+
 def supports(x: Tensor) -> bool:
     """CUDA (or, in Triton's interpreter, CPU) tensors of a supported dtype, non-empty, contiguous or
-    channels_last. A layout with a launch geometry cached has passed the layout checks before."""
-    return ((x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and x.dtype in SUPPORTED_DTYPES
-            and ((x.shape, x.stride()) in _LAUNCHES
-                 or (x.dim() >= 2 and x.numel() > 0 and _dense_layout(x) and _strides3(x) is not None)))
+    channels_last; the layout's answer cached (asked before each kernel call: 5 us a time uncached)."""
+    if not ((x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and x.dtype in SUPPORTED_DTYPES):
+        return False
+    key = (x.shape, x.stride())
+    ok = _LAYOUTS.get(key)
+    if ok is None:
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        ok = _LAYOUTS[key] = x.dim() >= 2 and x.numel() > 0 and _dense_layout(x) and _strides3(x) is not None
+    return ok
 
 
 class _Launch(NamedTuple):
