@@ -20,7 +20,7 @@ if has info; then
 fi
 has test && step test 120 env NORMLAB_TRITON_CUDA=1 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests/triton_backend.py
 has host && step host 60 python3 benchmarks/gpu_host.py
-has kernels && step kernels 150 python3 benchmarks/gpu_kernels.py --budget 0.06 --json "$out/kernels.json"
+has kernels && step kernels 150 python3 benchmarks/gpu_kernels.py --budget 0.04 --json "$out/kernels.json"
 has sweep && step sweep 120 python3 benchmarks/gpu_kernels.py --sweep --budget 0.04 --json "$out/sweep.json"
 has norms && step norms 90 python3 benchmarks/gpu_kernels.py --norms --budget 0.04 --json "$out/norms.json"
 has bench && step bench 90 python3 -m normlab bench --sections gpu --budget 0.2 --json "$out/bench_gpu.json"
