@@ -86,16 +86,6 @@ def _row_tile(rows, rmask, base, start, L, S, CPG, G, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _per_value(ptr, ch, mask, fill, HAS: tl.constexpr, ACC: tl.constexpr):
-    """A per-channel vector (weight, bias) at each value's channel, or ``fill`` where the layer has none."""
-    if HAS:
-        v = tl.load(ptr + ch, mask=mask, other=fill).to(ACC)
-    else:
-        v = tl.full(ch.shape, fill, ACC)
-    return v
-
-
-@triton.jit
 def _moments(s1, s2, L, eps_hi, eps_lo, ACC: tl.constexpr):
     """mean - shift (float64) and invstd (ACC) from the sums of d and d * d over L values."""
     n = tl.cast(L, tl.float64)
@@ -115,9 +105,9 @@ def _store_y(y_ptr, w_ptr, b_ptr, offs, mask, ch, d, mean_s, invstd, HAS_W: tl.c
     """y = ((x - shift) - (mean - shift)) * invstd * w + b, in portable's order, from d = x - shift."""
     y = (d - mean_s[:, None]) * invstd[:, None]
     if HAS_W:
-        y = y * _per_value(w_ptr, ch, mask, 1.0, True, d.dtype)
+        y = y * _vec(w_ptr, ch, mask, 1.0, True, d.dtype)
     if HAS_B:
-        y = y + _per_value(b_ptr, ch, mask, 0.0, True, d.dtype)
+        y = y + _vec(b_ptr, ch, mask, 0.0, True, d.dtype)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -233,7 +223,7 @@ def _xhat_g(x_ptr, dy_ptr, w_ptr, offs, mask, ch, mean, invstd, HAS_W: tl.conste
     xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc) - mean[:, None]) * invstd[:, None]
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
     if HAS_W:
-        g = g * _per_value(w_ptr, ch, mask, 0.0, True, acc)
+        g = g * _vec(w_ptr, ch, mask, 0.0, True, acc)
     return xhat, g
 
 
