@@ -1,6 +1,8 @@
 """Where the host's time goes when normlab's batch norm runs eagerly on a CUDA GPU: microseconds per call of
-back-to-back calls on a small tensor (the GPU idle-waits on the host), from a plain torch op and a bare Triton
-launch up to the layer's forward+backward, against torch.nn's; then a profile of the layer's calls.
+back-to-back calls on a small tensor (the GPU idle-waits on the host), from a plain torch op, a Triton launch
+(Triton's path, the compiled kernel's launcher, normlab's ``_run``) and a Python autograd node (its backward in
+autograd's device thread or the caller's) up to the layer's forward+backward, against torch.nn's; then a profile of
+the layer's calls.
 
     python benchmarks/gpu_host.py [--shape 256x64x8x8] [--profile 300]
 """
