@@ -518,3 +518,52 @@ def test_direct_launches(T, monkeypatch):
             for got, expected in zip(run(x), want):
                 assert torch.equal(got, expected)
         assert len(T._BINARIES) == (0 if INTERPRETED else 7)
+
+
+def test_direct_launch_logic(T, monkeypatch):
+    """``_run``'s bookkeeping with a stand-in kernel and launcher (the real ones need a GPU): Triton's launch the
+    first time for each specialization, the kept binary's ``run`` after it with the grid padded to three, the
+    current stream and every argument in signature order; a new dtype, alignment, int value, constexpr or device
+    is a new specialization; a profiler's hook or FAST_LAUNCH = False takes Triton's launch every time."""
+    calls = []
+
+    class Binary:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(("direct", a))
+
+    class Kernel:
+        arg_names = ["x", "n", "eps", "ACC", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(("triton", grid, a, k)) or Binary()
+
+    class Runtime:
+        launch_enter_hook = None
+
+    device = [0]
+    monkeypatch.setattr(T, "_launcher", lambda: (lambda: device[0], lambda d: f"stream{d}", Runtime))
+    monkeypatch.setattr(T, "_BINARIES", {})
+    k, x = Kernel(), torch.zeros(8)
+
+    def launch(t=x, n=5, block=16, grid=(3,)):
+        calls.clear()
+        T._run(k, grid, t, n, 1e-5, ACC="f32", BLOCK=block, num_warps=4)
+        return calls[0][0]
+
+    assert launch() == "triton" and launch() == "direct"
+    assert calls == [("direct", (3, 1, 1, "stream0", "fn", "meta", None, None, None, x, 5, 1e-5, "f32", 16))]
+    assert launch(grid=(3, 2)) == "direct" and calls[0][1][:3] == (3, 2, 1)  # the grid is not specialized
+    new = [dict(t=x.double()), dict(t=torch.zeros(9)[1:]), dict(n=6), dict(block=32)]  # dtype, 4-byte offset
+    for kw in new:
+        assert launch(**kw) == "triton" and launch(**kw) == "direct", kw
+    assert launch(n=7) == "triton"
+    device[0] = 1
+    assert launch() == "triton" and launch() == "direct" and calls[0][1][3] == "stream1"
+    Runtime.launch_enter_hook = print
+    assert launch() == "triton"
+    Runtime.launch_enter_hook = None
+    monkeypatch.setattr(T, "FAST_LAUNCH", False)
+    assert launch() == "triton"
+    assert len(T._BINARIES) == 7  # the first, four new specializations, n=7, device 1
