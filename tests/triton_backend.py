@@ -214,13 +214,16 @@ def test_running_statistics_update(T, dtype):
 def _convnet():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="relu"),
                                torch.nn.Conv2d(8, 8, 3, padding=1), normlab.BatchNorm2d(8), torch.nn.SiLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4), normlab.BatchNorm1d(4))
+                               normlab.GroupNorm(2, 8), normlab.InstanceNorm2d(8, affine=True),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4), normlab.BatchNorm1d(4),
+                               normlab.LayerNorm(4))
 
 
 @pytest.mark.skipif(INTERPRETED, reason="torch.compile compiles for a GPU; the interpreter runs on CPU")
 def test_torch_compile_fullgraph_on_cuda(T):
-    """torch.compile(fullgraph=True) of a model with normlab layers, its batch norms on the Triton kernels (the
-    custom operators), against the same model eager: outputs, gradients, running statistics, train and eval."""
+    """torch.compile(fullgraph=True) of a model with normlab layers, its batch, group, instance and layer norms on
+    the Triton kernels (the custom operators), against the same model eager: outputs, gradients, running
+    statistics, train and eval."""
     import copy
     torch.manual_seed(0)
     eager = _convnet().to(DEVICE)
