@@ -7,6 +7,7 @@ process of its own for the same reason (no interpreter there).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -46,6 +47,20 @@ def test_cpu_work_never_imports_triton():
             "normlab.kernels.backend_for(x)\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("first", ["gpu_triton_gn", "gpu_triton"])
+def test_either_triton_module_imports_first(first):
+    """The group-norm kernels' module imports the batch-norm one's helpers, which hands out its functions: either
+    can be imported first (in the interpreter: no GPU is needed to define the kernels)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    code = (f"import importlib; importlib.import_module('normlab.kernels.{first}')\n"
+            "from normlab.kernels import gpu_triton as T, gpu_triton_gn as G\n"
+            "assert T.gn_forward is G.gn_forward and T.gn_backward is G.gn_backward\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -675,5 +675,14 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
 
 # the running statistics' update on its own (outside the training forward): the portable one
 running_update = portable.running_update
-# group norm (layer and instance norm through it): its own kernels, which import the helpers above
-from .gpu_triton_gn import gn_forward, gn_backward  # noqa: E402, F401
+
+
+def __getattr__(name: str):
+    """``gn_forward`` and ``gn_backward``: group norm's kernels (layer and instance norm through it), in
+    :mod:`.gpu_triton_gn`, which imports the helpers above; looked up on first use (and kept) so that either
+    module can be imported first."""
+    if name in ("gn_forward", "gn_backward"):
+        from . import gpu_triton_gn
+        value = globals()[name] = getattr(gpu_triton_gn, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """GPU backend: group norm's kernel contract (:func:`normlab.kernels.portable.gn_forward` / ``gn_backward``) in
 Triton, for CUDA tensors; layer norm ((M, K, 1), one group) and instance norm (G = C) reach it through group norm.
 
-Imported by :mod:`.gpu_triton` at its end (its helpers, defined before, are imported here by name): import this
-module through ``gpu_triton``, not first.
+It imports :mod:`.gpu_triton`'s helpers by name; ``gpu_triton`` hands out ``gn_forward`` / ``gn_backward`` from here
+on first use (either module can be imported first).
 
 Layout: ``x`` (N, C, S) contiguous, so group (n, g) is row r = n * G + g of an (N * G, L) view, L = (C/G) * S,
 its values adjacent; element i of a row is channel g * (C/G) + i // S. Numerics as the batch-norm kernels and the
