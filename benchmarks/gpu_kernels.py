@@ -8,6 +8,7 @@ torch's own CUDA kernels, whichever ``torch.batch_norm`` picks), layer against l
     python benchmarks/gpu_kernels.py --json gpu.json                 # the suite's shapes and larger ones, f32, bf16
     python benchmarks/gpu_kernels.py --sweep --json sweep.json       # launch geometry of the Triton kernels
     python benchmarks/gpu_kernels.py --norms                         # group / instance / layer norm
+    python benchmarks/gpu_kernels.py --norms-sweep                   # their kernels' constants
 
 Modes as ``normlab bench``'s: ``train_fwd``, ``train_fwd_bwd``, ``eval_fwd``; GB/s counts each mode's minimum
 traffic (3, 8 and 2 passes over the activation). Shapes above the GPU's L2 (60 MB on an H200) measure memory;
@@ -153,42 +154,85 @@ def sweep(budget: float) -> list[dict]:
 GPU_NORM_CASES = [("gn", (64, 128, 56, 56), 32), ("ln", (8192, 4096), None)]  # 103 MB, 134 MB
 
 
+def norm_case(kind: str, shape: tuple, groups):
+    """One group/instance/layer norm case on the GPU: its label and, per contender (normlab.functional, torch's),
+    the timed callables ``{"train_fwd": ..., "train_fwd_bwd": ...}``, float32."""
+    import torch.nn.functional as TF
+
+    import normlab.functional as NF
+    x = torch.randn(shape, device=DEVICE)
+    dy = torch.randn_like(x)
+    c = shape[-1] if kind == "ln" else shape[1]
+    w = torch.randn(c, device=DEVICE, requires_grad=True)
+    b = torch.randn(c, device=DEVICE, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    if kind == "ln":
+        pair = {"normlab": lambda t: NF.layer_norm(t, (c,), w, b, 1e-5),
+                "torch": lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)}
+    else:
+        pair = {"normlab": lambda t: NF.group_norm(t, groups, w, b, 1e-5),
+                "torch": lambda t: TF.group_norm(t, groups, w, b, 1e-5)}
+
+    def fwd_bwd(f):
+        def run():
+            xg.grad = w.grad = b.grad = None
+            f(xg).backward(dy)
+        return run
+    label = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+    return label, {name: {"train_fwd": (lambda f=f: f(x)), "train_fwd_bwd": fwd_bwd(f)} for name, f in pair.items()}
+
+
 def norms(budget: float) -> list[dict]:
     """Group, instance and layer norm (``normlab.functional``: the Triton kernels on CUDA) against torch's, float32,
     forward and forward+backward, graph-timed and eager: the suite's group-norm cases on the GPU, then two of over
     100 MB."""
-    import torch.nn.functional as TF
-
-    import normlab.functional as NF
     rows = []
     for kind, shape, groups in GROUPNORM_CASES + GPU_NORM_CASES:
-        x = torch.randn(shape, device=DEVICE)
-        dy = torch.randn_like(x)
-        c = shape[-1] if kind == "ln" else shape[1]
-        w = torch.randn(c, device=DEVICE, requires_grad=True)
-        b = torch.randn(c, device=DEVICE, requires_grad=True)
-        xg = x.clone().requires_grad_()
-        if kind == "ln":
-            pair = {"normlab": lambda t: NF.layer_norm(t, (c,), w, b, 1e-5),
-                    "torch": lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)}
-        else:
-            pair = {"normlab": lambda t, g=groups: NF.group_norm(t, g, w, b, 1e-5),
-                    "torch": lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)}
-
-        def fwd_bwd(f):
-            def run():
-                xg.grad = w.grad = b.grad = None
-                f(xg).backward(dy)
-            return run
-        case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
-        for mode, make in (("train_fwd", lambda f: (lambda: f(x))), ("train_fwd_bwd", fwd_bwd)):
+        case, fns = norm_case(kind, shape, groups)
+        for mode in ("train_fwd", "train_fwd_bwd"):
             for way, timer in (("graph", time_graph), ("eager", time_eager)):
-                ms = {name: timer(make(f), budget) for name, f in pair.items()}
+                ms = {name: timer(modes[mode], budget) for name, modes in fns.items()}
                 ratio = ms["torch"] / ms["normlab"] if ms["torch"] and ms["normlab"] else None
                 row = {"case": case, "mode": mode, "way": way, "ms": ms, "x_vs_torch": ratio}
                 rows.append(row)
                 print(f"{case:<24} {mode:<14} {way:<6} normlab {_f(ms['normlab'], '.4f')} ms  torch "
                       f"{_f(ms['torch'], '.4f')} ms  x {_f(row['x_vs_torch'], '.2f')}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# the group-norm kernels' constants (gpu_triton_gn), each tried alone against the defaults (a one-factor sweep)
+NORM_SWEEP = {"BLOCK": (2048, 8192), "TILE": (2048, 8192), "MIN_PROGRAMS": (256, 1024), "WARP_VALUES": (128, 512),
+              "CHANNEL_TILES_FROM": (16, 256), "COL_PROGRAMS": (512, 2048)}
+NORM_SWEEP_CASES = [("gn", (32, 64, 56, 56), 32), ("gn", (128, 256, 14, 14), 32), ("in", (32, 64, 56, 56), 64),
+                    ("in", (256, 64, 7, 7), 64), ("ln", (4096, 1024), None), ("ln", (256, 197, 768), None),
+                    ("ln", (64, 256), None), ("ln", (16, 4096), None)]
+
+
+def norm_sweep(budget: float) -> list[dict]:
+    """Graph-timed forward and forward+backward of normlab's group/instance/layer norm on NORM_SWEEP_CASES, the
+    defaults first, then each constant of NORM_SWEEP at its other values (the rest at their defaults)."""
+    from normlab.kernels import gpu_triton_gn as G
+    defaults = {name: getattr(G, name) for name in NORM_SWEEP}
+    settings = [("default", None)] + [(name, v) for name, values in NORM_SWEEP.items() for v in values]
+    rows = []
+    for kind, shape, groups in NORM_SWEEP_CASES:
+        case, fns = norm_case(kind, shape, groups)
+        torch_ms = {m: time_graph(fns["torch"][m], budget) for m in ("train_fwd", "train_fwd_bwd")}
+        for name, value in settings:
+            for k, v in defaults.items():
+                setattr(G, k, value if k == name else v)
+            G._GEOMETRIES.clear()
+            with kernels.use_backend("triton"):
+                ms = {m: time_graph(fns["normlab"][m], budget) for m in ("train_fwd", "train_fwd_bwd")}
+            rows.append({"case": case, "constant": name, "value": value, "ms": ms, "torch_ms": torch_ms})
+            print(f"{case:<24} {name:<18} {str(value):<6} fwd {_f(ms['train_fwd'], '.4f')} ms (torch "
+                  f"{_f(torch_ms['train_fwd'], '.4f')})  fwd+bwd {_f(ms['train_fwd_bwd'], '.4f')} ms (torch "
+                  f"{_f(torch_ms['train_fwd_bwd'], '.4f')})", flush=True)
+        torch.cuda.empty_cache()
+    for k, v in defaults.items():
+        setattr(G, k, v)
+    G._GEOMETRIES.clear()
     return rows
 
 
@@ -200,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--ways", default="graph,eager")
     p.add_argument("--sweep", action="store_true", help="time the launch geometries instead")
     p.add_argument("--norms", action="store_true", help="time group, instance and layer norm instead")
+    p.add_argument("--norms-sweep", action="store_true", help="sweep the group-norm kernels' constants instead")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -214,6 +259,8 @@ def main(argv=None) -> int:
         result = {"info": info, "sweep": sweep(args.budget)}
     elif args.norms:
         result = {"info": info, "norms": norms(args.budget)}
+    elif args.norms_sweep:
+        result = {"info": info, "norm_sweep": norm_sweep(args.budget)}
     else:
         shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES + LARGE
         rows = []
