@@ -9,12 +9,13 @@ Passes over the activation, as on CPU: training forward 2 reads + 1 write, backw
 eval 1 read + 1 write. Launches: the training forward 3 (partial sums per channel block and run; a per-channel
 kernel that merges them in float64 and derives the normalize terms and the running statistics' update; normalize),
 the backward 3 (partial sums of g and g * xhat; dweight, dbias and dx's coefficients; dx), eval 1. No torch op runs
-between them: on a GPU the host's time per launch (about 20 us for a Triton launch on the H200 host measured,
-against 7 us for a torch op) is what a small layer costs. Every layout the contract takes with one stride per
-dimension group is a 3-D view ``(N, C, S)`` with strides ``(sN, sC, sS)``: NCHW of any rank ``(C*S, S, 1)``,
-channels_last as ``(N*S, C, 1)`` rows, ``(M, C)`` as ``(M, C, 1)``. A program covers ``BLOCK_C`` channels by a run
-of the ``N * S`` values of each, loaded as ``BLOCK_C x BLOCK_K`` tiles: wide in K where values of one channel are
-adjacent (NCHW), wide in C where channels are (channels_last, (M, C)), so that loads coalesce.
+between them: on a GPU the host's time per launch (21-36 us through Triton's launch path on the H200 hosts measured,
+22 through :func:`_run`'s direct call, against 7-11 us for a torch op) is what a small layer costs. Every layout the
+contract takes with one stride per dimension group is a 3-D view ``(N, C, S)`` with strides ``(sN, sC, sS)``: NCHW
+of any rank ``(C*S, S, 1)``, channels_last as ``(N*S, C, 1)`` rows, ``(M, C)`` as ``(M, C, 1)``. A program covers
+``BLOCK_C`` channels by a run of the ``N * S`` values of each, loaded as ``BLOCK_C x BLOCK_K`` tiles: wide in K
+where values of one channel are adjacent (NCHW), wide in C where channels are (channels_last, (M, C)), so that loads
+coalesce.
 
 Tested compiled on an H200 (Triton 3.6, torch 2.11) and in Triton's interpreter on CPU (``TRITON_INTERPRET=1``),
 against the portable kernels and the float64 reference; launch geometry from sweeps there (BENCHMARKS.md, "GPU").
@@ -452,10 +453,11 @@ def _geometry(x: Tensor) -> _Launch:
                    (_cdiv(c, COEF_BLOCK),), {"BLOCK": COEF_BLOCK, "BLOCK_R": COEF_BLOCK_R})
 
 
-# A Triton launch, ``kernel[grid](...)``, spends about 20 us of host time (H200 host measured; 9.8 us of it the
-# driver's launch) binding and specializing its arguments and looking the compiled kernel up, for kernels that run
-# in microseconds on a small layer. _run calls the compiled kernel's own launcher directly once Triton has chosen
-# it, in Triton versions whose launch it repeats exactly; FAST_LAUNCH = False (a module attribute) turns it off.
+# A Triton launch, ``kernel[grid](...)``, spends 31-36 us of host time on the H200 host measured (10 us of it the
+# compiled kernel's launcher) binding and specializing its arguments and looking the compiled kernel up, for
+# kernels that run in microseconds on a small layer. _run calls the compiled kernel's own launcher directly once
+# Triton has chosen it (22 us a launch there, its key included), in Triton versions whose launch it repeats
+# exactly; FAST_LAUNCH = False (a module attribute) turns it off.
 FAST_LAUNCH = True
 _BINARIES: dict = {}  # specialization key (see _run) -> (compiled kernel, names of the constexpr arguments)
 
