@@ -327,8 +327,9 @@ def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_
     call (group and layer norm), so this is the Python glue."""
     if layer_k:
         x3 = input.reshape(-1, layer_k, 1)
-        weight = None if weight is None else weight.reshape(layer_k)
-        bias = None if bias is None else bias.reshape(layer_k)
+        # (layer_k,) already for a 1-D normalized_shape: no reshape (1.5 us each, a call on a GPU waits on the host)
+        weight = weight if weight is None or weight.dim() == 1 else weight.reshape(layer_k)
+        bias = bias if bias is None or bias.dim() == 1 else bias.reshape(layer_k)
     else:
         x3 = input.reshape(input.shape[0], input.shape[1], -1)
     y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
