@@ -26,7 +26,7 @@ import torch
 from normlab import kernels
 from normlab.bench import timing
 from normlab.bench.suite import (DEFAULT_SHAPES, GPU_SHAPES, GROUPNORM_CASES, MODES, _case, _contenders, _geomean,
-                                 _ratio, _timed_rows, parse_shape)
+                                 _ratio, _timed_rows, norm_case, parse_shape)
 from normlab.kernels import gpu_triton
 
 LARGE = GPU_SHAPES[:2] + ["256x128x28x28cl"] + GPU_SHAPES[2:]
@@ -154,41 +154,13 @@ def sweep(budget: float) -> list[dict]:
 GPU_NORM_CASES = [("gn", (64, 128, 56, 56), 32), ("ln", (8192, 4096), None)]  # 103 MB, 134 MB
 
 
-def norm_case(kind: str, shape: tuple, groups):
-    """One group/instance/layer norm case on the GPU: its label and, per contender (normlab.functional, torch's),
-    the timed callables ``{"train_fwd": ..., "train_fwd_bwd": ...}``, float32."""
-    import torch.nn.functional as TF
-
-    import normlab.functional as NF
-    x = torch.randn(shape, device=DEVICE)
-    dy = torch.randn_like(x)
-    c = shape[-1] if kind == "ln" else shape[1]
-    w = torch.randn(c, device=DEVICE, requires_grad=True)
-    b = torch.randn(c, device=DEVICE, requires_grad=True)
-    xg = x.clone().requires_grad_()
-    if kind == "ln":
-        pair = {"normlab": lambda t: NF.layer_norm(t, (c,), w, b, 1e-5),
-                "torch": lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)}
-    else:
-        pair = {"normlab": lambda t: NF.group_norm(t, groups, w, b, 1e-5),
-                "torch": lambda t: TF.group_norm(t, groups, w, b, 1e-5)}
-
-    def fwd_bwd(f):
-        def run():
-            xg.grad = w.grad = b.grad = None
-            f(xg).backward(dy)
-        return run
-    label = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
-    return label, {name: {"train_fwd": (lambda f=f: f(x)), "train_fwd_bwd": fwd_bwd(f)} for name, f in pair.items()}
-
-
 def norms(budget: float) -> list[dict]:
     """Group, instance and layer norm (``normlab.functional``: the Triton kernels on CUDA) against torch's, float32,
     forward and forward+backward, graph-timed and eager: the suite's group-norm cases on the GPU, then two of over
     100 MB."""
     rows = []
     for kind, shape, groups in GROUPNORM_CASES + GPU_NORM_CASES:
-        case, fns = norm_case(kind, shape, groups)
+        case, _, _, fns = norm_case(kind, shape, groups, DEVICE)
         for mode in ("train_fwd", "train_fwd_bwd"):
             for way, timer in (("graph", time_graph), ("eager", time_eager)):
                 ms = {name: timer(modes[mode], budget) for name, modes in fns.items()}
@@ -217,7 +189,7 @@ def norm_sweep(budget: float) -> list[dict]:
     settings = [("default", None)] + [(name, v) for name, values in NORM_SWEEP.items() for v in values]
     rows = []
     for kind, shape, groups in NORM_SWEEP_CASES:
-        case, fns = norm_case(kind, shape, groups)
+        case, _, _, fns = norm_case(kind, shape, groups, DEVICE)
         torch_ms = {m: time_graph(fns["torch"][m], budget) for m in ("train_fwd", "train_fwd_bwd")}
         for name, value in settings:
             for k, v in defaults.items():

@@ -174,22 +174,28 @@ def test_automatic_choice(T):
 
 def test_bench_gpu_section_runs_the_triton_kernels(T, monkeypatch):
     """``normlab bench``'s gpu section (on a CPU device in the interpreter): normlab's rows come from the Triton
-    kernels, every mode has both contenders, a same-size copy and a summary."""
+    kernels, batch norm's and group norm's, every mode has both contenders, a same-size copy and a summary."""
     from normlab import bench
     calls = []
-    for name in ("bn_train_forward_saved", "bn_eval_forward"):
+    for name in ("bn_train_forward_saved", "bn_eval_forward", "gn_forward"):
         real = getattr(T, name)
         monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     timer = None if DEVICE == "cuda" else (lambda fn, budget: bench.timeit(fn, budget))  # CUDA: graph replay
-    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device=DEVICE, timer=timer)
+    rows = bench.bench_gpu(["4x3x5x5", "6x5"], 0.0005, log=lambda msg: None, device=DEVICE, timer=timer,
+                           norms=True)
+    norm_cases = ["gn 4x8x6x6 G=4", "ln 16x32"]
     assert [(r.section, r.case, r.mode) for r in rows] == [
-        (s, c, m) for s in ("gpu", "gpu_graph") for c in ("4x3x5x5", "6x5") for m in bench.MODES]
+        (s, c, m) for s in ("gpu", "gpu_graph") for c in ("4x3x5x5", "6x5") for m in bench.MODES] + [
+        (s, c, m) for s in ("gpu_norms", "gpu_norms_graph") for c in norm_cases for m in ("train_fwd", "train_fwd_bwd")]
     assert all(set(r.ms) == {"normlab", "torch"} and r.copy_gbps > 0 and r.gbps > 0 for r in rows)
-    assert {"bn_train_forward_saved", "bn_eval_forward"} <= set(calls)
+    assert {"bn_train_forward_saved", "bn_eval_forward", "gn_forward"} <= set(calls)
     summary = bench.summarize(rows, 1.0)
     for section in ("gpu", "gpu_graph"):
         assert summary[f"{section}_train_fwd_bwd_geomean_vs_torch"] > 0
         assert summary[f"{section}_eval_geomean_vs_torch"] > 0
+    for section in ("gpu_norms", "gpu_norms_graph"):
+        assert summary[f"{section}_train_fwd_bwd_geomean_vs_torch"] > 0 and summary[f"{section}_worst_vs_torch"] > 0
+    for section in ("gpu", "gpu_graph", "gpu_norms", "gpu_norms_graph"):
         assert f"== {section} ==" in bench.render(rows, 1.0)
 
 

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                    help="comma-separated shapes such as 32x64x56x56,32x64x56x56cl,256x512 (cl: channels_last)")
     p.add_argument("--sections", default=None,
                    help="which of layers,fused,groupnorm,lenet,roof,gpu to run (default: all; gpu where CUDA is "
-                        "available: normlab's Triton kernels against torch.nn on the GPU, needs triton)")
+                        "available: normlab's Triton kernels against torch.nn on the GPU, batch norm then group, "
+                        "instance and layer norm, eager and graph-timed; needs triton)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch contender")
     p.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 0.6)")
@@ -133,7 +134,7 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
     if "gpu" in sections:
         log(f"GPU ({torch.cuda.get_device_name()}), Triton kernels:")
         gpu_shapes = shapes if args.shapes or quick else shapes + GPU_SHAPES
-        rows += bench_gpu(gpu_shapes, budget, log, dtype=dtype)
+        rows += bench_gpu(gpu_shapes, budget, log, dtype=dtype, norms=bool(quick))
 
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"

@@ -16,13 +16,17 @@ from pathlib import Path
 
 from . import report
 
-PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu", "gpu_graph")
+PLOTTED = ("layers", "fused_relu", "fused_sigmoid", "groupnorm", "lenet", "roof", "gpu", "gpu_graph", "gpu_norms",
+           "gpu_norms_graph")
 TITLES = {"layers": "batch norm vs torch.nn", "fused_relu": "fused BN+ReLU vs BN, ReLU",
           "fused_sigmoid": "fused BN+sigmoid vs BN, sigmoid", "groupnorm": "group / instance / layer norm",
           "lenet": "LeNet-BN step", "roof": "fwd+bwd beside the roof (tick: cap)", "gpu": "GPU eager: Triton vs torch",
-          "gpu_graph": "GPU time (CUDA graph): Triton vs torch"}
+          "gpu_graph": "GPU time (CUDA graph): Triton vs torch",
+          "gpu_norms": "GPU eager: group / instance / layer norm",
+          "gpu_norms_graph": "GPU time: group / instance / layer norm"}
 # the panels of one thread count, line by line
-LINES = [["layers", "roof", "gpu", "gpu_graph"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"]]
+LINES = [["layers", "roof", "gpu", "gpu_graph"], ["fused_relu", "fused_sigmoid", "groupnorm", "lenet"],
+         ["gpu_norms", "gpu_norms_graph"]]
 MODE_LABELS = {"train_fwd_bwd": "training fwd+bwd", "train_fwd": "training fwd", "eval_fwd": "eval fwd",
                "train_step": "step"}
 MODE_ORDER = list(MODE_LABELS)
@@ -164,7 +168,7 @@ def plot(runs: list[dict], path: str | Path) -> str:
                                   f"(bar: median of {n} run{'s' if n != 1 else ''}, line: range)", fontsize=8)
     machine = runs[0]["machine"]
     dates = sorted(run["machine"].get("date", "") for run in runs)
-    gpu = f" + {machine['gpu']}" if machine.get("gpu") and present & {"gpu", "gpu_graph"} else ""
+    gpu = f" + {machine['gpu']}" if machine.get("gpu") and any(s.startswith("gpu") for s in present) else ""
     fig.suptitle(f"normlab bench: {machine.get('cpu', '?')}{gpu}, torch {machine.get('torch', '?')}, "
                  f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {dates[0]}"
                  + (f" .. {dates[-1]}" if dates[-1] != dates[0] else "")

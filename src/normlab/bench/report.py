@@ -108,6 +108,11 @@ def summarize(rows: list[Row], copy_gbps: float) -> dict:
             ("train_fwd_geomean_vs_torch", gpu_gm(section, "train_fwd")),
             ("eval_geomean_vs_torch", gpu_gm(section, "eval_fwd")),
             ("median_frac_copy_on_25MB_plus", gpu_frac(section)))},
+        **{f"{section}_{key}": value for section in ("gpu_norms", "gpu_norms_graph") for key, value in (
+            ("train_fwd_bwd_geomean_vs_torch", gpu_gm(section, "train_fwd_bwd")),
+            ("train_fwd_geomean_vs_torch", gpu_gm(section, "train_fwd")),
+            ("worst_vs_torch", min((_ratio(r, "torch") for r in rows if r.section == section and _ratio(r, "torch")),
+                                   default=None)))},
     }
 
 

@@ -178,13 +178,15 @@ def bench_fused(shapes, budget, log, dtype=torch.float32) -> list[Row]:
     return rows
 
 
-def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32, timer=None) -> list[Row]:
+def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32, timer=None, norms=None) -> list[Row]:
     """:func:`bench_layers` of normlab on its Triton kernels (``use_backend("triton")``) against ``torch.nn``
     (cuDNN on CUDA), in ``dtype``, on ``device``, eager and synchronized after every call (section ``gpu``; ``%copy``
     against a same-size copy on the device); then the same layers timed by ``timer(fn, budget)`` (seconds per call;
     on CUDA :func:`.timing.time_graph`: the GPU's time alone, the host's taken out by a CUDA graph) as section
-    ``gpu_graph``. Any device the Triton backend takes: a CPU device in Triton's interpreter is how the tests run
-    this section (with a wall-clock timer for the second part)."""
+    ``gpu_graph``. With ``norms`` (False: the suite's group-norm cases, True: the quick ones), group, instance and
+    layer norm both ways too (sections ``gpu_norms``, ``gpu_norms_graph``). Any device the Triton backend takes: a
+    CPU device in Triton's interpreter is how the tests run this section (with a wall-clock timer for the second
+    part)."""
     from normlab import kernels
     device = torch.device(device)
     if timer is None and device.type == "cuda":
@@ -193,6 +195,10 @@ def bench_gpu(shapes, budget, log, device="cuda", dtype=torch.float32, timer=Non
         rows = bench_layers(shapes, ["normlab", "torch"], budget, log, device=device, section="gpu", dtype=dtype)
         if timer is not None:
             rows += _timed_rows(shapes, ["normlab", "torch"], budget, log, device, "gpu_graph", dtype, timer)
+        if norms is not None:
+            rows += bench_groupnorm(norms, budget, log, dtype, device, "gpu_norms")
+            if timer is not None:
+                rows += _timed_norm_rows(norms, budget, log, device, "gpu_norms_graph", dtype, timer)
     return rows
 
 
@@ -229,43 +235,78 @@ GROUPNORM_CASES = [
     ("gn", (32, 32, 8, 8), 8), ("in", (8, 16, 16, 16), 16), ("ln", (64, 256), None), ("ln", (16, 4096), None)]
 
 
-def bench_groupnorm(quick, budget, log, dtype=torch.float32) -> list[Row]:
+GROUPNORM_QUICK = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)]
+
+
+def norm_case(kind: str, shape: tuple, groups, device="cpu", dtype=torch.float32):
+    """One group / instance / layer norm case: ``(label, mb, x, fns)``, ``fns[impl][mode]`` the timed callables of
+    normlab.functional's and torch.nn.functional's (weight and bias of the channels, or of the last dimension for
+    layer norm) in ``train_fwd`` and ``train_fwd_bwd``, on ``device`` in ``dtype``."""
     import torch.nn.functional as TF
 
     import normlab.functional as NF
-    cases = [("gn", (4, 8, 6, 6), 4), ("ln", (16, 32), None)] if quick else GROUPNORM_CASES
+    x = torch.randn(shape).to(dtype).to(device)
+    dy = torch.randn_like(x)
+    c = shape[-1] if kind == "ln" else shape[1]
+    w = torch.randn(c).to(dtype).to(device).requires_grad_()
+    b = torch.randn(c).to(dtype).to(device).requires_grad_()
+    xg = x.clone().requires_grad_()
+    if kind == "ln":
+        pair = {"normlab": lambda t: NF.layer_norm(t, (c,), w, b, 1e-5),
+                "torch": lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)}
+    else:
+        pair = {"normlab": lambda t: NF.group_norm(t, groups, w, b, 1e-5),
+                "torch": lambda t: TF.group_norm(t, groups, w, b, 1e-5)}
+
+    def fwd_bwd(f):
+        def run():
+            _clear_grads(xg, w, b)
+            f(xg).backward(dy)
+        return run
+    label = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+    fns = {impl: {"train_fwd": (lambda f=f: f(x)), "train_fwd_bwd": fwd_bwd(f)} for impl, f in pair.items()}
+    return label, x.numel() * x.element_size() / 1e6, x, fns
+
+
+def _norm_gbps(row: Row) -> float:
+    passes = 2 if row.mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
+    return passes * row.mbytes / 1e3 / (row.ms["normlab"] / 1e3)
+
+
+def bench_groupnorm(quick, budget, log, dtype=torch.float32, device="cpu", section="groupnorm") -> list[Row]:
+    """Group, instance and layer norm, normlab against torch.nn.functional, on ``device`` (timed to the end of its
+    work: see :func:`synced`)."""
+    device = torch.device(device)
     rows = []
-    for kind, shape, groups in cases:
-        x = torch.randn(shape).to(dtype)
-        dy = torch.randn_like(x)
-        mb = x.numel() * x.element_size() / 1e6
-        c = shape[-1] if kind == "ln" else shape[1]
-        w = torch.randn(c).to(dtype).requires_grad_()
-        b = torch.randn(c).to(dtype).requires_grad_()
-        xg = x.clone().requires_grad_()
-        if kind == "ln":
-            ours = lambda t: NF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
-            theirs = lambda t: TF.layer_norm(t, (c,), w, b, 1e-5)  # noqa: E731
-        else:
-            ours = lambda t, g=groups: NF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
-            theirs = lambda t, g=groups: TF.group_norm(t, g, w, b, 1e-5)  # noqa: E731
-        case = f"{kind} {'x'.join(map(str, shape))}" + (f" G={groups}" if kind == "gn" else "")
+    for kind, shape, groups in GROUPNORM_QUICK if quick else GROUPNORM_CASES:
+        case, mb, x, fns = norm_case(kind, shape, groups, device, dtype)
         for mode in ("train_fwd", "train_fwd_bwd"):
-            row = Row("groupnorm", case, mode, mb)
-            fns = {}
-            for name, f in (("normlab", ours), ("torch", theirs)):
-                if mode == "train_fwd":
-                    fns[name] = (lambda f=f: f(x))
-                else:
-                    def fn(f=f):
-                        _clear_grads(xg, w, b)
-                        f(xg).backward(dy)
-                    fns[name] = fn
-            _time_row(row, fns, x, budget, log)
+            row = Row(section, case, mode, mb)
+            _time_row(row, {impl: synced(modes[mode], device) for impl, modes in fns.items()}, x, budget, log)
             for name, ms in row.ms.items():
                 log(f"  {case:>24} {mode:<14} {name:<8} {ms:9.3f} ms")
-            passes = 2 if mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
-            row.gbps = passes * mb / 1e3 / (row.ms["normlab"] / 1e3)
+            row.gbps = _norm_gbps(row)
+            rows.append(row)
+    return rows
+
+
+def _timed_norm_rows(quick, budget, log, device, section, dtype, timer) -> list[Row]:
+    """:func:`bench_groupnorm`'s cases timed by ``timer(fn, budget)`` (seconds per call), with a same-size copy."""
+    rows = []
+    for kind, shape, groups in GROUPNORM_QUICK if quick else GROUPNORM_CASES:
+        case, mb, x, fns = norm_case(kind, shape, groups, device, dtype)
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x), budget)
+        for mode in ("train_fwd", "train_fwd_bwd"):
+            row = Row(section, case, mode, mb)
+            for impl, modes in fns.items():
+                t = timer(modes[mode], budget)
+                if t:
+                    row.ms[impl] = t * 1e3
+                    log(f"  {case:>24} {mode:<14} {impl:<8} {t * 1e3:9.4f} ms ({section})")
+            row.copy_gbps = 2 * mb / 1e3 / t_copy if t_copy else None
+            if "normlab" in row.ms:
+                row.gbps = _norm_gbps(row)
             rows.append(row)
     return rows
 
