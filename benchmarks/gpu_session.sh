@@ -25,5 +25,5 @@ has kernels && step kernels 150 python3 benchmarks/gpu_kernels.py --budget 0.04 
 has sweep && step sweep 120 python3 benchmarks/gpu_kernels.py --sweep --budget 0.04 --json "$out/sweep.json"
 has norms && step norms 90 python3 benchmarks/gpu_kernels.py --norms --budget 0.04 --json "$out/norms.json"
 has normsweep && step normsweep 120 python3 benchmarks/gpu_kernels.py --norms-sweep --budget 0.04 --json "$out/normsweep.json"
-has bench && step bench 90 python3 -m normlab bench --sections gpu --budget 0.2 --json "$out/bench_gpu.json"
+has bench && step bench 150 python3 -m normlab bench --sections gpu --budget 0.2 --json "$out/bench_gpu.json"
 exit 0
