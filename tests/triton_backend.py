@@ -325,8 +325,8 @@ def small_blocks(GN, monkeypatch):
     packed four to a program, channel and position loops, several runs of rows summed in several steps; the
     channel-tiled forward and dx from S = 8."""
     for name, value in (("BLOCK", 16), ("TILE", 64), ("MIN_PROGRAMS", 1), ("COL_BLOCKS", (2, 16)),
-                        ("COL_PROGRAMS", 16), ("SUM_BLOCKS", (16, 2)), ("CHANNEL_TILES_FROM", 8),
-                        ("_GEOMETRIES", {})):
+                        ("COL_PROGRAMS", 16), ("COL_ONE_RUN_VALUES", 0), ("SUM_BLOCKS", (16, 2)),
+                        ("CHANNEL_TILES_FROM", 8), ("_GEOMETRIES", {})):
         monkeypatch.setattr(GN, name, value)
 
 
@@ -400,6 +400,13 @@ def test_group_norm_chunk_loops_and_packed_rows(GN, small_blocks, shape, groups,
     else:
         assert g.parts > 1  # partial sums of several runs of rows
     check_group_norm(GN, shape, groups, dtype, affine=((True, True),), needs=GN_NEEDS[:3])
+
+
+def test_layer_norm_weight_grads_in_one_run_when_small(GN):
+    """Layer norm's dweight and dbias: a small layer in one run of rows (written directly, no summing launch), a
+    large one in runs summed after (default constants)."""
+    assert GN._geometry(64, 256, 1, 1, False).parts == 1
+    assert GN._geometry(4096, 1024, 1, 1, False).parts > 1
 
 
 def test_group_norm_edge_cases(GN):
