@@ -209,19 +209,27 @@ def _timed_rows(shapes, impls, budget, log, device, section, dtype, timer) -> li
     for text in shapes:
         shape, x, dy, mb = _case(text, dtype, device)
         fns = {impl: modes for impl, (modes, _) in _contenders(impls, shape, x, dy, device, dtype).items()}
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x), budget)
-        for mode in MODES:
-            row = Row(section, text, mode, mb)
-            for impl, f in fns.items():
-                t = timer(f[mode], budget)
-                if t:
-                    row.ms[impl] = t * 1e3
-                    log(f"  {text:>16} {mode:<14} {impl:<8} {t * 1e3:9.4f} ms ({section})")
-            row.copy_gbps = 2 * mb / 1e3 / t_copy if t_copy else None
-            if "normlab" in row.ms:
-                row.gbps = MIN_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
-            rows.append(row)
+        rows += _timed_case(section, text, mb, x, fns, {m: MIN_PASSES[m] for m in MODES}, budget, log, timer)
+    return rows
+
+
+def _timed_case(section, case, mb, x, fns, passes, budget, log, timer) -> list[Row]:
+    """One case's rows, a mode each (the keys of ``passes``, its minimum passes over ``x``): each contender's
+    ``fns[impl][mode]`` timed by ``timer(fn, budget)``, and a same-size copy's GB/s timed the same way."""
+    dst = torch.empty_like(x)
+    t_copy = timer(lambda: dst.copy_(x), budget)
+    rows = []
+    for mode in passes:
+        row = Row(section, case, mode, mb)
+        for impl, f in fns.items():
+            t = timer(f[mode], budget)
+            if t:
+                row.ms[impl] = t * 1e3
+                log(f"  {case:>16} {mode:<14} {impl:<8} {t * 1e3:9.4f} ms ({section})")
+        row.copy_gbps = 2 * mb / 1e3 / t_copy if t_copy else None
+        if "normlab" in row.ms:
+            row.gbps = passes[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
+        rows.append(row)
     return rows
 
 
@@ -268,9 +276,8 @@ def norm_case(kind: str, shape: tuple, groups, device="cpu", dtype=torch.float32
     return label, x.numel() * x.element_size() / 1e6, x, fns
 
 
-def _norm_gbps(row: Row) -> float:
-    passes = 2 if row.mode == "train_fwd" else 2 + 3  # forward: 1 read (group in cache) + 1 write
-    return passes * row.mbytes / 1e3 / (row.ms["normlab"] / 1e3)
+# the minimum passes over the input: forward 1 read (a group in cache for its second) + 1 write; backward 2 + 1
+NORM_PASSES = {"train_fwd": 2, "train_fwd_bwd": 2 + 3}
 
 
 def bench_groupnorm(quick, budget, log, dtype=torch.float32, device="cpu", section="groupnorm") -> list[Row]:
@@ -285,7 +292,7 @@ def bench_groupnorm(quick, budget, log, dtype=torch.float32, device="cpu", secti
             _time_row(row, {impl: synced(modes[mode], device) for impl, modes in fns.items()}, x, budget, log)
             for name, ms in row.ms.items():
                 log(f"  {case:>24} {mode:<14} {name:<8} {ms:9.3f} ms")
-            row.gbps = _norm_gbps(row)
+            row.gbps = NORM_PASSES[mode] * mb / 1e3 / (row.ms["normlab"] / 1e3)
             rows.append(row)
     return rows
 
@@ -295,19 +302,7 @@ def _timed_norm_rows(quick, budget, log, device, section, dtype, timer) -> list[
     rows = []
     for kind, shape, groups in GROUPNORM_QUICK if quick else GROUPNORM_CASES:
         case, mb, x, fns = norm_case(kind, shape, groups, device, dtype)
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x), budget)
-        for mode in ("train_fwd", "train_fwd_bwd"):
-            row = Row(section, case, mode, mb)
-            for impl, modes in fns.items():
-                t = timer(modes[mode], budget)
-                if t:
-                    row.ms[impl] = t * 1e3
-                    log(f"  {case:>24} {mode:<14} {impl:<8} {t * 1e3:9.4f} ms ({section})")
-            row.copy_gbps = 2 * mb / 1e3 / t_copy if t_copy else None
-            if "normlab" in row.ms:
-                row.gbps = _norm_gbps(row)
-            rows.append(row)
+        rows += _timed_case(section, case, mb, x, fns, NORM_PASSES, budget, log, timer)
     return rows
 
 
