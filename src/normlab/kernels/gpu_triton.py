@@ -380,6 +380,14 @@ def _dense_layout(x: Tensor) -> bool:
 _LAYOUTS: dict = {}  # (shape, strides) -> whether the kernels take that layout (supports' answers)
 
 
+def _remember(cache: dict, key, value):
+    """``cache[key] = value``, returned; a cache of the host's per-call answers starts over past 4096 entries."""
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def supports(x: Tensor) -> bool:
     """CUDA (or, in Triton's interpreter, CPU) tensors of a supported dtype, non-empty, contiguous or
     channels_last; the layout's answer cached (asked before each kernel call: 5 us a time uncached)."""
@@ -388,9 +396,8 @@ def supports(x: Tensor) -> bool:
     key = (x.shape, x.stride())
     ok = _LAYOUTS.get(key)
     if ok is None:
-        if len(_LAYOUTS) >= 4096:
-            _LAYOUTS.clear()
-        ok = _LAYOUTS[key] = x.dim() >= 2 and x.numel() > 0 and _dense_layout(x) and _strides3(x) is not None
+        ok = _remember(_LAYOUTS, key,
+                       x.dim() >= 2 and x.numel() > 0 and _dense_layout(x) and _strides3(x) is not None)
     return ok
 
 
@@ -414,11 +421,7 @@ def _launch(x: Tensor) -> _Launch:
     small layer's kernels take microseconds); the cache starts over past 4096 layouts."""
     key = (x.shape, x.stride())
     g = _LAUNCHES.get(key)
-    if g is None:
-        if len(_LAUNCHES) >= 4096:
-            _LAUNCHES.clear()
-        g = _LAUNCHES[key] = _geometry(x)
-    return g
+    return _remember(_LAUNCHES, key, _geometry(x)) if g is None else g
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -502,9 +505,7 @@ def _run(kernel, grid: tuple, *args, **consts) -> None:
         binary = binary.result() if hasattr(binary, "result") else binary  # an asynchronous compile's future
         names = kernel.arg_names[len(args):]
         if binary is not None and all(n in consts for n in names):
-            if len(_BINARIES) >= 4096:
-                _BINARIES.clear()
-            _BINARIES[key] = binary, names
+            _remember(_BINARIES, key, (binary, names))
         return
     binary, names = hit
     g = tuple(grid) + (1, 1)

@@ -43,8 +43,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import gpu_triton as _bn
-from .gpu_triton import (_cdiv, _channel_block, _f64, _merge_partials, _on_device_of, _opt, _pow2, _rsqrt, _run,
-                         _split, _tl_acc, _vec, _vector)
+from .gpu_triton import (_cdiv, _channel_block, _f64, _merge_partials, _on_device_of, _opt, _pow2, _remember,
+                         _rsqrt, _run, _split, _tl_acc, _vec, _vector)
 from .portable import acc_dtype
 
 # launch geometry (see _geometry), module attributes so that a test or a sweep can set them (then clear
@@ -146,6 +146,13 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, R, L, S, C
 
 
 @triton.jit
+def _channels_from(j, CPG, BC: tl.constexpr):
+    """The row's channels j..j + BC (offsets within its group) and their mask."""
+    cc = j + tl.arange(0, BC)
+    return cc, cc < CPG
+
+
+@triton.jit
 def _channel_tile(base, cc, cmask, s0, S, BS: tl.constexpr):
     """Offsets and mask of positions s0..s0 + BS of the row's channels ``cc`` (BC x BS)."""
     ss = s0 + tl.arange(0, BS)
@@ -187,8 +194,7 @@ def _forward_channels_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, L
     shift = tl.load(x_ptr + base).to(ACC)
     c0 = (r % G) * CPG  # the row's first channel
     if ONE:
-        cc = tl.arange(0, BC)
-        cmask = cc < CPG
+        cc, cmask = _channels_from(0, CPG, BC)
         offs, mask = _channel_tile(base, cc, cmask, 0, S, BS)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
         mean_s, invstd = _moments(tl.sum(tl.sum(d, 1), 0), tl.sum(tl.sum(d * d, 1), 0), L, eps_hi, eps_lo, ACC)
@@ -200,8 +206,7 @@ def _forward_channels_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, L
         a1 = tl.zeros([BC, BS], ACC)
         a2 = tl.zeros([BC, BS], ACC)
         for j in range(0, CPG, BC):
-            cc = j + tl.arange(0, BC)
-            cmask = cc < CPG
+            cc, cmask = _channels_from(j, CPG, BC)
             for s0 in range(0, S, BS):
                 offs, mask = _channel_tile(base, cc, cmask, s0, S, BS)
                 d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
@@ -212,8 +217,7 @@ def _forward_channels_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, L
         tl.store(invstd_ptr + r, invstd)
         ms = mean_s.to(ACC)
         for j in range(0, CPG, BC):
-            cc = j + tl.arange(0, BC)
-            cmask = cc < CPG
+            cc, cmask = _channels_from(j, CPG, BC)
             for s0 in range(0, S, BS):
                 offs, mask = _channel_tile(base, cc, cmask, s0, S, BS)
                 d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift
@@ -281,8 +285,7 @@ def _grad_channels_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, mean_ptr, invstd_ptr, p1
     invstd = tl.load(invstd_ptr + r).to(ACC)
     c0 = (r % G) * CPG  # the row's first channel
     if ONE:
-        cc = tl.arange(0, BC)
-        cmask = cc < CPG
+        cc, cmask = _channels_from(0, CPG, BC)
         offs, mask = _channel_tile(base, cc, cmask, 0, S, BS)
         xhat, dy = _xhat_dy(x_ptr, dy_ptr, offs, mask, mean, invstd, ACC)
         sdy = tl.sum(dy, 1)
@@ -300,8 +303,7 @@ def _grad_channels_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, mean_ptr, invstd_ptr, p1
         tg = tl.zeros([BC], ACC)  # per lane, over the channel blocks: sum(g), sum(g * xhat)
         tgx = tl.zeros([BC], ACC)
         for j in range(0, CPG, BC):
-            cc = j + tl.arange(0, BC)
-            cmask = cc < CPG
+            cc, cmask = _channels_from(j, CPG, BC)
             a1 = tl.zeros([BC, BS], ACC)
             a2 = tl.zeros([BC, BS], ACC)
             for s0 in range(0, S, BS):
@@ -322,8 +324,7 @@ def _grad_channels_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, mean_ptr, invstd_ptr, p1
             mg = tl.sum(tg, 0) / L
             mgx = tl.sum(tgx, 0) / L
             for j in range(0, CPG, BC):
-                cc = j + tl.arange(0, BC)
-                cmask = cc < CPG
+                cc, cmask = _channels_from(j, CPG, BC)
                 w = _vec(w_ptr, c0 + cc, cmask, 1.0, HAS_W, ACC)
                 for s0 in range(0, S, BS):
                     offs, mask = _channel_tile(base, cc, cmask, s0, S, BS)
@@ -435,10 +436,7 @@ def _geometry(n: int, c: int, s: int, groups: int, big: bool) -> _Geometry:
     g = _Geometry((_cdiv(rows, packed),), (rows, length, s, cpg, groups), rows_blocks, chan_blocks,
                   (_cdiv(c, col_c), runs), per, col_blocks, n if s > 1 else runs, (_cdiv(c, SUM_BLOCKS[0]),),
                   {"BLOCK": SUM_BLOCKS[0], "BLOCK_R": SUM_BLOCKS[1]})
-    if len(_GEOMETRIES) >= 4096:
-        _GEOMETRIES.clear()
-    _GEOMETRIES[key] = g
-    return g
+    return _remember(_GEOMETRIES, key, g)
 
 
 def _geometry_of(x: Tensor, groups: int) -> _Geometry:
