@@ -479,6 +479,24 @@ def test_errors():
     normlab.GroupNorm(1, 3)(torch.randn(1, 3, 2))
 
 
+@pytest.mark.parametrize("shape,groups", [((1, 1), 1), ((1, 4), 4), ((1, 4, 1), 4), ((1, 4), 2), ((2, 4), 4),
+                                          ((1, 4, 2), 4)])
+def test_group_norm_single_value_groups_as_torch(shape, groups):
+    """torch.nn.functional.group_norm rejects N * (C / G) * prod(*) == 1 (a single value per group); normlab
+    raises the same ValueError there, on the native glue's path too, and takes the shapes torch takes."""
+    x = torch.randn(shape)
+    try:
+        expected = torch.nn.GroupNorm(groups, shape[1])(x)
+    except ValueError:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            normlab.GroupNorm(groups, shape[1])(x)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            normlab.functional.group_norm(x, groups)
+        return
+    # single-value groups normalize to exactly 0, where torch's rounding leaves up to ~1e-5
+    torch.testing.assert_close(normlab.GroupNorm(groups, shape[1])(x), expected, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (3,), (0, 3, 4, 4)), ("BatchNorm1d", (3,), (0, 3)),
                                              ("GroupNorm", (1, 3), (0, 3, 4)), ("LayerNorm", (4,), (0, 4)),
                                              ("InstanceNorm1d", (3,), (0, 3, 5))])

@@ -357,6 +357,10 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     if num_groups <= 0 or c % num_groups != 0:
         raise NormError(f"the number of channels C={c} must be divisible by num_groups={num_groups} "
                              f"(input of shape {tuple(input.shape)}); choose G among the divisors of {c}")
+    if input.numel() == num_groups:  # N * (C / G) * prod(*) == 1, which torch.nn.functional.group_norm rejects
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()} "
+                         f"with num_groups={num_groups}: each group of a batch of one sample holds a single value "
+                         f"(its normalized value is 0); use fewer groups or a larger batch")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     y, _, _ = _group_norm_any(input, weight, bias, num_groups, eps)

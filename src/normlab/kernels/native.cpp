@@ -893,7 +893,10 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   g.groups = groups;
   g.eps = eps;
   g.layer = groups == 1 && g.s == 1;
-  if (groups <= 0 || g.c % groups != 0 || !vector_ok(w, g.c, st) || !vector_ok(b, g.c, st)) {
+  // numel == groups: one value in all per group over the batch, which torch.nn.functional.group_norm rejects
+  // (the Python glue raises its error)
+  if (groups <= 0 || g.c % groups != 0 || (layer_shape.empty() && numel == groups) || !vector_ok(w, g.c, st) ||
+      !vector_ok(b, g.c, st)) {
     return {none, none, none, kUnsupported};
   }
   const auto opts = x.options().dtype(acc);
