@@ -497,6 +497,32 @@ def test_group_norm_single_value_groups_as_torch(shape, groups):
     torch.testing.assert_close(normlab.GroupNorm(groups, shape[1])(x), expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["portable", "cpu", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_over_one_value_have_exactly_zero_input_grad(backend, dtype, backend_ctx):
+    """A layer norm over one value, or a group norm whose groups hold one value, outputs its bias whatever the
+    input: dinput is exactly 0, dweight 0 and dbias the sum of dy. With eps = 1e-12, invstd = 1e6 scales any rounding
+    of the closed-form backward's cancelling terms (0.1-0.3 measured before the loops took that case apart)."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [(normlab.LayerNorm(1, eps=1e-12), torch.randn(64, 1, generator=gen, dtype=dtype) * 1e3),
+             (normlab.LayerNorm((1, 1), eps=1e-12), torch.randn(8, 3, 1, 1, generator=gen, dtype=dtype)),
+             (normlab.GroupNorm(6, 6, eps=1e-12), torch.randn(5, 6, generator=gen, dtype=dtype) + 100)]
+    with backend_ctx(backend):
+        for layer, x in cases:
+            layer = layer.to(dtype)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.uniform_(-2, 2, generator=gen)
+            x.requires_grad_(True)
+            y = layer(x)
+            dy = torch.randn(y.shape, generator=gen, dtype=dtype)
+            dx, dw, db = torch.autograd.grad(y, [x, layer.weight, layer.bias], dy)
+            assert torch.equal(y, layer.bias.expand_as(y)), type(layer).__name__
+            assert torch.equal(dx, torch.zeros_like(dx)), f"{type(layer).__name__}: max |dx| {dx.abs().max():.3g}"
+            assert torch.equal(dw, torch.zeros_like(dw))
+            torch.testing.assert_close(db, dy.reshape(-1, db.numel()).sum(0).reshape(db.shape))
+
+
 @pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (3,), (0, 3, 4, 4)), ("BatchNorm1d", (3,), (0, 3)),
                                              ("GroupNorm", (1, 3), (0, 3, 4)), ("LayerNorm", (4,), (0, 4)),
                                              ("InstanceNorm1d", (3,), (0, 3, 5))])

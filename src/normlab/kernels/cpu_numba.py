@@ -1814,7 +1814,10 @@ def _gn_task_bwd(dy, x, x2, dy2, x3, dy3, dx2, w, mean, invstd, groups, need_dx,
             k_0 = like(-np.float64(inv) * s_g / cnt, mu)
             for c in range(c0, c0 + cg):
                 xh = (up(x2[n, c]) - mu) * inv
-                dx2[n, c] = down(up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0, dx2)
+                v = up(dy2[n, c]) * inv * like(w[c], mu) + xh * k_x + k_0
+                if cnt == 1:  # a group of one value: y = b whatever x, so dx = 0 (the terms above cancel only
+                    v = like(0.0, mu)  # to their rounding, which invstd = eps**-0.5 scales: 0.1-0.3 at 1e-12)
+                dx2[n, c] = down(v, dx2)
         return
     for c in range(c0, c0 + cg):
         wc = like(w[c], mu)
@@ -1984,7 +1987,9 @@ def _ln_row_bwd(dyr, xr, w, mu, inv, k, need_dx, need_wb, dxr, dwp, dbp, stream)
     if need_dx:
         k_x = like(-np.float64(inv) * sgx / k, mu)
         k_0 = like(-np.float64(inv) * sg / k, mu)
-        if stream:
+        if k == 1:  # a row of one value: y = b whatever x, so dx = 0 (as in _gn_task_bwd)
+            dxr[0] = down(like(0.0, mu), dxr)
+        elif stream:
             for i in range(k):
                 xh = (up(xr[i]) - mu) * inv
                 _store_stream(dxr, i, down(up(dyr[i]) * (inv * w[i]) + xh * k_x + k_0, dxr))
