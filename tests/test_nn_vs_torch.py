@@ -224,6 +224,25 @@ def test_channels_last_and_non_contiguous(name, args):
     assert_close(ours(nc), ref(nc), 1e-5, "non-contiguous")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "native"])
+@pytest.mark.parametrize("layout", ["strided", "permuted"])
+def test_forced_cpu_backends_take_any_layout(backend, layout, backend_ctx):
+    """Under ``use_backend("cpu" / "native")`` an input the numba loops do not take (a strided view, a permuted
+    (N, C, L) layout) runs the portable path, as the automatic choice does (the loops were handed it: an error
+    inside their glue)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 16, 14, generator=gen)
+    x = x[..., ::2] if layout == "strided" else x.transpose(0, 2).contiguous().transpose(0, 2)
+    dy = torch.randn(x.shape, generator=gen)
+    ref, ours = pair("BatchNorm1d", (x.shape[1],), {})
+    xr, xo = x.clone().requires_grad_(), x.detach().requires_grad_()
+    expected = torch.autograd.grad(ref(xr), [xr, ref.weight, ref.bias], dy)
+    with backend_ctx(backend):
+        got = torch.autograd.grad(ours(xo), [xo, ours.weight, ours.bias], dy)
+    for g, e, what in zip(got, expected, ("input grad", "weight grad", "bias grad")):
+        assert_close(g, e, 1e-5, what)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "f16"])
 @pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (6,), (8, 6, 5, 5)), ("BatchNorm1d", (6,), (32, 6)),
                                              ("GroupNorm", (3, 6), (4, 6, 5, 5)), ("LayerNorm", (5,), (4, 6, 5))])

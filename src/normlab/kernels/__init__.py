@@ -93,8 +93,9 @@ def _select_native() -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue),
-    ``"native"`` (numba loops, C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
+    """Force a backend inside the block: ``"portable"`` (torch ops), ``"cpu"`` (numba loops, Python glue, on the
+    inputs they take: CPU tensors of their dtypes and layouts; others take portable), ``"native"`` (numba loops,
+    C++ glue where it takes the input, built on demand; else as ``"cpu"``) or
     ``"triton"`` (the Triton kernels on the CUDA tensors they support; other inputs take the cpu backend
     where it supports them, else portable).
     ``None``: the automatic choice (native where built, then cpu, then portable; Triton for CUDA tensors where
@@ -174,7 +175,7 @@ def backend_for(x: Tensor):
         return _cpu if _cpu is not None and _cpu.supports(x) else portable
     if _forced == "portable" or _cpu is None:
         return portable
-    return _cpu
+    return _cpu if _cpu.supports(x) else portable  # forced "cpu" / "native": the loops on what they take
 
 
 def bn_stats(x, *a, **k):

@@ -267,8 +267,7 @@ def _match(dy: Tensor, x: Tensor) -> Tensor:
         return dy
     if x.is_contiguous():
         return dy.contiguous()
-    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    return dy.contiguous(memory_format=fmt)
+    return torch.empty_like(x, dtype=dy.dtype).copy_(dy)  # x's strides (x is dense: supports())
 
 
 _VIEWS: dict = {}  # id(parameter) -> (parameter, data_ptr, numpy view, dtype); at most _VIEWS_MAX parameters
