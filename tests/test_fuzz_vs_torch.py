@@ -33,12 +33,12 @@ TOL = {torch.float64: 1e-9, torch.float32: 4e-4, torch.bfloat16: 8e-2, torch.flo
 MAX_VALUES = 1 << 18
 
 
-def _shape(kind: str, rng: random.Random) -> list[int]:
+def _shape(kind: str, rng: random.Random, max_values: int) -> list[int]:
     rank = rng.choice(RANKS[kind])
     dims = [rng.choice([1, 2, 3, 4, 5, 7, 8, 16, 33, 64]) for _ in range(rank)]
     if rng.random() < 0.3:
         dims[0] = rng.choice([1, 2, 64, 300])
-    while math.prod(dims) > MAX_VALUES:
+    while math.prod(dims) > max_values:
         i = max(range(rank), key=lambda j: dims[j])
         dims[i] = max(1, dims[i] // 4)
     return dims
@@ -64,11 +64,11 @@ def _arguments(kind: str, shape: list[int], rng: random.Random) -> tuple[tuple, 
     return args, kw
 
 
-def _input(shape, dtype, layout, scale, offset, rng, gen) -> torch.Tensor:
+def _input(shape, dtype, layout, scale, offset, rng, gen, device) -> torch.Tensor:
     x = torch.randn(shape, dtype=torch.float64, generator=gen) * scale + offset
     if rng.random() < 0.1:
         x[:, 0] = 3.25  # a constant channel (a constant column of an (N, C) input)
-    x = x.to(dtype)
+    x = x.to(dtype).to(device)
     if layout == "channels_last" and x.dim() in (4, 5):
         return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     if layout == "permuted" and x.dim() >= 3:
@@ -83,7 +83,7 @@ def _judge(ours, theirs, truth, tol, what) -> str | None:
     both are, and within ``tol`` of the truth where both are finite (relative to its largest value, at least 1)
     or within 4x torch's own error; else what is wrong."""
     rounded = torch.isfinite(truth.to(ours.dtype))  # a 16-bit gradient overflows where its value does
-    ours, theirs, truth = ours.double(), theirs.double(), truth.double()
+    ours, theirs, truth = (t.detach().cpu().double() for t in (ours, theirs, truth))
     fo, ft = torch.isfinite(ours), torch.isfinite(theirs)
     lost = ~fo & rounded & ft
     if lost.any():
@@ -117,12 +117,13 @@ def _condition(kind: str, args: tuple, x: torch.Tensor, eps: float) -> float:
     return x.abs().max().item() / math.sqrt(var + eps)
 
 
-def run_case(seed: int) -> str | None:
-    """One case; None if normlab agrees with torch.nn, else a description naming the seed."""
+def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> str | None:
+    """One case on ``device`` (the float64 reference on CPU); None if normlab agrees with torch.nn, else a
+    description naming the seed."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     kind = rng.choice(KINDS)
-    shape = _shape(kind, rng)
+    shape = _shape(kind, rng, max_values)
     dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
     args, kw = _arguments(kind, shape, rng)
     layout = rng.choice(["contiguous", "contiguous", "channels_last", "permuted", "strided"])
@@ -137,9 +138,8 @@ def run_case(seed: int) -> str | None:
         for p in theirs.parameters():
             p.uniform_(-2, 2, generator=gen)
     ours.load_state_dict(theirs.state_dict())
-    if not mixed:
-        theirs.to(dtype)
-        ours.to(dtype)
+    theirs.to(device=device, dtype=None if mixed else dtype)
+    ours.to(device=device, dtype=None if mixed else dtype)
     label = (f"seed {seed}: {kind}{args} {kw} {dtype}{' (float32 layer)' if mixed else ''} shape {shape} "
              f"{layout}, values {offset} + {scale} N(0, 1), input grad {input_grad}")
     for step in range(3):
@@ -147,7 +147,7 @@ def run_case(seed: int) -> str | None:
         theirs.train(training)
         ours.train(training)
         state = {k: v.clone() for k, v in theirs.state_dict().items()}
-        x = _input(shape, dtype, layout, scale, offset, rng, gen)
+        x = _input(shape, dtype, layout, scale, offset, rng, gen, device)
         xt, xo = (x.detach().clone().requires_grad_(input_grad) for _ in range(2))
         errors = []
         for layer, xi in ((theirs, xt), (ours, xo)):
@@ -169,13 +169,13 @@ def run_case(seed: int) -> str | None:
         exact.train(training)
         # the reference takes a contiguous copy: torch's own backward of some permuted layouts is wrong (its dbias
         # is not the sum of dy for a (1, 33, 8, 1) input of strides (1, 1, 33, 1), torch 2.13)
-        x64 = x.detach().double().contiguous().requires_grad_(input_grad)
+        x64 = x.detach().cpu().double().contiguous().requires_grad_(input_grad)
         y64 = exact(x64)
         # float64 is the truth only to u * kappa (kappa = max |x| * invstd): where that exceeds the tolerance
         # (float64 inputs, eps = 1e-12 and single-value groups, say), the tolerance grows to it
         tol = max(TOL[dtype], 100 * 2.0 ** -53 * _condition(kind, args, x64.detach(), kw["eps"]))
         problems = [_judge(yo, yt, y64, tol, "output")]
-        dy = torch.randn(yt.shape, dtype=torch.float64, generator=gen).to(yt.dtype)
+        dy = torch.randn(yt.shape, dtype=torch.float64, generator=gen).to(yt.dtype).to(device)
         wrt = {name: [xi] if input_grad else [] for name, xi in (("t", xt), ("o", xo), ("e", x64))}
         gt = go = None
         if wrt["t"] or list(theirs.parameters()):
@@ -185,12 +185,13 @@ def run_case(seed: int) -> str | None:
                 pass
             go = torch.autograd.grad(yo, wrt["o"] + list(ours.parameters()), dy)
         if gt is not None:
-            g64 = torch.autograd.grad(y64, wrt["e"] + list(exact.parameters()), dy.double())
+            g64 = torch.autograd.grad(y64, wrt["e"] + list(exact.parameters()), dy.cpu().double())
             names = (["input grad"] if input_grad else []) + [f"{n} grad" for n, _ in ours.named_parameters()]
             problems += [_judge(o, t, e, 50 * tol, n) for o, t, e, n in zip(go, gt, g64, names)]
         for (name, bo), (_, bt), (_, b64) in zip(ours.named_buffers(), theirs.named_buffers(), exact.named_buffers()):
             if bo.dtype != bt.dtype or not bt.is_floating_point():
-                problems.append(None if torch.equal(bo, bt) else f"{name}: {bo} ({bo.dtype}), torch's {bt} ({bt.dtype})")
+                problems.append(None if torch.equal(bo.cpu(), bt.cpu()) else
+                                f"{name}: {bo} ({bo.dtype}), torch's {bt} ({bt.dtype})")
             else:
                 problems.append(_judge(bo, bt, b64, 10 * tol, name))
         problems = [p for p in problems if p]

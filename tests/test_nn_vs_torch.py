@@ -133,7 +133,7 @@ def test_track_running_stats_flipped_after_construction(name):
             x = torch.randn(3, 4, 5, 5)
             try:
                 expect = ref(x)
-            except RuntimeError as err:  # torch refuses (no buffers to evaluate with): so must we
+            except RuntimeError:  # torch refuses (no buffers to evaluate with): so must we
                 with pytest.raises(RuntimeError, match="running_mean and running_var"):
                     ours(x)
                 continue

@@ -583,3 +583,13 @@ def test_direct_launch_logic(T, monkeypatch):
     monkeypatch.setattr(T, "FAST_LAUNCH", False)
     assert launch() == "triton"
     assert len(T._BINARIES) == 7  # the first, four new specializations, n=7, device 1
+
+
+def test_layers_agree_with_torch_on_random_configurations():
+    """The seeded differential fuzz of ``test_fuzz_vs_torch.py`` through ``use_backend("triton")``: 48 cases of
+    up to 4,096 values in the interpreter, 200 of up to 262,144 compiled."""
+    import test_fuzz_vs_torch as fuzz
+    cases, values = (48, 1 << 12) if INTERPRETED else (200, 1 << 18)
+    with kernels.use_backend("triton"):
+        found = [r for r in (fuzz.run_case(seed, DEVICE, values) for seed in range(cases)) if r]
+    assert not found, f"{len(found)} of {cases} cases:\n" + "\n".join(found[:5])
