@@ -80,3 +80,23 @@ def test_bad_activation_and_repr_copy_pickle():
 def test_rank_checks_inherited():
     with pytest.raises(ValueError):
         normlab.BatchNormAct2d(4)(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["portable", "cpu", "native"])
+def test_relu_gradient_passes_nan_pre_activations_as_torch(backend, backend_ctx):
+    """A NaN pre-activation (here from NaN running variances in evaluation: a 16-bit model's running_var
+    overflowed, then momentum 1.0 multiplied inf by 0) passes its gradient through the fused ReLU, as torch's
+    ReLU backward does (its mask is ``y <= 0``): dbias is the sum of dy, not 0."""
+    torch.manual_seed(3)
+    ref_bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        ref_bn.running_var[1] = float("nan")
+    layer = normlab.BatchNormAct2d(4, act="relu").eval()
+    layer.load_state_dict(ref_bn.state_dict())
+    x = torch.randn(3, 4, 2, 2)
+    dy = torch.randn(3, 4, 2, 2)
+    expected = torch.autograd.grad(torch.relu(ref_bn(x)), [ref_bn.weight, ref_bn.bias], dy)
+    with backend_ctx(backend):
+        got = torch.autograd.grad(layer(x), [layer.weight, layer.bias], dy)
+    torch.testing.assert_close(got[1], expected[1], equal_nan=True)
+    assert torch.isnan(got[0][1]) == torch.isnan(expected[0][1])

@@ -266,8 +266,8 @@ def act_fwd(z, act):
 @njit(inline="always")
 def act_grad(g, z, act):
     """dL/dz from dL/dy = g and the pre-activation z."""
-    if act == RELU:
-        return g if z > 0 else like(0.0, z)
+    if act == RELU:  # as torch's threshold_backward: a NaN pre-activation passes the gradient
+        return like(0.0, z) if z <= 0 else g
     if act == SILU:
         s = _sigmoid(z)
         one = like(1.0, z)

@@ -69,8 +69,8 @@ def _activate(z, ACT: tl.constexpr):
 @triton.jit
 def _activate_grad(g, z, ACT: tl.constexpr):
     """dL/dz from dL/dy and the pre-activation z."""
-    if ACT == 1:
-        g = tl.where(z > 0, g, 0.0)
+    if ACT == 1:  # as torch's threshold_backward: a NaN pre-activation passes the gradient
+        g = tl.where(z <= 0, 0.0, g)
     elif ACT == 2:
         s = tl.sigmoid(z)
         g = g * s * (1.0 + z * (1.0 - s))

@@ -64,8 +64,8 @@ def activate_grad(dy: Tensor, z: Tensor, act: str) -> Tensor:
     """dL/dz given dL/dy and the pre-activation z."""
     if act == "identity":
         return dy
-    if act == "relu":
-        return dy * (z > 0).to(dy.dtype)
+    if act == "relu":  # as torch's threshold_backward: a NaN pre-activation passes the gradient
+        return dy * (z <= 0).logical_not().to(dy.dtype)
     s = torch.sigmoid(z)
     if act == "sigmoid":
         return dy * s * (1 - s)
