@@ -1,11 +1,12 @@
 """Seeded differential fuzz: normlab's drop-in layers against torch.nn on random configurations.
 
-Each case draws a layer (batch, layer, group or instance norm), its arguments (affine, running statistics,
-momentum 0 / 1 / None, eps down to 1e-12), a shape (batches of one, size-1 dimensions), a dtype (float32,
-float64, bfloat16, float16, 16-bit inputs to a float32 layer), a layout (contiguous, channels_last, permuted,
-strided views) and values (large means, tiny spreads, constant channels), then three steps in random train /
-eval modes. Both layers must raise alike, or both run; then outputs, input and parameter gradients and the
-buffers are judged against torch.nn's layer in float64 on the same rounded input: normlab's error must stay
+Each case draws a layer (batch norm, fused with an activation or not, layer, group or instance norm), its
+arguments (affine, running statistics, momentum 0 / 1 / None, eps down to 1e-12), a shape (batches of one, size-1
+dimensions), a dtype (float32, float64, bfloat16, float16, 16-bit inputs to a float32 layer), a layout
+(contiguous, channels_last, permuted, strided views) and values (large means, tiny spreads, constant channels),
+then three steps in random train / eval modes. Both layers must raise alike, or both run; then outputs, input and
+parameter gradients and the buffers are judged against torch.nn's layer in float64 on the same rounded input
+(a contiguous copy): normlab's error must stay
 within the dtype's tolerance or within 4x torch's own error (on ill-conditioned cases, a tiny spread under a
 large mean or eps = 1e-12, both drift from float64, and normlab is the one judged).
 
@@ -25,10 +26,13 @@ import normlab
 
 CASES = int(os.environ.get("NORMLAB_FUZZ_CASES", "400"))
 CHUNKS = 8
-KINDS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+KINDS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+         "LayerNorm", "GroupNorm", "InstanceNorm1d",
          "InstanceNorm2d", "InstanceNorm3d")
-RANKS = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,), "LayerNorm": (2, 3, 4),
+RANKS = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,), "BatchNormAct1d": (2, 3),
+         "BatchNormAct2d": (4,), "BatchNormAct3d": (5,), "LayerNorm": (2, 3, 4),
          "GroupNorm": (2, 3, 4, 5), "InstanceNorm1d": (2, 3), "InstanceNorm2d": (4,), "InstanceNorm3d": (5,)}
+ACTIVATIONS = {"identity": torch.nn.Identity, "relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "sigmoid": torch.nn.Sigmoid}
 TOL = {torch.float64: 1e-9, torch.float32: 4e-4, torch.bfloat16: 8e-2, torch.float16: 1.6e-2}
 MAX_VALUES = 1 << 18
 
@@ -61,7 +65,23 @@ def _arguments(kind: str, shape: list[int], rng: random.Random) -> tuple[tuple, 
         kw["affine"] = rng.random() < (0.8 if batch else 0.5)
         kw["track_running_stats"] = rng.random() < (0.8 if batch else 0.4)
         kw["momentum"] = rng.choice([0.1, 0.3, None, 1.0, 0.0])
+        if "Act" in kind:
+            kw["act"] = rng.choice(list(ACTIVATIONS))
     return args, kw
+
+
+def _torch_layer(kind: str, args: tuple, kw: dict) -> torch.nn.Module:
+    """torch.nn's layer for ``kind``; for normlab's fused BatchNormAct, torch's batch norm then the activation."""
+    if "Act" not in kind:
+        return getattr(torch.nn, kind)(*args, **kw)
+    kw = dict(kw)
+    act = ACTIVATIONS[kw.pop("act")]()
+    return torch.nn.Sequential(getattr(torch.nn, kind.replace("Act", ""))(*args, **kw), act)
+
+
+def _norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm layer itself (the batch norm of a torch batch norm + activation)."""
+    return layer[0] if isinstance(layer, torch.nn.Sequential) else layer
 
 
 def _input(shape, dtype, layout, scale, offset, rng, gen, device) -> torch.Tensor:
@@ -132,12 +152,12 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
     scale, offset = rng.choice([1.0, 1.0, 1e3, 1e-3]), rng.choice([0.0, 0.0, 100.0, -5.0])
     mixed = dtype in (torch.bfloat16, torch.float16) and rng.random() < 0.4  # 16-bit input, float32 layer
     input_grad = rng.random() < 0.85
-    theirs = getattr(torch.nn, kind)(*args, **kw)
+    theirs = _torch_layer(kind, args, kw)
     ours = getattr(normlab, kind)(*args, **kw)
     with torch.no_grad():
         for p in theirs.parameters():
             p.uniform_(-2, 2, generator=gen)
-    ours.load_state_dict(theirs.state_dict())
+    ours.load_state_dict(_norm(theirs).state_dict())
     theirs.to(device=device, dtype=None if mixed else dtype)
     ours.to(device=device, dtype=None if mixed else dtype)
     label = (f"seed {seed}: {kind}{args} {kw} {dtype}{' (float32 layer)' if mixed else ''} shape {shape} "
@@ -146,7 +166,7 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
         training = rng.random() < 0.7
         theirs.train(training)
         ours.train(training)
-        state = {k: v.clone() for k, v in theirs.state_dict().items()}
+        state = {k: v.clone() for k, v in _norm(theirs).state_dict().items()}
         x = _input(shape, dtype, layout, scale, offset, rng, gen, device)
         xt, xo = (x.detach().clone().requires_grad_(input_grad) for _ in range(2))
         errors = []
@@ -164,8 +184,8 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
             return None
         if yo.shape != yt.shape or yo.dtype != yt.dtype:
             return f"{label}: output {tuple(yo.shape)} {yo.dtype}, torch's {tuple(yt.shape)} {yt.dtype}"
-        exact = getattr(torch.nn, kind)(*args, **kw).double()
-        exact.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        exact = _torch_layer(kind, args, kw).double()
+        _norm(exact).load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
         exact.train(training)
         # the reference takes a contiguous copy: torch's own backward of some permuted layouts is wrong (its dbias
         # is not the sum of dy for a (1, 33, 8, 1) input of strides (1, 1, 33, 1), torch 2.13)
@@ -197,7 +217,7 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
         problems = [p for p in problems if p]
         if problems:
             return f"{label}, step {step} ({'train' if training else 'eval'}): " + "; ".join(problems)
-        ours.load_state_dict(theirs.state_dict())  # the next step starts from the same buffers
+        ours.load_state_dict(_norm(theirs).state_dict())  # the next step starts from the same buffers
     return None
 
 
