@@ -287,7 +287,7 @@ def bench_groupnorm(quick, budget, log, dtype=torch.float32, device="cpu", secti
     rows = []
     for kind, shape, groups in GROUPNORM_QUICK if quick else GROUPNORM_CASES:
         case, mb, x, fns = norm_case(kind, shape, groups, device, dtype)
-        for mode in ("train_fwd", "train_fwd_bwd"):
+        for mode in NORM_PASSES:
             row = Row(section, case, mode, mb)
             _time_row(row, {impl: synced(modes[mode], device) for impl, modes in fns.items()}, x, budget, log)
             for name, ms in row.ms.items():
