@@ -584,6 +584,46 @@ def test_gradcheck_and_double_backward(key):
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
+@pytest.mark.parametrize("backend", ["native", "cpu", "portable"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=[f"{l[0]}-{i}" for i, l in enumerate(LAYERS)])
+def test_second_derivatives_match_torch(name, args, kwargs, shape, training, backend, backend_ctx):
+    """A gradient penalty's second derivatives: each first-order gradient taken with ``create_graph`` requires
+    grad as torch's does (also those that depend on nothing that requires grad, as evaluation's dx for a
+    constant dy), and its gradients with respect to the input and the parameters match torch's, None where
+    torch's are None. GroupNorm's bias gradient requires grad where torch's does not (README)."""
+    torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape, training)).encode()))
+    ref, ours = pair(name, args, kwargs, torch.float64)
+    for m in (ref, ours):
+        m.train(training)
+        if getattr(m, "running_var", None) is not None:
+            with torch.no_grad():
+                m.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+                m.running_mean.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(shape, dtype=torch.float64).requires_grad_()
+    r = torch.randn(shape, dtype=torch.float64)
+    losses = {"linear": lambda y: (y * r).sum(), "square": lambda y: (y * y * r).sum()}
+    with backend_ctx(backend):
+        for what, loss in losses.items():
+            first = {}
+            for label, m in (("torch", ref), ("normlab", ours)):
+                wrt = [x, *m.parameters()]
+                gs = torch.autograd.grad(loss(m(x)), wrt, create_graph=True)
+                first[label] = [(g.requires_grad, torch.autograd.grad((g * g.detach()).sum(), wrt, allow_unused=True,
+                                                                      retain_graph=True) if g.requires_grad else None)
+                                for g in gs]
+            for i, ((req_t, gg_t), (req_n, gg_n)) in enumerate(zip(first["torch"], first["normlab"])):
+                where = f"{what} loss, gradient {i}"
+                groupnorm_bias = name == "GroupNorm" and i == 2
+                assert req_n == (req_t or groupnorm_bias), f"{where}: requires_grad {req_n}, torch's {req_t}"
+                if req_n and not req_t:  # depends on nothing: no second derivative
+                    assert all(a is None for a in gg_n), where
+                for j, (a, b) in enumerate(zip(gg_n or (), gg_t or ())):
+                    assert (a is None) == (b is None), f"{where}, its gradient {j}: {a} against torch's {b}"
+                    if a is not None:
+                        assert_close(a, b, 1e-9 * max(1.0, b.abs().max().item()), f"{where}, its gradient {j}")
+
+
 @pytest.mark.parametrize("act", ["relu", "silu", "sigmoid"])
 def test_fused_activation_gradcheck(act):
     x, w, b = _inputs((5, 3, 4), (3,), (3,))

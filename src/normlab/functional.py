@@ -106,6 +106,35 @@ def _like(t: Tensor | None, ref: Tensor | None) -> Tensor | None:
     return t if t.dtype is ref.dtype else t.to(ref.dtype)
 
 
+class _Unconnected(torch.autograd.Function):
+    """The first ``n`` tensors as they are (aliases), linked to the rest, which get no gradient back."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        ctx.inputs = len(tensors)
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        return (None,) * (1 + ctx.inputs)
+
+
+def _connected(grads: tuple, inputs: tuple) -> tuple:
+    """The double backward's gradients as torch's double-backward nodes give them: each requires grad when one of
+    ``inputs`` (dy, x, weight, bias; None where absent) does, even one that depends on none of them (evaluation's
+    dx = dy * invstd * weight for a constant dy, the bias's sum of dy), so that differentiated again it gives None
+    (``allow_unused``) where an error would say it does not require grad."""
+    loose = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+    linked = [t for t in inputs if t is not None and t.requires_grad]
+    if not loose or not linked:
+        return grads
+    tied = _Unconnected.apply(len(loose), *(grads[i] for i in loose), *linked)
+    out = list(grads)
+    for i, t in zip(loose, tied):
+        out[i] = t
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # batch norm
 # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +181,8 @@ class _BatchNormFunction(torch.autograd.Function):
             if ctx.training:
                 m, v = portable.bn_stats(x)
                 stats = m, torch.rsqrt(v + ctx.eps)
-            dx, dw, db = portable.bn_backward(dy, x, weight, bias, *stats, ctx.act, ctx.training, needs)
+            dx, dw, db = _connected(portable.bn_backward(dy, x, weight, bias, *stats, ctx.act, ctx.training, needs),
+                                    (dy, x, weight, bias))
         elif ctx.saved is not None:
             dx, dw, db = K.bn_backward_saved(dy, x, weight, bias, ctx.saved, ctx.act, needs)
         else:
@@ -305,7 +335,8 @@ class _GroupNormFunction(torch.autograd.Function):
             n, c, _ = x.shape
             var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)).reshape(n, ctx.groups, -1), dim=2, correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
-            dx, dw, db = portable.gn_backward(dy, x, weight, mean, invstd, ctx.groups, needs)
+            dx, dw, db = _connected(portable.gn_backward(dy, x, weight, mean, invstd, ctx.groups, needs),
+                                    (dy, x, weight))
         else:
             dx, dw, db = _kernels().gn_backward(dy, x, weight, mean, invstd, ctx.groups, needs)
         return dx, _like(dw, weight), _like(db, weight), None, None

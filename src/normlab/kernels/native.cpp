@@ -300,24 +300,6 @@ Tensor laid_out_like(const Tensor& dy, const Tensor& x) {
   return matched;
 }
 
-// The gradients of the recomputed output y with respect to those of (x, weight, bias) that need one, as a
-// differentiable graph (double backward); `inputs` entries in all, the rest undefined.
-variable_list differentiate(const Tensor& y, const Tensor& dy, const Tensor& x, const Tensor& weight,
-                            const Tensor& bias, bool need_dx, bool need_dw, bool need_db, size_t inputs) {
-  variable_list wrt;
-  if (need_dx) wrt.push_back(x);
-  if (need_dw) wrt.push_back(weight);
-  if (need_db) wrt.push_back(bias);
-  const variable_list g = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                                /*allow_unused=*/true);
-  variable_list out(inputs);
-  size_t i = 0;
-  if (need_dx) out[0] = g[i++];
-  if (need_dw) out[1] = g[i++];
-  if (need_db) out[2] = g[i++];
-  return out;
-}
-
 // a tensor's data as T: the storage type S of the loops for activations (bfloat16 and float16 as their bits), the
 // compute type A or double for the rest; the dtypes are checked where a call is taken
 template <typename T>
@@ -558,6 +540,46 @@ std::pair<NodePtr, N*> new_node() {
     N* raw = p.get();
     return {NodePtr(std::move(p)), raw};
   }
+}
+
+// A node that hands no gradient back (undefined: allow_unused's None) to the inputs it links, for the gradients
+// below that depend on none of them.
+struct Unconnected : Node {
+  std::string name() const override { return "NormlabUnconnectedBackward"; }
+  variable_list apply(variable_list&&) override { return variable_list(num_outputs()); }
+};
+
+// The gradients of the recomputed output y with respect to those of (x, weight, bias) that need one, as a
+// differentiable graph (double backward); `inputs` entries in all, the rest undefined. As torch's double-backward
+// nodes, each requires grad when dy, x, weight or bias does, even one that depends on none of them (evaluation's
+// dx = dy * invstd * weight for a constant dy, the bias's sum of dy): differentiated again it gives None
+// (allow_unused) where an error would say it does not require grad.
+variable_list differentiate(const Tensor& y, const Tensor& dy, const Tensor& x, const Tensor& weight,
+                            const Tensor& bias, bool need_dx, bool need_dw, bool need_db, size_t inputs) {
+  variable_list wrt;
+  if (need_dx) wrt.push_back(x);
+  if (need_dw) wrt.push_back(weight);
+  if (need_db) wrt.push_back(bias);
+  const variable_list g = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                                /*allow_unused=*/true);
+  variable_list out(inputs);
+  size_t i = 0;
+  if (need_dx) out[0] = g[i++];
+  if (need_dw) out[1] = g[i++];
+  if (need_db) out[2] = g[i++];
+  if (!(dy.requires_grad() || x.requires_grad() || weight.requires_grad() || bias.requires_grad())) return out;
+  NodePtr self;
+  for (Tensor& t : out) {
+    if (!t.defined() || t.requires_grad()) continue;
+    if (!self) {
+      Unconnected* raw;
+      std::tie(self, raw) = new_node<Unconnected>();
+      raw->set_next_edges(torch::autograd::collect_next_edges(dy, x, weight, bias));
+    }
+    t = t.detach();  // an alias of its own: the graph's tensor (dy itself, perhaps) keeps no history
+    torch::autograd::set_history(t, self);
+  }
+  return out;
 }
 
 // Whether a call records an autograd node: grad mode on and an input (x, weight or bias, each may be undefined)
