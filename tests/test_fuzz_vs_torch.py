@@ -120,6 +120,21 @@ def _judge(ours, theirs, truth, tol, what) -> str | None:
     return None
 
 
+def _flags(t: torch.Tensor) -> tuple[bool, bool]:
+    """(contiguous, channels_last or channels_last_3d)"""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t.is_contiguous(), fmt is not None and t.is_contiguous(memory_format=fmt)
+
+
+def _same_format(ours, theirs, what) -> str | None:
+    """None where both tensors are laid out alike: contiguous, channels_last (3d) or neither (a view's
+    success, ``.view(N, -1)`` say, depends on it)."""
+    if _flags(ours) == _flags(theirs):
+        return None
+    return f"{what}: (contiguous, channels_last) {_flags(ours)}, torch's {_flags(theirs)} (strides " \
+           f"{ours.stride()}, torch's {theirs.stride()})"
+
+
 def _condition(kind: str, args: tuple, x: torch.Tensor, eps: float) -> float:
     """max |x| over the smallest sqrt(var + eps) of the groups the layer's statistics run over: how much the
     rounding of a float64 computation on ``x`` grows in its normalized output."""
@@ -195,7 +210,13 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
         # (float64 inputs, eps = 1e-12 and single-value groups, say), the tolerance grows to it
         tol = max(TOL[dtype], 100 * 2.0 ** -53 * _condition(kind, args, x64.detach(), kw["eps"]))
         problems = [_judge(yo, yt, y64, tol, "output")]
+        # normlab's instance norm keeps a channels_last input's format (README), torch's returns it contiguous
+        instance_cl = kind.startswith("InstanceNorm") and not x.is_contiguous() and _flags(x)[1]
+        if not instance_cl:
+            problems.append(_same_format(yo, yt, "output"))
         dy = torch.randn(yt.shape, dtype=torch.float64, generator=gen).to(yt.dtype).to(device)
+        if rng.random() < 0.5:
+            dy = torch.empty_like(yt).copy_(dy)  # laid out as torch's output (as autograd hands it over)
         wrt = {name: [xi] if input_grad else [] for name, xi in (("t", xt), ("o", xo), ("e", x64))}
         gt = go = None
         if wrt["t"] or list(theirs.parameters()):
@@ -208,6 +229,8 @@ def run_case(seed: int, device: str = "cpu", max_values: int = MAX_VALUES) -> st
             g64 = torch.autograd.grad(y64, wrt["e"] + list(exact.parameters()), dy.cpu().double())
             names = (["input grad"] if input_grad else []) + [f"{n} grad" for n, _ in ours.named_parameters()]
             problems += [_judge(o, t, e, 50 * tol, n) for o, t, e, n in zip(go, gt, g64, names)]
+            if input_grad and not instance_cl:
+                problems.append(_same_format(go[0], gt[0], "input grad"))
         for (name, bo), (_, bt), (_, b64) in zip(ours.named_buffers(), theirs.named_buffers(), exact.named_buffers()):
             if bo.dtype != bt.dtype or not bt.is_floating_point():
                 problems.append(None if torch.equal(bo.cpu(), bt.cpu()) else

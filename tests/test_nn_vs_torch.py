@@ -681,6 +681,51 @@ def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
     assert_close(ours(x), ref(x), 1e-4, "eval after training")
 
 
+class SequenceHead(torch.nn.Module):
+    """A sequence model's batch norm: (N, L, C) features normalized per channel through a transposed view, its
+    output flattened with ``view`` (which needs it contiguous, as torch.nn's batch norm returns it)."""
+
+    def __init__(self, nn, channels=6, length=5):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels)
+        self.head = torch.nn.Linear(channels * length, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(x.transpose(1, 2)).view(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("backend", ["native", "cpu", "portable"])
+def test_permuted_input_gives_contiguous_output_and_grad_as_torch(backend, backend_ctx):
+    torch.manual_seed(3)
+    ref, ours = SequenceHead(torch.nn), SequenceHead(normlab)
+    ours.load_state_dict(ref.state_dict())
+    with backend_ctx(backend):
+        for training in (True, False):
+            ref.train(training), ours.train(training)
+            x = torch.randn(8, 5, 6)
+            for model in (ref, ours):
+                xt = x.transpose(1, 2).requires_grad_()
+                y = model.bn(xt)
+                dx, = torch.autograd.grad(y, xt, torch.randn_like(y))
+                assert y.is_contiguous() and dx.is_contiguous(), (model, training, y.stride(), dx.stride())
+            assert_close(ours(x), ref(x), 1e-5, f"training={training}")
+
+
+def test_torch_compile_permuted_input():
+    torch.manual_seed(4)
+    eager = SequenceHead(normlab)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(8, 5, 6)
+    ye, yc = eager(x), compiled(x)
+    assert_close(yc, ye, 1e-5, "compiled train output")
+    ye.sum().backward(), yc.sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        assert_close(q.grad, p.grad, 1e-4, f"compiled grad {name}")
+    eager.eval(), compiled_model.eval()
+    assert_close(compiled(x), eager(x), 1e-5, "compiled eval output")
+
+
 def test_torch_compile_fullgraph_train_and_eval():
     torch.manual_seed(0)
     eager = build_model(normlab)

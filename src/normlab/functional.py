@@ -16,7 +16,8 @@ Conventions (as ``torch.nn``)
   in ``running_var``: ``running = (1 - momentum) * running + momentum * batch_statistic``. ``momentum`` is the
   weight of the new batch (Keras, Flax, cs231n and d2l's from-scratch code call ``1 - momentum``
   "momentum": their 0.9 / 0.99 is our 0.1 / 0.01).
-* Statistics accumulate in float32 at least; the output has the input's dtype and memory format.
+* Statistics accumulate in float32 at least; the output has the input's dtype and memory format: channels_last
+  stays channels_last, and any other layout (permuted, strided) comes out contiguous, as torch.nn's.
 * Non-finite batch statistics never reach the running statistics: a channel whose batch mean or variance is
   NaN/Inf keeps its previous running values (and a ``RuntimeWarning`` is issued for CPU tensors in eager mode).
 * An empty batch returns an empty output and leaves the running statistics untouched.
@@ -399,11 +400,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
 
 
 def _restore_format(y: Tensor, like: Tensor) -> Tensor:
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        return y.contiguous(memory_format=torch.channels_last)
-    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
-        return y.contiguous(memory_format=torch.channels_last_3d)
-    return y
+    return y.contiguous(memory_format=portable.output_format(like))
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None,

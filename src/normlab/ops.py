@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import kernels as K
 from .kernels import acc_dtype
+from .kernels.portable import empty_output
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
@@ -28,7 +29,7 @@ def bn_train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 @bn_train_forward.register_fake
 def _(x, weight, bias, eps, act):
     c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=acc_dtype(x.dtype))
+    return empty_output(x), x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlab::bn_eval_forward", mutates_args=())
@@ -39,7 +40,7 @@ def bn_eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
 
 @bn_eval_forward.register_fake
 def _(x, running_mean, running_var, weight, bias, eps, act):
-    return torch.empty_like(x)
+    return empty_output(x)
 
 
 @torch.library.custom_op("normlab::bn_backward", mutates_args=())
@@ -53,7 +54,7 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[
 @bn_backward.register_fake
 def _(dy, x, weight, bias, mean, invstd, act, training, need_dx, need_dw, need_db):
     c = x.shape[1]
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+    return (empty_output(x) if need_dx else x.new_empty(0),
             invstd.new_empty(c if need_dw else 0), invstd.new_empty(c if need_db else 0))
 
 

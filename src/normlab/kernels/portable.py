@@ -5,8 +5,9 @@ signatures and the same numerics. It is also the fallback when no fast backend a
 
 Layout conventions
 ------------------
-Batch-norm kernels take ``x`` of shape ``(N, C, *)`` (channel dimension 1, any memory format) and return
-outputs with ``x``'s shape, dtype and memory format. Statistics are per channel over ``N * prod(*)``.
+Batch-norm kernels take ``x`` of shape ``(N, C, *)`` (channel dimension 1, any strides) and return outputs and
+input gradients with ``x``'s shape and dtype, in ``output_format(x)`` (channels_last for channels_last inputs,
+else contiguous, as torch.nn's batch norm). Statistics are per channel over ``N * prod(*)``.
 
 Group-norm kernels take ``x`` of shape ``(N, C, S)`` contiguous and ``groups`` G dividing C; statistics are per
 ``(n, g)`` over ``(C/G) * S``, affine parameters per channel. LayerNorm over K trailing elements is
@@ -37,6 +38,31 @@ ACTIVATIONS = ("identity", "relu", "silu", "sigmoid")
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a norm's output on ``x``, torch.nn's: channels_last (channels_last_3d) for a 4-D
+    (5-D) input laid out so, contiguous for every other input, permuted and strided ones included."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def empty_output(x: Tensor) -> Tensor:
+    """An uninitialized output (or input gradient) for ``x``: x's strides where x is laid out in its
+    ``output_format``, else that format."""
+    fmt = output_format(x)
+    return torch.empty_like(x) if x.is_contiguous(memory_format=fmt) else torch.empty_like(x, memory_format=fmt)
+
+
+def _in_format(t: Tensor, fmt: torch.memory_format, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, laid out in ``fmt`` (one copy at most; ``t.to(dtype, memory_format=fmt)`` would
+    alias a permuted ``t`` of that dtype)."""
+    if t.is_contiguous(memory_format=fmt):
+        return t.to(dtype)
+    return torch.empty_like(t, dtype=dtype, memory_format=fmt).copy_(t)
 
 
 def _bshape(x: Tensor) -> list[int]:
@@ -146,7 +172,7 @@ def _normalize(x, mean, invstd, weight, bias, act, residual=None):
     acc = acc_dtype(x.dtype)
     b = _bshape(x)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    centered = x.to(acc) - mean.reshape(b)
+    centered = _in_format(x, output_format(x), acc) - mean.reshape(b)
     if residual is not None:
         centered = centered - residual.reshape(b)
     z = centered * scale.reshape(b)
@@ -171,11 +197,13 @@ def bn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | Non
     dims = _reduce_dims(x)
     w = None if weight is None else weight.to(acc)
     # x - mean as (x - x0) - (mean - x0), x0 the channel's first value: exact for a large mean given in float64
-    xa = x.to(acc)
+    # x and dy in the output's format, as dx (and torch's): a permuted x's y and dx are contiguous
+    fmt = output_format(x)
+    xa = _in_format(x, fmt, acc)
     x0 = xa.select(0, 0).reshape(x.shape[1], -1)[:, 0]
     rel = (mean.to(torch.float64) - x0.to(torch.float64)).to(acc)
     xhat = ((xa - x0.reshape(b)) - rel.reshape(b)) * invstd.reshape(b)
-    g = dy.to(acc)
+    g = _in_format(dy, fmt, acc)
     if act != "identity":
         z = xhat if w is None else xhat * w.reshape(b)
         if bias is not None:
