@@ -93,7 +93,8 @@ def module(threads: int, shapes: str) -> None:
                     xs[i].grad = None
             return call
         for label, backward in (("forward", False), ("fwd+bwd", True)):
-            med = median_ms({"memory order": call_with(0, backward), "channels": call_with(1 << 40, backward)}, len(xs), 24)
+            calls = {"memory order": call_with(0, backward), "channels": call_with(1 << 40, backward)}
+            med = median_ms(calls, len(xs), 24)
             print(f"{spec:14s} {label:9s} memory order {med['memory order']:7.2f} ms  channels "
                   f"{med['channels']:7.2f} ms  ratio {med['memory order'] / med['channels']:.2f}", flush=True)
 

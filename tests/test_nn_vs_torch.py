@@ -681,6 +681,83 @@ def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
     assert_close(ours(x), ref(x), 1e-4, "eval after training")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# torch.func: grad, vmap, jacrev, jvp, per-sample gradients (the transforms see through torch ops only)
+# ------------------------------------------------------------------------------------------------------------
+FUNC_LAYERS = [
+    ("BatchNorm1d", (6,), {}, (4, 6), False),
+    ("BatchNorm2d", (6,), {}, (4, 6, 3, 2), False),
+    ("BatchNorm2d", (6,), {"track_running_stats": False}, (4, 6, 3, 2), True),
+    ("BatchNorm1d", (6,), {"affine": False, "track_running_stats": False}, (5, 6, 3), True),
+    ("LayerNorm", (6,), {}, (4, 5, 6), True),
+    ("GroupNorm", (2, 6), {}, (4, 6, 5), True),
+    ("InstanceNorm1d", (6,), {"affine": True}, (4, 6, 5), True),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,training", FUNC_LAYERS,
+                         ids=[f"{l[0]}-{i}" for i, l in enumerate(FUNC_LAYERS)])
+def test_torch_func_transforms_match_torch(name, args, kwargs, shape, training):
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+    torch.manual_seed(zlib.crc32(repr((name, kwargs, shape)).encode()))
+    ref, ours = pair(name, args, kwargs, torch.float64)
+    ref.train(training), ours.train(training)
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    xs = torch.randn((3, *shape), dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, x, m=m):
+            return (functional_call(m, p, (x,)) ** 3).sum()
+
+        permuted = xs.transpose(0, -1).contiguous().transpose(0, -1)  # the same values, other strides
+        out = [vmap(m)(xs), vmap(m)(permuted), jacrev(m)(x), *jvp(m, (x,), (t,))]
+        if params:
+            per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)  # per-sample gradients
+            out += [per_sample[k] for k in sorted(per_sample)]
+        results.append(out)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(b, a, 1e-9 * max(1.0, a.abs().max().item()), f"result {i}")
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,training",
+                         FUNC_LAYERS + [("BatchNorm2d", (6,), {}, (4, 6, 3, 2), True)],
+                         ids=[f"{l[0]}-{i}" for i, l in enumerate(FUNC_LAYERS)] + ["BatchNorm2d-running"])
+def test_forward_mode_ad_matches_torch(name, args, kwargs, shape, training):
+    """torch.autograd.forward_ad's dual tensors: the output's tangent as torch's; buffers updated, without one."""
+    import torch.autograd.forward_ad as fwad
+    torch.manual_seed(zlib.crc32(repr((name, kwargs, shape, "fwad")).encode()))
+    ref, ours = pair(name, args, kwargs, torch.float64)
+    ref.train(training), ours.train(training)
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    outs = []
+    for m in (ref, ours):
+        with fwad.dual_level():
+            y = m(fwad.make_dual(x, t))
+            outs.append(fwad.unpack_dual(y))
+            for b in m.buffers():
+                assert fwad.unpack_dual(b).tangent is None
+    for a, b in zip(outs[0], outs[1]):
+        assert_close(b, a, 1e-9 * max(1.0, a.abs().max().item()), "forward-mode AD")
+    assert_same_state(ref, ours, 1e-12)
+
+
+def test_torch_func_refuses_running_statistics_updates_as_torch():
+    """Training with running statistics mutates buffers a transform captured: torch.func refuses it for torch.nn's
+    batch norm (grad: a captured tensor mutated in place; vmap: a batched value written into an unbatched
+    buffer), and so for normlab's."""
+    from torch.func import grad, vmap
+    x = torch.randn(4, 6)
+    for transform, arg in ((grad, x), (vmap, x.expand(2, 4, 6))):
+        errors = []
+        for m in (torch.nn.BatchNorm1d(6), normlab.BatchNorm1d(6)):
+            with pytest.raises(RuntimeError) as err:
+                transform(lambda x: m(x).pow(3).sum())(arg)
+            errors.append(err.type)
+        assert errors[0] == errors[1]
+
+
 class SequenceHead(torch.nn.Module):
     """A sequence model's batch norm: (N, L, C) features normalized per channel through a transposed view, its
     output flattened with ``view`` (which needs it contiguous, as torch.nn's batch norm returns it)."""

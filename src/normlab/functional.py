@@ -222,7 +222,7 @@ def _native_batch_norm(input, running_mean, running_var, weight, bias, training,
     the autograd node in one C++ call. None where the native glue is not in use, while compiling, or where it
     declines, having done nothing: anything :func:`_batch_norm_glue`'s checks reject, or that it does not take."""
     native = K.native_batch_norm
-    if native is None or torch.compiler.is_compiling():
+    if native is None or torch.compiler.is_compiling() or K.transformed():
         return None
     y, nonfinite = native(input, weight, bias, running_mean, running_var, training, momentum, eps, act, counter)
     if nonfinite:
@@ -254,6 +254,8 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
         raise TypeError("batch_norm's momentum must be a number (the new batch's weight in the running statistics), "
                         "got None; the cumulative average is a module's option: BatchNorm2d(C, momentum=None) "
                         "weighs each batch 1 / num_batches_tracked")
+    if K.transformed():
+        return _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
     fused_update = update and not compiling
@@ -278,6 +280,20 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
     return y
 
 
+def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act):
+    """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...): the portable formulas as
+    plain torch ops, differentiated (and batched) by the transform itself; the running statistics are updated
+    with torch ops, which a transform refuses where it refuses torch.nn's own (a captured buffer mutated under
+    grad, say)."""
+    if not training:
+        return portable.bn_eval_forward(input, running_mean, running_var, weight, bias, eps, act)
+    y, mean, invstd = portable.bn_train_forward(input, weight, bias, eps, act)
+    if running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, invstd, eps, input.numel() // input.shape[1],
+                             momentum)
+    return y
+
+
 def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """An empty batch: an empty output that still depends on the parameters (their gradients are zeros)."""
     shape = [1, input.shape[1]] + [1] * (input.dim() - 2) if input.dim() >= 2 else [-1]
@@ -292,9 +308,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     ``var`` is recovered as ``invstd**-2 - eps`` in float64. Channels whose batch statistics are not finite
     keep their running values (no host synchronization is needed for that; the warning is eager-CPU only).
     """
-    if torch.compiler.is_compiling():
-        with torch.no_grad():
-            K.portable.running_update(running_mean, running_var, mean, invstd, eps, n, momentum)
+    if torch.compiler.is_compiling() or K.transformed():
+        with torch.no_grad():  # detached too: forward-mode AD would give the buffers the statistics' tangents
+            K.portable.running_update(running_mean, running_var, mean.detach(), invstd.detach(), eps, n, momentum)
         return
     # eager: the statistics carry no autograd history (non-differentiable outputs), so no no_grad block is needed
     if mean.requires_grad or invstd.requires_grad:
@@ -347,7 +363,7 @@ def _group_norm_native(input: Tensor, weight, bias, groups: int, eps: float, lay
     """``(y, mean, invstd)`` of :func:`_group_norm_any` through the native glue (small CPU inputs: checks, loops
     and autograd node in one C++ call), or None where it declines the call, bad arguments included."""
     native = K.native_group_norm
-    if native is None or torch.compiler.is_compiling():
+    if native is None or torch.compiler.is_compiling() or K.transformed():
         return None
     return native(input, weight, bias, groups, eps, layer_shape)
 
@@ -364,7 +380,10 @@ def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_
         bias = bias if bias is None or bias.dim() == 1 else bias.reshape(layer_k)
     else:
         x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
+    if K.transformed():  # torch.func: plain torch ops, which the transform differentiates itself
+        y, mean, invstd = portable.gn_forward(x3, weight, bias, groups, float(eps))
+    else:
+        y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
     return y.reshape(input.shape), mean, invstd
 
 

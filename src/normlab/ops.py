@@ -67,7 +67,8 @@ def gn_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], grou
 @gn_forward.register_fake
 def _(x, weight, bias, groups, eps):
     acc = acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty((x.shape[0], groups), dtype=acc), x.new_empty((x.shape[0], groups), dtype=acc)
+    stats = (x.shape[0], groups)
+    return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
 
 @torch.library.custom_op("normlab::gn_backward", mutates_args=())

@@ -139,7 +139,8 @@ def _measure(args, sections: set, shapes: list, impls: list, budget: float, log)
     summary = summarize(rows, copy_gbps)
     glue = "native glue" if machine["native_glue"] else "Python glue only (normlab build-native: faster small layers)"
     l2 = f"L2 {machine['l2_bytes'] >> 10} KB a core, " if machine["l2_bytes"] else ""
-    print(f"normlab bench -- {machine['cpu']}, {l2}{machine['torch_threads']} threads, torch {machine['torch']}, {glue}, "
+    print(f"normlab bench -- {machine['cpu']}, {l2}{machine['torch_threads']} threads, torch {machine['torch']}, "
+          f"{glue}, "
           f"{str(dtype).removeprefix('torch.')}, "
           f"copy bandwidth {copy_gbps:.1f} GB/s; times: {args.stat} in ms; 'x vs K' = K's time / normlab's; "
           f"won: rounds in which normlab's call took less time than torch's in the same round; "

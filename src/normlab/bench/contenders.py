@@ -87,7 +87,8 @@ def lenet(kind: str) -> nn.Module:
     if kind == "torch":
         bn2, bn1 = (lambda c: [nn.BatchNorm2d(c), nn.Sigmoid()]), (lambda c: [nn.BatchNorm1d(c), nn.Sigmoid()])
     elif kind == "normlab":
-        bn2, bn1 = (lambda c: [normlab.BatchNorm2d(c), nn.Sigmoid()]), (lambda c: [normlab.BatchNorm1d(c), nn.Sigmoid()])
+        bn2 = lambda c: [normlab.BatchNorm2d(c), nn.Sigmoid()]  # noqa: E731
+        bn1 = lambda c: [normlab.BatchNorm1d(c), nn.Sigmoid()]  # noqa: E731
     else:  # normlab_fused
         bn2 = lambda c: [normlab.BatchNormAct2d(c, act="sigmoid")]  # noqa: E731
         bn1 = lambda c: [normlab.BatchNormAct1d(c, act="sigmoid")]  # noqa: E731

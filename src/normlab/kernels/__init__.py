@@ -17,6 +17,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import portable
 from .portable import ACTIVATIONS, acc_dtype
@@ -246,17 +247,30 @@ def nonfinite_channels(x):
     return ~(torch.isfinite(mean) & torch.isfinite(var))
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD dual level is active.
+    A transform hands functions tensors that wrap others, with no storage for the kernels to read, and sees
+    through torch ops only; forward-mode AD needs a forward derivative, which torch ops have and the kernels'
+    autograd nodes do not."""
+    return _functorch_active() or _forward_ad._current_level >= 0
+
+
 def count_batch(counter):
     """``counter += 1`` in place (``num_batches_tracked``): through numba for a CPU counter in eager mode (a torch
-    op costs several microseconds in a small layer's forward), else with torch."""
+    op costs several microseconds in a small layer's forward), else with torch (under a torch.func transform the
+    transform sees it, as torch.nn's own count)."""
     if (_forced != "portable" and _cpu is not None and _cpu.supports_counter(counter)
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not transformed()):
         _cpu.count_batch(counter)
     else:
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "backend_for", "use_backend", "native_batch_norm", "native_group_norm",
+__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "backend_for", "use_backend", "native_batch_norm",
+           "native_group_norm",
            "portable", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_train_forward_saved",
            "bn_backward_saved", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update",
            "nonfinite_channels", "count_batch"]

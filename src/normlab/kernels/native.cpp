@@ -589,7 +589,7 @@ bool records_node(const Tensor& x, const Tensor& w, const Tensor& b) {
          (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
 }
 
-// Forward-mode AD is not implemented by these nodes: inputs with tangents go to the Python glue, which says so.
+// Forward-mode AD is not implemented by these nodes: inputs with tangents go to the Python glue (torch ops).
 bool has_forward_grad(const Tensor& x, const Tensor& w, const Tensor& b) {
   for (const Tensor* t : {&x, &w, &b}) {
     if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;

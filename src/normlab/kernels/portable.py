@@ -43,11 +43,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def output_format(x: Tensor) -> torch.memory_format:
     """The memory format of a norm's output on ``x``, torch.nn's: channels_last (channels_last_3d) for a 4-D
     (5-D) input laid out so, contiguous for every other input, permuted and strided ones included."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is None or x.is_contiguous():
+        return torch.contiguous_format
+    try:
+        return fmt if x.is_contiguous(memory_format=fmt) else torch.contiguous_format
+    except RuntimeError:  # inside torch.func.vmap, which answers for the contiguous format only
+        return torch.contiguous_format
 
 
 def empty_output(x: Tensor) -> Tensor:
@@ -106,7 +108,9 @@ def activate_grad(dy: Tensor, z: Tensor, act: str) -> Tensor:
 def _shifted_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(shift, mean - shift, biased var)`` in ``acc_dtype``; shift is the channel's first value."""
     xa = x.to(acc_dtype(x.dtype))
-    shift = xa.select(0, 0).reshape(x.shape[1], -1)[:, 0]
+    # the statistics do not depend on the shift: detached, so that autograd differentiating these ops (under
+    # torch.func) takes no path through it
+    shift = xa.select(0, 0).reshape(x.shape[1], -1)[:, 0].detach()
     var, mean_s = torch.var_mean(xa - shift.reshape(_bshape(x)), dim=_reduce_dims(x), correction=0)
     return shift, mean_s, var.clamp_min(0)
 
@@ -248,7 +252,7 @@ def gn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: in
     n, c, s = x.shape
     acc = acc_dtype(x.dtype)
     xg = x.to(acc).reshape(n, groups, (c // groups) * s)
-    shift = xg[:, :, :1]
+    shift = xg[:, :, :1].detach()  # as _shifted_stats'
     var, mean_s = torch.var_mean(xg - shift, dim=2, correction=0)
     mean = mean_s + shift[:, :, 0]
     invstd = torch.rsqrt(var.clamp_min(0) + eps)

@@ -84,8 +84,9 @@ def write_report(runs: str | Path = "runs", docs: str | Path = "docs") -> Path:
                "in " + ", ".join(f"`{n}`" for n in EXPERIMENTS) + ", then `normlab report`. "
                "`normlab demo` is the quick d2l experiment."]
     if quick:
-        header += ["", "**Quick forms** (`--quick`: a subset of the data, fewer epochs and, unless `--seeds` says otherwise, fewer seeds, because the full "
-                   "forms are too slow for the session's shared 2-core CPU): " + ", ".join(quick) +
+        header += ["", "**Quick forms** (`--quick`: a subset of the data, fewer epochs and, unless `--seeds` says "
+                   "otherwise, fewer seeds, because the full forms are slow on a 2-core CPU): " +
+                   ", ".join(quick) +
                    ". Their numbers show the direction of each effect, not converged accuracies; rerun without "
                    "`--quick` for the full form."]
     if missing:

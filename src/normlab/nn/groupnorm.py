@@ -13,8 +13,8 @@ class GroupNorm(nn.Module):
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
     with mean and biased variance per sample over each of ``num_groups`` groups of C / G channels (and all
-    trailing dimensions), and per-channel γ (ones), β (zeros) when ``affine`` (keyword-only ``bias=False`` drops β). No running statistics: training
-    and evaluation compute the same thing, and any batch size works (even 1).
+    trailing dimensions), and per-channel γ (ones), β (zeros) when ``affine`` (keyword-only ``bias=False`` drops
+    β). No running statistics: training and evaluation compute the same thing, and any batch size works (even 1).
 
     Example: ``GroupNorm(4, 32)(torch.randn(2, 32, 8, 8))``.
     """

@@ -230,7 +230,7 @@ def batch_norm_backward_graph(dy, cache: BatchNormCache):
     if dy.size == 0:
         return _empty_grads(dy, cache)
     axes, n = cache.axes, cache.n
-    xc, var, invstd, xhat = cache.xc, cache.var, cache.invstd, cache.xhat
+    xc, invstd, xhat = cache.xc, cache.invstd, cache.xhat
     # y = gamma * xhat + beta
     dbeta = dy.sum(axis=axes) if cache.has_beta else None
     dgamma = (dy * xhat).sum(axis=axes) if cache.gamma is not None else None
