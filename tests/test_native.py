@@ -117,8 +117,9 @@ def test_gradcheck_and_double_backward(act, training, shape):
         return F.batch_norm(x, None if training else rm, None if training else rv, w, b, training, act=act)
 
     assert NATIVE in f(x, w, b).grad_fn.name()
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    # batched gradients: torch.func's vmap over the node's backward; forward AD: dual inputs (the Python glue's)
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
 
 
 SPLIT_BN = [((2048, 64), torch.contiguous_format), ((300, 250), torch.contiguous_format),
@@ -478,8 +479,8 @@ def test_group_norm_family_gradcheck_and_double_backward(form):
             return F.layer_norm(x, (2, 5), w, b)
 
     assert NATIVE_GROUP in f(x, w, b).grad_fn.name()
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
 
 
 SPLIT_LAYERS = [  # past native.GROUP_SPLIT_FROM elements: the forward runs one run of samples (rows) per torch thread

@@ -125,6 +125,8 @@ def _connected(grads: tuple, inputs: tuple) -> tuple:
     ``inputs`` (dy, x, weight, bias; None where absent) does, even one that depends on none of them (evaluation's
     dx = dy * invstd * weight for a constant dy, the bias's sum of dy), so that differentiated again it gives None
     (``allow_unused``) where an error would say it does not require grad."""
+    if not torch.is_grad_enabled():  # no graph asked for (a vmap over a first backward)
+        return grads
     loose = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
     linked = [t for t in inputs if t is not None and t.requires_grad]
     if not loose or not linked:
@@ -178,7 +180,9 @@ class _BatchNormFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None, None
         x, weight, bias, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # double backward: differentiable closed form, statistics from x
+        # double backward, or a vmap over this backward (a vectorized jacobian, gradcheck's batched gradients: dy
+        # wraps another tensor, which the kernels cannot read): the closed form in torch ops, statistics from x
+        if torch.is_grad_enabled() or K.transformed() or K.wrapped(dy):
             if ctx.training:
                 m, v = portable.bn_stats(x)
                 stats = m, torch.rsqrt(v + ctx.eps)
@@ -348,7 +352,7 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         dy = dy.contiguous()
-        if torch.is_grad_enabled():  # double backward: recompute the statistics differentiably
+        if torch.is_grad_enabled() or K.transformed() or K.wrapped(dy):  # as _BatchNormFunction's
             n, c, _ = x.shape
             var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)).reshape(n, ctx.groups, -1), dim=2, correction=0)
             invstd = torch.rsqrt(var + ctx.eps)

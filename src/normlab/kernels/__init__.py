@@ -258,6 +258,15 @@ def transformed() -> bool:
     return _functorch_active() or _forward_ad._current_level >= 0
 
 
+_has_storage = getattr(torch._C, "_has_storage", lambda t: True)
+
+
+def wrapped(t: Tensor) -> bool:
+    """Whether ``t`` wraps another tensor and has no storage of its own for the kernels to read: a torch.func
+    transform's, or a batched gradient where a vmap runs over a backward (``jacobian(..., vectorize=True)``)."""
+    return not torch.compiler.is_compiling() and not _has_storage(t)  # (compiling: tracing, with fake tensors)
+
+
 def count_batch(counter):
     """``counter += 1`` in place (``num_batches_tracked``): through numba for a CPU counter in eager mode (a torch
     op costs several microseconds in a small layer's forward), else with torch (under a torch.func transform the
@@ -269,7 +278,7 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "backend_for", "use_backend", "native_batch_norm",
+__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "wrapped", "backend_for", "use_backend", "native_batch_norm",
            "native_group_norm",
            "portable", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_train_forward_saved",
            "bn_backward_saved", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update",

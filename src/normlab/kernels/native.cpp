@@ -549,25 +549,27 @@ struct Unconnected : Node {
   variable_list apply(variable_list&&) override { return variable_list(num_outputs()); }
 };
 
-// The gradients of the recomputed output y with respect to those of (x, weight, bias) that need one, as a
-// differentiable graph (double backward); `inputs` entries in all, the rest undefined. As torch's double-backward
-// nodes, each requires grad when dy, x, weight or bias does, even one that depends on none of them (evaluation's
-// dx = dy * invstd * weight for a constant dy, the bias's sum of dy): differentiated again it gives None
-// (allow_unused) where an error would say it does not require grad.
+// The gradients (dx, dweight, dbias) of the recomputed output y with respect to those of (x, weight, bias) that
+// need one, the rest undefined; with create_graph, as a differentiable graph (double backward), where, as in
+// torch's double-backward nodes, each requires grad when dy, x, weight or bias does, even one that depends on
+// none of them (evaluation's dx = dy * invstd * weight for a constant dy, the bias's sum of dy): differentiated
+// again it gives None (allow_unused) where an error would say it does not require grad.
 variable_list differentiate(const Tensor& y, const Tensor& dy, const Tensor& x, const Tensor& weight,
-                            const Tensor& bias, bool need_dx, bool need_dw, bool need_db, size_t inputs) {
+                            const Tensor& bias, bool need_dx, bool need_dw, bool need_db, bool create_graph) {
   variable_list wrt;
   if (need_dx) wrt.push_back(x);
   if (need_dw) wrt.push_back(weight);
   if (need_db) wrt.push_back(bias);
-  const variable_list g = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+  const variable_list g = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/create_graph, create_graph,
                                                 /*allow_unused=*/true);
-  variable_list out(inputs);
+  variable_list out(3);
   size_t i = 0;
   if (need_dx) out[0] = g[i++];
   if (need_dw) out[1] = g[i++];
   if (need_db) out[2] = g[i++];
-  if (!(dy.requires_grad() || x.requires_grad() || weight.requires_grad() || bias.requires_grad())) return out;
+  if (!create_graph || !(dy.requires_grad() || x.requires_grad() || weight.requires_grad() || bias.requires_grad())) {
+    return out;
+  }
   NodePtr self;
   for (Tensor& t : out) {
     if (!t.defined() || t.requires_grad()) continue;
@@ -637,14 +639,31 @@ struct NormNode : Node {
 
   variable_list apply(variable_list&& grads) final {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!grads[0].defined()) return variable_list(3);
-    return backward(grads[0], x_.unpack(), weight_.unpack(), bias_.unpack(), task_should_compute_output(0),
-                    task_should_compute_output(1), task_should_compute_output(2));
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(3);
+    const bool need_dx = task_should_compute_output(0), need_dw = task_should_compute_output(1),
+               need_db = task_should_compute_output(2);
+    const bool create_graph = torch::autograd::GradMode::is_enabled();
+    // Double backward (create_graph), or a dy that wraps another tensor and has no storage for the loops to read
+    // (torch.func's vmap over this backward: a vectorized jacobian, gradcheck's batched gradients): the
+    // differentiable form, in ATen ops (its recomputed forward recorded, the gradients a graph only where one
+    // was asked for).
+    if (create_graph || !dy.has_storage()) {
+      at::AutoGradMode grad_mode(true);
+      return differentiable_backward(dy, x_.unpack(), weight_.unpack(), bias_.unpack(), need_dx, need_dw, need_db,
+                                     create_graph);
+    }
+    return backward(dy, x_.unpack(), weight_.unpack(), bias_.unpack(), need_dx, need_dw, need_db);
   }
 
-  // (dx, dweight, dbias), each undefined where not needed; a differentiable graph in grad mode (double backward)
+  // (dx, dweight, dbias), each undefined where not needed: by the loops
   virtual variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
                                  bool need_dw, bool need_db) = 0;
+  // the same through the forward recomputed with ATen ops, then autograd.grad (with create_graph: a graph of its
+  // own)
+  virtual variable_list differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                const Tensor& bias, bool need_dx, bool need_dw, bool need_db,
+                                                bool create_graph) const = 0;
 };
 
 struct BatchNormBackward : NormNode {
@@ -656,9 +675,6 @@ struct BatchNormBackward : NormNode {
 
   variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
                          bool need_dw, bool need_db) override {
-    if (torch::autograd::GradMode::is_enabled()) {  // double backward: a differentiable form
-      return differentiable_backward(dy, x, weight, bias, need_dx, need_dw, need_db);
-    }
     Geometry g;
     geometry(x, g);
     dy = laid_out_like(dy, x);
@@ -673,11 +689,9 @@ struct BatchNormBackward : NormNode {
             need_db ? in_dtype(db, bias.scalar_type()) : Tensor()};
   }
 
- private:
-  // The gradient as a function of (x, weight, bias, dy) that autograd can differentiate again: the forward
-  // recomputed with ATen ops (statistics from x in training), then autograd.grad with create_graph.
+  // statistics from x in training
   variable_list differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                        bool need_dx, bool need_dw, bool need_db) const {
+                                        bool need_dx, bool need_dw, bool need_db, bool create_graph) const override {
     std::vector<int64_t> dims{0}, shape(x.dim(), 1);
     for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
     shape[1] = x.size(1);
@@ -691,7 +705,7 @@ struct BatchNormBackward : NormNode {
     }
     // in x's dtype, as the forward's output (16-bit inputs with float32 parameters promote)
     const Tensor y = activation(z * weight.view(shape) + bias.view(shape), act).to(x.scalar_type());
-    return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 3);
+    return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, create_graph);
   }
 };
 
@@ -843,8 +857,8 @@ struct GroupNormBackward : NormNode {
 
   std::string name() const override { return "NormlabGroupNormBackward"; }
 
-  variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
-                         bool need_dw, bool need_db) override {
+  // the call's geometry (weight stands for the channels: ones where the layer has none)
+  GroupCall call(const Tensor& x, const Tensor& weight) const {
     GroupCall g;
     g.groups = groups;
     g.eps = eps;
@@ -852,15 +866,24 @@ struct GroupNormBackward : NormNode {
     g.s = s;
     g.n = x.numel() / (g.c * g.s);
     g.layer = g.groups == 1 && g.s == 1;
-    if (torch::autograd::GradMode::is_enabled()) {  // double backward: a differentiable form
-      const Tensor xr = x.reshape({g.n, g.groups, -1});
-      const Tensor centred = xr - xr.mean({2}, /*keepdim=*/true);
-      const Tensor xhat = (centred * (centred.pow(2).mean({2}, /*keepdim=*/true) + g.eps).rsqrt());
-      const Tensor y = (xhat.view({g.n, g.c, g.s}) * weight.reshape({1, g.c, 1}) + bias.reshape({1, g.c, 1}))
-                           .view(x.sizes())
-                           .to(x.scalar_type());
-      return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, 3);
-    }
+    return g;
+  }
+
+  variable_list differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                        bool need_dx, bool need_dw, bool need_db, bool create_graph) const override {
+    const GroupCall g = call(x, weight);
+    const Tensor xr = x.reshape({g.n, g.groups, -1});
+    const Tensor centred = xr - xr.mean({2}, /*keepdim=*/true);
+    const Tensor xhat = (centred * (centred.pow(2).mean({2}, /*keepdim=*/true) + g.eps).rsqrt());
+    const Tensor y = (xhat.view({g.n, g.c, g.s}) * weight.reshape({1, g.c, 1}) + bias.reshape({1, g.c, 1}))
+                         .view(x.sizes())
+                         .to(x.scalar_type());
+    return differentiate(y, dy, x, weight, bias, need_dx, need_dw, need_db, create_graph);
+  }
+
+  variable_list backward(Tensor dy, const Tensor& x, const Tensor& weight, const Tensor& bias, bool need_dx,
+                         bool need_dw, bool need_db) override {
+    const GroupCall g = call(x, weight);
     dy = laid_out_like(dy, x);
     const auto acc = acc_type(x.scalar_type());
     Tensor dx = need_dx ? at::empty_like(x) : Tensor();
