@@ -682,6 +682,38 @@ def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
     assert_close(ours(x), ref(x), 1e-4, "eval after training")
 
 
+class _Softplus(torch.nn.Module):  # a parametrization: a positive weight
+    def forward(self, w):
+        return torch.nn.functional.softplus(w)
+
+
+@pytest.mark.parametrize("tool", ["prune", "parametrize"])
+@pytest.mark.parametrize("name,args,shape", [("BatchNorm2d", (6,), (4, 6, 3, 3)), ("BatchNorm1d", (6,), (8, 6)),
+                                             ("GroupNorm", (2, 6), (4, 6, 5)), ("LayerNorm", (6,), (4, 6))])
+def test_pruned_and_parametrized_affine_as_torch(name, args, shape, tool):
+    """torch.nn.utils.prune (network slimming prunes batch norm's γ) and torch.nn.utils.parametrize take weight and
+    bias out of the parameter dict: the layer must use the pruned / parametrized values, as torch.nn's does."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(2)
+    ref, ours = pair(name, args, {})
+    for m in (ref, ours):
+        if tool == "prune":
+            prune.l1_unstructured(m, "weight", amount=0.5)
+            prune.l1_unstructured(m, "bias", amount=0.3)
+        else:
+            parametrize.register_parametrization(m, "weight", _Softplus())
+    for step in range(2):
+        x = torch.randn(shape)
+        yr, yo = ref(x), ours(x)
+        assert_close(yo, yr, 1e-5, f"step {step} output")
+        dy = torch.randn_like(yr)
+        for a, b in zip(torch.autograd.grad(yo, list(ours.parameters()), dy),
+                        torch.autograd.grad(yr, list(ref.parameters()), dy)):
+            assert_close(a, b, 1e-4, f"step {step} gradient")
+    assert_same_state(ref, ours, 1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # torch.func: grad, vmap, jacrev, jvp, per-sample gradients (the transforms see through torch ops only)
 # ------------------------------------------------------------------------------------------------------------

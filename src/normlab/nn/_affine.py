@@ -14,6 +14,22 @@ def add_affine(module: nn.Module, shape, affine: bool, bias: bool, device=None, 
     module.register_parameter("bias", new() if affine and bias else None)
 
 
+# A parameter or buffer that a tool took out of the module's dicts: torch.nn.utils.prune (``weight_orig`` and
+# ``weight_mask``, the masked product set as a plain attribute before each forward) or
+# torch.nn.utils.parametrize (a property computing it). Registered as None (affine=False), it stays in the dict.
+TAKEN = object()
+
+
+def affine_of(module: nn.Module) -> tuple:
+    """``(module.weight, module.bias)``, read from the parameter dict (``nn.Module.__getattr__`` costs ~0.5 us
+    a name, which small layers feel) unless pruning or a parametrization took them out of it."""
+    params = module._parameters
+    weight, bias = params.get("weight", TAKEN), params.get("bias", TAKEN)
+    if weight is TAKEN or bias is TAKEN:
+        return module.weight, module.bias
+    return weight, bias
+
+
 def reset_affine(module: nn.Module) -> None:
     """γ to ones and β to zeros, where the module has them."""
     params = module._parameters
