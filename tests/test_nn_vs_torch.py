@@ -685,6 +685,29 @@ def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
     assert_close(ours(x), ref(x), 1e-4, "eval after training")
 
 
+def test_layers_are_torch_nn_instances_for_torchs_tools():
+    """Code that asks isinstance(m, nn.BatchNorm2d) (or torch's _BatchNorm) finds the drop-in layers: SWA's
+    update_bn recomputes their statistics as torch's, convert_sync_batchnorm converts them; BatchNormAct, whose
+    activation such code would drop, is no torch.nn batch norm."""
+    from torch.optim.swa_utils import update_bn
+    for name, args in [("BatchNorm1d", (4,)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (4,)), ("InstanceNorm1d", (4,)),
+                       ("InstanceNorm2d", (4,)), ("InstanceNorm3d", (4,)), ("GroupNorm", (2, 4)), ("LayerNorm", (4,))]:
+        assert isinstance(getattr(normlab, name)(*args), getattr(torch.nn, name)), name
+    assert not isinstance(normlab.BatchNormAct2d(4), torch.nn.modules.batchnorm._BatchNorm)
+    torch.manual_seed(0)
+    loader = [torch.randn(16, 3) * 3 + 1 for _ in range(4)]
+    ours, ref = (torch.nn.Sequential(torch.nn.Linear(3, 4), lib.BatchNorm1d(4)) for lib in (normlab, torch.nn))
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        m[1].running_mean.fill_(5.0)
+        update_bn(loader, m)
+    assert_same_state(ref, ours, 1e-6)
+    assert ours[1].momentum == 0.1
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        torch.nn.Sequential(normlab.BatchNorm2d(4), normlab.BatchNormAct2d(4)))
+    assert [type(m).__name__ for m in converted] == ["SyncBatchNorm", "BatchNormAct2d"]
+
+
 class _Softplus(torch.nn.Module):  # a parametrization: a positive weight
     def forward(self, w):
         return torch.nn.functional.softplus(w)

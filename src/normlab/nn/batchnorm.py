@@ -33,7 +33,7 @@ class _NormBase(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn's __init__, a base class of the public layers (see BatchNorm1d)
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int (the number of channels C), "
                              f"got {num_features!r}")
@@ -145,7 +145,12 @@ class _BatchNorm(_NormBase):
                                   self.eps, self.act)
 
 
-class BatchNorm1d(_BatchNorm):
+# The public layers derive from torch.nn's too (normlab's methods first), so that code which asks
+# isinstance(m, nn.BatchNorm2d) or nn.modules.batchnorm._BatchNorm finds them: torch.optim.swa_utils.update_bn,
+# nn.SyncBatchNorm.convert_sync_batchnorm, torch.func.replace_all_batch_norm_modules_, torchvision's
+# split_normalization_params (no weight decay on norm parameters). BatchNormAct, whose activation such code would
+# drop, does not.
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     r"""Batch norm over a 2-D (N, C) or 3-D (N, C, L) input: per feature/channel over N (and L).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -158,7 +163,7 @@ class BatchNorm1d(_BatchNorm):
     _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     r"""Batch norm over a 4-D (N, C, H, W) input: per channel over N, H, W (a conv layer's feature maps).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -169,7 +174,7 @@ class BatchNorm2d(_BatchNorm):
     _ranks, _layout = (4,), "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     r"""Batch norm over a 5-D (N, C, D, H, W) input: per channel over N, D, H, W.
 
     Args as :class:`BatchNorm1d`. Example: ``BatchNorm3d(8)(torch.randn(4, 8, 6, 10, 10))``.

@@ -23,7 +23,7 @@ no state. Example::
 from __future__ import annotations
 
 from ..kernels import ACTIVATIONS
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 
 class _ActMixin:
@@ -39,24 +39,30 @@ class _ActMixin:
         return f"{super().extra_repr()}, act={self.act!r}"
 
 
-class BatchNormAct1d(_ActMixin, BatchNorm1d):
+class BatchNormAct1d(_ActMixin, _BatchNorm):
     """:class:`normlab.BatchNorm1d` on (N, C) or (N, C, L), followed by ``act`` in the same pass."""
 
+    _ranks, _layout = BatchNorm1d._ranks, BatchNorm1d._layout  # not a subclass: see normlab.nn.batchnorm
+
     def __init__(self, num_features: int, act: str = "relu", **batchnorm_args) -> None:
         super().__init__(num_features, **batchnorm_args)
         self._set_act(act)
 
 
-class BatchNormAct2d(_ActMixin, BatchNorm2d):
+class BatchNormAct2d(_ActMixin, _BatchNorm):
     """:class:`normlab.BatchNorm2d` on (N, C, H, W), followed by ``act`` in the same pass."""
 
+    _ranks, _layout = BatchNorm2d._ranks, BatchNorm2d._layout  # not a subclass: see normlab.nn.batchnorm
+
     def __init__(self, num_features: int, act: str = "relu", **batchnorm_args) -> None:
         super().__init__(num_features, **batchnorm_args)
         self._set_act(act)
 
 
-class BatchNormAct3d(_ActMixin, BatchNorm3d):
+class BatchNormAct3d(_ActMixin, _BatchNorm):
     """:class:`normlab.BatchNorm3d` on (N, C, D, H, W), followed by ``act`` in the same pass."""
+
+    _ranks, _layout = BatchNorm3d._ranks, BatchNorm3d._layout  # not a subclass: see normlab.nn.batchnorm
 
     def __init__(self, num_features: int, act: str = "relu", **batchnorm_args) -> None:
         super().__init__(num_features, **batchnorm_args)

@@ -7,7 +7,7 @@ from .. import functional as F
 from ._affine import add_affine, affine_of, reset_affine
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):  # a torch.nn.GroupNorm to isinstance (see normlab.nn.batchnorm), normlab's methods
     r"""Group normalization (Wu & He, 2018) over an input (N, C, \*).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -21,7 +21,7 @@ class GroupNorm(nn.Module):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
                  dtype=None, *, bias: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.GroupNorm's
         if num_groups <= 0 or num_channels % num_groups != 0:
             raise ValueError(f"num_channels must be divisible by num_groups: got num_channels={num_channels} and "
                              f"num_groups={num_groups}; choose num_groups among the divisors of {num_channels}")

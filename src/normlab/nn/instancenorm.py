@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
 from .batchnorm import _NormBase
@@ -45,19 +45,19 @@ class _InstanceNorm(_NormBase):
         return y.squeeze(0) if unbatched else y
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):  # as batchnorm.py's layers
     """Instance norm over (N, C, L) or (C, L): per sample and channel over L."""
 
     _batched_rank = 3
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):  # as batchnorm.py's layers
     """Instance norm over (N, C, H, W) or (C, H, W): per sample and channel over H, W."""
 
     _batched_rank = 4
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):  # as batchnorm.py's layers
     """Instance norm over (N, C, D, H, W) or (C, D, H, W): per sample and channel over D, H, W."""
 
     _batched_rank = 5

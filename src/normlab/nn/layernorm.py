@@ -9,7 +9,7 @@ from .. import functional as F
 from ._affine import add_affine, affine_of, reset_affine
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):  # a torch.nn.LayerNorm to isinstance (see normlab.nn.batchnorm), normlab's methods
     r"""Layer normalization (Ba, Kiros & Hinton, 2016) over the last ``len(normalized_shape)`` dimensions.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \odot \gamma + \beta
@@ -22,7 +22,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.LayerNorm's
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(int(s) for s in normalized_shape)
