@@ -687,8 +687,9 @@ def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
 
 def test_layers_are_torch_nn_instances_for_torchs_tools():
     """Code that asks isinstance(m, nn.BatchNorm2d) (or torch's _BatchNorm) finds the drop-in layers: SWA's
-    update_bn recomputes their statistics as torch's, convert_sync_batchnorm converts them; BatchNormAct, whose
-    activation such code would drop, is no torch.nn batch norm."""
+    update_bn recomputes their statistics as torch's, convert_sync_batchnorm converts them,
+    torch.func.replace_all_batch_norm_modules_ drops their running statistics; BatchNormAct, whose activation such
+    code would drop, is no torch.nn batch norm."""
     from torch.optim.swa_utils import update_bn
     for name, args in [("BatchNorm1d", (4,)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (4,)), ("InstanceNorm1d", (4,)),
                        ("InstanceNorm2d", (4,)), ("InstanceNorm3d", (4,)), ("GroupNorm", (2, 4)), ("LayerNorm", (4,))]:
@@ -706,6 +707,13 @@ def test_layers_are_torch_nn_instances_for_torchs_tools():
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
         torch.nn.Sequential(normlab.BatchNorm2d(4), normlab.BatchNormAct2d(4)))
     assert [type(m).__name__ for m in converted] == ["SyncBatchNorm", "BatchNormAct2d"]
+    # torch.func's recipe for vmap over batch norm in training: no running statistics
+    from torch.func import replace_all_batch_norm_modules_, vmap
+    xs = torch.randn(2, 8, 3)
+    for m in (ours, ref):
+        replace_all_batch_norm_modules_(m)
+        assert m[1].running_mean is None and not m[1].track_running_stats
+    assert_close(vmap(ours)(xs), vmap(ref)(xs), 1e-5, "vmap in training")
 
 
 class _Softplus(torch.nn.Module):  # a parametrization: a positive weight
