@@ -885,6 +885,28 @@ def test_torch_compile_permuted_input():
     assert_close(compiled(x), eager(x), 1e-5, "compiled eval output")
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_jit_trace_records_the_layers(training):
+    """torch.jit.trace (TorchScript deployment; the legacy ONNX exporter traces too) records torch ops only: the
+    layers compute in torch ops while tracing, so the traced model runs as torch.nn's on new inputs (outputs,
+    running statistics, gradients), not with the traced call's results baked in."""
+    torch.manual_seed(0)
+    ref, ours = build_model(torch.nn), build_model(normlab)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(training), ours.train(training)
+    x = torch.randn(4, 3, 8, 8)
+    traced = [torch.jit.trace(m, x, check_trace=False) for m in (ref, ours)]
+    x2 = torch.randn(4, 3, 8, 8) * 2 + 1
+    ys = [t(x2) for t in traced]
+    assert_close(ys[1], ys[0], 1e-5, "traced output on a new input")
+    for y in ys:
+        y.pow(2).sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, 1e-4, f"gradient {name}")
+    assert_same_state(ref, ours, 1e-5)
+
+
 def test_torch_compile_fullgraph_train_and_eval():
     torch.manual_seed(0)
     eager = build_model(normlab)
