@@ -138,6 +138,13 @@ def _connected(grads: tuple, inputs: tuple) -> tuple:
     return tuple(out)
 
 
+def _backward_in_ops(dy: Tensor) -> bool:
+    """Whether a backward computes in differentiable torch ops rather than the kernels: double backward (grad
+    mode), a torch.func transform or trace, or a vmap over the backward (a vectorized jacobian, gradcheck's
+    batched gradients: dy wraps another tensor, which the kernels cannot read)."""
+    return torch.is_grad_enabled() or K.transformed() or K.wrapped(dy)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # batch norm
 # ----------------------------------------------------------------------------------------------------------
@@ -180,9 +187,7 @@ class _BatchNormFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None, None
         x, weight, bias, *stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        # double backward, or a vmap over this backward (a vectorized jacobian, gradcheck's batched gradients: dy
-        # wraps another tensor, which the kernels cannot read): the closed form in torch ops, statistics from x
-        if torch.is_grad_enabled() or K.transformed() or K.wrapped(dy):
+        if _backward_in_ops(dy):  # the closed form in torch ops, statistics from x
             if ctx.training:
                 m, v = portable.bn_stats(x)
                 stats = m, torch.rsqrt(v + ctx.eps)
@@ -352,7 +357,7 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         dy = dy.contiguous()
-        if torch.is_grad_enabled() or K.transformed() or K.wrapped(dy):  # as _BatchNormFunction's
+        if _backward_in_ops(dy):  # statistics recomputed from x
             n, c, _ = x.shape
             var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)).reshape(n, ctx.groups, -1), dim=2, correction=0)
             invstd = torch.rsqrt(var + ctx.eps)

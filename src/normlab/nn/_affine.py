@@ -20,14 +20,19 @@ def add_affine(module: nn.Module, shape, affine: bool, bias: bool, device=None, 
 TAKEN = object()
 
 
+def pair_of(module: nn.Module, table: dict, first: str, second: str) -> tuple:
+    """``(module.<first>, module.<second>)``, read from ``table``, the module's parameter or buffer dict
+    (``nn.Module.__getattr__`` costs ~0.5 us a name, which small layers feel), unless pruning or a
+    parametrization took them out of it."""
+    a, b = table.get(first, TAKEN), table.get(second, TAKEN)
+    if a is TAKEN or b is TAKEN:
+        return getattr(module, first), getattr(module, second)
+    return a, b
+
+
 def affine_of(module: nn.Module) -> tuple:
-    """``(module.weight, module.bias)``, read from the parameter dict (``nn.Module.__getattr__`` costs ~0.5 us
-    a name, which small layers feel) unless pruning or a parametrization took them out of it."""
-    params = module._parameters
-    weight, bias = params.get("weight", TAKEN), params.get("bias", TAKEN)
-    if weight is TAKEN or bias is TAKEN:
-        return module.weight, module.bias
-    return weight, bias
+    """``(module.weight, module.bias)`` (see :func:`pair_of`)."""
+    return pair_of(module, module._parameters, "weight", "bias")
 
 
 def reset_affine(module: nn.Module) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .. import kernels as K
-from ._affine import TAKEN, add_affine, affine_of, reset_affine
+from ._affine import add_affine, affine_of, pair_of, reset_affine
 
 
 class _NormBase(nn.Module):
@@ -123,9 +123,7 @@ class _BatchNorm(_NormBase):
         # parameters and buffers straight from their dicts: nn.Module.__getattr__ costs ~0.5 us per name, which
         # adds up on small layers (a (256, 120) forward takes ~30 us in all)
         buffers = self._buffers
-        running_mean, running_var = buffers.get("running_mean", TAKEN), buffers.get("running_var", TAKEN)
-        if running_mean is TAKEN or running_var is TAKEN:  # parametrized
-            running_mean, running_var = self.running_mean, self.running_var
+        running_mean, running_var = pair_of(self, buffers, "running_mean", "running_var")
         weight, bias = affine_of(self)
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
