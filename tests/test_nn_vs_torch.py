@@ -907,6 +907,56 @@ def test_torch_jit_trace_records_the_layers(training):
     assert_same_state(ref, ours, 1e-5)
 
 
+def _call_targets(exported) -> set[str]:
+    return {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch >= 2.6")
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_holds_torch_operators(training, strict):
+    """torch.export's program runs where normlab is not (AOTInductor, ExecuTorch, torch.onnx's default exporter,
+    which exports first): while exporting, the layers compute in torch ops, so the program holds no normlab
+    operator and runs as torch.nn's exported program on new inputs (outputs, running statistics, gradients)."""
+    torch.manual_seed(0)
+    ref, ours = build_model(torch.nn), build_model(normlab)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    ref(x), ours(x)  # running statistics away from their initial values
+    ref.train(training), ours.train(training)
+    exported = [torch.export.export(m, (x,), strict=strict) for m in (ref, ours)]
+    assert not [t for t in _call_targets(exported[1]) if "normlab" in t]
+    modules = [e.module() for e in exported]
+    x2 = torch.randn(4, 3, 8, 8) * 2 + 1
+    ys = [m(x2) for m in modules]
+    assert_close(ys[1], ys[0], 1e-5, "exported program's output on a new input")
+    for y in ys:
+        y.pow(2).sum().backward()
+    for (name, p), q in zip(modules[0].named_parameters(), modules[1].parameters()):
+        assert_close(q.grad, p.grad, 1e-4, f"gradient {name}")
+    states = [m.state_dict() for m in modules]  # (the unflattened modules order buffers by their first use)
+    assert sorted(states[0]) == sorted(states[1])
+    for key, value in states[0].items():
+        assert_close(states[1][key], value, 1e-5, key)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch >= 2.6")
+def test_torch_export_of_the_layers_torch_lacks():
+    """The fused, renormalized, ghost and switchable layers export to torch operators too, and their program
+    computes what the eager layer does (evaluation)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="silu"), normlab.BatchRenorm2d(8),
+        normlab.SwitchNorm2d(8), normlab.GhostBatchNorm2d(8, virtual_batch_size=2), normlab.FrozenBatchNorm2d(8))
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    assert not [t for t in _call_targets(exported) if "normlab" in t]
+    x2 = torch.randn(4, 3, 8, 8) * 2 + 1
+    assert_close(exported.module()(x2), model(x2), 1e-5, "exported program's output on a new input")
+
+
 def test_torch_compile_fullgraph_train_and_eval():
     torch.manual_seed(0)
     eager = build_model(normlab)

@@ -249,15 +249,17 @@ def nonfinite_channels(x):
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _tracing = torch.jit.is_tracing  # (torch.compile folds it to False; not torch._C._is_tracing, which it cannot trace)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.6)
 
 
 def transformed() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...), a forward-mode AD dual level or
-    torch.jit.trace is active. A transform hands functions tensors that wrap others, with no storage for the
-    kernels to read, and sees through torch ops only; forward-mode AD needs a forward derivative, which torch ops
-    have and the kernels' autograd nodes do not; a trace records torch ops only (the kernels' results would be
-    baked in as constants: the legacy ONNX exporter traces)."""
-    return _functorch_active() or _forward_ad._current_level >= 0 or _tracing()
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...), a forward-mode AD dual level,
+    torch.jit.trace or torch.export is active. A transform hands functions tensors that wrap others, with no
+    storage for the kernels to read, and sees through torch ops only; forward-mode AD needs a forward derivative,
+    which torch ops have and the kernels' autograd nodes do not; a trace records torch ops only (the kernels'
+    results would be baked in as constants: the legacy ONNX exporter traces); an exported program is run where
+    normlab is not (AOTInductor, ExecuTorch, ONNX), so it holds torch's operators, not normlab's custom ones."""
+    return _functorch_active() or _forward_ad._current_level >= 0 or _tracing() or _exporting()
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
