@@ -907,6 +907,37 @@ def test_torch_jit_trace_records_the_layers(training):
     assert_same_state(ref, ours, 1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_fx_symbolic_trace_keeps_the_layers_as_leaves(training):
+    """torch.fx's symbolic tracer (torchvision's feature extraction, FX graph passes) keeps torch.nn's norm layers
+    as call_module leaves; normlab's take the same place in the graph (their forward's shape checks cannot run on
+    a symbolic value), and the GraphModule computes what the model does, running statistics included."""
+    torch.manual_seed(0)
+    ref, ours = build_model(torch.nn), build_model(normlab)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(training), ours.train(training)
+    graphs = [torch.fx.symbolic_trace(m) for m in (ref, ours)]
+    assert [(n.op, n.target) for n in graphs[1].graph.nodes] == [(n.op, n.target) for n in graphs[0].graph.nodes]
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    ys = [g(x) for g in graphs]
+    assert_close(ys[1], ys[0], 1e-5, "GraphModule's output")
+    assert_same_state(ref, ours, 1e-5)  # the GraphModule's leaves are the models' own layers
+    torch.manual_seed(0)
+    beyond = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="silu"), normlab.BatchRenorm2d(8),
+        normlab.SwitchNorm2d(8), normlab.GhostBatchNorm2d(8, virtual_batch_size=2), normlab.FrozenBatchNorm2d(8),
+        normlab.SyncBatchNorm(8)).train(training)
+    graph = torch.fx.symbolic_trace(beyond)
+    assert [n.op for n in graph.graph.nodes] == ["placeholder"] + ["call_module"] * 7 + ["output"]
+    state = copy.deepcopy(beyond.state_dict())
+    y = graph(x)
+    after = copy.deepcopy(beyond.state_dict())
+    beyond.load_state_dict(state)
+    assert_close(y, beyond(x), 1e-6, "GraphModule's output, the layers torch lacks")
+    for key, value in beyond.state_dict().items():
+        assert_close(after[key], value, 1e-6, key)
+
+
 def _call_targets(exported) -> set[str]:
     return {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._fx import Proxy, leaf_node
+
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
@@ -65,6 +67,8 @@ class _FrozenBatchNorm(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
+            return leaf_node(self, input)
         self._check_input_dim(input)
         scale, shift = self.scale_shift()
         shape = [1, self.num_features] + [1] * (input.dim() - 2)
