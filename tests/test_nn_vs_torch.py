@@ -938,6 +938,98 @@ def test_torch_fx_symbolic_trace_keeps_the_layers_as_leaves(training):
         assert_close(after[key], value, 1e-6, key)
 
 
+class _Wrapper(torch.Tensor):
+    """A tensor subclass that handles torch's operators itself (``__torch_dispatch__``, as DTensor): it wraps
+    another tensor, and its own storage does not hold its values."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                   device=elem.device, requires_grad=elem.requires_grad)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.elem if isinstance(t, _Wrapper) else t
+
+        def wrap(t):
+            return _Wrapper(t) if isinstance(t, torch.Tensor) and not isinstance(t, _Wrapper) else t
+        out = func(*torch.utils._pytree.tree_map(unwrap, args),
+                   **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(wrap, out)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass with ``__torch_function__`` only (torch's default handling), as metadata-carrying ones."""
+
+
+SUBCLASS_LAYERS = [l for l in LAYERS if l[0] in ("BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm",
+                                                  "InstanceNorm2d")][::2]
+
+
+@pytest.mark.parametrize("backend", ["native", "cpu"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,args,kwargs,shape", SUBCLASS_LAYERS,
+                         ids=[f"{l[0]}-{i}" for i, l in enumerate(SUBCLASS_LAYERS)])
+def test_tensor_subclasses_as_torch(name, args, kwargs, shape, training, backend, backend_ctx):
+    """A ``__torch_dispatch__`` subclass (DTensor-like: its storage is not its values) gets torch ops, not the
+    kernels' raw reads (which crashed the process); a ``__torch_function__`` subclass is handed the call and gets
+    its type back. Outputs, input gradients and running statistics as torch.nn's on the plain values."""
+    torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape)).encode()))
+    ref, ours = pair(name, args, kwargs)
+    ref.train(training), ours.train(training)
+    initial = copy.deepcopy(ours.state_dict())
+    x = torch.randn(shape) * 2 + 1
+    dy = torch.randn(shape)
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, dy)
+    for kind in ("dispatch", "function"):
+        ours.load_state_dict(initial)
+        with backend_ctx(backend):
+            y, dx = _forward_backward(ours, x, dy, kind)
+        for what, got, want in (("output", y, y_ref), ("input gradient", dx, dx_ref)):
+            got = got.elem if isinstance(got, _Wrapper) else got.as_subclass(torch.Tensor)
+            assert_close(got, want, 1e-5, f"{kind} {what}")
+        assert_same_state(ref, ours, 1e-6)
+
+
+def _forward_backward(module, x, dy, kind):
+    if kind == "dispatch":
+        xs = _Wrapper(x.clone().requires_grad_())
+    else:
+        xs = x.clone().as_subclass(_Tagged).requires_grad_()
+    y = module(xs)
+    assert type(y) is type(xs), kind
+    return y, torch.autograd.grad(y, xs, dy)[0]
+
+
+def test_functional_hands_tensor_subclasses_over():
+    """normlab.functional, as torch.nn.functional, hands a ``__torch_function__`` subclass the call."""
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = torch.randn(4, 6, 5).as_subclass(Logged)
+    calls = [(normlab.functional.batch_norm, (x, None, None), {"training": True}),
+             (normlab.functional.group_norm, (x, 2), {}), (normlab.functional.layer_norm, (x, (5,)), {}),
+             (normlab.functional.instance_norm, (x,), {})]
+    for fn, args, kwargs in calls:
+        seen.clear()
+        y = fn(*args, **kwargs)
+        assert seen[0] is fn and type(y) is Logged
+        reference = getattr(torch.nn.functional, fn.__name__)(*(a.as_subclass(torch.Tensor) if a is x else a
+                                                                for a in args), **kwargs)
+        assert_close(y.as_subclass(torch.Tensor), reference, 1e-5, fn.__name__)
+
+
 def _call_targets(exported) -> set[str]:
     return {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
 

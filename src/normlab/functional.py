@@ -10,6 +10,10 @@ form in differentiable torch ops, recomputing the statistics from the input so t
 
 torch.compile: under compilation the kernels are called through the custom operators of :mod:`normlab.ops`.
 
+Tensor subclasses, as ``torch.nn.functional``: one with ``__torch_function__`` is handed the call (and gets its
+type back from the default handling); one with ``__torch_dispatch__`` (DTensor, a wrapper of other tensors) holds
+no values the kernels can read, and is handed the formulas in torch ops instead (as under a torch.func transform).
+
 Conventions (as ``torch.nn``)
 -----------------------------
 * Training normalizes with the **biased** batch variance and stores the **unbiased** one, ``var * n / (n-1)``,
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import kernels as K
 from . import ops
@@ -219,6 +224,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         >>> rm, rv = torch.zeros(3), torch.ones(3)
         >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch's
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(batch_norm, (input, running_mean, running_var, weight, bias), input,
+                                     running_mean, running_var, weight, bias, training, momentum, eps, act=act)
     y = _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     if y is not None:
         return y
@@ -263,7 +271,7 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
         raise TypeError("batch_norm's momentum must be a number (the new batch's weight in the running statistics), "
                         "got None; the cumulative average is a module's option: BatchNorm2d(C, momentum=None) "
                         "weighs each batch 1 / num_batches_tracked")
-    if K.transformed():
+    if K.transformed() or K.dispatched(input):
         return _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
@@ -290,10 +298,10 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
 
 
 def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act):
-    """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...): the portable formulas as
-    plain torch ops, differentiated (and batched) by the transform itself; the running statistics are updated
-    with torch ops, which a transform refuses where it refuses torch.nn's own (a captured buffer mutated under
-    grad, say)."""
+    """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...), a trace or an export, or
+    of a :func:`normlab.kernels.dispatched` subclass: the portable formulas as plain torch ops, differentiated (and
+    batched) by the transform itself; the running statistics are updated with torch ops, which a transform
+    refuses where it refuses torch.nn's own (a captured buffer mutated under grad, say)."""
     if not training:
         return portable.bn_eval_forward(input, running_mean, running_var, weight, bias, eps, act)
     y, mean, invstd = portable.bn_train_forward(input, weight, bias, eps, act)
@@ -317,7 +325,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     ``var`` is recovered as ``invstd**-2 - eps`` in float64. Channels whose batch statistics are not finite
     keep their running values (no host synchronization is needed for that; the warning is eager-CPU only).
     """
-    if torch.compiler.is_compiling() or K.transformed():
+    if torch.compiler.is_compiling() or K.transformed() or K.dispatched(mean) or K.dispatched(running_mean):
         with torch.no_grad():  # detached too: forward-mode AD would give the buffers the statistics' tangents
             K.portable.running_update(running_mean, running_var, mean.detach(), invstd.detach(), eps, n, momentum)
         return
@@ -389,7 +397,7 @@ def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_
         bias = bias if bias is None or bias.dim() == 1 else bias.reshape(layer_k)
     else:
         x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    if K.transformed():  # torch.func: plain torch ops, which the transform differentiates itself
+    if K.transformed() or K.dispatched(input):  # torch.func, a subclass: torch ops, which they see through
         y, mean, invstd = portable.gn_forward(x3, weight, bias, groups, float(eps))
     else:
         y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
@@ -406,6 +414,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     with the biased variance over the (C/G) * prod(\*) values of group g of sample n. G = 1 is layer norm over
     (C, \*) with per-channel affine; G = C is instance norm.
     """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight, bias, eps)
     out = _group_norm_native(input, weight, bias, num_groups, eps)
     if out is not None:
         return out[0]
@@ -440,6 +450,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     with statistics per leading index over the K = prod(normalized_shape) trailing values and elementwise
     γ, β of shape ``normalized_shape``. Computed as group norm with one group on (M, K, 1).
     """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     out = _group_norm_native(input, weight, bias, 1, eps, shape) if shape else None
     if out is not None:
@@ -468,6 +480,9 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     mean over the batch of the per-instance mean and unbiased variance (as ``torch.nn.functional``); without
     ``use_input_stats`` the running statistics normalize, as batch norm in evaluation mode.
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(instance_norm, (input, running_mean, running_var, weight, bias), input,
+                                     running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     _check_eps(eps)
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not use_input_stats:

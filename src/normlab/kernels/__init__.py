@@ -265,10 +265,21 @@ def transformed() -> bool:
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
 
 
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+
+
+def dispatched(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass that handles torch's operators itself (``__torch_dispatch__``: DTensor,
+    a wrapper of other tensors): its storage, where it has one, does not hold its values, so the kernels must not
+    read it; torch ops dispatch to the subclass."""
+    return type(t) is not Tensor and type(t).__torch_dispatch__ is not _PLAIN_DISPATCH
+
+
 def wrapped(t: Tensor) -> bool:
-    """Whether ``t`` wraps another tensor and has no storage of its own for the kernels to read: a torch.func
-    transform's, or a batched gradient where a vmap runs over a backward (``jacobian(..., vectorize=True)``)."""
-    return not torch.compiler.is_compiling() and not _has_storage(t)  # (compiling: tracing, with fake tensors)
+    """Whether ``t`` holds no values of its own for the kernels to read: it wraps another tensor without storage
+    (a torch.func transform's, or a batched gradient where a vmap runs over a backward: ``jacobian(...,
+    vectorize=True)``), or is a :func:`dispatched` subclass."""
+    return not torch.compiler.is_compiling() and (not _has_storage(t) or dispatched(t))  # (compiling: fake tensors)
 
 
 def count_batch(counter):
@@ -282,8 +293,8 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "wrapped", "backend_for", "use_backend", "native_batch_norm",
-           "native_group_norm",
+__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "dispatched", "wrapped", "backend_for", "use_backend",
+           "native_batch_norm", "native_group_norm",
            "portable", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_train_forward_saved",
            "bn_backward_saved", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update",
            "nonfinite_channels", "count_batch"]

@@ -196,8 +196,17 @@ void set_lanes(Geometry& g) {
   g.width = k * g.c;
 }
 
+// memory the loops can read as it is: a dense CPU tensor, not a lazy negation or conjugate, and not a tensor
+// subclass that handles torch's operators itself (__torch_dispatch__, the Python key: DTensor, a wrapper of other
+// tensors; its storage, where it has one, is not its values): those take the Python glue, which hands them torch
+// ops
+bool readable(const Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_neg() && !t.is_conj() &&
+         !t.key_set().has(c10::DispatchKey::Python);
+}
+
 bool geometry(const Tensor& x, Geometry& g) {
-  if (!x.device().is_cpu() || x.layout() != at::kStrided || x.is_neg() || x.is_conj()) return false;
+  if (!readable(x)) return false;
   if (!storage_ok(x.scalar_type())) return false;
   const int64_t d = x.dim(), numel = x.numel();
   if (d < 2 || numel == 0) return false;
@@ -228,9 +237,8 @@ bool geometry(const Tensor& x, Geometry& g) {
 // .half(): converted per call, in_dtype)
 bool vector_ok(const Tensor& t, int64_t c, at::ScalarType st) {
   return !t.defined() ||
-         (t.device().is_cpu() && t.layout() == at::kStrided &&
-          (t.scalar_type() == acc_type(st) || t.scalar_type() == st) && t.numel() == c && t.is_contiguous() &&
-          !t.is_neg() && !t.is_conj());
+         (readable(t) && (t.scalar_type() == acc_type(st) || t.scalar_type() == st) && t.numel() == c &&
+          t.is_contiguous());
 }
 
 // Conversions of a 16-bit model's per-channel vectors (contiguous, checked by vector_ok) by loops here, outside
@@ -280,8 +288,7 @@ Tensor in_dtype(const Tensor& t, at::ScalarType st) {
 
 // num_batches_tracked as this glue counts it: a CPU int64 scalar, in place (an inference tensor has no version)
 bool counter_ok(const Tensor& t) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == at::kLong && t.numel() == 1 &&
-         !t.requires_grad() && !t.is_inference();
+  return readable(t) && t.scalar_type() == at::kLong && t.numel() == 1 && !t.requires_grad() && !t.is_inference();
 }
 
 Tensor or_filled(const Tensor& t, int64_t c, const at::TensorOptions& opts, double fill) {
@@ -291,8 +298,7 @@ Tensor or_filled(const Tensor& t, int64_t c, const at::TensorOptions& opts, doub
 // the output gradient laid out as the input (dtype, strides), copied only where it is not: the loops walk both
 // in the same order (sum().backward() hands over an expanded, stride-0 gradient)
 Tensor laid_out_like(const Tensor& dy, const Tensor& x) {
-  if (dy.scalar_type() == x.scalar_type() && dy.device().is_cpu() && dy.layout() == at::kStrided &&
-      dy.strides().equals(x.strides()) && !dy.is_neg() && !dy.is_conj()) {
+  if (dy.scalar_type() == x.scalar_type() && readable(dy) && dy.strides().equals(x.strides())) {
     return dy;
   }
   Tensor matched = at::empty_like(x);
@@ -645,10 +651,10 @@ struct NormNode : Node {
                need_db = task_should_compute_output(2);
     const bool create_graph = torch::autograd::GradMode::is_enabled();
     // Double backward (create_graph), or a dy that wraps another tensor and has no storage for the loops to read
-    // (torch.func's vmap over this backward: a vectorized jacobian, gradcheck's batched gradients): the
-    // differentiable form, in ATen ops (its recomputed forward recorded, the gradients a graph only where one
-    // was asked for).
-    if (create_graph || !dy.has_storage()) {
+    // (torch.func's vmap over this backward: a vectorized jacobian, gradcheck's batched gradients) or a tensor
+    // subclass's (see readable): the differentiable form, in ATen ops (its recomputed forward recorded, the
+    // gradients a graph only where one was asked for).
+    if (create_graph || !dy.has_storage() || dy.key_set().has(c10::DispatchKey::Python)) {
       at::AutoGradMode grad_mode(true);
       return differentiable_backward(dy, x_.unpack(), weight_.unpack(), bias_.unpack(), need_dx, need_dw, need_db,
                                      create_graph);
@@ -906,8 +912,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
                                                        const c10::optional<Tensor>& bias, int64_t groups,
                                                        double eps, const std::vector<int64_t>& layer_shape) {
   const Tensor none;
-  if (!x.device().is_cpu() || x.layout() != at::kStrided || x.dim() < 2 || !x.is_contiguous() || x.is_neg() ||
-      x.is_conj() || !(eps > 0.0) || std::isinf(eps)) {
+  if (!readable(x) || x.dim() < 2 || !x.is_contiguous() || !(eps > 0.0) || std::isinf(eps)) {
     return {none, none, none, kUnsupported};
   }
   const auto st = x.scalar_type(), acc = acc_type(st);

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import kernels as K
 from ._affine import add_affine, affine_of, pair_of, reset_affine
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 
 
 class _NormBase(nn.Module):
@@ -118,8 +118,8 @@ class _BatchNorm(_NormBase):
                               f"dimension 1: set num_features={input.shape[1]} or permute the input")
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         if input.dim() not in self._ranks or input.shape[1] != self.num_features:
             self._check_input(input)
         training = self.training

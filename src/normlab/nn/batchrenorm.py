@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 from .batchnorm import _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -54,8 +54,8 @@ class _BatchRenorm(_BatchNorm):
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         if not (self.training and self.track_running_stats and self.running_mean is not None
                 and input.numel() > 0 and input.dim() >= 2 and input.shape[1] == self.num_features):
             return super().forward(input)  # evaluation, no running statistics, or an error/empty path

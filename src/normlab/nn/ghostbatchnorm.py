@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 from .batchnorm import _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -42,8 +42,8 @@ class _GhostBatchNorm(_BatchNorm):
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         if not self.training or input.dim() < 2 or input.shape[0] <= self.virtual_batch_size:
             return super().forward(input)
         self._check_input_dim(input)

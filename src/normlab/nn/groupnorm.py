@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ._affine import add_affine, affine_of, reset_affine
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 
 
 class GroupNorm(nn.GroupNorm):  # a torch.nn.GroupNorm to isinstance (see normlab.nn.batchnorm), normlab's methods
@@ -38,8 +38,8 @@ class GroupNorm(nn.GroupNorm):  # a torch.nn.GroupNorm to isinstance (see normla
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise F.NormError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
                                    f"{input.shape[1]} channels (shape {tuple(input.shape)}); channels are "

@@ -11,7 +11,7 @@ import warnings
 from torch import Tensor, nn
 
 from .. import functional as F
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 from .batchnorm import _NormBase
 
 
@@ -29,8 +29,8 @@ class _InstanceNorm(_NormBase):
                              f"{tuple(input.shape)}) for {type(self).__name__}")
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         self._check_input_dim(input)
         unbatched = input.dim() == self._batched_rank - 1
         feature_dim = 0 if unbatched else 1

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ._affine import add_affine, affine_of, reset_affine
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 
 
 class LayerNorm(nn.LayerNorm):  # a torch.nn.LayerNorm to isinstance (see normlab.nn.batchnorm), normlab's methods
@@ -37,8 +37,8 @@ class LayerNorm(nn.LayerNorm):  # a torch.nn.LayerNorm to isinstance (see normla
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         weight, bias = affine_of(self)
         return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 from .batchnorm import _NormBase
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d"]
@@ -77,8 +77,8 @@ class _SwitchNorm(_NormBase):
         return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         self._check_input_dim(input)
         if input.numel() == 0:
             return F._empty_output(input, self.weight, self.bias)

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from .. import kernels as K
 from .. import functional as F
 from ..kernels import ACTIVATIONS, acc_dtype
-from ._fx import Proxy, leaf_node
+from ._overrides import has_torch_function_unary, overridden
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
@@ -320,8 +320,8 @@ class SyncBatchNorm(_BatchNorm):
         return extra + (f", act={self.act!r}" if self.act != "identity" else "")
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx: a leaf, as torch.nn's layers
-            return leaf_node(self, input)
+        if has_torch_function_unary(input):  # torch.fx's Proxy, a tensor subclass: as torch.nn's layers
+            return overridden(self, input)
         self._check_input_dim(input)
         if self._input_dim is None:
             self._input_dim = 1 if input.dim() <= 3 else input.dim() - 2
