@@ -301,7 +301,11 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
     """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...), a trace or an export, or
     of a :func:`normlab.kernels.dispatched` subclass: the portable formulas as plain torch ops, differentiated (and
     batched) by the transform itself; the running statistics are updated with torch ops, which a transform
-    refuses where it refuses torch.nn's own (a captured buffer mutated under grad, say)."""
+    refuses where it refuses torch.nn's own (a captured buffer mutated under grad, say). A trace or an export
+    records torch.nn.functional's batch norm (:func:`normlab.kernels.recording`)."""
+    if K.recording():
+        return portable.activate(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                                                training, momentum, eps), act)
     if not training:
         return portable.bn_eval_forward(input, running_mean, running_var, weight, bias, eps, act)
     y, mean, invstd = portable.bn_train_forward(input, weight, bias, eps, act)
@@ -433,6 +437,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
                          f"(its normalized value is 0); use fewer groups or a larger batch")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
+    if K.recording():
+        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _group_norm_any(input, weight, bias, num_groups, eps)
     return _restore_format(y, input)
 
@@ -468,6 +474,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     numel = math.prod(shape)
     if input.numel() == 0 or numel == 0:
         return input.clone() if weight is None else input * weight + (0 if bias is None else bias)
+    if K.recording():
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     return _group_norm_any(input, weight, bias, 1, eps, numel)[0]
 
 
@@ -485,15 +493,18 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     _check_eps(eps)
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if not use_input_stats:
+    if not use_input_stats and not K.recording():
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     n, c = input.shape[:2]
     s = input.numel() // (n * c) if n * c else 0
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
-    if s <= 1:
+    if s <= 1 and use_input_stats:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}: "
                          f"instance norm of a single value is 0; use a larger input or BatchNorm")
+    if K.recording():
+        return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                                 momentum, eps)
     out = _group_norm_native(input, weight, bias, c, eps)
     y, mean, invstd = out if out is not None else _group_norm_any(input, weight, bias, c, eps)
     if running_mean is not None and running_var is not None:

@@ -252,13 +252,20 @@ _tracing = torch.jit.is_tracing  # (torch.compile folds it to False; not torch._
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.6)
 
 
+def recording() -> bool:
+    """Whether torch.jit.trace or torch.export is recording a graph. A trace records torch ops only (the kernels'
+    results would be baked in as constants: the legacy ONNX exporter traces); an exported program runs where
+    normlab is not (AOTInductor, ExecuTorch, ONNX). The layers then call torch.nn.functional, so the graph holds
+    torch.nn's own operators (aten::batch_norm, ...), which exporters and backends know (ONNX's
+    BatchNormalization, conv + batch norm folding)."""
+    return _tracing() or _exporting()
+
+
 def transformed() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...), a forward-mode AD dual level,
-    torch.jit.trace or torch.export is active. A transform hands functions tensors that wrap others, with no
-    storage for the kernels to read, and sees through torch ops only; forward-mode AD needs a forward derivative,
-    which torch ops have and the kernels' autograd nodes do not; a trace records torch ops only (the kernels'
-    results would be baked in as constants: the legacy ONNX exporter traces); an exported program is run where
-    normlab is not (AOTInductor, ExecuTorch, ONNX), so it holds torch's operators, not normlab's custom ones."""
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...), a forward-mode AD dual level, or a
+    :func:`recording` is active. A transform hands functions tensors that wrap others, with no storage for the
+    kernels to read, and sees through torch ops only; forward-mode AD needs a forward derivative, which torch ops
+    have and the kernels' autograd nodes do not."""
     return _functorch_active() or _forward_ad._current_level >= 0 or _tracing() or _exporting()
 
 
@@ -293,8 +300,8 @@ def count_batch(counter):
         counter.add_(1)
 
 
-__all__ = ["ACTIVATIONS", "acc_dtype", "transformed", "dispatched", "wrapped", "backend_for", "use_backend",
-           "native_batch_norm", "native_group_norm",
+__all__ = ["ACTIVATIONS", "acc_dtype", "recording", "transformed", "dispatched", "wrapped", "backend_for",
+           "use_backend", "native_batch_norm", "native_group_norm",
            "portable", "bn_stats", "bn_train_forward", "bn_train_forward_update", "bn_train_forward_saved",
            "bn_backward_saved", "bn_eval_forward", "bn_backward", "gn_forward", "gn_backward", "running_update",
            "nonfinite_channels", "count_batch"]
