@@ -1083,6 +1083,24 @@ def test_torch_export_of_the_layers_torch_lacks():
     assert_close(exported.module()(x2), model(x2), 1e-5, "exported program's output on a new input")
 
 
+def test_torch_compile_dynamic_shapes():
+    """torch.compile(dynamic=True) traces sizes and floats symbolically (eps too: math.isinf cannot take it); the
+    compiled model matches torch.nn's over changing batch and spatial sizes, in gradients and running
+    statistics too."""
+    torch.manual_seed(0)
+    ref, ours = build_model(torch.nn), build_model(normlab)
+    ours.load_state_dict(ref.state_dict())
+    compiled = torch.compile(ours, dynamic=True, fullgraph=True)
+    for n, h in ((4, 8), (6, 11), (3, 9)):
+        x = torch.randn(n, 3, h, 8) * 2 + 1
+        y_ref, y = ref(x), compiled(x)
+        assert_close(y, y_ref, 1e-5, f"compiled output, input {tuple(x.shape)}")
+        y_ref.square().sum().backward(), y.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, 1e-4, f"compiled grad {name}")
+    assert_same_state(ref, ours, 1e-5)
+
+
 def test_torch_compile_fullgraph_train_and_eval():
     torch.manual_seed(0)
     eager = build_model(normlab)

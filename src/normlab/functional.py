@@ -51,7 +51,7 @@ class NormError(ValueError, RuntimeError):
 # argument checks: state the invariant, show the value, give the fix
 # ----------------------------------------------------------------------------------------------------------
 def _check_eps(eps: float) -> None:
-    if not (eps > 0) or math.isinf(eps):
+    if not (eps > 0) or eps == math.inf:  # (not math.isinf: a symbolic float under torch.compile(dynamic=True))
         raise ValueError(f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite for a "
                          f"constant channel), got eps={eps}; the usual value is 1e-5")
 
