@@ -978,8 +978,9 @@ SUBCLASS_LAYERS = [l for l in LAYERS if l[0] in ("BatchNorm1d", "BatchNorm2d", "
                          ids=[f"{l[0]}-{i}" for i, l in enumerate(SUBCLASS_LAYERS)])
 def test_tensor_subclasses_as_torch(name, args, kwargs, shape, training, backend, backend_ctx):
     """A ``__torch_dispatch__`` subclass (DTensor-like: its storage is not its values) gets torch ops, not the
-    kernels' raw reads (which crashed the process); a ``__torch_function__`` subclass is handed the call and gets
-    its type back. Outputs, input gradients and running statistics as torch.nn's on the plain values."""
+    kernels' raw reads (which crashed the process), as input or as weight; a ``__torch_function__`` subclass is
+    handed the call and gets its type back. Outputs, input gradients and running statistics as torch.nn's on the
+    plain values."""
     torch.manual_seed(zlib.crc32(repr((name, args, kwargs, shape)).encode()))
     ref, ours = pair(name, args, kwargs)
     ref.train(training), ours.train(training)
@@ -989,8 +990,12 @@ def test_tensor_subclasses_as_torch(name, args, kwargs, shape, training, backend
     xr = x.clone().requires_grad_()
     y_ref = ref(xr)
     (dx_ref,) = torch.autograd.grad(y_ref, xr, dy)
-    for kind in ("dispatch", "function"):
+    for kind in ("dispatch", "function", "weight"):
         ours.load_state_dict(initial)
+        if kind == "weight":
+            if ours.weight is None:
+                continue
+            ours.weight = torch.nn.Parameter(_Wrapper(ours.weight.detach().clone()))
         with backend_ctx(backend):
             y, dx = _forward_backward(ours, x, dy, kind)
         for what, got, want in (("output", y, y_ref), ("input gradient", dx, dx_ref)):
@@ -1002,10 +1007,12 @@ def test_tensor_subclasses_as_torch(name, args, kwargs, shape, training, backend
 def _forward_backward(module, x, dy, kind):
     if kind == "dispatch":
         xs = _Wrapper(x.clone().requires_grad_())
-    else:
+    elif kind == "function":
         xs = x.clone().as_subclass(_Tagged).requires_grad_()
+    else:  # a subclass weight
+        xs = x.clone().requires_grad_()
     y = module(xs)
-    assert type(y) is type(xs), kind
+    assert type(y) is (_Wrapper if kind == "weight" else type(xs)), kind
     return y, torch.autograd.grad(y, xs, dy)[0]
 
 

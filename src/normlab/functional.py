@@ -271,7 +271,7 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
         raise TypeError("batch_norm's momentum must be a number (the new batch's weight in the running statistics), "
                         "got None; the cumulative average is a module's option: BatchNorm2d(C, momentum=None) "
                         "weighs each batch 1 / num_batches_tracked")
-    if K.transformed() or K.dispatched(input):
+    if K.transformed() or K.dispatched(input, weight, bias, running_mean, running_var):
         return _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
@@ -329,7 +329,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     ``var`` is recovered as ``invstd**-2 - eps`` in float64. Channels whose batch statistics are not finite
     keep their running values (no host synchronization is needed for that; the warning is eager-CPU only).
     """
-    if torch.compiler.is_compiling() or K.transformed() or K.dispatched(mean) or K.dispatched(running_mean):
+    if torch.compiler.is_compiling() or K.transformed() or K.dispatched(mean, running_mean, running_var):
         with torch.no_grad():  # detached too: forward-mode AD would give the buffers the statistics' tangents
             K.portable.running_update(running_mean, running_var, mean.detach(), invstd.detach(), eps, n, momentum)
         return
@@ -401,7 +401,7 @@ def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_
         bias = bias if bias is None or bias.dim() == 1 else bias.reshape(layer_k)
     else:
         x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    if K.transformed() or K.dispatched(input):  # torch.func, a subclass: torch ops, which they see through
+    if K.transformed() or K.dispatched(input, weight, bias):  # torch.func, subclasses: torch ops, seen through
         y, mean, invstd = portable.gn_forward(x3, weight, bias, groups, float(eps))
     else:
         y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))

@@ -266,7 +266,7 @@ def transformed() -> bool:
     :func:`recording` is active. A transform hands functions tensors that wrap others, with no storage for the
     kernels to read, and sees through torch ops only; forward-mode AD needs a forward derivative, which torch ops
     have and the kernels' autograd nodes do not."""
-    return _functorch_active() or _forward_ad._current_level >= 0 or _tracing() or _exporting()
+    return _functorch_active() or _forward_ad._current_level >= 0 or _tracing() or _exporting()  # (recording())
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
@@ -275,11 +275,14 @@ _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
 _PLAIN_DISPATCH = Tensor.__torch_dispatch__
 
 
-def dispatched(t: Tensor) -> bool:
-    """Whether ``t`` is a tensor subclass that handles torch's operators itself (``__torch_dispatch__``: DTensor,
-    a wrapper of other tensors): its storage, where it has one, does not hold its values, so the kernels must not
-    read it; torch ops dispatch to the subclass."""
-    return type(t) is not Tensor and type(t).__torch_dispatch__ is not _PLAIN_DISPATCH
+def dispatched(*tensors: Tensor | None) -> bool:
+    """Whether one of ``tensors`` is a tensor subclass that handles torch's operators itself
+    (``__torch_dispatch__``: DTensor, a wrapper of other tensors): its storage, where it has one, does not hold
+    its values, so the kernels must not read it; torch ops dispatch to the subclass."""
+    for t in tensors:
+        if type(t) is not Tensor and t is not None and type(t).__torch_dispatch__ is not _PLAIN_DISPATCH:
+            return True
+    return False
 
 
 def wrapped(t: Tensor) -> bool:
