@@ -380,6 +380,20 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, _like(dw, weight), _like(db, weight), None, None
 
 
+class _GradInFormat(torch.autograd.Function):
+    """The identity, whose backward lays the gradient out in ``fmt``: group norm's kernels take a contiguous copy
+    of a channels_last input, and torch's group norm hands back a channels_last input's gradient channels_last."""
+
+    @staticmethod
+    def forward(ctx, x, fmt):
+        ctx.fmt = fmt
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        return dx.contiguous(memory_format=ctx.fmt), None
+
+
 def _group_norm_native(input: Tensor, weight, bias, groups: int, eps: float, layer_shape: tuple[int, ...] = ()):
     """``(y, mean, invstd)`` of :func:`_group_norm_any` through the native glue (small CPU inputs: checks, loops
     and autograd node in one C++ call), or None where it declines the call, bad arguments included."""
@@ -439,6 +453,10 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
         return _empty_output(input, weight, bias)
     if K.recording():
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+    if input.requires_grad and not input.is_contiguous() and torch.is_grad_enabled() and not K.transformed():
+        fmt = portable.output_format(input)
+        if fmt is not torch.contiguous_format:  # channels_last: the input gradient too, as torch's
+            input = _GradInFormat.apply(input, fmt)
     y, _, _ = _group_norm_any(input, weight, bias, num_groups, eps)
     return _restore_format(y, input)
 
@@ -493,8 +511,8 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     _check_eps(eps)
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if not use_input_stats and not K.recording():
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if not use_input_stats and not K.recording():  # a contiguous input, output and input gradient, as torch's
+        return batch_norm(input.contiguous(), running_mean, running_var, weight, bias, False, momentum, eps)
     n, c = input.shape[:2]
     s = input.numel() // (n * c) if n * c else 0
     if input.numel() == 0:
@@ -512,4 +530,4 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
             var = (invstd.to(torch.float64).pow(-2) - eps).clamp_min(0)
             update_running_stats(running_mean, running_var, mean.mean(0),
                                  (var.mean(0) + eps).rsqrt(), eps, s, momentum)
-    return _restore_format(y, input)
+    return y  # contiguous, as torch's (which normalizes a contiguous copy of the input)
