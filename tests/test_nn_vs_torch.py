@@ -1094,6 +1094,9 @@ def test_torch_export_of_the_layers_torch_lacks():
     assert_close(exported.module()(x2), model(x2), 1e-5, "exported program's output on a new input")
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="torch < 2.6's inductor fails on the custom operators' symbolic strides (2.5.1: "
+                           "'cannot determine truth value of Relational' in get_stride_order)")
 def test_torch_compile_dynamic_shapes():
     """torch.compile(dynamic=True) traces sizes and floats symbolically (eps too: math.isinf cannot take it); the
     compiled model matches torch.nn's over changing batch and spatial sizes, in gradients and running
