@@ -98,19 +98,13 @@ def _replacement(bn: nn.Module) -> nn.Module | None:
     return None if act == "identity" else C.activation_module(act)
 
 
-class _NormLeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # normlab's own layers are leaves too: their argument checks cannot run on symbolic shapes
-        return C.is_norm(m) or type(m).__module__.startswith("normlab.nn") or super().is_leaf_module(m, qualname)
-
-
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def _fold_fx(model: nn.Module, report: FoldReport, sample_input) -> nn.Module:
-    tracer = _NormLeafTracer()
+    tracer = fx.Tracer()  # norm layers are leaves, torch.nn's and normlab's (normlab.nn._overrides)
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Folded")
     shapes = _linear_output_ranks(gm, sample_input)
