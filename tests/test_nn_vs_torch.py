@@ -1183,3 +1183,50 @@ def test_repeatable_to_the_bit_and_thread_safe(name, args, shape, channels_last,
         for t in threads:
             t.join()
     assert all(r is not None and same(r, first) for r in results)
+
+
+_DTENSOR_SCRIPT = r'''
+import sys, torch, normlab
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+torch.manual_seed(0)
+x, dy = torch.randn(8, 6, 5, 5) * 2 + 1, torch.randn(8, 6, 5, 5)
+for name, args in (("BatchNorm2d", (6,)), ("GroupNorm", (3, 6)), ("InstanceNorm2d", (6,)), ("LayerNorm", (5,))):
+    for training in (True, False):
+        runs, torch_raised = [], False
+        for nn in (torch.nn, normlab):
+            torch.manual_seed(1)
+            m = distribute_module(getattr(nn, name)(*args, **({"affine": True} if "Instance" in name else {})), mesh)
+            m.train(training)
+            xd = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+            try:
+                y = m(xd)
+            except NotImplementedError:  # an operator without a sharding strategy (older torch): torch.nn's too
+                assert nn is torch.nn or torch_raised, (name, "normlab raised where torch.nn computed")
+                torch_raised = True
+                continue
+            grads = torch.autograd.grad(y, [xd, *m.parameters()], distribute_tensor(dy, mesh, [Shard(0)]))
+            runs.append([t.full_tensor() for t in (y, *grads, *m.buffers())])
+        if len(runs) < 2:
+            continue
+        for a, b in zip(*runs):
+            err = (a.double() - b.double()).abs().max().item()
+            assert err < 1e-4, (name, training, err)
+dist.destroy_process_group()
+print("ok")
+'''
+
+
+def test_dtensor_as_torch_nn(tmp_path):
+    """DTensor (a ``__torch_dispatch__`` subclass: its storage is a shard, not its values), input and distributed
+    parameters and buffers, one gloo rank in a child process: outputs, gradients and running statistics as
+    torch.nn's, where the kernels' raw reads crashed or raised."""
+    pytest.importorskip("torch.distributed.tensor")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path / "pg")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

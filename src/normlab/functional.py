@@ -12,7 +12,7 @@ torch.compile: under compilation the kernels are called through the custom opera
 
 Tensor subclasses, as ``torch.nn.functional``: one with ``__torch_function__`` is handed the call (and gets its
 type back from the default handling); one with ``__torch_dispatch__`` (DTensor, a wrapper of other tensors) holds
-no values the kernels can read, and is handed the formulas in torch ops instead (as under a torch.func transform).
+no values the kernels can read, and goes to torch.nn.functional itself.
 
 Conventions (as ``torch.nn``)
 -----------------------------
@@ -81,6 +81,14 @@ def _check_channels(input: Tensor, **vectors: Tensor | None) -> None:
         if t is not None and t.numel() != c:
             raise NormError(f"{name} should contain {c} elements (one per channel of the input of shape "
                                  f"{tuple(input.shape)}), not {t.numel()}; check num_features")
+
+
+def _as_torch(*tensors: Tensor | None) -> bool:
+    """Whether to call torch.nn.functional itself: while a trace or an export records (the graph then holds
+    torch.nn's operators: :func:`normlab.kernels.recording`), and for a tensor subclass that handles torch's
+    operators (:func:`normlab.kernels.dispatched`: DTensor, wrappers), which then gets what torch.nn would have
+    handed it (and the sharding rules DTensor has for torch's norms)."""
+    return K.recording() or K.dispatched(*tensors)
 
 
 def _kernels():
@@ -298,12 +306,12 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
 
 
 def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act):
-    """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...), a trace or an export, or
-    of a :func:`normlab.kernels.dispatched` subclass: the portable formulas as plain torch ops, differentiated (and
-    batched) by the transform itself; the running statistics are updated with torch ops, which a transform
-    refuses where it refuses torch.nn's own (a captured buffer mutated under grad, say). A trace or an export
-    records torch.nn.functional's batch norm (:func:`normlab.kernels.recording`)."""
-    if K.recording():
+    """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...): the portable formulas as
+    plain torch ops, differentiated (and batched) by the transform itself; the running statistics are updated
+    with torch ops, which a transform refuses where it refuses torch.nn's own (a captured buffer mutated under
+    grad, say). While a trace or an export records, and for a dispatching subclass, torch.nn.functional's batch
+    norm itself (:func:`_as_torch`)."""
+    if _as_torch(input, weight, bias, running_mean, running_var):
         return portable.activate(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
                                                                 training, momentum, eps), act)
     if not training:
@@ -415,7 +423,7 @@ def _group_norm_any(input: Tensor, weight, bias, groups: int, eps: float, layer_
         bias = bias if bias is None or bias.dim() == 1 else bias.reshape(layer_k)
     else:
         x3 = input.reshape(input.shape[0], input.shape[1], -1)
-    if K.transformed() or K.dispatched(input, weight, bias):  # torch.func, subclasses: torch ops, seen through
+    if K.transformed():  # torch.func: plain torch ops, which the transform differentiates itself
         y, mean, invstd = portable.gn_forward(x3, weight, bias, groups, float(eps))
     else:
         y, mean, invstd = _GroupNormFunction.apply(x3.contiguous(), weight, bias, groups, float(eps))
@@ -451,7 +459,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
                          f"(its normalized value is 0); use fewer groups or a larger batch")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
-    if K.recording():
+    if _as_torch(input, weight, bias):
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     if input.requires_grad and not input.is_contiguous() and torch.is_grad_enabled() and not K.transformed():
         fmt = portable.output_format(input)
@@ -492,7 +500,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     numel = math.prod(shape)
     if input.numel() == 0 or numel == 0:
         return input.clone() if weight is None else input * weight + (0 if bias is None else bias)
-    if K.recording():
+    if _as_torch(input, weight, bias):
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     return _group_norm_any(input, weight, bias, 1, eps, numel)[0]
 
@@ -511,7 +519,8 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     _check_eps(eps)
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if not use_input_stats and not K.recording():  # a contiguous input, output and input gradient, as torch's
+    as_torch = _as_torch(input, running_mean, running_var, weight, bias)
+    if not use_input_stats and not as_torch:  # a contiguous input, output and input gradient, as torch's
         return batch_norm(input.contiguous(), running_mean, running_var, weight, bias, False, momentum, eps)
     n, c = input.shape[:2]
     s = input.numel() // (n * c) if n * c else 0
@@ -520,7 +529,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if s <= 1 and use_input_stats:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}: "
                          f"instance norm of a single value is 0; use a larger input or BatchNorm")
-    if K.recording():
+    if as_torch:
         return torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                                  momentum, eps)
     out = _group_norm_native(input, weight, bias, c, eps)

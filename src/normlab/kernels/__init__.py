@@ -297,7 +297,7 @@ def count_batch(counter):
     op costs several microseconds in a small layer's forward), else with torch (under a torch.func transform the
     transform sees it, as torch.nn's own count)."""
     if (_forced != "portable" and _cpu is not None and _cpu.supports_counter(counter)
-            and not torch.compiler.is_compiling() and not transformed()):
+            and not torch.compiler.is_compiling() and not transformed() and not dispatched(counter)):
         _cpu.count_batch(counter)
     else:
         counter.add_(1)
