@@ -10,7 +10,8 @@
   then runs on the subclass's values with its handling disabled, and the subclass's default handling gives the
   result its type back, as torch.nn's layers' results have it.
 
-(A subclass with ``__torch_dispatch__`` instead sees torch's operators: :func:`normlab.kernels.dispatched`.)
+(A subclass with ``__torch_dispatch__`` goes on to the layer, whose functional hands it to torch.nn.functional:
+:func:`normlab.kernels.dispatched`.)
 """
 from __future__ import annotations
 
