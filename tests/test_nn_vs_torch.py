@@ -667,6 +667,13 @@ def build_model(nn):
         nn.LayerNorm(16), torch.nn.Linear(16, 4))
 
 
+def build_beyond_model():
+    """A conv followed by the layers torch lacks, each on 8 channels (evaluation folds into batch norm's)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="silu"), normlab.BatchRenorm2d(8),
+        normlab.SwitchNorm2d(8), normlab.GhostBatchNorm2d(8, virtual_batch_size=2), normlab.FrozenBatchNorm2d(8))
+
+
 def test_whole_model_trains_the_same_for_a_dozen_sgd_steps():
     torch.manual_seed(0)
     ref = build_model(torch.nn)
@@ -930,10 +937,7 @@ def test_torch_fx_symbolic_trace_keeps_the_layers_as_leaves(training):
     assert_close(ys[1], ys[0], 1e-5, "GraphModule's output")
     assert_same_state(ref, ours, 1e-5)  # the GraphModule's leaves are the models' own layers
     torch.manual_seed(0)
-    beyond = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="silu"), normlab.BatchRenorm2d(8),
-        normlab.SwitchNorm2d(8), normlab.GhostBatchNorm2d(8, virtual_batch_size=2), normlab.FrozenBatchNorm2d(8),
-        normlab.SyncBatchNorm(8)).train(training)
+    beyond = torch.nn.Sequential(*build_beyond_model(), normlab.SyncBatchNorm(8)).train(training)
     graph = torch.fx.symbolic_trace(beyond)
     assert [n.op for n in graph.graph.nodes] == ["placeholder"] + ["call_module"] * 7 + ["output"]
     state = copy.deepcopy(beyond.state_dict())
@@ -1083,9 +1087,7 @@ def test_torch_export_of_the_layers_torch_lacks():
     """The fused, renormalized, ghost and switchable layers export to torch operators too, and their program
     computes what the eager layer does (evaluation)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), normlab.BatchNormAct2d(8, act="silu"), normlab.BatchRenorm2d(8),
-        normlab.SwitchNorm2d(8), normlab.GhostBatchNorm2d(8, virtual_batch_size=2), normlab.FrozenBatchNorm2d(8))
+    model = build_beyond_model()
     x = torch.randn(4, 3, 8, 8)
     model(x)
     model.eval()

@@ -279,7 +279,10 @@ def _batch_norm_glue(input, running_mean, running_var, weight, bias, training, m
         raise TypeError("batch_norm's momentum must be a number (the new batch's weight in the running statistics), "
                         "got None; the cumulative average is a module's option: BatchNorm2d(C, momentum=None) "
                         "weighs each batch 1 / num_batches_tracked")
-    if K.transformed() or K.dispatched(input, weight, bias, running_mean, running_var):
+    if _as_torch(input, weight, bias, running_mean, running_var):
+        return portable.activate(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                                                training, momentum, eps), act)
+    if K.transformed():
         return _batch_norm_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, act)
     # eager: the kernel call updates the running statistics too; compiled: a traceable update follows
     compiling = torch.compiler.is_compiling()
@@ -309,11 +312,7 @@ def _batch_norm_ops(input, running_mean, running_var, weight, bias, training, mo
     """:func:`batch_norm` under a torch.func transform (grad, vmap, jvp, jacrev, ...): the portable formulas as
     plain torch ops, differentiated (and batched) by the transform itself; the running statistics are updated
     with torch ops, which a transform refuses where it refuses torch.nn's own (a captured buffer mutated under
-    grad, say). While a trace or an export records, and for a dispatching subclass, torch.nn.functional's batch
-    norm itself (:func:`_as_torch`)."""
-    if _as_torch(input, weight, bias, running_mean, running_var):
-        return portable.activate(torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                                                training, momentum, eps), act)
+    grad, say)."""
     if not training:
         return portable.bn_eval_forward(input, running_mean, running_var, weight, bias, eps, act)
     y, mean, invstd = portable.bn_train_forward(input, weight, bias, eps, act)

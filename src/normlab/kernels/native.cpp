@@ -196,13 +196,14 @@ void set_lanes(Geometry& g) {
   g.width = k * g.c;
 }
 
-// memory the loops can read as it is: a dense CPU tensor, not a lazy negation or conjugate, and not a tensor
-// subclass that handles torch's operators itself (__torch_dispatch__, the Python key: DTensor, a wrapper of other
-// tensors; its storage, where it has one, is not its values): those take the Python glue, which hands them torch
-// ops
+// a tensor subclass that handles torch's operators itself (__torch_dispatch__, the Python key: DTensor, a wrapper
+// of other tensors): its storage, where it has one, is not its values (normlab.kernels.dispatched)
+bool dispatches(const Tensor& t) { return t.key_set().has(c10::DispatchKey::Python); }
+
+// memory the loops can read as it is: a dense CPU tensor, not a lazy negation or conjugate, nor one that
+// dispatches (those take the Python glue, which hands them to torch.nn.functional)
 bool readable(const Tensor& t) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_neg() && !t.is_conj() &&
-         !t.key_set().has(c10::DispatchKey::Python);
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_neg() && !t.is_conj() && !dispatches(t);
 }
 
 bool geometry(const Tensor& x, Geometry& g) {
@@ -651,10 +652,10 @@ struct NormNode : Node {
                need_db = task_should_compute_output(2);
     const bool create_graph = torch::autograd::GradMode::is_enabled();
     // Double backward (create_graph), or a dy that wraps another tensor and has no storage for the loops to read
-    // (torch.func's vmap over this backward: a vectorized jacobian, gradcheck's batched gradients) or a tensor
-    // subclass's (see readable): the differentiable form, in ATen ops (its recomputed forward recorded, the
-    // gradients a graph only where one was asked for).
-    if (create_graph || !dy.has_storage() || dy.key_set().has(c10::DispatchKey::Python)) {
+    // (torch.func's vmap over this backward: a vectorized jacobian, gradcheck's batched gradients) or one that
+    // dispatches: the differentiable form, in ATen ops (its recomputed forward recorded, the gradients a graph
+    // only where one was asked for).
+    if (create_graph || !dy.has_storage() || dispatches(dy)) {
       at::AutoGradMode grad_mode(true);
       return differentiable_backward(dy, x_.unpack(), weight_.unpack(), bias_.unpack(), need_dx, need_dw, need_db,
                                      create_graph);
