@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(cpu is None, reason="numba missing")
 # channels_last in float32 as lanes and in float64 both ways; 130 rows end their last block of 64 with 2 left over.
 # Rows shorter than their vectors (masked lanes): (9, 7), (67, 5) and the channels_last C = 3 in four vectors,
 # (67, 120) in eight (float32; float64's 120 lanes exceed 512 bytes: the memory loops), (64, 40) as rows of 40
-# lanes, and with the lanes view as rows of 80 float32 / 40 float64
+# lanes, and with the lanes view as rows of 80 float32 / 40 float64; where the compile target has no AVX-512
+# (cpu_numba._REG_MASKS), those rows take the memory loops instead
 LAYOUTS = [((5, 3, 4, 6), None), ((5, 3, 4, 6), torch.channels_last), ((9, 7), None), ((67, 5), None),
            ((4, 5, 11), None), ((2, 3, 2, 3, 4), torch.channels_last_3d), ((3, 4, 2, 2, 3), None),
            ((130, 64), None), ((8, 32, 4, 4), torch.channels_last), ((67, 120), None), ((64, 40), None)]
@@ -202,9 +203,13 @@ def test_supports():
 def test_register_loops_take_rows_of_up_to_512_bytes(dtype, shape, c, lanes):
     """The (M, C) register loops take arrays as rows of 256 bytes of compute-dtype lanes (float32 for 16-bit
     storage) where C divides that and the arrays' rows hold whole ones, else as rows of C times the largest power of
-    two that fits 512 bytes and divides the arrays' rows (the last vectors masked); wider channels and strided
-    arrays keep the memory loops."""
+    two that fits 512 bytes and divides the arrays' rows (the last vectors masked, where the target masks
+    natively: elsewhere rows that end mid-vector keep the memory loops); wider channels and strided arrays keep the
+    memory loops."""
     a = cpu._np(torch.zeros(shape, dtype=dtype))
+    vector = 64 // max(a.itemsize, 4)  # compute-dtype lanes of one 64-byte vector
+    if lanes not in (4 * vector, 8 * vector) and not cpu_numba._REG_MASKS:
+        lanes = 0
     assert cpu_numba._reg_lanes(a, c, a, a) == lanes
     if lanes:
         assert cpu_numba._reg_lanes(a, c, a[:, ::2], a) == 0  # a strided output: the memory loops

@@ -1128,7 +1128,8 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
 # conv layers). Other C up to 512 bytes (float32: 120, 84, 100, 3...; LeNet's fully connected layers) take rows
 # of C times a power of two, up to eight vectors, the last ones masked: (256, 120) forward 8.8 -> 6.4 us and
 # backward 11.8 -> 8.4 in cache, (100352, 120) 8.2 -> 7.3 ms and 14.5 -> 11.9 from memory, though such rows
-# start mid-vector and store without streaming. Wider rows do not fit the registers: strips of such rows walked
+# start mid-vector and store without streaming (an AVX-512 target; without AVX-512 a mask costs more than the
+# registers save, and those rows keep the loops above: _REG_MASKS). Wider rows do not fit the registers: strips of such rows walked
 # one after another, or rows interleaved, read slower than the loops above from memory (strips of 64 or 128
 # lanes over tiles of 8-64 rows: (4096, 1024) 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9 against 1.5; strips
 # over whole runs of rows: (4096, 1024) 2.2 ms against 0.74), faster only from L2 ((256, 512) 11 us against 14,
@@ -1146,6 +1147,27 @@ _REG_ROW_BYTES = 256  # a full row of the register view: four 64-byte vectors pe
 _REG_WIDE_BYTES = 512  # the widest row it takes: eight vectors, the last ones masked where the row is shorter
 _REG_STORAGE = (types.float32, types.float64, types.int16, types.uint16)  # bfloat16 as int16, float16 as uint16
 _REG_VECTOR_BYTES = 64  # LLVM vectors of this size (one zmm; two ymm or four xmm where the target has no zmm)
+
+
+def _target_masks_natively() -> bool:
+    """Whether the loops' compile target has AVX-512 (numba's NUMBA_CPU_FEATURES where set, else the host's),
+    where a masked load or store is one instruction. Without it LLVM lowers them to AVX's vmaskmovps, microcoded on
+    AMD cores, and the register rows that need masks ran 2.5-3.5x slower than the loops over rows in memory (one
+    thread, in cache, Zen 4 with AVX-512 hidden by its VM, us, register / memory: (256, 120) forward 22.9 / 8.1,
+    evaluation 16.9 / 7.9, backward 24.5 / 12.3; (4096, 120) forward 371 / 114), while rows that need none stayed
+    ahead ((256, 128) evaluation 3.9 / 4.7, backward 9.4 / 11.9). Not on x86 (another CPU: no LLVM vectors of
+    this kind were measured there), False."""
+    from numba.core import config
+    from llvmlite import binding
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    try:
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # pragma: no cover - a platform llvmlite cannot query: rows that need masks stay in memory
+        return False
+
+
+_REG_MASKS = _target_masks_natively()  # a compile-time constant of the loops (numba's cache is per CPU's features)
 _CONTRACT = ("contract",)  # a * b + c may become one fused multiply-add, as in the loops' fastmath
 
 
@@ -1437,7 +1459,7 @@ def _reg_lanes(x, nc, other1, other2):
     channel l % C, whatever their shape: a full row of 256 bytes of compute-dtype lanes (64 float32 lanes for
     float32, bfloat16 and float16 storage, 32 float64 ones) where C divides it and the rows hold whole ones, else
     rows of j * C lanes up to 512 bytes (j the largest power of two that divides the rows' width over C, the last
-    vectors of a row masked)."""
+    vectors of a row masked: only where the target masks natively, :data:`_REG_MASKS`, or where no mask is needed)."""
     if other1.itemsize != x.itemsize or other2.itemsize != x.itemsize:
         return 0
     if not (_dense(x) and _dense(other1) and _dense(other2)):
@@ -1452,6 +1474,8 @@ def _reg_lanes(x, nc, other1, other2):
     lanes = nc
     while 2 * lanes <= widest and x.shape[1] % (2 * lanes) == 0:
         lanes *= 2
+    if not _REG_MASKS and lanes != full and lanes != widest:  # a row that ends mid-vector (_target_masks_natively)
+        return 0
     return lanes
 
 
