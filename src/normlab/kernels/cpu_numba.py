@@ -1150,17 +1150,19 @@ _REG_VECTOR_BYTES = 64  # LLVM vectors of this size (one zmm; two ymm or four xm
 
 
 def _target_masks_natively() -> bool:
-    """Whether the loops' compile target has AVX-512 (numba's NUMBA_CPU_FEATURES where set, else the host's),
-    where a masked load or store is one instruction. Without it LLVM lowers them to AVX's vmaskmovps, microcoded on
-    AMD cores, and the register rows that need masks ran 2.5-3.5x slower than the loops over rows in memory (one
-    thread, in cache, Zen 4 with AVX-512 hidden by its VM, us, register / memory: (256, 120) forward 22.9 / 8.1,
-    evaluation 16.9 / 7.9, backward 24.5 / 12.3; (4096, 120) forward 371 / 114), while rows that need none stayed
-    ahead ((256, 128) evaluation 3.9 / 4.7, backward 9.4 / 11.9). Not on x86 (another CPU: no LLVM vectors of
-    this kind were measured there), False."""
+    """Whether the loops' compile target has AVX-512, where a masked load or store is one instruction: numba's
+    NUMBA_CPU_FEATURES where set, False for another NUMBA_CPU_NAME without them (its features unknown here), else
+    the host's. Without it LLVM lowers masks to AVX's vmaskmovps, microcoded on AMD cores, and the register rows
+    that need masks ran 2.5-3.5x slower than the loops over rows in memory (one thread, in cache, Zen 4 with AVX-512
+    hidden by its VM, us, register / memory: (256, 120) forward 22.9 / 8.1, evaluation 16.9 / 7.9, backward 24.5 /
+    12.3; (4096, 120) forward 371 / 114), while rows that need none stayed ahead ((256, 128) evaluation 3.9 / 4.7,
+    backward 9.4 / 11.9)."""
     from numba.core import config
     from llvmlite import binding
-    if config.CPU_FEATURES:
+    if config.CPU_FEATURES is not None:
         return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False
     try:
         return bool(binding.get_host_cpu_features().get("avx512f", False))
     except Exception:  # pragma: no cover - a platform llvmlite cannot query: rows that need masks stay in memory
