@@ -1129,11 +1129,11 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
 # of C times a power of two, up to eight vectors, the last ones masked: (256, 120) forward 8.8 -> 6.4 us and
 # backward 11.8 -> 8.4 in cache, (100352, 120) 8.2 -> 7.3 ms and 14.5 -> 11.9 from memory, though such rows
 # start mid-vector and store without streaming (an AVX-512 target; without AVX-512 a mask costs more than the
-# registers save, and those rows keep the loops above: _REG_MASKS). Wider rows do not fit the registers: strips of such rows walked
-# one after another, or rows interleaved, read slower than the loops above from memory (strips of 64 or 128
-# lanes over tiles of 8-64 rows: (4096, 1024) 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9 against 1.5; strips
-# over whole runs of rows: (4096, 1024) 2.2 ms against 0.74), faster only from L2 ((256, 512) 11 us against 14,
-# but 43 against 32 when the input comes from L3).
+# registers save, and those rows keep the loops above: _REG_MASKS). Wider rows do not fit the registers: strips
+# of such rows walked one after another, or rows interleaved, read slower than the loops above from memory
+# (strips of 64 or 128 lanes over tiles of 8-64 rows: (4096, 1024) 1.2-2.0 ms against 1.04; (25088, 256) 2.6-2.9
+# against 1.5; strips over whole runs of rows: (4096, 1024) 2.2 ms against 0.74), faster only from L2 ((256, 512)
+# 11 us against 14, but 43 against 32 when the input comes from L3).
 #
 # bfloat16 and float16 storage take the same rows of float32 lanes (:class:`_RegTypes`): a 16-bit vector half a
 # register wide in memory, widened on load and narrowed on store, each output rounded once as the loops above do.
