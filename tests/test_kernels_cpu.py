@@ -207,8 +207,8 @@ def test_register_loops_take_rows_of_up_to_512_bytes(dtype, shape, c, lanes):
     natively: elsewhere rows that end mid-vector keep the memory loops); wider channels and strided arrays keep the
     memory loops."""
     a = cpu._np(torch.zeros(shape, dtype=dtype))
-    vector = 64 // max(a.itemsize, 4)  # compute-dtype lanes of one 64-byte vector
-    if lanes not in (4 * vector, 8 * vector) and not cpu_numba._REG_MASKS:
+    item = max(a.itemsize, 4)  # the compute dtype's
+    if lanes not in (cpu_numba._REG_ROW_BYTES // item, cpu_numba._REG_WIDE_BYTES // item) and not cpu_numba._REG_MASKS:
         lanes = 0
     assert cpu_numba._reg_lanes(a, c, a, a) == lanes
     if lanes:

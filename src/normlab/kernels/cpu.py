@@ -72,16 +72,8 @@ from .portable import ACTIVATIONS  # noqa: E402
 _ACT_CODE = {"identity": _k.IDENTITY, "relu": _k.RELU, "silu": _k.SILU, "sigmoid": _k.SIGMOID}
 
 
-def _host_has_f16c() -> bool:
-    try:
-        from llvmlite import binding
-        return bool(binding.get_host_cpu_features().get("f16c", False))
-    except Exception:  # pragma: no cover - unknown platform: be safe
-        return False
-
-
 SUPPORTED_DTYPES = {torch.float32, torch.float64, torch.bfloat16}
-if _host_has_f16c():
+if _k.host_has("f16c"):
     SUPPORTED_DTYPES.add(torch.float16)
 
 # Below this many elements a pass takes tens of microseconds: one thread does it, with no parallel launch and no

@@ -1158,14 +1158,18 @@ def _target_masks_natively() -> bool:
     12.3; (4096, 120) forward 371 / 114), while rows that need none stayed ahead ((256, 128) evaluation 3.9 / 4.7,
     backward 9.4 / 11.9)."""
     from numba.core import config
-    from llvmlite import binding
     if config.CPU_FEATURES is not None:
         return "+avx512f" in config.CPU_FEATURES.split(",")
-    if config.CPU_NAME not in (None, "host"):
-        return False
+    return config.CPU_NAME in (None, "host") and host_has("avx512f")
+
+
+def host_has(feature: str) -> bool:
+    """Whether this host's CPU has ``feature`` (llvmlite's name: "f16c", "avx512f"); False where llvmlite cannot
+    say."""
     try:
-        return bool(binding.get_host_cpu_features().get("avx512f", False))
-    except Exception:  # pragma: no cover - a platform llvmlite cannot query: rows that need masks stay in memory
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except Exception:  # pragma: no cover - unknown platform: be safe
         return False
 
 
@@ -1476,7 +1480,7 @@ def _reg_lanes(x, nc, other1, other2):
     lanes = nc
     while 2 * lanes <= widest and x.shape[1] % (2 * lanes) == 0:
         lanes *= 2
-    if not _REG_MASKS and lanes != full and lanes != widest:  # a row that ends mid-vector (_target_masks_natively)
+    if not _REG_MASKS and lanes != widest:  # a row that ends mid-vector (full rows returned above)
         return 0
     return lanes
 
