@@ -440,7 +440,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
     elif layout == "ncs":
         _run(_k.bn_fwd_ncs, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks)
     else:
-        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks, 0)
+        _run(_k.bn_fwd_rows, threads, xa, ya, w, b, float(eps), code, mode, ma_in, sa_in, nchunks, 0, xa.shape[1])
     bad = 0 if running is None else _update_running(*running, ma, sa, eps, numel // c)
     return y, ma, sa, bad, (layout, view)
 
@@ -551,8 +551,9 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
     if layout == "ncs" and need_dx and _by_channel(xa, 2, threads):
         _run(_k.bn_bwd_ncs_channels, threads, *args, dxa, dwa, dba)
     else:
+        cols = () if layout == "ncs" else (xa.shape[1],)  # bn_bwd_rows covers all columns of its rows
         _run(_k.bn_bwd_ncs if layout == "ncs" else _k.bn_bwd_rows, threads, *args, need_dx, dxa, dwa, dba,
-             _nchunks(threads, _rows(xa, layout), numel))
+             _nchunks(threads, _rows(xa, layout), numel), *cols)
     return dx, (dw if needs[1] else None), (db if needs[2] else None)
 
 

@@ -372,12 +372,15 @@ def _merge_moments(s1, s2, cnt, m1):
     q - m^2 would lose more than 2 bits) and the sums should be taken again around the mean."""
     _column_sums(s1, m1[0])
     _column_sums(s2, m1[1])
-    redo = False
-    for c in range(m1.shape[1]):
-        m1[0, c] /= cnt
-        m1[1, c] /= cnt
-        redo = redo or m1[0, c] * m1[0, c] > 0.75 * m1[1, c]
-    return redo
+    mean, second = m1[0], m1[1]
+    far = 0
+    for c in range(mean.size):  # no early exit: the divisions vectorize (8192 channels 24 -> 6 us)
+        m = mean[c] / cnt
+        q = second[c] / cnt
+        mean[c] = m
+        second[c] = q
+        far += m * m > 0.75 * q
+    return far > 0
 
 
 @njit(**_OPTS)
@@ -1081,7 +1084,7 @@ def _row_sums(x, shift, lanes, lo, hi, s1, s2):
     if lanes:
         _reg_rows_sums(x, x, shift, lanes, lo, hi, s1, s2, False)
         return
-    nc = x.shape[1]
+    nc = shift.size  # the row's first columns (all of them but in a block of channels: bn_fwd_rows' cols)
     sh = np.empty(nc, dtype=shift.dtype)
     for c in range(nc):
         sh[c] = shift[c]
@@ -1527,19 +1530,24 @@ def _fold(lanes, nc):
 
 
 @_kernel
-def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks, whole):
+def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks, whole, cols):
     """(M, C) layout, passed as (M / k, k * C): k rows of C channels make one row of k * C lanes (lane j is
     channel j % C), so that a narrow layer's loops run over a few hundred values per row, not C. The caller
     chooses k (``normlab.kernels.cpu._lanes``: 1 for small inputs); per-channel values are tiled to the lanes and
-    per-lane sums folded back to channels. ``whole``: as :func:`bn_eval_ncs`'s."""
-    m_rows, width = x.shape
+    per-lane sums folded back to channels. ``whole``: as :func:`bn_eval_ncs`'s. ``cols``: the columns of each row
+    the call covers, x.shape[1] for all; fewer (with k = 1: x's rows hold more channels than ``w``) for a block of
+    channels, the first ``cols`` of rows x.shape[1] apart (the native glue splits wide layers with few rows by
+    channels: each thread takes a block of them whole, with no merge, see native.cpp)."""
+    m_rows = x.shape[0]
+    width = cols
     nc = w.size
     k = width // nc
+    block = width != x.shape[1]
     step = (m_rows + nchunks - 1) // nchunks
     shift = _scratch(nc, w)  # y = act((x - shift) * a + bb)
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
-    reg = _reg_lanes(x, nc, y, y)
+    reg = 0 if block else _reg_lanes(x, nc, y, y)
     if mode == MODE_EVAL:
         for c in range(nc):
             shift[c] = like(mean[c], w[0])
@@ -1574,7 +1582,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks, whole)
     shift_l = _tile(shift, width)
     a_l = _tile(a, width)
     bb_l = _tile(bb, width)
-    stream = _streams(y, width, whole)
+    stream = _streams(y, width, whole) and not block
     for t in prange(nchunks):
         _rows_normalize(act, x, y, reg, t * step, min(t * step + step, m_rows), shift_l, a_l, bb_l, stream)
 
@@ -1585,10 +1593,10 @@ def _rows_normalize_loop(x, y, lo, hi, ref, a, bb, act, stream):
         xr = x[r]
         yr = y[r]
         if stream:
-            for c in range(xr.size):
+            for c in range(ref.size):
                 _store_stream(yr, c, down(act_fwd((up(xr[c]) - ref[c]) * a[c] + bb[c], act), yr))
         else:
-            for c in range(xr.size):
+            for c in range(ref.size):  # the row's first columns (see _row_sums)
                 yr[c] = down(act_fwd((up(xr[c]) - ref[c]) * a[c] + bb[c], act), yr)
     if stream:
         _stream_fence()
@@ -1612,7 +1620,7 @@ def _rows_normalize(x, y, lanes, lo, hi, ref, a, bb, stream):
 
 @njit(inline="always")
 def _grad_sums_loop(dy, x, x0, a_z, b_z, act, lo, hi, b1, b2, s1, s2):
-    nc = x.shape[1]
+    nc = x0.size  # the row's first columns (see _row_sums)
     half = (hi - lo) // 2
     for p0 in range(0, half, _ROW_BLOCK // 2):  # two rows per sweep, one from each half (not four: see _row_sums)
         for c in range(nc):
@@ -1648,8 +1656,8 @@ def _row_grad_sums(dy, x, x0, a_z, b_z, lanes, lo, hi, s1, s2):
     if ACT == IDENTITY and lanes:
         _reg_rows_sums(x, dy, x0, lanes, lo, hi, s1, s2, True)
         return
-    b1 = np.empty(x.shape[1], dtype=x0.dtype)
-    b2 = np.empty(x.shape[1], dtype=x0.dtype)
+    b1 = np.empty(x0.size, dtype=x0.dtype)
+    b2 = np.empty(x0.size, dtype=x0.dtype)
     _grad_sums_loop(dy, x, x0, a_z, b_z, ACT, lo, hi, b1, b2, s1, s2)
 
 
@@ -1660,12 +1668,12 @@ def _dx_loop(dy, x, x0, a_z, b_z, act, lo, hi, k_g, k_d, k_0, dx, stream):
         dyr = dy[r]
         dxr = dx[r]
         if stream:
-            for c in range(xr.size):
+            for c in range(x0.size):
                 d = up(xr[c]) - x0[c]
                 g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
                 _store_stream(dxr, c, down(g * k_g[c] + d * k_d[c] + k_0[c], dxr))
         else:
-            for c in range(xr.size):
+            for c in range(x0.size):  # the row's first columns (see _row_sums)
                 d = up(xr[c]) - x0[c]
                 g = act_grad(up(dyr[c]), d * a_z[c] + b_z[c], act)
                 dxr[c] = down(g * k_g[c] + d * k_d[c] + k_0[c], dxr)
@@ -1687,10 +1695,12 @@ def _row_dx(dy, x, x0, a_z, b_z, lanes, lo, hi, k_g, k_d, k_0, dx, stream):
 
 
 @_kernel
-def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks):
+def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nchunks, cols):
     """Closed-form backward, (M, C) layout as the (M / k, k * C) view of ``bn_fwd_rows`` (see the note above
-    ``_grad_coefficients``)."""
-    m_rows, width = x.shape
+    ``_grad_coefficients``); ``cols`` as there."""
+    m_rows = x.shape[0]
+    width = cols
+    block = width != x.shape[1]
     nc = w.size
     step = (m_rows + nchunks - 1) // nchunks
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
@@ -1699,7 +1709,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     b_z_l = _tile(b_z, width)
     sg = _zeros2(nchunks, width)
     sgd = _zeros2(nchunks, width)
-    reg = _reg_lanes(x, nc, dy, dx)
+    reg = 0 if block else _reg_lanes(x, nc, dy, dx)
     for t in prange(nchunks):
         _row_grad_sums(act, dy, x, x0_l, a_z_l, b_z_l, reg, t * step, min(t * step + step, m_rows), sg[t], sgd[t])
     k_g, k_d, k_0 = _grad_finish(_fold(sg, nc), _fold(sgd, nc), invstd, w, mu, training, m_rows * (width // nc),
@@ -1709,10 +1719,27 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     k_g_l = _tile(k_g, width)
     k_d_l = _tile(k_d, width)
     k_0_l = _tile(k_0, width)
-    stream = _streams(dx, width, 0)
+    stream = _streams(dx, width, 0) and not block
     for t in prange(nchunks):
         _row_dx(act, dy, x, x0_l, a_z_l, b_z_l, reg, t * step, min(t * step + step, m_rows), k_g_l, k_d_l, k_0_l,
                 dx, stream)
+
+
+@njit(**_OPTS)
+def bn_apply_rows(x, y, ref, a, bb, act, whole):
+    """y = act((x - ref) * a + bb) on (M / k, k * C) rows, the per-channel ref, a, bb given: the native glue's split
+    training forward computes them once, in its merge of the runs' statistics, where each run's evaluation loop
+    had derived a from the variance again (a square root and a division per channel and run: 16x8192 forward at 2
+    threads spent ~20 us of its ~190 there). ``whole``: as :func:`bn_dx_rows`'s."""
+    width = x.shape[1]
+    _rows_normalize(act, x, y, _reg_lanes(x, ref.size, y, y), 0, x.shape[0], _tile(ref, width), _tile(a, width),
+                    _tile(bb, width), _streams(y, width, whole))
+
+
+@njit(**_OPTS)
+def bn_apply_ncs(x, y, ref, a, bb, act, whole):
+    """:func:`bn_apply_rows` for (N, C, S)."""
+    _eval_rows(act, x, y, 0, x.shape[0] * x.shape[1], _ONE, ref, a, bb, _streams_ncs(y, x.shape[2], whole))
 
 
 @njit(**_OPTS)
@@ -2110,7 +2137,7 @@ _FWD_ROWS, _FWD_NCS, _EVAL_NCS = bn_fwd_rows.serial, bn_fwd_ncs.serial, bn_eval_
 _BWD_ROWS, _BWD_NCS = bn_bwd_rows.serial, bn_bwd_ncs.serial
 _GN_FWD, _GN_BWD, _LN_FWD, _LN_BWD = gn_fwd.serial, gn_bwd.serial, ln_fwd.serial, ln_bwd.serial
 C_ENTRY_ORDER = ("fwd_rows", "eval_rows", "fwd_ncs", "eval_ncs", "bwd_rows", "bwd_ncs", "running",
-                 "gn_fwd", "gn_bwd", "ln_fwd", "ln_bwd", "dx_rows", "dx_ncs")
+                 "gn_fwd", "gn_bwd", "ln_fwd", "ln_bwd", "dx_rows", "dx_ncs", "apply_rows", "apply_ncs")
 
 
 @njit(inline="always")
@@ -2135,14 +2162,14 @@ def c_entry_points(dtype) -> tuple[int, ...]:
     a = types.CPointer(types.float64 if storage == types.float64 else types.float32)  # weights, statistics
     m64, i64, f64 = types.CPointer(types.float64), types.int64, types.float64
 
-    def fwd_rows(xp, yp, wp, bp, mp, ip, m, width, c, eps, act, mode):
-        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
-                  carray(mp, (c,)), carray(ip, (c,)), 1, 0)
+    def fwd_rows(xp, yp, wp, bp, mp, ip, m, ld, cols, c, eps, act, mode):
+        _FWD_ROWS(carray(xp, (m, ld)), carray(yp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
+                  carray(mp, (c,)), carray(ip, (c,)), 1, 0, cols)
         return 0
 
-    def eval_rows(xp, yp, wp, bp, mp, vp, m, width, c, eps, act, whole):
-        _FWD_ROWS(carray(xp, (m, width)), carray(yp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1, whole)
+    def eval_rows(xp, yp, wp, bp, mp, vp, m, ld, cols, c, eps, act, whole):
+        _FWD_ROWS(carray(xp, (m, ld)), carray(yp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
+                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1, whole, cols)
         return 0
 
     def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act, mode):
@@ -2155,10 +2182,10 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                   carray(mp, (c,)), carray(vp, (c,)), 1, whole)
         return 0
 
-    def bwd_rows(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, m, width, c, act, training, need_dx):
-        _BWD_ROWS(carray(dyp, (m, width)), carray(xp, (m, width)), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
-                  carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, (m, width)), carray(dwp, (c,)),
-                  carray(dbp, (c,)), 1)
+    def bwd_rows(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, m, ld, cols, c, act, training, need_dx):
+        _BWD_ROWS(carray(dyp, (m, ld)), carray(xp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
+                  carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, (m, ld)), carray(dwp, (c,)),
+                  carray(dbp, (c,)), 1, cols)
         return 0
 
     def bwd_ncs(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, n, c, s, act, training, need_dx):
@@ -2213,12 +2240,22 @@ def c_entry_points(dtype) -> tuple[int, ...]:
                   carray(ip, (c,)), act, carray(dwp, (c,)), carray(dbp, (c,)), cnt, carray(dxp, shape), whole)
         return 0
 
+    def apply_rows(xp, yp, rp, ap, bp, m, width, c, act, whole):
+        bn_apply_rows(carray(xp, (m, width)), carray(yp, (m, width)), carray(rp, (c,)), carray(ap, (c,)),
+                      carray(bp, (c,)), act, whole)
+        return 0
+
+    def apply_ncs(xp, yp, rp, ap, bp, n, c, s, act, whole):
+        bn_apply_ncs(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(rp, (c,)), carray(ap, (c,)),
+                     carray(bp, (c,)), act, whole)
+        return 0
+
     sigs = {
-        "fwd_rows": i64(p, p, a, a, m64, a, i64, i64, i64, f64, i64, i64),
-        "eval_rows": i64(p, p, a, a, a, a, i64, i64, i64, f64, i64, i64),
+        "fwd_rows": i64(p, p, a, a, m64, a, i64, i64, i64, i64, f64, i64, i64),
+        "eval_rows": i64(p, p, a, a, a, a, i64, i64, i64, i64, f64, i64, i64),
         "fwd_ncs": i64(p, p, a, a, m64, a, i64, i64, i64, f64, i64, i64),
         "eval_ncs": i64(p, p, a, a, a, a, i64, i64, i64, f64, i64, i64),
-        "bwd_rows": i64(p, p, a, a, m64, a, p, a, a, i64, i64, i64, i64, i64, i64),
+        "bwd_rows": i64(p, p, a, a, m64, a, p, a, a, i64, i64, i64, i64, i64, i64, i64),
         "bwd_ncs": i64(p, p, a, a, m64, a, p, a, a, i64, i64, i64, i64, i64, i64),
         "running": i64(a, a, m64, a, i64, f64, i64, f64),
         "gn_fwd": i64(p, p, a, a, a, a, i64, i64, i64, i64, f64, i64),
@@ -2227,8 +2264,11 @@ def c_entry_points(dtype) -> tuple[int, ...]:
         "ln_bwd": i64(p, p, a, a, a, p, a, a, i64, i64, i64, i64, i64),
         "dx_rows": i64(p, p, a, a, m64, a, m64, m64, p, i64, i64, i64, i64, i64, i64),
         "dx_ncs": i64(p, p, a, a, m64, a, m64, m64, p, i64, i64, i64, i64, i64, i64),
+        "apply_rows": i64(p, p, a, a, a, i64, i64, i64, i64, i64),
+        "apply_ncs": i64(p, p, a, a, a, i64, i64, i64, i64, i64),
     }
     fns = {"fwd_rows": fwd_rows, "eval_rows": eval_rows, "fwd_ncs": fwd_ncs, "eval_ncs": eval_ncs,
            "bwd_rows": bwd_rows, "bwd_ncs": bwd_ncs, "running": running, "gn_fwd": gn_fwd_c, "gn_bwd": gn_bwd_c,
-           "ln_fwd": ln_fwd_c, "ln_bwd": ln_bwd_c, "dx_rows": dx_rows, "dx_ncs": dx_ncs}
+           "ln_fwd": ln_fwd_c, "ln_bwd": ln_bwd_c, "dx_rows": dx_rows, "dx_ncs": dx_ncs,
+           "apply_rows": apply_rows, "apply_ncs": apply_ncs}
     return tuple(cfunc(sigs[name], cache=True, error_model="numpy")(fns[name]).address for name in C_ENTRY_ORDER)

@@ -42,18 +42,20 @@ constexpr int kLoopsNotSet = 0, kLoopsReady = 1, kLoopsDeclined = 2;  // Loops::
 template <typename S, typename A>
 struct Loops {
   // fwd_*: the last argument is the mode (kModeTrain: statistics and y; kModeStats: mean and biased variance)
-  int64_t (*fwd_rows)(const S*, S*, const A*, const A*, double*, A*, int64_t, int64_t, int64_t, double, int64_t,
-                      int64_t) = nullptr;
+  // *_rows: (rows, ld, cols, c): `rows` rows ld elements apart, of which the call covers the first cols (ld for
+  // all; a block of c channels otherwise, channel_runs)
+  int64_t (*fwd_rows)(const S*, S*, const A*, const A*, double*, A*, int64_t, int64_t, int64_t, int64_t, double,
+                      int64_t, int64_t) = nullptr;
   // eval_*, dx_*: the last argument is the bytes of the whole output a run writes a part of (its streaming stores
   // are chosen by that size, as for the whole output in one call)
-  int64_t (*eval_rows)(const S*, S*, const A*, const A*, const A*, const A*, int64_t, int64_t, int64_t, double,
-                       int64_t, int64_t) = nullptr;
+  int64_t (*eval_rows)(const S*, S*, const A*, const A*, const A*, const A*, int64_t, int64_t, int64_t, int64_t,
+                       double, int64_t, int64_t) = nullptr;
   int64_t (*fwd_ncs)(const S*, S*, const A*, const A*, double*, A*, int64_t, int64_t, int64_t, double, int64_t,
                      int64_t) = nullptr;
   int64_t (*eval_ncs)(const S*, S*, const A*, const A*, const A*, const A*, int64_t, int64_t, int64_t, double,
                       int64_t, int64_t) = nullptr;
   int64_t (*bwd_rows)(const S*, const S*, const A*, const A*, const double*, const A*, S*, A*, A*, int64_t,
-                      int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*bwd_ncs)(const S*, const S*, const A*, const A*, const double*, const A*, S*, A*, A*, int64_t,
                      int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*running)(A*, A*, const double*, const A*, int64_t, double, int64_t, double) = nullptr;
@@ -70,6 +72,12 @@ struct Loops {
                      S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
   int64_t (*dx_ncs)(const S*, const S*, const A*, const A*, const double*, const A*, const double*, const double*,
                     S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) = nullptr;
+  // y = act((x - ref) * a + bb) with the per-channel ref, a, bb given (the split training forward's second pass);
+  // the last argument as eval_*'s
+  int64_t (*apply_rows)(const S*, S*, const A*, const A*, const A*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t) = nullptr;
+  int64_t (*apply_ncs)(const S*, S*, const A*, const A*, const A*, int64_t, int64_t, int64_t, int64_t,
+                       int64_t) = nullptr;
   // kLoopsNotSet until set_loops, then kLoopsReady, or kLoopsDeclined where the host's loops do not take the
   // dtype (float16 without F16C); stored after the pointers: a thread that sees kLoopsReady sees them
   std::atomic<int> state{kLoopsNotSet};
@@ -79,7 +87,7 @@ struct Loops {
       state.store(kLoopsDeclined, std::memory_order_release);
       return;
     }
-    TORCH_CHECK(a.size() == 13, "normlab native: expected 13 loop addresses, got ", a.size());
+    TORCH_CHECK(a.size() == 15, "normlab native: expected 15 loop addresses, got ", a.size());
     fwd_rows = reinterpret_cast<decltype(fwd_rows)>(a[0]);
     eval_rows = reinterpret_cast<decltype(eval_rows)>(a[1]);
     fwd_ncs = reinterpret_cast<decltype(fwd_ncs)>(a[2]);
@@ -93,6 +101,8 @@ struct Loops {
     ln_bwd = reinterpret_cast<decltype(ln_bwd)>(a[10]);
     dx_rows = reinterpret_cast<decltype(dx_rows)>(a[11]);
     dx_ncs = reinterpret_cast<decltype(dx_ncs)>(a[12]);
+    apply_rows = reinterpret_cast<decltype(apply_rows)>(a[13]);
+    apply_ncs = reinterpret_cast<decltype(apply_ncs)>(a[14]);
     state.store(kLoopsReady, std::memory_order_release);
   }
 };
@@ -334,6 +344,31 @@ int64_t row_size(const Geometry& g) { return g.rows ? g.width : g.c * g.s; }  //
 
 int64_t bn_runs(const Geometry& g) { return runs_for(g.n, g.n * row_size(g), bn_parallel_from); }
 
+// A rows-layout input of few rows (kChannelSplitRows at most, C values a row: no lanes) splits by channels
+// instead: each run takes a block of channels over all rows, its statistics, y, dweight, dbias and dx whole, in one
+// call of the loops: no merge of the runs' sums, no second pass, no per-channel step done once per run, which on
+// such inputs cost more than the rows' own work. Split by rows (float32, 2 threads, median us, torch's beside,
+// 2026-12-06): 16x8192 forward 135 (torch 112), forward+backward 303 (249); 32x2048 47 (50), 133 (135); 16x16384
+// 344 (374), 977 (714). By channels: 71, 163; 25, 85; 189, 329; 64x2048 forward+backward 162 -> 121, 128x1024 at
+// parity, evaluation within a few us either way. From 256 rows the blocks' rows, half a row each, read slower than
+// whole rows (256x1024 forward 86 -> 127 us, 2048x512 111 -> 269). At least kChannelBlock channels a run; 1 where
+// it does not apply (the rows split, bn_runs, then decides).
+constexpr int64_t kChannelSplitRows = 64, kChannelBlock = 64;
+
+int64_t channel_runs(const Geometry& g) {
+  if (!g.rows || g.width != g.c || g.n > kChannelSplitRows) return 1;
+  return std::min(bn_runs(g), g.c / kChannelBlock);
+}
+
+// f(lo, hi) for run t's block of channels [lo, hi), the blocks' edges on 64-byte lines of S (runs write no line in
+// common where a row's bytes are a multiple of 64)
+template <typename S, typename F>
+void over_channel_blocks(int64_t c, int64_t runs, const F& f) {
+  const int64_t unit = 64 / static_cast<int64_t>(sizeof(S));
+  auto edge = [&](int64_t t) { return t == runs ? c : t * c / runs / unit * unit; };
+  over_runs(runs, runs, [&](int64_t t, int64_t, int64_t) { f(edge(t), edge(t + 1)); });
+}
+
 // One run's training pass (mode kModeTrain: statistics and y; kModeStats: mean and biased variance only) on rows
 // [lo, hi): the loops see the run as a batch of its own.
 template <typename S, typename A>
@@ -341,7 +376,7 @@ void forward_run(const Loops<S, A>& k, const Geometry& g, const S* x, S* y, cons
                  A* second, int64_t lo, int64_t hi, double eps, int64_t act, int64_t mode) {
   const int64_t off = lo * row_size(g);
   if (g.rows) {
-    k.fwd_rows(x + off, y + off, w, b, mean, second, hi - lo, g.width, g.c, eps, act, mode);
+    k.fwd_rows(x + off, y + off, w, b, mean, second, hi - lo, g.width, g.width, g.c, eps, act, mode);
   } else {
     k.fwd_ncs(x + off, y + off, w, b, mean, second, hi - lo, g.c, g.s, eps, act, mode);
   }
@@ -354,23 +389,24 @@ void eval_run(const Loops<S, A>& k, const Geometry& g, const S* x, S* y, const A
               const A* var, int64_t lo, int64_t hi, double eps, int64_t act, int64_t whole) {
   const int64_t off = lo * row_size(g);
   if (g.rows) {
-    k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.c, eps, act, whole);
+    k.eval_rows(x + off, y + off, w, b, mean, var, hi - lo, g.width, g.width, g.c, eps, act, whole);
   } else {
     k.eval_ncs(x + off, y + off, w, b, mean, var, hi - lo, g.c, g.s, eps, act, whole);
   }
 }
 
 // The training forward split into runs: each run's mean and biased variance (kModeStats), merged here in float64
-// (Chan et al.: the runs' second moments about the batch mean), then each run normalized by the evaluation loop
-// with the batch's statistics. Its reference point is the mean rounded to the compute type A and the rounding's
-// remainder goes into the bias, as in the single-run loops, so a channel with a large mean keeps its precision.
+// (Chan et al.: the runs' second moments about the batch mean), then each run normalized (apply_*) with the
+// coefficients computed here once for all runs. Its reference point is the mean rounded to the compute type A and
+// the rounding's remainder goes into the bias, as in the single-run loops, so a channel with a large mean keeps its
+// precision.
 template <typename S, typename A>
 void forward_split(const Loops<S, A>& k, const Call& call, int64_t runs, const S* x, S* y, const A* w, const A* b,
                    double* mean, A* invstd, int64_t whole) {
   const Geometry& g = call.g;
   const int64_t c = g.c, per_channel = g.rows ? g.width / g.c : g.s;
   std::vector<double> means(runs * c);
-  std::vector<A> vars(runs * c), ref(c), var_t(c), bias(c);
+  std::vector<A> vars(runs * c), ref(c), a(c), bias(c);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
     forward_run(k, g, x, y, w, b, &means[t * c], &vars[t * c], lo, hi, call.eps, call.act, kModeStats);
   });
@@ -378,26 +414,50 @@ void forward_split(const Loops<S, A>& k, const Call& call, int64_t runs, const S
   for (int64_t t = 0; t < runs; ++t) {
     counts[t] = static_cast<double>(((t + 1) * g.n / runs - t * g.n / runs) * per_channel);
   }
+  // the merge, a step at a time over all channels, each step's loop vectorized (channel by channel, with the runs
+  // in an inner loop, (256, 512) spent 4.8 us of its 21.5 us forward at 2 threads here); a channel's values are
+  // added in run order either way
   const double total = static_cast<double>(g.n * per_channel);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double m = 0, m2 = 0;
-    for (int64_t t = 0; t < runs; ++t) m += counts[t] * means[t * c + ch];
-    m /= total;
-    for (int64_t t = 0; t < runs; ++t) {
-      const double d = means[t * c + ch] - m;
-      m2 += counts[t] * (static_cast<double>(vars[t * c + ch]) + d * d);
+  std::vector<double> m(c, 0.0), m2(c, 0.0);
+  for (int64_t t = 0; t < runs; ++t) {
+    const double n_t = counts[t];
+    const double* mt = &means[t * c];
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) m[ch] += n_t * mt[ch];
+  }
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) m[ch] /= total;
+  for (int64_t t = 0; t < runs; ++t) {
+    const double n_t = counts[t];
+    const double* mt = &means[t * c];
+    const A* vt = &vars[t * c];
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double d = mt[ch] - m[ch];
+      m2[ch] += n_t * (static_cast<double>(vt[ch]) + d * d);
     }
-    mean[ch] = m;
-    var_t[ch] = static_cast<A>(m2 / total);
+  }
+  const A eps_a = static_cast<A>(call.eps);
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean[ch] = m[ch];
     // as the loops' _invstd: var + eps rounded to A, the root in float64
-    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<A>(var_t[ch] + static_cast<A>(call.eps))));
+    const A var_t = static_cast<A>(m2[ch] / total);
+    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<A>(var_t + eps_a)));
     invstd[ch] = static_cast<A>(inv);
-    ref[ch] = static_cast<A>(m);
-    const double a = static_cast<double>(static_cast<A>(inv * static_cast<double>(w[ch])));
-    bias[ch] = static_cast<A>(static_cast<double>(b[ch]) - (m - static_cast<double>(ref[ch])) * a);
+    ref[ch] = static_cast<A>(m[ch]);
+    const A a_ch = static_cast<A>(inv * static_cast<double>(w[ch]));
+    a[ch] = a_ch;
+    bias[ch] = static_cast<A>(static_cast<double>(b[ch]) - (m[ch] - static_cast<double>(ref[ch])) *
+                              static_cast<double>(a_ch));
   }
   over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
-    eval_run(k, g, x, y, w, bias.data(), ref.data(), var_t.data(), lo, hi, call.eps, call.act, whole);
+    const int64_t off = lo * row_size(g);
+    if (g.rows) {
+      k.apply_rows(x + off, y + off, ref.data(), a.data(), bias.data(), hi - lo, g.width, c, call.act, whole);
+    } else {
+      k.apply_ncs(x + off, y + off, ref.data(), a.data(), bias.data(), hi - lo, c, g.s, call.act, whole);
+    }
   });
 }
 
@@ -407,25 +467,34 @@ template <typename S, typename A>
 void forward_loops(const Loops<S, A>& k, Call& call, const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& b,
                    const Tensor& mean, const Tensor& invstd) {
   const Geometry& g = call.g;
-  const int64_t runs = bn_runs(g);
-  if (call.training) {
-    if (runs > 1) {
-      forward_split(k, call, runs, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), mp<double>(mean), mp<A>(invstd),
-                    x.nbytes());
-    } else {
-      forward_run(k, g, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), mp<double>(mean), mp<A>(invstd), 0, g.n, call.eps,
-                  call.act, kModeTrain);
-    }
-    if (call.running_mean.defined()) {
-      const int64_t count = x.numel() / g.c;
-      call.nonfinite = k.running(mp<A>(call.running_mean), mp<A>(call.running_var), cp<double>(mean), cp<A>(invstd),
-                                 g.c, call.eps, count, call.momentum);
-    }
-  } else {
-    over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
-      eval_run(k, g, cp<S>(x), mp<S>(y), cp<A>(w), cp<A>(b), cp<A>(call.running_mean), cp<A>(call.running_var), lo,
-               hi, call.eps, call.act, x.nbytes());
+  const int64_t runs = bn_runs(g), blocks = channel_runs(g);
+  const S* xp = cp<S>(x);
+  S* yp = mp<S>(y);
+  const A *wp = cp<A>(w), *bp = cp<A>(b);
+  if (blocks > 1) {
+    over_channel_blocks<S>(g.c, blocks, [&](int64_t lo, int64_t hi) {
+      if (call.training) {
+        k.fwd_rows(xp + lo, yp + lo, wp + lo, bp + lo, mp<double>(mean) + lo, mp<A>(invstd) + lo, g.n, g.width,
+                   hi - lo, hi - lo, call.eps, call.act, kModeTrain);
+      } else {
+        k.eval_rows(xp + lo, yp + lo, wp + lo, bp + lo, cp<A>(call.running_mean) + lo, cp<A>(call.running_var) + lo,
+                    g.n, g.width, hi - lo, hi - lo, call.eps, call.act, x.nbytes());
+      }
     });
+  } else if (!call.training) {
+    over_runs(g.n, runs, [&](int64_t, int64_t lo, int64_t hi) {
+      eval_run(k, g, xp, yp, wp, bp, cp<A>(call.running_mean), cp<A>(call.running_var), lo, hi, call.eps, call.act,
+               x.nbytes());
+    });
+  } else if (runs > 1) {
+    forward_split(k, call, runs, xp, yp, wp, bp, mp<double>(mean), mp<A>(invstd), x.nbytes());
+  } else {
+    forward_run(k, g, xp, yp, wp, bp, mp<double>(mean), mp<A>(invstd), 0, g.n, call.eps, call.act, kModeTrain);
+  }
+  if (call.training && call.running_mean.defined()) {
+    const int64_t count = x.numel() / g.c;
+    call.nonfinite = k.running(mp<A>(call.running_mean), mp<A>(call.running_var), cp<double>(mean), cp<A>(invstd),
+                               g.c, call.eps, count, call.momentum);
   }
 }
 
@@ -473,6 +542,14 @@ void backward_loops(const Loops<S, A>& k, const Geometry& g, const Tensor& dy, c
   const A *wp = cp<A>(w), *bp = cp<A>(b), *ip = cp<A>(invstd);
   const double* mp_ = cp<double>(mean);
   S* dxp = need_dx ? mp<S>(dx) : const_cast<S*>(xp);  // not written without need_dx
+  const int64_t blocks = channel_runs(g);
+  if (blocks > 1) {
+    over_channel_blocks<S>(c, blocks, [&](int64_t lo, int64_t hi) {
+      k.bwd_rows(dyp + lo, xp + lo, wp + lo, bp + lo, mp_ + lo, ip + lo, dxp + lo, mp<A>(dw) + lo, mp<A>(db) + lo, g.n,
+                 g.width, hi - lo, hi - lo, act, training, need_dx);
+    });
+    return;
+  }
   RunPartials<A> partial(runs, c);
   const bool dx_with_sums = need_dx && (runs == 1 || !training);
   over_runs(g.n, runs, [&](int64_t t, int64_t lo, int64_t hi) {
@@ -480,8 +557,8 @@ void backward_loops(const Loops<S, A>& k, const Geometry& g, const Tensor& dy, c
     A* dbt = runs == 1 ? mp<A>(db) : partial.db(t);
     const int64_t off = lo * per;
     if (g.rows) {
-      k.bwd_rows(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, g.width, c, act, training,
-                 dx_with_sums);
+      k.bwd_rows(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, g.width, g.width, c, act,
+                 training, dx_with_sums);
     } else {
       k.bwd_ncs(dyp + off, xp + off, wp, bp, mp_, ip, dxp + off, dwt, dbt, hi - lo, c, g.s, act, training,
                 dx_with_sums);
