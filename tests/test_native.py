@@ -123,10 +123,12 @@ def test_gradcheck_and_double_backward(act, training, shape):
 
 
 # (32, 2072) and (64, 1024): few rows, split by blocks of channels instead (native.cpp, channel_runs; 2072 channels
-# make blocks whose edges are not a row's halves and rows that end mid-line)
+# make blocks whose edges are not a row's halves and rows that end mid-line); (522, 42, 3) and (130, 150, 2, 2): short
+# (n, c) rows, taken as flat sample rows (cpu_numba._FLAT_S_BELOW)
 SPLIT_BN = [((2048, 64), torch.contiguous_format), ((300, 250), torch.contiguous_format),
             ((15, 8, 24, 25), torch.contiguous_format), ((32, 16, 16, 16), torch.channels_last),
-            ((32, 2072), torch.contiguous_format), ((64, 1024), torch.contiguous_format)]
+            ((32, 2072), torch.contiguous_format), ((64, 1024), torch.contiguous_format),
+            ((522, 42, 3), torch.contiguous_format), ((130, 150, 2, 2), torch.contiguous_format)]
 ACTS = {"identity": lambda z: z, "relu": torch.relu, "silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
 
 

@@ -25,11 +25,12 @@ def _native(backend_ctx):
         yield
 
 
-# (shape, memory format): the rows layout, (N, C, S), channels_last, and two past native.BN_SPLIT_FROM (split over
-# threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples, (32, 2080) by blocks of channels; 4096
-# channels: float16 vectors of that length are converted by ATen's kernel (native.cpp, kHalfByAtenFrom), shorter
-# ones by the glue's loop
+# (shape, memory format): the rows layout, (N, C, S), (N, C, S) of short rows (flat sample rows), channels_last, and
+# three past native.BN_SPLIT_FROM (split over threads at two): (2048, 64) in lanes, (15, 8, 24, 25) by samples,
+# (32, 2080) by blocks of channels; 4096 channels: float16 vectors of that length are converted by ATen's kernel
+# (native.cpp, kHalfByAtenFrom), shorter ones by the glue's loop
 HALF_LAYOUTS = [((32, 6), torch.contiguous_format), ((8, 6, 5, 7), torch.contiguous_format),
+                ((64, 20, 3), torch.contiguous_format),
                 ((8, 6, 5, 7), torch.channels_last), ((2048, 64), torch.contiguous_format),
                 ((15, 8, 24, 25), torch.contiguous_format), ((32, 2080), torch.contiguous_format),
                 ((8, 4096), torch.contiguous_format)]  # a 16-bit model's vectors long enough for ATen's conversion
