@@ -1821,8 +1821,8 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
 def bn_apply_rows(x, y, ref, a, bb, act, whole):
     """y = act((x - ref) * a + bb) on (M / k, k * C) rows, the per-channel ref, a, bb given: the native glue's split
     training forward computes them once, in its merge of the runs' statistics, where each run's evaluation loop
-    had derived a from the variance again (a square root and a division per channel and run: 16x8192 forward at 2
-    threads spent ~20 us of its ~190 there). ``whole``: as :func:`bn_dx_rows`'s."""
+    had derived a from the variance again (a square root and a division per channel and run: ~1.2 ns a channel
+    here, 10 us for 8192 channels). ``whole``: as :func:`bn_dx_rows`'s."""
     width = x.shape[1]
     _rows_normalize(act, x, y, _reg_lanes(x, ref.size, y, y), 0, x.shape[0], _tile(ref, width), _tile(a, width),
                     _tile(bb, width), _streams(y, width, whole))
