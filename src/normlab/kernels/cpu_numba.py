@@ -636,6 +636,7 @@ def _line_split(row):
 # The row loops take (r_lo, r_hi, step): step 1 walks the rows in memory order, step C one channel's rows.
 # ------------------------------------------------------------------------------------------------------
 _ONE = np.intp(1)  # the memory-order step: an intp like the channel kernels' C (a literal 1 compiles every loop twice)
+_ZERO = np.intp(0)  # a first row, or the (M, C) loops' lanes argument for their memory form: as _ONE, not a literal
 
 
 @njit(inline="always")
@@ -795,7 +796,7 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks, whole):
         ref_l, a_l, bb_l = _repeat(ref, ns), _repeat(a, ns), _repeat(bb, ns)
         stream = _streams(y2, nc * ns, whole)
         for k in prange(nchunks):
-            _rows_normalize(act, x2, y2, 0, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
+            _rows_normalize(act, x2, y2, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
         return
     for k in prange(nchunks):
         _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, ref, a, bb, stream)
@@ -934,7 +935,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         if flat:
             shift_l = _repeat(shift, ns)
             for k in prange(nchunks):
-                _row_sums(x2, shift_l, 0, k * nb // nchunks, (k + 1) * nb // nchunks, s1_l[k], s2_l[k])
+                _row_sums(x2, shift_l, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, s1_l[k], s2_l[k])
             _fold_repeat(s1_l, ns, s1)
             _fold_repeat(s2_l, ns, s2)
         else:
@@ -956,7 +957,7 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
         ref_l, a_l, bb_l = _repeat(shift, ns), _repeat(a, ns), _repeat(bb, ns)
         stream = _streams(y2, nc * ns, 0)
         for k in prange(nchunks):
-            _rows_normalize(act, x2, y2, 0, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
+            _rows_normalize(act, x2, y2, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
         return
     stream = _streams_ncs(y, ns, 0)
     for k in prange(nchunks):
@@ -1061,8 +1062,8 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
         sg_l = _zeros2(nchunks, nc * ns)
         sgd_l = _zeros2(nchunks, nc * ns)
         for k in prange(nchunks):
-            _row_grad_sums(act, dy2, x2, x0_l, a_z_l, b_z_l, 0, k * nb // nchunks, (k + 1) * nb // nchunks, sg_l[k],
-                           sgd_l[k])
+            _row_grad_sums(act, dy2, x2, x0_l, a_z_l, b_z_l, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks,
+                           sg_l[k], sgd_l[k])
         _fold_repeat(sg_l, ns, sg)
         _fold_repeat(sgd_l, ns, sgd)
         k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
@@ -1071,7 +1072,7 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
         k_g_l, k_d_l, k_0_l = _repeat(k_g, ns), _repeat(k_d, ns), _repeat(k_0, ns)
         stream = _streams(dx2, nc * ns, 0)
         for k in prange(nchunks):
-            _row_dx(act, dy2, x2, x0_l, a_z_l, b_z_l, 0, k * nb // nchunks, (k + 1) * nb // nchunks, k_g_l, k_d_l,
+            _row_dx(act, dy2, x2, x0_l, a_z_l, b_z_l, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, k_g_l, k_d_l,
                     k_0_l, dx2, stream)
         return
     for k in prange(nchunks):
@@ -1639,7 +1640,7 @@ def bn_fwd_rows(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks, whole,
     shift = _scratch(nc, w)  # y = act((x - shift) * a + bb)
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
-    reg = 0 if block else _reg_lanes(x, nc, y, y)
+    reg = _ZERO if block else _reg_lanes(x, nc, y, y)
     if mode == MODE_EVAL:
         for c in range(nc):
             shift[c] = like(mean[c], w[0])
@@ -1801,7 +1802,7 @@ def bn_bwd_rows(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, n
     b_z_l = _tile(b_z, width)
     sg = _zeros2(nchunks, width)
     sgd = _zeros2(nchunks, width)
-    reg = 0 if block else _reg_lanes(x, nc, dy, dx)
+    reg = _ZERO if block else _reg_lanes(x, nc, dy, dx)
     for t in prange(nchunks):
         _row_grad_sums(act, dy, x, x0_l, a_z_l, b_z_l, reg, t * step, min(t * step + step, m_rows), sg[t], sgd[t])
     k_g, k_d, k_0 = _grad_finish(_fold(sg, nc), _fold(sgd, nc), invstd, w, mu, training, m_rows * (width // nc),
@@ -1824,8 +1825,8 @@ def bn_apply_rows(x, y, ref, a, bb, act, whole):
     had derived a from the variance again (a square root and a division per channel and run: ~1.2 ns a channel
     here, 10 us for 8192 channels). ``whole``: as :func:`bn_dx_rows`'s."""
     width = x.shape[1]
-    _rows_normalize(act, x, y, _reg_lanes(x, ref.size, y, y), 0, x.shape[0], _tile(ref, width), _tile(a, width),
-                    _tile(bb, width), _streams(y, width, whole))
+    _rows_normalize(act, x, y, _reg_lanes(x, ref.size, y, y), _ZERO, x.shape[0], _tile(ref, width),
+                    _tile(a, width), _tile(bb, width), _streams(y, width, whole))
 
 
 @njit(**_OPTS)
@@ -1834,10 +1835,10 @@ def bn_apply_ncs(x, y, ref, a, bb, act, whole):
     ns = x.shape[2]
     if _flat(x):
         y2 = _flat_rows(y)
-        _rows_normalize(act, _flat_rows(x), y2, 0, 0, x.shape[0], _repeat(ref, ns), _repeat(a, ns), _repeat(bb, ns),
-                        _streams(y2, y2.shape[1], whole))
+        _rows_normalize(act, _flat_rows(x), y2, _ZERO, _ZERO, x.shape[0], _repeat(ref, ns), _repeat(a, ns),
+                        _repeat(bb, ns), _streams(y2, y2.shape[1], whole))
         return
-    _eval_rows(act, x, y, 0, x.shape[0] * x.shape[1], _ONE, ref, a, bb, _streams_ncs(y, ns, whole))
+    _eval_rows(act, x, y, _ZERO, x.shape[0] * x.shape[1], _ONE, ref, a, bb, _streams_ncs(y, ns, whole))
 
 
 @njit(**_OPTS)
@@ -1850,7 +1851,7 @@ def bn_dx_rows(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx, whole):
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
     reg = _reg_lanes(x, w.size, dy, dx)
-    _row_dx(act, dy, x, _tile(x0, width), _tile(a_z, width), _tile(b_z, width), reg, 0, x.shape[0],
+    _row_dx(act, dy, x, _tile(x0, width), _tile(a_z, width), _tile(b_z, width), reg, _ZERO, x.shape[0],
             _tile(k_g, width), _tile(k_d, width), _tile(k_0, width), dx, _streams(dx, width, whole))
 
 
@@ -1862,11 +1863,12 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx, whole):
     ns = x.shape[2]
     if _flat(x):
         dx2 = _flat_rows(dx)
-        _row_dx(act, _flat_rows(dy), _flat_rows(x), _repeat(x0, ns), _repeat(a_z, ns), _repeat(b_z, ns), 0, 0,
-                x.shape[0], _repeat(k_g, ns), _repeat(k_d, ns), _repeat(k_0, ns), dx2,
+        _row_dx(act, _flat_rows(dy), _flat_rows(x), _repeat(x0, ns), _repeat(a_z, ns), _repeat(b_z, ns), _ZERO,
+                _ZERO, x.shape[0], _repeat(k_g, ns), _repeat(k_d, ns), _repeat(k_0, ns), dx2,
                 _streams(dx2, dx2.shape[1], whole))
         return
-    _ncs_dx(act, dy, x, 0, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx, _streams_ncs(dx, ns, whole))
+    _ncs_dx(act, dy, x, _ZERO, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
+            _streams_ncs(dx, ns, whole))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -2237,6 +2239,9 @@ def increment(counter):
 # ------------------------------------------------------------------------------------------------------
 # C entry points: the single-threaded loops behind plain C signatures, for the native glue (kernels/native.cpp)
 # ------------------------------------------------------------------------------------------------------
+# The entries pass their constant arguments as intp values (_ONE, _ZERO, _EVAL), not literals: a literal argument
+# types as its own constant, and each such signature compiled the whole kernel once more beside the Python glue's
+_EVAL = np.intp(MODE_EVAL)
 _FWD_ROWS, _FWD_NCS, _EVAL_NCS = bn_fwd_rows.serial, bn_fwd_ncs.serial, bn_eval_ncs.serial
 _BWD_ROWS, _BWD_NCS = bn_bwd_rows.serial, bn_bwd_ncs.serial
 _GN_FWD, _GN_BWD, _LN_FWD, _LN_BWD = gn_fwd.serial, gn_bwd.serial, ln_fwd.serial, ln_bwd.serial
@@ -2268,35 +2273,35 @@ def c_entry_points(dtype) -> tuple[int, ...]:
 
     def fwd_rows(xp, yp, wp, bp, mp, ip, m, ld, cols, c, eps, act, mode):
         _FWD_ROWS(carray(xp, (m, ld)), carray(yp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
-                  carray(mp, (c,)), carray(ip, (c,)), 1, 0, cols)
+                  carray(mp, (c,)), carray(ip, (c,)), _ONE, _ZERO, cols)
         return 0
 
     def eval_rows(xp, yp, wp, bp, mp, vp, m, ld, cols, c, eps, act, whole):
         _FWD_ROWS(carray(xp, (m, ld)), carray(yp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                  MODE_EVAL, carray(mp, (c,)), carray(vp, (c,)), 1, whole, cols)
+                  _EVAL, carray(mp, (c,)), carray(vp, (c,)), _ONE, whole, cols)
         return 0
 
     def fwd_ncs(xp, yp, wp, bp, mp, ip, n, c, s, eps, act, mode):
         _FWD_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act, mode,
-                 carray(mp, (c,)), carray(ip, (c,)), 1)
+                 carray(mp, (c,)), carray(ip, (c,)), _ONE)
         return 0
 
     def eval_ncs(xp, yp, wp, bp, mp, vp, n, c, s, eps, act, whole):
         _EVAL_NCS(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), eps, act,
-                  carray(mp, (c,)), carray(vp, (c,)), 1, whole)
+                  carray(mp, (c,)), carray(vp, (c,)), _ONE, whole)
         return 0
 
     def bwd_rows(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, m, ld, cols, c, act, training, need_dx):
         _BWD_ROWS(carray(dyp, (m, ld)), carray(xp, (m, ld)), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
                   carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, (m, ld)), carray(dwp, (c,)),
-                  carray(dbp, (c,)), 1, cols)
+                  carray(dbp, (c,)), _ONE, cols)
         return 0
 
     def bwd_ncs(dyp, xp, wp, bp, mp, ip, dxp, dwp, dbp, n, c, s, act, training, need_dx):
         shape = (n, c, s)
         _BWD_NCS(carray(dyp, shape), carray(xp, shape), carray(wp, (c,)), carray(bp, (c,)), carray(mp, (c,)),
                  carray(ip, (c,)), act, training != 0, need_dx != 0, carray(dxp, shape), carray(dwp, (c,)),
-                 carray(dbp, (c,)), 1)
+                 carray(dbp, (c,)), _ONE)
         return 0
 
     def running(rmp, rvp, mp, ip, c, eps, n, momentum):
@@ -2305,14 +2310,14 @@ def c_entry_points(dtype) -> tuple[int, ...]:
 
     def gn_fwd_c(xp, yp, wp, bp, mp, ip, n, c, s, groups, eps, whole):
         _GN_FWD(carray(xp, (n, c, s)), carray(yp, (n, c, s)), carray(wp, (c,)), carray(bp, (c,)), groups, eps,
-                carray(mp, (n, groups)), carray(ip, (n, groups)), 1, whole)
+                carray(mp, (n, groups)), carray(ip, (n, groups)), _ONE, whole)
         return 0
 
     def gn_bwd_c(dyp, xp, wp, mp, ip, dxp, dwp, dbp, n, c, s, groups, need_dx, whole):
         dw_part = np.empty((n, c))
         db_part = np.empty((n, c))
         _GN_BWD(carray(dyp, (n, c, s)), carray(xp, (n, c, s)), carray(wp, (c,)), carray(mp, (n, groups)),
-                carray(ip, (n, groups)), groups, need_dx != 0, carray(dxp, (n, c, s)), dw_part, db_part, 1,
+                carray(ip, (n, groups)), groups, need_dx != 0, carray(dxp, (n, c, s)), dw_part, db_part, _ONE,
                 whole)
         dw = carray(dwp, (c,))
         db = carray(dbp, (c,))

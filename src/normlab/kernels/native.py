@@ -205,7 +205,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "build-native", help="compile the native glue for norm layers below 32 MiB (once per machine and torch)",
         description="Compile native.cpp against the installed torch (~25 s), then the numba loops it calls for "
-                    "float32 (~35 s the first time, cached by numba; float64's on first use), and check one layer "
+                    "float32 (~1.5 min the first time, cached by numba; float64's on first use), and check one layer "
                     "against torch.nn. `make setup` runs this; without it those layers use the Python glue.")
     p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     p.set_defaults(func=_build_command)
