@@ -19,6 +19,7 @@ import time
 import torch
 
 import normlab
+from normlab.bench.suite import modes_for
 
 GRID = {
     "bn1d": [(2, 4096), (8, 64), (32, 256), (16, 8192), (64, 2048), (512, 1024), (2048, 96), (65536, 3)],
@@ -48,27 +49,6 @@ def layers(kind: str, shape: tuple):
     return getattr(normlab, names[d])(shape[1]), getattr(torch.nn, names[d])(shape[1]), shape, fmt
 
 
-def modes(layer, x, dy):
-    params = list(layer.parameters())
-
-    def train_fwd():
-        layer.train()
-        return layer(x)
-
-    def train_fwd_bwd():
-        layer.train()
-        for t in (x, *params):
-            t.grad = None
-        layer(x).backward(dy)
-
-    def eval_fwd():
-        layer.eval()
-        with torch.no_grad():
-            return layer(x)
-
-    return {"fwd": train_fwd, "fwd+bwd": train_fwd_bwd, "eval": eval_fwd}
-
-
 def timed(fn, calls: int) -> float:
     ts = []
     for _ in range(calls):
@@ -84,11 +64,10 @@ def case(kind: str, shape: tuple, rounds: int, budget: float) -> dict:
     x = torch.randn(xshape, generator=gen)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    x.requires_grad_()
     dy = torch.randn(xshape, generator=gen)
-    fns = {"normlab": modes(ours, x, dy), "torch": modes(theirs, x, dy)}
+    fns = {"normlab": modes_for(ours, x, dy)[0], "torch": modes_for(theirs, x, dy)[0]}  # the bench's callables
     out = {}
-    for mode in ("fwd", "fwd+bwd", "eval"):
+    for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
         for impl in fns:  # warm-up, and the calls a round takes within the budget
             fns[impl][mode]()
         t0 = time.perf_counter()
@@ -126,7 +105,8 @@ def main(argv=None) -> int:
             for mode, (a, b) in res.items():
                 mark = "<" if b / a < args.flag else " "
                 slower += mark == "<"
-                cells.append(f"{mode} {b / a:5.2f}x{mark}({a * 1e6:7.1f}, {b * 1e6:7.1f})")
+                name = {"train_fwd": "fwd", "train_fwd_bwd": "fwd+bwd", "eval_fwd": "eval"}[mode]
+                cells.append(f"{name} {b / a:5.2f}x{mark}({a * 1e6:7.1f}, {b * 1e6:7.1f})")
             print(f"{kind:9s} {'x'.join(map(str, shape)):18s} " + "  ".join(cells), flush=True)
     print(f"{slower} case(s) below {args.flag}x")
     return 0
