@@ -781,9 +781,7 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks, whole):
     in memory order (one streaming pass, as a copy: a channel-major walk jumps between N distant rows and
     measured 2x slower), in ``nchunks`` contiguous runs of rows. ``whole``: bytes of the output ``y`` is a part of
     (the native glue's runs), else 0 (see :func:`_large_output`)."""
-    nb, nc, ns = x.shape
-    rows = nb * nc
-    stream = _streams_ncs(y, ns, whole)
+    nc = x.shape[1]
     ref = _scratch(nc, w)
     a = _scratch(nc, w)
     bb = _scratch(nc, w)
@@ -791,15 +789,10 @@ def bn_eval_ncs(x, y, w, b, eps, act, mean, var, nchunks, whole):
         ref[c] = like(mean[c], w[0])
         a[c] = like(_invstd(var[c], eps, w[0]) * w[c], w[0])
         bb[c] = b[c]
-    if _flat(x):
-        x2, y2 = _flat_rows(x), _flat_rows(y)
-        ref_l, a_l, bb_l = _repeat(ref, ns), _repeat(a, ns), _repeat(bb, ns)
-        stream = _streams(y2, nc * ns, whole)
-        for k in prange(nchunks):
-            _rows_normalize(act, x2, y2, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
-        return
+    ref_l, a_l, bb_l = _ncs_lanes(ref, x), _ncs_lanes(a, x), _ncs_lanes(bb, x)
+    stream = _ncs_streams(y, whole)
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, ref, a, bb, stream)
+        _ncs_normalize(act, x, y, k, nchunks, ref_l, a_l, bb_l, stream)
 
 
 @njit(inline="always")
@@ -896,6 +889,47 @@ def _fold_repeat(lanes, s, out):
 
 
 @njit(**_OPTS)
+def _ncs_lanes(v, x):
+    """Per-channel ``v`` as the (N, C, S) loops of ``x`` take it: repeated to the lanes of flat sample rows where x
+    runs as those (:func:`_flat`), else ``v`` itself."""
+    return _repeat(v, x.shape[2]) if _flat(x) else v
+
+
+@njit(inline="always")
+def _ncs_streams(out, whole):
+    """Whether the (N, C, S) loops stream ``out``: :func:`_streams` of its flat sample rows, or
+    :func:`_streams_ncs` of its (n, c) rows."""
+    if _flat(out):
+        return _streams(_flat_rows(out), out.shape[1] * out.shape[2], whole)
+    return _streams_ncs(out, out.shape[2], whole)
+
+
+@njit(inline="always")
+def _ncs_normalize(act, x, y, k, nchunks, ref, a, bb, stream):
+    """Run k of ``nchunks`` of y = act((x - ref) * a + bb) on (N, C, S): samples as flat rows where x takes them,
+    ref, a, bb per lane (:func:`_ncs_lanes`), else (n, c) rows."""
+    nb, nc = x.shape[0], x.shape[1]
+    if _flat(x):
+        _rows_normalize(act, _flat_rows(x), _flat_rows(y), _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, ref, a,
+                        bb, stream)
+    else:
+        _eval_rows(act, x, y, k * nb * nc // nchunks, (k + 1) * nb * nc // nchunks, _ONE, ref, a, bb, stream)
+
+
+@njit(inline="always")
+def _ncs_dx_run(act, dy, x, dx, k, nchunks, x0, a_z, b_z, k_g, k_d, k_0, stream):
+    """Run k of ``nchunks`` of the backward's dx on (N, C, S), as :func:`_ncs_normalize` (coefficients per lane
+    where x runs as flat sample rows)."""
+    nb, nc = x.shape[0], x.shape[1]
+    if _flat(x):
+        _row_dx(act, _flat_rows(dy), _flat_rows(x), x0, a_z, b_z, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks,
+                k_g, k_d, k_0, _flat_rows(dx), stream)
+    else:
+        _ncs_dx(act, dy, x, k * nb * nc // nchunks, (k + 1) * nb * nc // nchunks, _ONE, x0, a_z, b_z, k_g, k_d, k_0,
+                dx, stream)
+
+
+@njit(**_OPTS)
 def _ncs_shift(x, w):
     """Per channel, the mean of _SHIFT_SAMPLES of its values (positions 0 and S // 2 of the first samples), in the
     compute dtype of ``w``: the shift of the (N, C, S) statistics."""
@@ -952,16 +986,10 @@ def bn_fwd_ncs(x, y, w, b, eps, act, mode, mean, var_or_invstd, nchunks):
     _finish_stats(shift, m1, w, b, eps, mode, mean, var_or_invstd, a, bb)
     if mode == MODE_STATS:
         return
-    if flat:
-        y2 = _flat_rows(y)
-        ref_l, a_l, bb_l = _repeat(shift, ns), _repeat(a, ns), _repeat(bb, ns)
-        stream = _streams(y2, nc * ns, 0)
-        for k in prange(nchunks):
-            _rows_normalize(act, x2, y2, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, ref_l, a_l, bb_l, stream)
-        return
-    stream = _streams_ncs(y, ns, 0)
+    ref_l, a_l, bb_l = _ncs_lanes(shift, x), _ncs_lanes(a, x), _ncs_lanes(bb, x)
+    stream = _ncs_streams(y, _ZERO)
     for k in prange(nchunks):
-        _eval_rows(act, x, y, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, shift, a, bb, stream)
+        _ncs_normalize(act, x, y, k, nchunks, ref_l, a_l, bb_l, stream)
 
 
 @njit(inline="always")
@@ -1056,9 +1084,9 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     sg = _zeros2(nchunks, nc)
     sgd = _zeros2(nchunks, nc)
-    if _flat(x):  # flat sample rows (see _FLAT_S_BELOW)
-        x2, dy2, dx2 = _flat_rows(x), _flat_rows(dy), _flat_rows(dx)
-        x0_l, a_z_l, b_z_l = _repeat(x0, ns), _repeat(a_z, ns), _repeat(b_z, ns)
+    x0_l, a_z_l, b_z_l = _ncs_lanes(x0, x), _ncs_lanes(a_z, x), _ncs_lanes(b_z, x)
+    if _flat(x):  # flat sample rows (see _FLAT_S_BELOW): per-lane sums, folded to channels
+        x2, dy2 = _flat_rows(x), _flat_rows(dy)
         sg_l = _zeros2(nchunks, nc * ns)
         sgd_l = _zeros2(nchunks, nc * ns)
         for k in prange(nchunks):
@@ -1066,24 +1094,17 @@ def bn_bwd_ncs(dy, x, w, b, mean, invstd, act, training, need_dx, dx, dw, db, nc
                            sg_l[k], sgd_l[k])
         _fold_repeat(sg_l, ns, sg)
         _fold_repeat(sgd_l, ns, sgd)
-        k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
-        if not need_dx:
-            return
-        k_g_l, k_d_l, k_0_l = _repeat(k_g, ns), _repeat(k_d, ns), _repeat(k_0, ns)
-        stream = _streams(dx2, nc * ns, 0)
+    else:
         for k in prange(nchunks):
-            _row_dx(act, dy2, x2, x0_l, a_z_l, b_z_l, _ZERO, k * nb // nchunks, (k + 1) * nb // nchunks, k_g_l, k_d_l,
-                    k_0_l, dx2, stream)
-        return
-    for k in prange(nchunks):
-        _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, sg[k], sgd[k])
+            _ncs_grad_sums(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, sg[k],
+                           sgd[k])
     k_g, k_d, k_0 = _grad_finish(sg, sgd, invstd, w, mu, training, nb * ns, dw, db)
     if not need_dx:
         return
-    stream = _streams_ncs(dx, ns, 0)
+    k_g_l, k_d_l, k_0_l = _ncs_lanes(k_g, x), _ncs_lanes(k_d, x), _ncs_lanes(k_0, x)
+    stream = _ncs_streams(dx, _ZERO)
     for k in prange(nchunks):
-        _ncs_dx(act, dy, x, k * rows // nchunks, (k + 1) * rows // nchunks, _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
-                stream)
+        _ncs_dx_run(act, dy, x, dx, k, nchunks, x0_l, a_z_l, b_z_l, k_g_l, k_d_l, k_0_l, stream)
 
 
 # Channel by channel: one task per channel reads its N rows (statistics, or the backward's sums), then at once
@@ -1832,13 +1853,8 @@ def bn_apply_rows(x, y, ref, a, bb, act, whole):
 @njit(**_OPTS)
 def bn_apply_ncs(x, y, ref, a, bb, act, whole):
     """:func:`bn_apply_rows` for (N, C, S)."""
-    ns = x.shape[2]
-    if _flat(x):
-        y2 = _flat_rows(y)
-        _rows_normalize(act, _flat_rows(x), y2, _ZERO, _ZERO, x.shape[0], _repeat(ref, ns), _repeat(a, ns),
-                        _repeat(bb, ns), _streams(y2, y2.shape[1], whole))
-        return
-    _eval_rows(act, x, y, _ZERO, x.shape[0] * x.shape[1], _ONE, ref, a, bb, _streams_ncs(y, ns, whole))
+    _ncs_normalize(act, x, y, _ZERO, _ONE, _ncs_lanes(ref, x), _ncs_lanes(a, x), _ncs_lanes(bb, x),
+                   _ncs_streams(y, whole))
 
 
 @njit(**_OPTS)
@@ -1860,15 +1876,8 @@ def bn_dx_ncs(dy, x, w, b, mean, invstd, act, dw, db, cnt, dx, whole):
     """:func:`bn_dx_rows` for (N, C, S)."""
     x0, a_z, b_z, mu = _grad_coefficients(w, b, mean, invstd)
     k_g, k_d, k_0 = _dx_coefficients(db, dw, invstd, w, mu, True, cnt)
-    ns = x.shape[2]
-    if _flat(x):
-        dx2 = _flat_rows(dx)
-        _row_dx(act, _flat_rows(dy), _flat_rows(x), _repeat(x0, ns), _repeat(a_z, ns), _repeat(b_z, ns), _ZERO,
-                _ZERO, x.shape[0], _repeat(k_g, ns), _repeat(k_d, ns), _repeat(k_0, ns), dx2,
-                _streams(dx2, dx2.shape[1], whole))
-        return
-    _ncs_dx(act, dy, x, _ZERO, x.shape[0] * x.shape[1], _ONE, x0, a_z, b_z, k_g, k_d, k_0, dx,
-            _streams_ncs(dx, ns, whole))
+    _ncs_dx_run(act, dy, x, dx, _ZERO, _ONE, _ncs_lanes(x0, x), _ncs_lanes(a_z, x), _ncs_lanes(b_z, x),
+                _ncs_lanes(k_g, x), _ncs_lanes(k_d, x), _ncs_lanes(k_0, x), _ncs_streams(dx, whole))
 
 
 # ------------------------------------------------------------------------------------------------------
