@@ -13,6 +13,7 @@
 
 #ifndef _WIN32
 #include <pthread.h>
+#include <sys/mman.h>
 #endif
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -163,8 +165,128 @@ int64_t loops_status(const Tensor& x) {
 // fork(), and a parallel region in such a child hangs (as torch's own operators there).
 std::atomic<bool> ran_parallel{false}, forked_after_parallel{false};
 
+// ---------------------------------------------------------------------------------------------------------------
+// Reused memory for the large outputs of this glue (y, dx, a relaid dy), as normlab.kernels.pool for the Python
+// glue's: glibc's heap gives a freed block back to the system whenever the free space at its top passes its trim
+// threshold (twice the largest block it has mapped and freed, up to 64 MiB), and two freed 25.7 MB outputs, a
+// training step's y and the previous step's dx, pass it: the next step's output then faults in page by page, each
+// 4 KiB page zeroed by the kernel (6,272 faults, ~12 ms on this VM, for a (32, 64, 56, 56) float32 layer whose
+// forward+backward takes 6.5 ms at one thread). Outputs come from anonymous maps instead (sizes rounded up to 2 MiB,
+// transparent huge pages requested), kept when their tensor dies for the next output of the same rounded size, at
+// most pool_cap bytes of free maps, the least recently freed dropped first: from pool_kept_from bytes where the
+// output outlives the call (a training forward that records its autograd node, whose y the next layers and the
+// backward read; the backward's dx), from pool_from bytes otherwise (evaluation, no grad: below that, the heap's
+// block that the caller's dead tensors just left, still in cache, served a 4.8 MB evaluation output faster than a
+// map last written a few layers before; see normlab.kernels.native).
+// ---------------------------------------------------------------------------------------------------------------
+int64_t pool_from = std::numeric_limits<int64_t>::max(), pool_kept_from = pool_from, pool_cap = 0;
+constexpr size_t kPoolGrain = size_t{2} << 20;
+
+struct OutputPool {
+  std::mutex lock;
+  std::vector<std::pair<size_t, void*>> free;  // (size, map), least recently freed first
+  size_t free_bytes = 0;
+
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> guard(lock);
+    for (size_t i = free.size(); i-- > 0;) {  // the most recently freed first: its lines may still be cached
+      if (free[i].first == size) {
+        void* p = free[i].second;
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+        free_bytes -= size;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  void give(size_t size, void* p) {
+    std::vector<std::pair<size_t, void*>> dropped;
+    {
+      std::lock_guard<std::mutex> guard(lock);
+      free.emplace_back(size, p);
+      free_bytes += size;
+      size_t n = 0;
+      while (free_bytes > static_cast<size_t>(std::max<int64_t>(pool_cap, 0)) && n < free.size()) {
+        free_bytes -= free[n].first;
+        dropped.push_back(free[n++]);
+      }
+      free.erase(free.begin(), free.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+    unmap(dropped);
+  }
+
+  size_t clear() {
+    std::vector<std::pair<size_t, void*>> dropped;
+    {
+      std::lock_guard<std::mutex> guard(lock);
+      dropped.swap(free);
+      free_bytes = 0;
+    }
+    unmap(dropped);
+    return dropped.size();
+  }
+
+  size_t held() {
+    std::lock_guard<std::mutex> guard(lock);
+    return free_bytes;
+  }
+
+  static void unmap(const std::vector<std::pair<size_t, void*>>& maps) {
+#ifndef _WIN32
+    for (const auto& [size, p] : maps) munmap(p, size);
+#endif
+  }
+};
+
+// never destroyed: an output may die after static destruction began (a tensor kept by Python until exit)
+OutputPool& output_pool() {
+  static auto* pool = new OutputPool();
+  return *pool;
+}
+
+struct PooledMap {
+  void* base;
+  size_t size;
+};
+
+void give_back(void* ctx) {
+  auto* map = static_cast<PooledMap*>(ctx);
+  output_pool().give(map->size, map->base);
+  delete map;
+}
+
+// at::empty_like(x) for the outputs of the loops (x dense: the same strides), from the pool from pool_from bytes,
+// or pool_kept_from where the output outlives the call (`kept`)
+Tensor empty_output(const Tensor& x, bool kept) {
+#ifndef _WIN32
+  const int64_t nbytes = static_cast<int64_t>(x.nbytes());
+  if (nbytes >= (kept ? pool_kept_from : pool_from) && pool_cap > 0 && x.is_non_overlapping_and_dense()) {
+    const size_t size = (static_cast<size_t>(nbytes) + kPoolGrain - 1) / kPoolGrain * kPoolGrain;
+    void* p = output_pool().take(size);
+    if (p == nullptr) {
+      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return at::empty_like(x);
+#ifdef MADV_HUGEPAGE
+      madvise(p, size, MADV_HUGEPAGE);  // where refused, plain pages serve as well
+#endif
+    }
+    // a resizable storage, as empty_like's: resizing it moves the tensor to the CPU allocator's memory
+    return at::for_blob(p, x.sizes())
+        .strides(x.strides())
+        .context(new PooledMap{p, size}, &give_back)
+        .options(x.options())
+        .allocator(at::getCPUAllocator())
+        .resizeable_storage()
+        .make_tensor();
+  }
+#endif
+  return at::empty_like(x);
+}
+
 void after_fork_in_child() {
   if (ran_parallel.load()) forked_after_parallel.store(true);
+  new (&output_pool().lock) std::mutex();  // another thread may have held it at the fork
 }
 
 // How many runs to split n rows (numel elements) into: one per torch thread from `from` elements, else one. Each
@@ -312,7 +434,7 @@ Tensor laid_out_like(const Tensor& dy, const Tensor& x) {
   if (dy.scalar_type() == x.scalar_type() && readable(dy) && dy.strides().equals(x.strides())) {
     return dy;
   }
-  Tensor matched = at::empty_like(x);
+  Tensor matched = empty_output(x, /*kept=*/true);
   matched.copy_(dy);
   return matched;
 }
@@ -763,7 +885,7 @@ struct BatchNormBackward : NormNode {
     geometry(x, g);
     dy = laid_out_like(dy, x);
     const auto acc = acc_type(x.scalar_type());
-    Tensor dx = need_dx ? at::empty_like(x) : Tensor();
+    Tensor dx = need_dx ? empty_output(x, /*kept=*/true) : Tensor();
     Tensor dw = at::empty({g.c}, x.options().dtype(acc)), db = at::empty({g.c}, x.options().dtype(acc));
     with_loops(x, [&](const auto& k) {
       backward_loops(k, g, dy, x, weight_acc(weight), bias_acc(bias), mean_, invstd_, training, act, dx, dw, db);
@@ -845,7 +967,7 @@ std::tuple<Tensor, int64_t> batch_norm(const Tensor& x, const c10::optional<Tens
   const Tensor running_mean16 = call.running_mean, running_var16 = call.running_var;
   call.running_mean = in_dtype(running_mean16, acc);
   call.running_var = in_dtype(running_var16, acc);
-  Tensor y = at::empty_like(x), mean, invstd;
+  Tensor y = empty_output(x, grad), mean, invstd;
   const Tensor w_acc = in_dtype(w_or_ones, acc), b_acc = in_dtype(b_or_zeros, acc);
   forward_any(call, x, y, w_acc, b_acc, mean, invstd, /*keep_stats=*/grad);
   if (training && running_mean16.defined() && !running_mean16.is_same(call.running_mean)) {
@@ -970,7 +1092,7 @@ struct GroupNormBackward : NormNode {
     const GroupCall g = call(x, weight);
     dy = laid_out_like(dy, x);
     const auto acc = acc_type(x.scalar_type());
-    Tensor dx = need_dx ? at::empty_like(x) : Tensor();
+    Tensor dx = need_dx ? empty_output(x, /*kept=*/true) : Tensor();
     // the parameters' shapes (layer norm: any), in the compute dtype; returned in their own
     Tensor dw = at::empty(weight.sizes(), weight.options().dtype(acc)),
            db = at::empty(bias.sizes(), bias.options().dtype(acc));
@@ -1032,7 +1154,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> group_norm(const Tensor& x, const c1
   const Tensor b_or_zeros = b.defined() ? b : at::zeros_like(w_or_ones);  // the weight's shape (layer norm: any)
   const bool grad = records_node(x, w, b);
   if (grad && has_forward_grad(x, w, b)) return {none, none, none, kUnsupported};
-  Tensor y = at::empty_like(x), mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
+  Tensor y = empty_output(x, grad), mean = at::empty({g.n, groups}, opts), invstd = at::empty({g.n, groups}, opts);
   const Tensor w_acc = in_dtype(w_or_ones, acc), b_acc = in_dtype(b_or_zeros, acc);
   with_loops(x, [&](const auto& k) { group_forward_loops(k, g, x, y, w_acc, b_acc, mean, invstd); });
   if (grad) {
@@ -1062,7 +1184,11 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
 }
 
 void configure(int64_t bn_rows_bytes, int64_t bn_ncs_bytes, int64_t group_bytes, int64_t lanes_from_numel,
-               int64_t lanes, int64_t split_from, int64_t backward_split_from, int64_t bn_split_from) {
+               int64_t lanes, int64_t split_from, int64_t backward_split_from, int64_t bn_split_from,
+               int64_t pool_from_bytes, int64_t pool_kept_from_bytes, int64_t pool_cap_bytes) {
+  pool_from = pool_from_bytes;
+  pool_kept_from = pool_kept_from_bytes;
+  pool_cap = pool_cap_bytes;
   bn_rows_below = bn_rows_bytes;
   bn_ncs_below = bn_ncs_bytes;
   group_below = group_bytes;
@@ -1091,9 +1217,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype (none: not on this host)");
   m.def("configure", &configure,
         "configure(bn_rows_below, bn_ncs_below, group_below, lanes_from, lanes_max, parallel_from, "
-        "backward_parallel_from, bn_parallel_from): the bytes below which this glue takes batch norm's rows and "
-        "(N, C, S) layouts and group norm's inputs, the lanes of the rows layout, and the sizes (elements) from "
-        "which group norm's forward and backward and batch norm's inputs are split over torch's threads");
+        "backward_parallel_from, bn_parallel_from, pool_from, pool_kept_from, pool_cap): the bytes below which this "
+        "glue takes batch norm's rows and (N, C, S) layouts and group norm's inputs, the lanes of the rows layout, "
+        "the sizes (elements) from which group norm's forward and backward and batch norm's inputs are split over "
+        "torch's threads, the bytes from which outputs come from the output pool (any; those that outlive the "
+        "call) and the most it keeps free");
+  m.def("pool_clear", [] { return output_pool().clear(); }, "unmap the output pool's free maps; how many");
+  m.def("pool_free_bytes", [] { return output_pool().held(); }, "bytes held in the output pool's free maps");
   m.attr("UNSUPPORTED") = kUnsupported;
   m.attr("NO_LOOPS") = kNoLoops;
 }

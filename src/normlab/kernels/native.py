@@ -108,8 +108,7 @@ def load(build_missing: bool = False):
 
 
 # Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves outputs
-# of 32 MiB and more without page faults; glibc's heap serves smaller ones without them once a program has freed one
-# such block). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and
+# of 32 MiB and more without page faults; the native glue's own pool those below: POOL_FROM_BYTES). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and
 # more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM (backward;
 # layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows or samples
 # per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with `normlab
@@ -138,6 +137,22 @@ BN_BELOW_BYTES = GROUP_BELOW_BYTES = pool.POOL_MIN_BYTES  # where the Python glu
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
+# The native glue's outputs from these sizes (bytes) come from its output pool (native.cpp, OutputPool; capped by
+# NORMLAB_POOL_MB as the Python glue's): those that outlive the call (a training forward's y where autograd records
+# the node, the backward's dx) from POOL_KEPT_FROM_BYTES, any from POOL_FROM_BYTES. Before, glibc's heap served them,
+# and a training step's freed y and dx at the top of the heap passed its trim threshold: the next outputs faulted in
+# page by page. Alternating call by call in one process (benchmarks/pool_ab.py, Zen 4, 2026-12-06, two runs; the
+# faults come and go with the heap's state), forward+backward median ms heap -> pool at 2 threads: (32, 64, 56, 56)
+# 6.11 -> 2.97 (3,045 page faults a call -> 0) and 4.03 -> 3.93 (no faults), channels_last 2.95 -> 2.50 and 4.54 ->
+# 4.32, (128, 256, 14, 14) 3.12 -> 2.60 and 4.06 -> 3.91, (4096, 1024) 1.71 -> 1.57 and 3.32 -> 3.20, (256, 6, 28,
+# 28) 0.41 -> 0.35 and 0.50 -> 0.45; at 1 thread (128, 256, 14, 14) 6.42 -> 5.54 and 7.11 -> 6.08, (256, 16, 10, 10)
+# 0.46 -> 0.28 (202 faults a call -> 0), (64, 64, 16, 16) 1.13 -> 0.72 and 0.73 -> 0.62; none slower. Evaluation
+# outputs below 16 MiB stay with the heap, which hands out the block the caller's dead tensors just left, still in
+# cache: pooled, the 4.8 MB (256, 6, 28, 28) evaluation measured 0.88-0.94x of torch's time in the bench against
+# 1.03-1.08x. `normlab bench --sections layers`, two runs each way
+# alternating (heap / pool): training forward+backward geomean vs torch 2.04 / 2.18x and 2.03 / 2.24x.
+POOL_FROM_BYTES = 16 << 20
+POOL_KEPT_FROM_BYTES = 1 << 20
 
 
 def bn_below_bytes(cpu) -> tuple[int, int]:
@@ -147,9 +162,11 @@ def bn_below_bytes(cpu) -> tuple[int, int]:
 
 
 def configure(module, cpu) -> None:
-    """The sizes the module takes, and the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them."""
+    """The sizes the module takes, the rows layout's lanes as :mod:`normlab.kernels.cpu` uses them, and its output
+    pool's sizes (the pool's free maps count in :func:`normlab.kernels.pool.free_bytes` and go with its ``clear``)."""
+    pool.also(module.pool_clear, module.pool_free_bytes)
     module.configure(*bn_below_bytes(cpu), GROUP_BELOW_BYTES, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
-                     GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM)
+                     GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM, POOL_FROM_BYTES, POOL_KEPT_FROM_BYTES, pool.CAP_BYTES)
 
 
 # a first use whose loops take longer than this to compile (not yet in numba's cache) says so on stderr

@@ -16,6 +16,10 @@ kernels' outputs of ``POOL_MIN_BYTES`` (32 MiB) and more:
 
 Sizes are rounded up to 2 MiB (one huge page), and a free map is reused only for the same rounded size, so a
 request never gets more than 2 MiB of slack.
+
+The native glue (``native.cpp``) keeps a pool of its own for its outputs below 32 MiB, by the same rules and cap
+(:data:`normlab.kernels.native.POOL_FROM_BYTES`): :func:`free_bytes` counts its free maps too, and :func:`clear`
+unmaps them.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ CAP_BYTES = _cap_from_env()
 _free: list[tuple[int, mmap.mmap]] = []  # (size, map), least recently freed first
 _free_bytes = 0
 _lock = threading.RLock()  # a finalizer may run inside a locked section (garbage collection), on any thread
+_others: dict = {}  # other pools (the native glue's): clear -> free_bytes
 
 
 def empty(nbytes: int) -> np.ndarray:
@@ -91,14 +96,20 @@ def _give_back(size: int, block: mmap.mmap) -> None:
             pass
 
 
+def also(clear_other, free_bytes_other) -> None:
+    """Count another pool's free maps in :func:`free_bytes` and unmap them in :func:`clear` (the native glue's)."""
+    _others[clear_other] = free_bytes_other
+
+
 def free_bytes() -> int:
-    """Bytes held in free maps now."""
+    """Bytes held in free maps now (this pool's and the native glue's)."""
     with _lock:
-        return _free_bytes
+        mine = _free_bytes
+    return mine + sum(other() for other in _others.values())
 
 
 def clear() -> None:
-    """Unmap every free map (memory in use is unaffected)."""
+    """Unmap every free map, the native glue's too (memory in use is unaffected)."""
     global _free_bytes
     with _lock:
         dropped = [block for _, block in _free]
@@ -109,3 +120,5 @@ def clear() -> None:
             block.close()
         except BufferError:  # pragma: no cover
             pass
+    for clear_other in _others:
+        clear_other()
