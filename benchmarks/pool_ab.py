@@ -24,10 +24,11 @@ from normlab.kernels import native
 
 SHAPES = "32x64x56x56,32x64x56x56cl,128x256x14x14,4096x1024,256x6x28x28,256x16x10x10,64x64x16x16"
 NEVER = 1 << 62
+DEFAULTS = native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES
 
 
 def pooled(on: bool) -> None:
-    native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES = (16 << 20, 1 << 20) if on else (NEVER, NEVER)
+    native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES = DEFAULTS if on else (NEVER, NEVER)
     native.configure(K._native, K._cpu)
 
 
@@ -39,7 +40,6 @@ def main(threads: int, shapes: str) -> None:
     if K._native is None:
         sys.exit("the native glue is not loaded: `normlab build-native`")
     torch.set_num_threads(threads)
-    defaults = native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES
     print(f"{threads} thread(s); forward+backward, median ms (page faults per call)")
     for text in shapes.split(","):
         shape, cl = parse_shape(text)
@@ -65,8 +65,7 @@ def main(threads: int, shapes: str) -> None:
         cells = [f"{name} {statistics.median(v):8.3f} ({faulted[name] / len(v):6.0f})" for name, v in times.items()]
         ratio = statistics.median(times["heap"]) / statistics.median(times["pool"])
         print(f"{text:>18}  " + "  ".join(cells) + f"  heap/pool {ratio:.2f}x")
-    native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES = defaults
-    native.configure(K._native, K._cpu)
+    pooled(True)
 
 
 if __name__ == "__main__":

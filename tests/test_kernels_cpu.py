@@ -835,15 +835,20 @@ def test_forked_child_runs_the_kernels_single_threaded():
 
 @pytest.mark.parametrize("shape", [(4, 8, 96, 96), (2, 4, 1024, 640)], ids=["torch-allocated", "numpy-aligned"])
 def test_large_outputs_start_on_a_cache_line(shape):
-    """Outputs of 1 MiB and more are 64-byte aligned (numpy's allocator gives 16), whichever allocator serves them,
-    and stay valid after the kernel call returns."""
+    """Outputs of 1 MiB and more are 64-byte aligned (numpy's allocator gives 16), whichever allocator serves them
+    (evaluation: torch's or numpy's by size; training outputs and dx: the pool), and stay valid after the kernel call
+    returns."""
     x = torch.randn(shape)
     nbytes = x.numel() * 4
     assert nbytes >= cpu._TORCH_ALLOC_FROM and nbytes < cpu.pool.POOL_MIN_BYTES
+    assert nbytes >= cpu.pool.KEPT_MIN_BYTES
     assert (nbytes > cpu._TORCH_ALLOC_TO) == (shape[-1] == 640)
+    c = shape[1]
     for _ in range(3):  # different heap states
+        y_eval = cpu.bn_eval_forward(x, torch.zeros(c), torch.ones(c), None, None, 1e-5)
         y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
         dx = cpu.bn_backward(torch.randn_like(x), x, None, None, mean, invstd, "identity", True)[0]
-        assert y.data_ptr() % 64 == 0 and dx.data_ptr() % 64 == 0
+        assert y_eval.data_ptr() % 64 == 0 and y.data_ptr() % 64 == 0 and dx.data_ptr() % 64 == 0
     del mean, invstd
     close(y, portable.bn_train_forward(x, None, None, 1e-5)[0], 1e-5)
+    close(y_eval, x / (1 + 1e-5) ** 0.5, 1e-5)

@@ -104,3 +104,22 @@ def test_pool_arrays_do_not_share_memory():
     a[:] = 1
     b[:] = 2
     assert not np.shares_memory(a, b) and a.max() == 1
+
+
+def test_training_outputs_and_gradients_are_pooled_from_the_smaller_size(monkeypatch):
+    """Outputs that outlive the call (a training y, a dx) from KEPT_MIN_BYTES; evaluation outputs from
+    POOL_MIN_BYTES only."""
+    monkeypatch.setattr(pool, "POOL_MIN_BYTES", 32 << 20)
+    x = torch.randn(4, 16, 64, 64)  # 1 MiB
+    assert pool.KEPT_MIN_BYTES <= x.numel() * 4 < pool.POOL_MIN_BYTES
+    pool.clear()
+    y_eval = cpu.bn_eval_forward(x, torch.zeros(16), torch.ones(16), None, None, 1e-5)
+    del y_eval
+    gc.collect()
+    assert pool._free_bytes == 0
+    y, mean, invstd = cpu.bn_train_forward(x, None, None, 1e-5)
+    dx = cpu.bn_backward(torch.randn_like(x), x, None, None, mean, invstd, "identity", True)[0]
+    torch.testing.assert_close(y, portable.bn_train_forward(x, None, None, 1e-5)[0], rtol=1e-5, atol=1e-5)
+    del y, dx
+    gc.collect()
+    assert pool._free_bytes == 2 * (2 << 20)

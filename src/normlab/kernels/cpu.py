@@ -204,7 +204,9 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
 #   vector store straddle two cache lines: 25.7 MB eval kernel 1.29-1.50 -> 1.19-1.39 ms). torch's allocator
 #   here drew freshly mapped pages in some heap states (a 25.7 MB eval took 11 ms, page faults, in every run with
 #   the from-scratch layer in the rotation);
-# * 32 MiB and more: :mod:`normlab.kernels.pool` (glibc maps those afresh on every allocation).
+# * 32 MiB and more: :mod:`normlab.kernels.pool` (glibc maps those afresh on every allocation);
+# outputs that outlive the call (a training forward's y, a backward's dx) from 1 MiB (pool.KEPT_MIN_BYTES): glibc's
+# heap gave two such freed blocks back to the system and the next step's outputs faulted in page by page.
 _TORCH_ALLOC_FROM, _TORCH_ALLOC_TO = 1 << 20, 16 << 20
 
 
@@ -215,13 +217,13 @@ def _aligned(nbytes: int) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-def _empty_like(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
+def _empty_like(x: Tensor, layout: str, kept: bool = False) -> tuple[Tensor, np.ndarray]:
     """A new tensor shaped, typed and laid out like ``x``, with its kernel view (``_view``); see the note above for
-    which allocator serves which size."""
+    which allocator serves which size (``kept``: an output that outlives the call, a training y or a dx)."""
     shape = tuple(x.shape)
     dtype = x.dtype
     nbytes = x.numel() * x.element_size()
-    pooled = nbytes >= pool.POOL_MIN_BYTES and pool.CAP_BYTES > 0
+    pooled = nbytes >= (pool.KEPT_MIN_BYTES if kept else pool.POOL_MIN_BYTES) and pool.CAP_BYTES > 0
     # channels_last, or a size-1 dimension where the strides may say either format: keep x's strides
     keep_strides = not x.is_contiguous() or (len(shape) >= 4 and 1 in shape)
     if not pooled and (keep_strides or _TORCH_ALLOC_FROM <= nbytes <= _TORCH_ALLOC_TO):
@@ -426,7 +428,7 @@ def _bn_forward(x, weight, bias, eps, act, mode, mean_in=None, invstd_in=None, w
         sa = sa_in = np.empty(c, _NP_ACC[acc])
     xa = view = _view(x, layout)
     if want_y:
-        y, ya = _empty_like(x, layout)
+        y, ya = _empty_like(x, layout, kept=mode != _k.MODE_EVAL)
     else:
         y, ya = None, xa
     if layout == "rows":
@@ -538,7 +540,7 @@ def _bn_backward(dy, x, weight, bias, mean: np.ndarray, invstd: np.ndarray, act,
     dy = _match(dy, x)
     need_dx = bool(needs[0])
     if need_dx:
-        dx, dxa = _empty_like(x, layout)
+        dx, dxa = _empty_like(x, layout, kept=True)
     else:
         dx, dxa = None, xa
     dw, dwa = _empty(c, acc)
@@ -602,7 +604,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invs
     need_dx = bool(needs[0])
     xa = _view(x, "ncs")
     if need_dx:
-        dx, dxa = _empty_like(x, "ncs")
+        dx, dxa = _empty_like(x, "ncs", kept=True)
     else:
         dx, dxa = None, xa
     dw_part = np.empty((n, c))
@@ -649,7 +651,7 @@ def _ln_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv
     need_wb = bool(needs[1] or needs[2])
     xa = _view(x, "rows")
     if need_dx:
-        dx, dxa = _empty_like(x, "rows")
+        dx, dxa = _empty_like(x, "rows", kept=True)
     else:
         dx, dxa = None, xa
     dw, dwa = _empty(k, acc)

@@ -108,8 +108,9 @@ def load(build_missing: bool = False):
 
 
 # Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves outputs
-# of 32 MiB and more without page faults; the native glue's own pool those below: POOL_FROM_BYTES). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and
-# more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM (backward;
+# of 32 MiB and more without page faults; the native glue's own pool those below: POOL_FROM_BYTES). With more than
+# one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and more, and group/layer/
+# instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM (backward;
 # layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows or samples
 # per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with `normlab
 # bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn: 2 threads, (256, 512)
@@ -152,7 +153,7 @@ BN_SPLIT_FROM = 1 << 16
 # 1.03-1.08x. `normlab bench --sections layers`, two runs each way
 # alternating (heap / pool): training forward+backward geomean vs torch 2.04 / 2.18x and 2.03 / 2.24x.
 POOL_FROM_BYTES = 16 << 20
-POOL_KEPT_FROM_BYTES = 1 << 20
+POOL_KEPT_FROM_BYTES = pool.KEPT_MIN_BYTES
 
 
 def bn_below_bytes(cpu) -> tuple[int, int]:

@@ -33,6 +33,10 @@ import numpy as np
 # glibc maps every request from 32 MiB up afresh (its largest mmap threshold); below that, its heap reuses freed
 # memory without faults, and measured a few per cent faster than these maps in a streaming kernel
 POOL_MIN_BYTES = 32 << 20
+# outputs that outlive the kernel call (a training forward's y, the backward's dx) from this size, in both glues
+# (the native glue's: native.POOL_KEPT_FROM_BYTES): a training step frees its y and the step before's dx, and two
+# such blocks at the top of glibc's heap passed its trim threshold, so the next step's outputs faulted in afresh
+KEPT_MIN_BYTES = 1 << 20
 _GRAIN = 2 << 20
 
 
