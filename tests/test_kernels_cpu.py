@@ -794,8 +794,7 @@ def test_threading_layer_keeps_torch_thread_count():
         "torch.set_num_threads(1)\n"
         "import numba, normlab\n"
         "from normlab.kernels import cpu\n"
-        "from normlab.kernels import native\n"
-        "n = native.BN_BELOW_BYTES // (4 * 8 * 64 * 64) + 1\n"  # past the native glue's sizes: the parallel loops
+        "n = (32 << 20) // (4 * 8 * 64 * 64) + 1\n"  # the Python glue's parallel loops (NORMLAB_NATIVE=0)
         "normlab.BatchNorm2d(8)(torch.randn(n, 8, 64, 64)).sum().backward()\n"
         "try:\n"
         "    import numba.np.ufunc.omppool\n"  # numba's OpenMP layer needs the system's libgomp to load
@@ -804,6 +803,7 @@ def test_threading_layer_keeps_torch_thread_count():
         "    omp = False\n"
         "print(torch.get_num_threads(), numba.threading_layer(), cpu.SHARED_OPENMP and omp)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")}
+    env["NORMLAB_NATIVE"] = "0"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     threads, layer, shared = out.stdout.split()
     assert threads == "1"

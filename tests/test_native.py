@@ -327,17 +327,24 @@ def test_leaves_other_inputs_to_the_python_glue():
     # parameters of another floating dtype than the input's or its compute dtype (float32 for 16-bit inputs)
     assert NATIVE not in bn.double()(torch.randn(32, 8, requires_grad=True)).grad_fn.name()
     assert NATIVE not in bn(torch.randn(32, 8, dtype=torch.bfloat16, requires_grad=True)).grad_fn.name()
+
+
+def test_takes_large_inputs_but_nchw_where_the_python_glue_goes_channel_by_channel():
+    """No size limit (the native glue's own output pool serves large outputs), but for the (N, C, S) layout on
+    hosts of 2 MiB of L2 a core and more, whose channel-by-channel loops run in the Python glue from
+    cpu._CHANNELS_FROM."""
     bn2 = normlab.BatchNorm2d(16)
     rows_below, ncs_below = native.bn_below_bytes(cpu)
-    assert rows_below == native.BN_BELOW_BYTES == 32 << 20 and ncs_below <= rows_below
-    for limit, fmt in ((rows_below, torch.channels_last), (ncs_below, torch.contiguous_format)):
-        samples = limit // (4 * 16 * 4)  # float32 (N, 16, 2, 2): 256 bytes a sample
-        below = torch.randn(samples - 1, 16, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+    assert rows_below == native.BN_BELOW_BYTES == native.NO_LIMIT
+    channel_loops = cpu.L2_BYTES >= cpu._CHANNEL_L2_MIN
+    assert ncs_below == (min(cpu._CHANNELS_FROM, native.NO_LIMIT) if channel_loops else native.NO_LIMIT)
+    samples = (36 << 20) // (4 * 16 * 4)  # float32 (N, 16, 2, 2): 256 bytes a sample, 36 MiB in all
+    for fmt in (torch.channels_last, torch.contiguous_format):
         big = torch.randn(samples, 16, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+        python_glue = fmt is torch.contiguous_format and big.numel() * 4 >= ncs_below
         for n in (1, 2):
             with threads(n):
-                assert NATIVE in bn2(below).grad_fn.name()
-                assert NATIVE not in bn2(big).grad_fn.name()  # the Python glue's output pool from 32 MiB
+                assert (NATIVE in bn2(big).grad_fn.name()) != python_glue
 
 
 def test_forced_backends_do_not_use_it():
@@ -560,18 +567,22 @@ def test_group_norm_family_streamed_split_runs_match_one_run_and_float64(name, a
         close(a, o, tol * scale, f"{what} against one run")
 
 
-def test_group_norm_family_limit_in_bytes():
-    """Inputs below native.GROUP_BELOW_BYTES take the native glue at one and two threads; from there the Python
-    glue (its output pool)."""
-    assert native.GROUP_BELOW_BYTES == 32 << 20
-    gn = normlab.GroupNorm(4, 16)
-    samples = native.GROUP_BELOW_BYTES // (4 * 16 * 4)  # float32 (N, 16, 4): 256 bytes a sample
-    below = torch.randn(samples - 1, 16, 4, requires_grad=True)
-    big = torch.randn(samples, 16, 4, requires_grad=True)
+def test_group_norm_family_takes_large_inputs():
+    """No size limit: inputs past the 32 MiB where the Python glue took over until 2026-12-06 take the native glue
+    at one and two threads, and match torch."""
+    assert native.GROUP_BELOW_BYTES == native.NO_LIMIT
+    torch.manual_seed(5)
+    gn, ref = normlab.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    big = torch.randn((36 << 20) // (4 * 16 * 4), 16, 4, requires_grad=True)  # 36 MiB of float32
+    dy = torch.randn_like(big)
+    yr = ref(big)
+    gr = torch.autograd.grad(yr, big, dy)[0]
     for n in (1, 2):
         with threads(n):
-            assert NATIVE_GROUP in gn(below).grad_fn.name()
-            assert NATIVE_GROUP not in gn(big).grad_fn.name()
+            y = gn(big)
+            assert NATIVE_GROUP in y.grad_fn.name()
+            close(y, yr, 1e-5, "output")
+            close(torch.autograd.grad(y, big, dy)[0], gr, 1e-4, "dx")
 
 
 def test_group_norm_family_leaves_channels_last_to_the_python_glue():

@@ -242,7 +242,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 
 def _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, act, counter=None):
-    """Eager CPU inputs below the native glue's size (:func:`normlab.kernels.native.bn_below_bytes`): checks,
+    """Eager CPU inputs the native glue takes (:func:`normlab.kernels.native.bn_below_bytes`): checks,
     loops, running statistics (and ``counter``, a module's batch count: see :func:`normlab.kernels._bn_native`) and
     the autograd node in one C++ call. None where the native glue is not in use, while compiling, or where it
     declines, having done nothing: anything :func:`_batch_norm_glue`'s checks reject, or that it does not take."""

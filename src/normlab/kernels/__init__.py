@@ -2,7 +2,7 @@
 
 ``portable`` (torch ops, any device) defines the contract; ``cpu`` (numba) implements it for CPU tensors.
 Every public function here dispatches on the input: the fast CPU backend where it supports the tensor, the
-portable one otherwise. Batch, group, layer and instance norm on CPU inputs below 32 MiB first try the native
+portable one otherwise. Batch, group, layer and instance norm on CPU inputs first try the native
 glue (:mod:`.native`: the same numba loops, called from C++), where it is built.
 Batch, group, layer and instance norm on CUDA tensors take the Triton kernels (:mod:`.gpu_triton`,
 :mod:`.gpu_triton_gn`) where triton imports (``pip install 'normlab[gpu]'``) on NVIDIA GPUs of compute capability

@@ -1,4 +1,4 @@
-// Native glue for batch norm and group norm (layer and instance norm too) on CPU inputs below 32 MiB: the
+// Native glue for batch norm and group norm (layer and instance norm too) on CPU inputs of any size: the
 // autograd nodes and the calls into normlab's numba loops (their C entry points,
 // normlab.kernels.cpu_numba.c_entry_points), without Python in between, split over torch's threads from a few
 // ten thousand elements (runs_for).
@@ -140,7 +140,7 @@ void with_loops(const Tensor& x, F&& f) {
   }
 }
 
-// inputs of this many bytes and more stay with the Python glue (its parallel loops, its output pool): batch norm's
+// inputs of this many bytes and more stay with the Python glue (the channel-by-channel loops): batch norm's
 // rows layout ((N, C), (N, C, L) with L = 1, channels_last) and (N, C, S) layout; group, layer and instance norm
 int64_t bn_rows_below = 0, bn_ncs_below = 0, group_below = 0;
 // the rows layout as rows of up to lanes_max values (k rows of C as one of k * C) from lanes_from elements

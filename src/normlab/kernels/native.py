@@ -1,5 +1,6 @@
-"""The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs below 32 MiB
-(:data:`BN_BELOW_BYTES`, :data:`GROUP_BELOW_BYTES`), with no Python between the checks, the allocations,
+"""The native glue (``native.cpp``): batch, group, layer and instance norm on CPU inputs of any size (on hosts whose
+NCHW batch norm goes channel by channel, below :data:`normlab.kernels.cpu._CHANNELS_FROM` in that layout:
+:func:`bn_below_bytes`), with no Python between the checks, the allocations (large outputs from its own pool),
 the numba loops and the autograd node; from a few ten thousand elements it splits the work over torch's threads
 itself (:data:`BN_SPLIT_FROM`, :data:`GROUP_SPLIT_FROM`, :data:`GROUP_BACKWARD_SPLIT_FROM`).
 
@@ -101,17 +102,24 @@ def load(build_missing: bool = False):
         return build() if build_missing else None
     except Exception as exc:  # noqa: BLE001 - any failure leaves the Python glue in charge, said once
         warnings.warn(f"normlab's native glue could not be {'loaded' if path.exists() else 'built'} ({exc}); "
-                      f"norm layers below 32 MiB use the Python glue (slower per call, same results). Rebuild with "
+                      f"norm layers use the Python glue (slower per call, same results). Rebuild with "
                       f"`normlab build-native --verbose`, or set NORMLAB_NATIVE=0 to silence this",
                       RuntimeWarning, stacklevel=2)
         return None
 
 
-# Inputs below these sizes (bytes) take the native glue; larger ones the Python glue (its output pool serves outputs
-# of 32 MiB and more without page faults; the native glue's own pool those below: POOL_FROM_BYTES). With more than
-# one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM elements and more, and group/layer/
-# instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM (backward;
-# layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows or samples
+# Inputs below these sizes (bytes) take the native glue; larger ones the Python glue. Until 2026-12-06 that was 32 MiB,
+# where the Python glue's output pool took over; with a pool of its own (POOL_FROM_BYTES) the native glue measured
+# faster on larger inputs too, alternating call by call in one process (2 threads, median ms Python glue -> native glue,
+# training forward+backward / forward / evaluation): batch norm (256, 64, 28, 28) 12.54 -> 11.78 / 3.74 -> 3.45 / 2.26
+# -> 2.06, channels_last 12.77 -> 11.78 / 3.98 -> 3.60 / 2.48 -> 2.19, (64, 64, 56, 56) 12.09 -> 11.26; group norm (256,
+# 64, 28, 28) G=8 8.46 -> 7.24 / 3.07 -> 2.63, (256, 256, 14, 14) G=32 6.21 -> 5.08 / 2.18 -> 1.61, layer norm (128,
+# 197, 768) 12.70 -> 11.06 / 6.27 -> 5.28, instance norm (64, 64, 56, 56) 6.51 -> 5.53 / 2.01 -> 1.55. So no limit now
+# (NO_LIMIT), but for NCHW batch norm on hosts of 2 MiB of L2 a core and more, whose channel-by-channel loops the Python
+# glue runs (bn_below_bytes). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM
+# elements and more, and group/layer/ instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM
+# (backward; layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows
+# or samples
 # per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with `normlab
 # bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn: 2 threads, (256, 512)
 # 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread, (256, 6, 28, 28) 2.58x
@@ -134,7 +142,8 @@ def load(build_missing: bool = False):
 # LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8) forward 16.3-20.9 -> 15.2-18.8 us; none slower
 # beyond the runs' spread. A backward split from 4K as well cost LN (16, 1024) and (8, 2048) forward+backward 73-80 us
 # against 67-69; from 128K it helped none consistently.
-BN_BELOW_BYTES = GROUP_BELOW_BYTES = pool.POOL_MIN_BYTES  # where the Python glue's output pool takes over
+NO_LIMIT = 1 << 62
+BN_BELOW_BYTES = GROUP_BELOW_BYTES = NO_LIMIT
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
@@ -221,7 +230,7 @@ __all__ = ["NAME", "SOURCE", "BN_BELOW_BYTES", "GROUP_BELOW_BYTES", "bn_below_by
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "build-native", help="compile the native glue for norm layers below 32 MiB (once per machine and torch)",
+        "build-native", help="compile the native glue for the norm layers on CPU (once per machine and torch)",
         description="Compile native.cpp against the installed torch (~25 s), then the numba loops it calls for "
                     "float32 (~1.5 min the first time, cached by numba; float64's on first use), and check one layer "
                     "against torch.nn. `make setup` runs this; without it those layers use the Python glue.")

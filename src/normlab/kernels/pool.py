@@ -17,9 +17,9 @@ kernels' outputs of ``POOL_MIN_BYTES`` (32 MiB) and more:
 Sizes are rounded up to 2 MiB (one huge page), and a free map is reused only for the same rounded size, so a
 request never gets more than 2 MiB of slack.
 
-The native glue (``native.cpp``) keeps a pool of its own for its outputs below 32 MiB, by the same rules and cap
-(:data:`normlab.kernels.native.POOL_FROM_BYTES`): :func:`free_bytes` counts its free maps too, and :func:`clear`
-unmaps them.
+The native glue (``native.cpp``), which runs the norm layers wherever it is built, keeps a pool of its own for its
+outputs, by the same rules and cap (:data:`normlab.kernels.native.POOL_FROM_BYTES`): :func:`free_bytes` counts its free
+maps too, and :func:`clear` unmaps them.
 """
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ class _BatchNorm(_NormBase):
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        # eager CPU inputs below 32 MiB: the whole forward, the batch's count included, in one C++ call (Python between
+        # eager CPU inputs: the whole forward, the batch's count included, in one C++ call (Python between
         # the steps cost a (256, 120) forward+backward 10-12 %, its forward 21-23 %, in the bench's rotation, where
         # each call finds its code evicted by the other contenders': BENCHMARKS.md)
         counter = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
