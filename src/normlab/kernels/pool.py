@@ -3,8 +3,10 @@
 Memory that a process has never touched, or has given back to the system, faults in page by page on its first
 write, and the kernel zeroes each page: glibc serves every allocation of 32 MiB and more that way, so a
 (256, 64, 28, 28) float32 output costs about 12,500 page faults, several milliseconds, every call (more than
-the normalization itself). torch's CPU allocator has no cache; this module is a small one, for the CPU
-kernels' outputs of ``POOL_MIN_BYTES`` (32 MiB) and more:
+the normalization itself), and smaller ones whenever it has given the top of its heap back (a training step's
+freed outputs, see :data:`KEPT_MIN_BYTES`). torch's CPU allocator has no cache; this module is a small one, for the
+CPU kernels' outputs of ``POOL_MIN_BYTES`` (32 MiB) and more, and those that outlive the call (a training y, a dx)
+of ``KEPT_MIN_BYTES`` (1 MiB) and more:
 
 * :func:`empty` returns a numpy byte array carved from an anonymous memory map (transparent huge pages
   requested), either fresh or one that a dead output left behind;
@@ -30,8 +32,9 @@ import weakref
 
 import numpy as np
 
-# glibc maps every request from 32 MiB up afresh (its largest mmap threshold); below that, its heap reuses freed
-# memory without faults, and measured a few per cent faster than these maps in a streaming kernel
+# glibc maps every request from 32 MiB up afresh (its largest mmap threshold); below that, an evaluation output from
+# its heap reuses the block the caller's dead tensors just left (in cache), measured a few per cent faster than these
+# maps in a streaming kernel
 POOL_MIN_BYTES = 32 << 20
 # outputs that outlive the kernel call (a training forward's y, the backward's dx) from this size, in both glues
 # (the native glue's: native.POOL_KEPT_FROM_BYTES): a training step frees its y and the step before's dx, and two
