@@ -20,15 +20,15 @@ import torch
 import normlab
 from normlab import kernels as K
 from normlab.bench import parse_shape
-from normlab.kernels import native
+from normlab.kernels import native, pool
 
 SHAPES = "32x64x56x56,32x64x56x56cl,128x256x14x14,4096x1024,256x6x28x28,256x16x10x10,64x64x16x16"
 NEVER = 1 << 62
-DEFAULTS = native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES
+DEFAULTS = native.POOL_FROM_BYTES, pool.KEPT_MIN_BYTES
 
 
 def pooled(on: bool) -> None:
-    native.POOL_FROM_BYTES, native.POOL_KEPT_FROM_BYTES = DEFAULTS if on else (NEVER, NEVER)
+    native.POOL_FROM_BYTES, pool.KEPT_MIN_BYTES = DEFAULTS if on else (NEVER, NEVER)
     native.configure(K._native, K._cpu)
 
 

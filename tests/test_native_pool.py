@@ -25,7 +25,7 @@ KEPT_FROM, ANY_FROM = 64 << 10, 256 << 10
 def _small_sizes(backend_ctx, monkeypatch):
     with backend_ctx("native"):
         monkeypatch.setattr(native, "POOL_FROM_BYTES", ANY_FROM)
-        monkeypatch.setattr(native, "POOL_KEPT_FROM_BYTES", KEPT_FROM)
+        monkeypatch.setattr(pool, "KEPT_MIN_BYTES", KEPT_FROM)
         native.configure(K._native, K._cpu)
         pool.clear()
         yield
@@ -178,8 +178,8 @@ def test_a_forked_child_allocates_from_the_pool():
     code = (
         "import os, sys, torch, normlab\n"
         "from normlab import kernels as K\n"
-        "from normlab.kernels import native\n"
-        "native.POOL_KEPT_FROM_BYTES = 1 << 16\n"
+        "from normlab.kernels import native, pool\n"
+        "pool.KEPT_MIN_BYTES = 1 << 16\n"
         "native.configure(K._native, K._cpu)\n"
         "m = normlab.BatchNorm1d(64)\n"
         "x = torch.randn(512, 64, requires_grad=True)\n"

@@ -179,8 +179,8 @@ std::atomic<bool> ran_parallel{false}, forked_after_parallel{false};
 // block that the caller's dead tensors just left, still in cache, served a 4.8 MB evaluation output faster than a
 // map last written a few layers before; see normlab.kernels.native).
 // ---------------------------------------------------------------------------------------------------------------
-int64_t pool_from = std::numeric_limits<int64_t>::max(), pool_kept_from = pool_from, pool_cap = 0;
-constexpr size_t kPoolGrain = size_t{2} << 20;
+// set by configure from normlab.kernels.pool (its grain: sizes are rounded up to a multiple of it)
+int64_t pool_from = std::numeric_limits<int64_t>::max(), pool_kept_from = pool_from, pool_grain = 1, pool_cap = 0;
 
 struct OutputPool {
   std::mutex lock;
@@ -262,7 +262,8 @@ Tensor empty_output(const Tensor& x, bool kept) {
 #ifndef _WIN32
   const int64_t nbytes = static_cast<int64_t>(x.nbytes());
   if (nbytes >= (kept ? pool_kept_from : pool_from) && pool_cap > 0 && x.is_non_overlapping_and_dense()) {
-    const size_t size = (static_cast<size_t>(nbytes) + kPoolGrain - 1) / kPoolGrain * kPoolGrain;
+    const size_t grain = static_cast<size_t>(pool_grain);
+    const size_t size = (static_cast<size_t>(nbytes) + grain - 1) / grain * grain;
     void* p = output_pool().take(size);
     if (p == nullptr) {
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1185,9 +1186,13 @@ void set_loops(const std::string& dtype, const std::vector<int64_t>& addresses) 
 
 void configure(int64_t bn_rows_bytes, int64_t bn_ncs_bytes, int64_t group_bytes, int64_t lanes_from_numel,
                int64_t lanes, int64_t split_from, int64_t backward_split_from, int64_t bn_split_from,
-               int64_t pool_from_bytes, int64_t pool_kept_from_bytes, int64_t pool_cap_bytes) {
+               int64_t pool_from_bytes, int64_t pool_kept_from_bytes, int64_t pool_grain_bytes,
+               int64_t pool_cap_bytes) {
+  TORCH_CHECK(pool_grain_bytes > 0, "normlab native: the output pool's grain must be positive, got ",
+              pool_grain_bytes);
   pool_from = pool_from_bytes;
   pool_kept_from = pool_kept_from_bytes;
+  pool_grain = pool_grain_bytes;
   pool_cap = pool_cap_bytes;
   bn_rows_below = bn_rows_bytes;
   bn_ncs_below = bn_ncs_bytes;
@@ -1217,11 +1222,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_loops", &set_loops, "the numba loops' C entry points for one dtype (none: not on this host)");
   m.def("configure", &configure,
         "configure(bn_rows_below, bn_ncs_below, group_below, lanes_from, lanes_max, parallel_from, "
-        "backward_parallel_from, bn_parallel_from, pool_from, pool_kept_from, pool_cap): the bytes below which this "
+        "backward_parallel_from, bn_parallel_from, pool_from, pool_kept_from, pool_grain, pool_cap): the bytes below "
+        "which this "
         "glue takes batch norm's rows and (N, C, S) layouts and group norm's inputs, the lanes of the rows layout, "
         "the sizes (elements) from which group norm's forward and backward and batch norm's inputs are split over "
         "torch's threads, the bytes from which outputs come from the output pool (any; those that outlive the "
-        "call) and the most it keeps free");
+        "call), the multiple its sizes are rounded up to and the most it keeps free");
   m.def("pool_clear", [] { return output_pool().clear(); }, "unmap the output pool's free maps; how many");
   m.def("pool_free_bytes", [] { return output_pool().held(); }, "bytes held in the output pool's free maps");
   m.attr("UNSUPPORTED") = kUnsupported;

@@ -117,52 +117,49 @@ def load(build_missing: bool = False):
 # 197, 768) 12.70 -> 11.06 / 6.27 -> 5.28, instance norm (64, 64, 56, 56) 6.51 -> 5.53 / 2.01 -> 1.55. So no limit now
 # (NO_LIMIT), but for NCHW batch norm on hosts of 2 MiB of L2 a core and more, whose channel-by-channel loops the Python
 # glue runs (bn_below_bytes). With more than one torch thread, the native glue splits batch norm inputs of BN_SPLIT_FROM
-# elements and more, and group/layer/ instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM
+# elements and more, and group/layer/instance norm inputs of GROUP_SPLIT_FROM (forward) or GROUP_BACKWARD_SPLIT_FROM
 # (backward; layer norm's only with 16 rows a run or more: native.cpp, kLayerBackwardRowsPerRun), into one run of rows
-# or samples
-# per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with `normlab
-# bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn: 2 threads, (256, 512)
-# 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread, (256, 6, 28, 28) 2.58x
-# -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs had measured no better than
-# with the Python glue while each run chose its streaming stores by its own part of the output (a half, under the 16
-# MiB from which the loops stream); chosen by the whole output's size (2026-12-03), batch norm from 16 to 32 MiB
-# measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout on hosts whose
-# channel-by-channel loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps from 16 MiB.
-# Group, layer and instance norm from 16 to 32 MiB likewise, once their runs streamed by the whole output too
-# (2026-12-03, later; `benchmarks/native_limit.py --group --rounds 40`, fwd+bwd median ms Python glue -> native glue,
-# 2 threads | 1 thread): GN (32, 64, 56, 56) G=32 5.16 -> 4.43 | 8.23 -> 7.42, IN (32, 64, 56, 56) 5.36 -> 4.67 | 7.86
-# -> 7.59, GN (128, 256, 14, 14) G=32 5.81 -> 4.88 | 9.44 -> 8.94, LN (4096, 1024) 4.35 -> 3.84 | 6.97 -> 5.47; their
-# forwards 9-25 % faster. GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split (16K elements) measured
-# slower than on one thread. Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two alternations at 2 threads): LN
-# (64, 256) forward 1.07-1.14x against 0.98-1.00x of torch, but LN (16, 1024) forward+backward 1.00-1.03x against
-# 1.22-1.29x; small GN/IN cases within noise. The forward and the backward now split from sizes of their own
-# (2026-12-02, later; one process, both settings alternating call by call in the bench's balanced orders, 2 threads,
-# two runs): a forward split from 8K elements and a backward from 32K (its runs add their dweight/dbias partials)
-# against both from 32K: LN (64, 256) forward 19.0-19.2 -> 17.6-18.3 us, forward+backward 73.0-73.6 -> 69.9-70.7 us;
-# LN (256, 64) forward 19.2-28.7 -> 18.3-22.4 us; GN (8, 32, 8, 8) forward 16.3-20.9 -> 15.2-18.8 us; none slower
-# beyond the runs' spread. A backward split from 4K as well cost LN (16, 1024) and (8, 2048) forward+backward 73-80 us
-# against 67-69; from 128K it helped none consistently.
+# or samples per thread on torch's own pool (at::parallel_for); smaller ones run on the calling thread. Measured with
+# `normlab bench` against the Python glue and its numba-parallel loops, forward+backward vs torch.nn: 2 threads, (256,
+# 512) 1.04x -> 1.20x, (1024, 256) 0.84-0.93x -> 1.32x, (256, 6, 28, 28) 2.27x -> 2.77x; 1 thread, (256, 6, 28, 28)
+# 2.58x -> 3.1x, (2048, 1024) 1.06x -> 1.2x and its eval 0.83-1.10x -> 1.6-2.0x. 25.7 MB inputs had measured no better
+# than with the Python glue while each run chose its streaming stores by its own part of the output (a half, under the
+# 16 MiB from which the loops stream); chosen by the whole output's size (2026-12-03), batch norm from 16 to 32 MiB
+# measured faster through the native glue (BENCHMARKS.md), except the (N, C, S) layout on hosts whose channel-by-channel
+# loops apply (cpu._by_channel: 2 MiB of L2 and more), which the Python glue keeps from 16 MiB. Group, layer and
+# instance norm from 16 to 32 MiB likewise, once their runs streamed by the whole output too (2026-12-03, later;
+# `benchmarks/native_limit.py --group --rounds 40`, fwd+bwd median ms Python glue -> native glue, 2 threads | 1 thread):
+# GN (32, 64, 56, 56) G=32 5.16 -> 4.43 | 8.23 -> 7.42, IN (32, 64, 56, 56) 5.36 -> 4.67 | 7.86 -> 7.59, GN (128, 256,
+# 14, 14) G=32 5.81 -> 4.88 | 9.44 -> 8.94, LN (4096, 1024) 4.35 -> 3.84 | 6.97 -> 5.47; their forwards 9-25 % faster.
+# GN (32, 32, 8, 8) at 2 threads: 0.70x -> 1.0x; LN (64, 256) split (16K elements) measured slower than on one thread.
+# Rechecked 2026-12-02 (GROUP_SPLIT_FROM 8K against 32K, two alternations at 2 threads): LN (64, 256) forward 1.07-1.14x
+# against 0.98-1.00x of torch, but LN (16, 1024) forward+backward 1.00-1.03x against 1.22-1.29x; small GN/IN cases
+# within noise. The forward and the backward now split from sizes of their own (2026-12-02, later; one process, both
+# settings alternating call by call in the bench's balanced orders, 2 threads, two runs): a forward split from 8K
+# elements and a backward from 32K (its runs add their dweight/dbias partials) against both from 32K: LN (64, 256)
+# forward 19.0-19.2 -> 17.6-18.3 us, forward+backward 73.0-73.6 -> 69.9-70.7 us; LN (256, 64) forward 19.2-28.7 ->
+# 18.3-22.4 us; GN (8, 32, 8, 8) forward 16.3-20.9 -> 15.2-18.8 us; none slower beyond the runs' spread. A backward
+# split from 4K as well cost LN (16, 1024) and (8, 2048) forward+backward 73-80 us against 67-69; from 128K it helped
+# none consistently.
 NO_LIMIT = 1 << 62
 BN_BELOW_BYTES = GROUP_BELOW_BYTES = NO_LIMIT
 GROUP_SPLIT_FROM = 1 << 13
 GROUP_BACKWARD_SPLIT_FROM = 1 << 15
 BN_SPLIT_FROM = 1 << 16
-# The native glue's outputs from these sizes (bytes) come from its output pool (native.cpp, OutputPool; capped by
-# NORMLAB_POOL_MB as the Python glue's): those that outlive the call (a training forward's y where autograd records
-# the node, the backward's dx) from POOL_KEPT_FROM_BYTES, any from POOL_FROM_BYTES. Before, glibc's heap served them,
-# and a training step's freed y and dx at the top of the heap passed its trim threshold: the next outputs faulted in
-# page by page. Alternating call by call in one process (benchmarks/pool_ab.py, Zen 4, 2026-12-06, two runs; the
-# faults come and go with the heap's state), forward+backward median ms heap -> pool at 2 threads: (32, 64, 56, 56)
-# 6.11 -> 2.97 (3,045 page faults a call -> 0) and 4.03 -> 3.93 (no faults), channels_last 2.95 -> 2.50 and 4.54 ->
-# 4.32, (128, 256, 14, 14) 3.12 -> 2.60 and 4.06 -> 3.91, (4096, 1024) 1.71 -> 1.57 and 3.32 -> 3.20, (256, 6, 28,
-# 28) 0.41 -> 0.35 and 0.50 -> 0.45; at 1 thread (128, 256, 14, 14) 6.42 -> 5.54 and 7.11 -> 6.08, (256, 16, 10, 10)
-# 0.46 -> 0.28 (202 faults a call -> 0), (64, 64, 16, 16) 1.13 -> 0.72 and 0.73 -> 0.62; none slower. Evaluation
-# outputs below 16 MiB stay with the heap, which hands out the block the caller's dead tensors just left, still in
-# cache: pooled, the 4.8 MB (256, 6, 28, 28) evaluation measured 0.88-0.94x of torch's time in the bench against
-# 1.03-1.08x. `normlab bench --sections layers`, two runs each way
-# alternating (heap / pool): training forward+backward geomean vs torch 2.04 / 2.18x and 2.03 / 2.24x.
+# The native glue's outputs come from its output pool (native.cpp, OutputPool; the Python glue's grain and cap,
+# NORMLAB_POOL_MB): those that outlive the call (a training forward's y where autograd records the node, the backward's
+# dx) from pool.KEPT_MIN_BYTES, as in the Python glue, any from POOL_FROM_BYTES. Before, glibc's heap served them, and a
+# training step's freed y and dx at the top of the heap passed its trim threshold: the next outputs faulted in page by
+# page. Alternating call by call in one process (benchmarks/pool_ab.py, Zen 4, 2026-12-06, two runs; the faults come and
+# go with the heap's state), forward+backward median ms heap -> pool at 2 threads: (32, 64, 56, 56) 6.11 -> 2.97 (3,045
+# page faults a call -> 0) and 4.03 -> 3.93 (no faults), channels_last 2.95 -> 2.50 and 4.54 -> 4.32, (128, 256, 14, 14)
+# 3.12 -> 2.60 and 4.06 -> 3.91, (4096, 1024) 1.71 -> 1.57 and 3.32 -> 3.20, (256, 6, 28, 28) 0.41 -> 0.35 and 0.50 ->
+# 0.45; at 1 thread (128, 256, 14, 14) 6.42 -> 5.54 and 7.11 -> 6.08, (256, 16, 10, 10) 0.46 -> 0.28 (202 faults a call
+# -> 0), (64, 64, 16, 16) 1.13 -> 0.72 and 0.73 -> 0.62; none slower. Evaluation outputs below 16 MiB stay with the
+# heap, which hands out the block the caller's dead tensors just left, still in cache: pooled, the 4.8 MB (256, 6, 28,
+# 28) evaluation measured 0.88-0.94x of torch's time in the bench against 1.03-1.08x. `normlab bench --sections layers`,
+# two runs each way alternating (heap / pool): training forward+backward geomean vs torch 2.04 / 2.18x and 2.03 / 2.24x.
 POOL_FROM_BYTES = 16 << 20
-POOL_KEPT_FROM_BYTES = pool.KEPT_MIN_BYTES
 
 
 def bn_below_bytes(cpu) -> tuple[int, int]:
@@ -176,7 +173,8 @@ def configure(module, cpu) -> None:
     pool's sizes (the pool's free maps count in :func:`normlab.kernels.pool.free_bytes` and go with its ``clear``)."""
     pool.also(module.pool_clear, module.pool_free_bytes)
     module.configure(*bn_below_bytes(cpu), GROUP_BELOW_BYTES, cpu._LANES_FROM, cpu._LANES, GROUP_SPLIT_FROM,
-                     GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM, POOL_FROM_BYTES, POOL_KEPT_FROM_BYTES, pool.CAP_BYTES)
+                     GROUP_BACKWARD_SPLIT_FROM, BN_SPLIT_FROM, POOL_FROM_BYTES, pool.KEPT_MIN_BYTES, pool._GRAIN,
+                     pool.CAP_BYTES)
 
 
 # a first use whose loops take longer than this to compile (not yet in numba's cache) says so on stderr

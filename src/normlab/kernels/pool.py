@@ -37,7 +37,7 @@ import numpy as np
 # maps in a streaming kernel
 POOL_MIN_BYTES = 32 << 20
 # outputs that outlive the kernel call (a training forward's y, the backward's dx) from this size, in both glues
-# (the native glue's: native.POOL_KEPT_FROM_BYTES): a training step frees its y and the step before's dx, and two
+# (the native glue's too: native.configure): a training step frees its y and the step before's dx, and two
 # such blocks at the top of glibc's heap passed its trim threshold, so the next step's outputs faulted in afresh
 KEPT_MIN_BYTES = 1 << 20
 _GRAIN = 2 << 20
